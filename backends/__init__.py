@@ -1,0 +1,21 @@
+"""Backends that lower a verified spec IR (:mod:`structdsl.ir`) to executable semantics.
+
+Each backend module exposes a ``Program`` subclass of :class:`structdsl.program.Program`.
+Backends are imported lazily, so the NumPy reference works with numpy alone.  No backend
+knows any particular structure: they compile whatever spec they are given.
+"""
+import importlib
+
+_BACKENDS = {"numpy": "structdsl.backends.numpy_reference"}
+
+
+def program_class(name):
+    """The Program class of backend ``name`` (imported on first use)."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; available: {sorted(_BACKENDS)}")
+    return importlib.import_module(_BACKENDS[name]).Program
+
+
+def available():
+    """Names of the registered backends."""
+    return sorted(_BACKENDS)

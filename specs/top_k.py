@@ -1,0 +1,20 @@
+"""Top-k: k successive races over the remaining items (sampling without replacement)."""
+from structdsl import atoms, full, race, spec, zeros
+
+
+@spec(nested=True)
+def top_k(n, k):
+    """The first ``k`` items to fire, in order (Gumbel-top-k).
+
+    Atoms: ``[n]`` items; static ``k <= n`` (items at logit -inf do not count).
+    Structure: ``order`` (int ``[k]``, winners in firing order) and ``subset`` (bool ``[n]``,
+    the unordered k-subset).  Each subset has ``k!`` traces.
+    """
+    item = atoms(n)
+    order = full(k, -1)
+    subset = zeros(n, bool)
+    for j in range(k):
+        w = race(item)
+        order[j] = w
+        subset[w] = True
+    return order, subset

@@ -1,0 +1,35 @@
+"""structdsl: structured discrete latent variables from one declared algorithm.
+
+Declare a recursive algorithm that touches exponential noise only through races; the
+compiler checks it keeps the stochastic invariant and derives the sampler, the trace
+log-probability, the noise-given-trace sampler and exact enumeration.
+
+>>> import structdsl
+>>> from structdsl.specs import spanning_tree
+>>> prog = structdsl.compile(spanning_tree, backend="numpy")
+"""
+from .dsl import (Spec, arange, argmax, argmin, atoms, full, maximum, minimum, ones, race,
+                  race_groups, spec, where, zeros)
+from .errors import EmptyRaceError, EnumerationLimitError, NestingError, RaceError, SpecError
+
+__version__ = "0.1.0"
+
+
+def compile(spec, backend="numpy", **static_params):  # noqa: A001 - the natural name
+    """Verify ``spec`` and compile it for ``backend``.
+
+    static_params: values of the spec's static parameters (e.g. ``k`` for top-k); sizes
+    are read from the logits' shape at call time.  Raises :class:`SpecError` (with the
+    spec's file and line) if the spec is outside the DSL or could leak noise.
+    """
+    if not isinstance(spec, Spec):
+        raise TypeError(f"compile expects a @spec-decorated function, got {type(spec).__name__}")
+    from .backends import program_class
+    cls = program_class(backend)
+    spec.ir  # verify before anything else, so errors name the spec's own line
+    return cls(spec, **static_params)
+
+
+__all__ = ["compile", "spec", "Spec", "atoms", "race", "race_groups", "arange", "zeros", "ones",
+           "full", "where", "minimum", "maximum", "argmin", "argmax", "SpecError", "RaceError",
+           "EmptyRaceError", "NestingError", "EnumerationLimitError"]

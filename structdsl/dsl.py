@@ -1,0 +1,115 @@
+"""The user-facing DSL: the ``@spec`` decorator and the names a spec may call.
+
+A spec is an ordinary-looking Python function that is never executed as written: the
+compiler reads its source (:mod:`structdsl.frontend`), checks it, and lowers it to each
+backend.  The functions below exist so that specs import cleanly, editors autocomplete
+and ``help()`` works; calling one outside a compiled spec raises ``RuntimeError``.
+
+The DSL vocabulary
+------------------
+Noise and races (the only way to touch noise):
+
+``noise = atoms(*dims, valid=lambda *idx: mask)``
+    Declare the exponential noise: one atom per cell of an array of shape ``dims`` (each
+    dim a size parameter, a static parameter or an integer).  ``valid`` (optional) is a
+    predicate on the index grids; invalid cells never race.  Exactly one per spec, at the
+    top level.  Logits passed by the user have shape ``[*batch, *dims]``.
+``w = race(noise)`` / ``w = race(noise, members)``
+    One race among the live atoms selected by ``members`` (a predicate ``lambda *idx: bool``
+    evaluated on the index grids, or a boolean array of the atoms' shape; omitted: all).
+    Returns the winner's index (an int for 1-d atoms, a tuple of ints otherwise).
+``w = race_groups(noise, key, groups=G)``
+    One race per group, all in one step: ``key`` (a ``lambda *idx: int`` or an int array of
+    the atoms' shape) gives each atom's group in ``[0, G)``, or ``-1`` to sit out.  Returns
+    winners per group (an int array ``[G]``, or a tuple of them), ``-1`` for empty groups.
+
+Retired winners, invalid atoms and atoms at logit ``-inf`` never race.  A race over no live
+atom raises :class:`~structdsl.errors.EmptyRaceError` (for ``race_groups``: all groups empty).
+
+Integer/boolean state: ``arange(n)``, ``zeros(shape, dtype=int)``, ``ones``, ``full(shape,
+value)``, ``where``, ``minimum``, ``maximum``, ``abs``, ``any``, ``all``, ``sum``, ``min``,
+``max`` (one argument: reduction; two: elementwise), ``argmin``, ``argmax``, ``int``, ``bool``,
+``range`` (loop bounds only).  Array shapes and loop bounds must be computed from the
+parameters alone, so every backend knows them before running.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+__all__ = [
+    "spec", "Spec", "atoms", "race", "race_groups", "arange", "zeros", "ones", "full",
+    "where", "minimum", "maximum", "argmin", "argmax",
+]
+
+
+class Spec:
+    """A declared structured distribution: the user's function plus its declarations.
+
+    Build with the :func:`spec` decorator; compile with :func:`structdsl.compile`.
+    The parsed and verified IR is built lazily (``spec.ir``) and cached.
+    """
+
+    def __init__(self, fn, nested=False):
+        if not inspect.isfunction(fn):
+            raise TypeError(f"@spec decorates a function, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = fn.__name__
+        self.nested = bool(nested)
+        self.__doc__ = fn.__doc__
+        functools.update_wrapper(self, fn, updated=())
+
+    @functools.cached_property
+    def ir(self):
+        """The verified IR (:class:`structdsl.ir.Program`); raises SpecError if rejected."""
+        from .frontend import parse_spec
+        return parse_spec(self)
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(
+            f"spec {self.name!r} is a declaration, not a function: use "
+            f"structdsl.compile({self.name}, backend='numpy', ...) and call .sample(logits)")
+
+    def __repr__(self):
+        return f"<structdsl spec {self.name}{' (nested)' if self.nested else ''}>"
+
+
+def spec(fn=None, *, nested=False):
+    """Declare a structured distribution.  Use as ``@spec`` or ``@spec(nested=True)``.
+
+    ``nested=True`` promises that every race's members are a subset of the previous race's
+    members minus its winner (for ``race_groups``: each group inside one group of the
+    previous race).  The reference backend checks the promise on every run; the fast
+    backends rely on it to serve all races from one sorted pass over the noise.
+    """
+    if fn is None:
+        return lambda f: Spec(f, nested=nested)
+    return Spec(fn, nested=nested)
+
+
+def _dsl_only(name):
+    def stub(*args, **kwargs):
+        raise RuntimeError(f"{name}() only has a meaning inside a compiled @spec")
+    stub.__name__ = stub.__qualname__ = name
+    stub.__doc__ = f"DSL primitive {name!r}: see structdsl.dsl's module docstring."
+    return stub
+
+
+atoms = _dsl_only("atoms")
+race = _dsl_only("race")
+race_groups = _dsl_only("race_groups")
+arange = _dsl_only("arange")
+zeros = _dsl_only("zeros")
+ones = _dsl_only("ones")
+full = _dsl_only("full")
+where = _dsl_only("where")
+minimum = _dsl_only("minimum")
+maximum = _dsl_only("maximum")
+argmin = _dsl_only("argmin")
+argmax = _dsl_only("argmax")
+
+#: DSL functions, by name (the compiler resolves a spec's names against this table).
+PRIMITIVES = {f.__name__: f for f in (atoms, race, race_groups, arange, zeros, ones, full,
+                                      where, minimum, maximum, argmin, argmax)}
+#: Python builtins that keep a meaning inside a spec.
+PY_BUILTINS = ("any", "all", "sum", "min", "max", "abs", "int", "bool", "range")

@@ -1,0 +1,571 @@
+"""Frontend and verifier: a spec's Python AST -> checked :class:`structdsl.ir.Program`.
+
+The verifier is what makes the stochastic invariant hold by construction.  The noise
+declared by ``atoms()`` may appear *only* as the first argument of ``race``/``race_groups``;
+every other name is a parameter, a local, a DSL function or an inlined constant.  So all
+state, every member set and the returned structure are functions of the parameters and the
+winners, never of noise values (DESIGN.md §2-3).  Anything else is rejected with the user's
+file and line: noise compared, combined, indexed, stored, passed on or used as a bound;
+randomness; I/O; globals that are not constants; loops without a static bound; nested
+functions; constructs outside the subset documented in :mod:`structdsl.ir`.
+"""
+from __future__ import annotations
+
+import ast
+import builtins
+import collections
+import inspect
+import textwrap
+import types
+
+from . import ir
+from .dsl import PRIMITIVES, PY_BUILTINS
+from .errors import SpecError
+
+_RACES = ("race", "race_groups")
+_SHAPED = ("arange", "zeros", "ones", "full")          # their shape argument must be static
+_IO = {"print", "open", "input", "exec", "eval", "compile", "__import__", "breakpoint",
+       "globals", "locals", "vars", "getattr", "setattr", "delattr", "id", "hash"}
+_RANDOM_MODULES = {"random", "secrets", "numpy.random", "torch"}
+_OK_BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.BitAnd, ast.BitOr,
+              ast.BitXor, ast.LShift, ast.RShift)
+_STATIC_FUNCS = {"min", "max", "abs"}
+# Statements outside the subset, with the reason shown to the user.
+_REJECTED_STMTS = {
+    ast.While: "unbounded loop: write `for _ in range(bound):` with a static bound and `break`",
+    ast.FunctionDef: "nested functions and recursion are outside the DSL: race every open "
+                     "span at once with race_groups (see specs/binary_tree.py)",
+    ast.AsyncFunctionDef: "async functions are outside the DSL",
+    ast.ClassDef: "class definitions are outside the DSL",
+    ast.Import: "imports are outside the DSL (no randomness, no I/O inside a spec)",
+    ast.ImportFrom: "imports are outside the DSL (no randomness, no I/O inside a spec)",
+    ast.With: "`with` blocks are outside the DSL (no I/O inside a spec)",
+    ast.Try: "`try` is outside the DSL",
+    ast.Raise: "`raise` is outside the DSL",
+    ast.Global: "`global` makes the spec depend on mutable state: pass a static parameter",
+    ast.Nonlocal: "`nonlocal` makes the spec depend on mutable state",
+    ast.Delete: "`del` is outside the DSL",
+    ast.Assert: "`assert` is outside the DSL",
+    ast.Continue: "`continue` is outside the DSL: guard the rest of the body with `if`",
+    ast.AnnAssign: "annotated assignments are outside the DSL: drop the annotation",
+}
+
+
+def parse_spec(spec) -> ir.Program:
+    """Parse and verify ``spec`` (a :class:`structdsl.dsl.Spec`); raise SpecError if rejected."""
+    fn = spec.fn
+    file = inspect.getsourcefile(fn) or fn.__code__.co_filename
+    try:
+        lines, first = inspect.getsourcelines(fn)
+    except (OSError, TypeError) as exc:
+        raise SpecError(f"cannot read the source of spec {spec.name!r} ({exc}); specs must "
+                        f"be defined in a file or notebook cell", file, fn.__code__.co_firstlineno)
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    ast.increment_lineno(tree, first - 1)
+    fdef = tree.body[0]
+    if not isinstance(fdef, ast.FunctionDef):
+        raise SpecError("@spec must decorate a plain `def`", file, first)
+    return _Frontend(spec, fdef, file).program()
+
+
+class _Frontend:
+    def __init__(self, spec, fdef, file):
+        self.spec, self.fdef, self.file = spec, fdef, file
+        self.fn = spec.fn
+        closure = inspect.getclosurevars(self.fn)
+        self.outer = {**closure.builtins, **closure.globals, **closure.nonlocals}
+        self.constants = {}
+        self.noise = None
+        self.atoms = None
+        self.races = {}
+
+    # ---- errors -------------------------------------------------------------------------
+    def fail(self, node_or_line, message):
+        line = node_or_line if isinstance(node_or_line, int) else getattr(node_or_line, "lineno", None)
+        raise SpecError(message, self.file, line)
+
+    # ---- top level ----------------------------------------------------------------------
+    def program(self):
+        f = self.fdef
+        a = f.args
+        if a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs:
+            self.fail(f, "a spec takes plain parameters only (sizes and static parameters)")
+        self.params = tuple(arg.arg for arg in a.args)
+        defaults = dict(zip(self.params[len(self.params) - len(a.defaults):],
+                            self.fn.__defaults__ or ()))
+        for name, value in defaults.items():
+            if not isinstance(value, (int, bool)):
+                self.fail(f, f"default of parameter {name!r} must be an int or bool, got {value!r}")
+        body = list(f.body)
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            body = body[1:]
+        if not body or not isinstance(body[-1], ast.Return):
+            self.fail(body[-1] if body else f, "a spec must end with `return field, ...` naming "
+                      "the structure's fields")
+        self.locals = {n.id for stmt in body for n in ast.walk(stmt)
+                       if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        clash = self.locals & set(self.params)
+        if clash:
+            name = sorted(clash)[0]
+            node = next(n for s in body for n in ast.walk(s)
+                        if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Store))
+            self.fail(node, f"parameter {name!r} cannot be reassigned: sizes and static "
+                      f"parameters fix shapes and loop bounds")
+        self.derived = {}              # top-level names bound once to a static expression
+        stores = collections.Counter(n.id for stmt in body for n in ast.walk(stmt)
+                                     if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
+        self.stores = stores
+        stmts = self.block(body[:-1], top=True)
+        if self.atoms is None:
+            self.fail(f, "a spec must declare its noise first: `noise = atoms(n, ...)`")
+        outputs = self.returns(body[-1])
+        sizes = tuple(d.id for d in self.atoms.dims if isinstance(d, ast.Name) and d.id in self.params)
+        return ir.Program(name=self.spec.name, file=self.file, doc=self.fn.__doc__,
+                          params=self.params, defaults=defaults, sizes=tuple(dict.fromkeys(sizes)),
+                          atoms=self.atoms, body=stmts, outputs=outputs, nested=self.spec.nested,
+                          constants=self.constants, races=self.races, derived=self.derived)
+
+    def returns(self, node):
+        value = node.value
+        elts = value.elts if isinstance(value, ast.Tuple) else [value]
+        names = []
+        for e in elts:
+            if isinstance(e, ast.Name) and e.id == self.noise:
+                self.fail(e, f"noise {self.noise!r} returned: the structure must be built from "
+                          f"the parameters and the winners only")
+            if not isinstance(e, ast.Name) or e.id not in self.locals:
+                self.fail(node, "return must name local variables (`return parent, left`); each "
+                          "name becomes a field of the structure")
+            names.append(e.id)
+        if len(set(names)) != len(names):
+            self.fail(node, "returned field names must be distinct")
+        return tuple(names)
+
+    # ---- statements ---------------------------------------------------------------------
+    def block(self, body, top=False, in_loop=False):
+        out = []
+        for stmt in body:
+            r = self.statement(stmt, top, in_loop)
+            if r is not None:
+                out.append(r)
+        return out
+
+    def statement(self, s, top, in_loop):
+        for kind, why in _REJECTED_STMTS.items():
+            if isinstance(s, kind):
+                self.fail(s, why)
+        if isinstance(s, ast.Pass):
+            return None
+        if isinstance(s, ast.Return):
+            self.fail(s, "`return` must be the last statement of the spec, at the top level")
+        if isinstance(s, ast.Break):
+            if not in_loop:
+                self.fail(s, "`break` outside a loop")
+            return ir.Break(s.lineno)
+        if isinstance(s, ast.Expr):
+            if isinstance(s.value, ast.Call) and isinstance(s.value.func, ast.Name) \
+                    and s.value.func.id in _RACES:
+                self.fail(s, f"the winner of {s.value.func.id}() must be assigned: `w = "
+                          f"{s.value.func.id}(...)`")
+            self.expr(s.value, "statement")
+            self.fail(s, "an expression statement has no effect in a spec")
+        if isinstance(s, ast.Assign):
+            return self.assign(s, top)
+        if isinstance(s, ast.AugAssign):
+            self.target(s.target)
+            if isinstance(s.op, ast.Div):
+                self.fail(s, "true division makes floats: use //")
+            if not isinstance(s.op, _OK_BINOPS):
+                self.fail(s, f"operator {type(s.op).__name__} is outside the DSL")
+            return ir.AugAssign(self.target(s.target), s.op, self.expr(s.value, "arithmetic"),
+                                s.lineno)
+        if isinstance(s, ast.If):
+            return ir.If(self.expr(s.test, "condition"), self.block(s.body, in_loop=in_loop),
+                         self.block(s.orelse, in_loop=in_loop), s.lineno)
+        if isinstance(s, ast.For):
+            return self.loop(s)
+        self.fail(s, f"{type(s).__name__} statements are outside the DSL")
+
+    def loop(self, s):
+        it = s.iter
+        if not (isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "range"
+                and self.resolves_to_dsl("range") and len(it.args) == 1 and not it.keywords):
+            self.fail(s, "loops must be `for i in range(bound):` with one static bound")
+        if not isinstance(s.target, ast.Name):
+            self.fail(s, "the loop variable must be a plain name")
+        if s.orelse:
+            self.fail(s, "`for ... else` is outside the DSL")
+        count = self.static(it.args[0], "a loop bound")
+        return ir.Loop(s.target.id, count, self.block(s.body, in_loop=True), s.lineno)
+
+    def assign(self, s, top):
+        value = s.value
+        call = value.func.id if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) \
+            and self.resolves_to_dsl(value.func.id) else None
+        if call == "atoms":
+            return self.declare_atoms(s, top)
+        if call in _RACES:
+            if self.atoms is None:
+                self.fail(s, "declare the noise with atoms() before the first race")
+            return self.race(s, call)
+        for t in s.targets:
+            for n in ast.walk(t):
+                if isinstance(n, ast.Name) and n.id == self.noise:
+                    self.fail(n, f"noise {self.noise!r} cannot be reassigned")
+        targets = [self.target(t) for t in s.targets]
+        if top and len(targets) == 1 and isinstance(targets[0], ast.Name) \
+                and self.stores[targets[0].id] == 1 and self.is_static(value):
+            self.derived[targets[0].id] = value     # e.g. `m = 2 * n`: usable in shapes and bounds
+        return ir.Assign(targets, self.expr(value, "stored"), s.lineno)
+
+    def target(self, t):
+        if isinstance(t, ast.Name):
+            return t
+        if isinstance(t, ast.Tuple) and all(isinstance(e, ast.Name) for e in t.elts):
+            return t
+        if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name):
+            if t.value.id == self.noise:
+                self.fail(t, f"noise {self.noise!r} cannot be written to")
+            if t.value.id not in self.locals:
+                self.fail(t, f"only local arrays can be written to, not {t.value.id!r}")
+            self.index(t.slice)
+            return t
+        self.fail(t, "assignment targets must be names, tuples of names or `array[index]`")
+
+    def declare_atoms(self, s, top):
+        if not top:
+            self.fail(s, "atoms() must be declared at the top level of the spec, not in a loop or if")
+        if self.atoms is not None:
+            self.fail(s, f"noise is already declared at line {self.atoms.line}: a spec has one atoms() array")
+        if len(s.targets) != 1 or not isinstance(s.targets[0], ast.Name):
+            self.fail(s, "write `noise = atoms(...)` with a single name")
+        call = s.value
+        if not call.args:
+            self.fail(s, "atoms() needs at least one dimension")
+        dims = tuple(self.static(d, "an atoms dimension") for d in call.args)
+        valid = None
+        for kw in call.keywords:
+            if kw.arg != "valid":
+                self.fail(s, f"atoms() takes only `valid=`, not {kw.arg!r}")
+            valid = self.pred(kw.value, len(dims), "valid", state=False)
+        self.noise = s.targets[0].id
+        self.atoms = ir.AtomDecl(self.noise, dims, valid, s.lineno)
+        return None
+
+    def race(self, s, kind):
+        call = s.value
+        if len(s.targets) != 1:
+            self.fail(s, f"assign the winner of {kind}() to one target")
+        target = s.targets[0]
+        ndim = len(self.atoms.dims)
+        names = target.elts if isinstance(target, ast.Tuple) else [target]
+        if not all(isinstance(n, ast.Name) for n in names):
+            self.fail(s, f"the winner of {kind}() must be assigned to plain names")
+        if len(names) != ndim:
+            got = "one name" if len(names) == 1 else f"{len(names)} names"
+            self.fail(s, f"{kind}() over {ndim}-d atoms returns {ndim} index "
+                      f"{'value' if ndim == 1 else 'arrays' if kind == 'race_groups' else 'values'}; "
+                      f"unpack them into {ndim} names, got {got}")
+        if any(n.id == self.noise for n in names):
+            self.fail(s, f"noise {self.noise!r} cannot be reassigned")
+        if not call.args or not (isinstance(call.args[0], ast.Name) and call.args[0].id == self.noise):
+            self.fail(s, f"the first argument of {kind}() must be the noise {self.noise!r} declared by atoms()")
+        rid = len(self.races)
+        self.races[rid] = s.lineno
+        targets = [n.id for n in names]
+        if kind == "race":
+            if call.keywords or len(call.args) > 2:
+                self.fail(s, "race(noise) or race(noise, members): members is a predicate lambda or a mask")
+            members = self.members(call.args[1], ndim, "members") if len(call.args) == 2 else None
+            return ir.Race(targets, members, rid, s.lineno)
+        args = list(call.args[1:])
+        groups = None
+        for kw in call.keywords:
+            if kw.arg != "groups":
+                self.fail(s, f"race_groups() takes only `groups=`, not {kw.arg!r}")
+            groups = kw.value
+        if len(args) == 2 and groups is None:
+            groups = args.pop()
+        if len(args) != 1 or groups is None:
+            self.fail(s, "write race_groups(noise, key, groups=G): key gives each atom's group, G is static")
+        key = self.members(args[0], ndim, "key")
+        return ir.GroupRace(targets, key, self.static(groups, "a group count"), rid, s.lineno)
+
+    def members(self, node, ndim, what):
+        if isinstance(node, ast.Lambda):
+            return self.pred(node, ndim, what, state=True)
+        return self.expr(node, f"{what} of a race")
+
+    def pred(self, node, ndim, what, state):
+        if not isinstance(node, ast.Lambda):
+            self.fail(node, f"{what} must be a lambda over the atom indices")
+        a = node.args
+        if a.vararg or a.kwarg or a.kwonlyargs or a.defaults or a.posonlyargs:
+            self.fail(node, f"the {what} lambda takes plain index parameters only")
+        params = tuple(x.arg for x in a.args)
+        if len(params) != ndim:
+            self.fail(node, f"the {what} lambda takes {len(params)} index parameter(s) but the "
+                      f"atoms {self.noise or ''} have {ndim} dimension(s)".replace("atoms  ", "atoms "))
+        saved = self.locals
+        self.locals = (saved if state else set()) | set(params)
+        try:
+            body = self.expr(node.body, what)
+        finally:
+            self.locals = saved
+        return ir.Pred(params, _Elementwise().visit(body), node.lineno)
+
+    # ---- expressions --------------------------------------------------------------------
+    def static(self, node, what, shape=False):
+        """Check an expression built from parameters, int constants and arithmetic
+        (``shape=True`` also admits a tuple of them)."""
+        if shape and isinstance(node, ast.Tuple):
+            for e in node.elts:
+                self.static(e, what)
+            return self.expr(node, what)
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name) and n.id == self.noise:
+                self.fail(n, f"noise {self.noise!r} used in {what}: bounds and shapes must come "
+                          f"from the parameters")
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id not in self.params \
+                    and n.id not in self.derived and n.id not in _STATIC_FUNCS \
+                    and not self.is_constant(n.id):
+                self.fail(n, f"{what} must be computed from the size/static parameters "
+                          f"{list(self.params)}; {n.id!r} is not one (a state-dependent bound "
+                          f"cannot be known before running)")
+            if isinstance(n, ast.Call) and not (isinstance(n.func, ast.Name) and n.func.id in _STATIC_FUNCS):
+                self.fail(n, f"{what} may only call min, max or abs")
+            if not isinstance(n, (ast.Name, ast.Constant, ast.BinOp, ast.UnaryOp, ast.Call,
+                                  ast.Load, ast.operator, ast.unaryop)):
+                self.fail(n, f"{type(n).__name__} is not allowed in {what}")
+        return self.expr(node, what)
+
+    def is_static(self, node):
+        names_ok = all(n.id in self.params or n.id in self.derived or n.id in _STATIC_FUNCS
+                       or self.is_constant(n.id)
+                       for n in ast.walk(node) if isinstance(n, ast.Name))
+        kinds_ok = all(isinstance(n, (ast.Name, ast.Constant, ast.BinOp, ast.UnaryOp, ast.Load,
+                                      ast.operator, ast.unaryop)) for n in ast.walk(node))
+        return names_ok and kinds_ok and not any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div)
+                                                 for n in ast.walk(node))
+
+    def is_constant(self, name):
+        if name in self.params or name in self.locals:
+            return False
+        if name in self.outer:
+            value = self.outer[name]
+            return _is_constant(value)
+        return False
+
+    def resolves_to_dsl(self, name):
+        """Is ``name`` (not a local) the DSL's own function or kept builtin?"""
+        if name in self.locals or name in self.params:
+            return False
+        if name in PRIMITIVES:
+            return name not in self.outer or self.outer[name] is PRIMITIVES[name]
+        if name in PY_BUILTINS:
+            return name not in self.outer or self.outer[name] is getattr(builtins, name)
+        return False
+
+    def expr(self, node, context):
+        """Check ``node`` (context says how its value is used) and inline constants."""
+        return _ExprChecker(self, context).visit(node)
+
+    def index(self, node):
+        return self.expr(node, "indexed")
+
+
+def _is_constant(value):
+    if isinstance(value, bool) or (isinstance(value, int) and not isinstance(value, bool)):
+        return True
+    if isinstance(value, tuple):
+        return all(_is_constant(v) for v in value)
+    return False
+
+
+_NOISE_USE = {
+    ast.Compare: "compared", ast.BinOp: "used in arithmetic", ast.UnaryOp: "used in arithmetic",
+    ast.BoolOp: "used in a condition", ast.Subscript: "indexed", ast.IfExp: "used in a condition",
+    ast.Tuple: "packed into a tuple",
+}
+
+
+class _ExprChecker(ast.NodeTransformer):
+    def __init__(self, fe, context):
+        self.fe, self.context, self.parents = fe, context, []
+
+    def visit(self, node):
+        self.parents.append(node)
+        try:
+            return super().visit(node)
+        finally:
+            self.parents.pop()
+
+    def fail(self, node, msg):
+        self.fe.fail(node, msg)
+
+    def generic_visit(self, node):
+        if isinstance(node, (ast.expr_context, ast.operator, ast.unaryop, ast.cmpop, ast.boolop,
+                             ast.keyword)):
+            return super().generic_visit(node)
+        allowed = (ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp, ast.Tuple)
+        if not isinstance(node, allowed):
+            what = {ast.ListComp: "list comprehensions", ast.List: "lists", ast.Dict: "dicts",
+                    ast.Set: "sets", ast.GeneratorExp: "generators", ast.Lambda: "lambdas outside "
+                    "a race's members/key or atoms' valid", ast.DictComp: "dict comprehensions",
+                    ast.SetComp: "set comprehensions", ast.JoinedStr: "f-strings",
+                    ast.NamedExpr: "`:=`", ast.Starred: "`*` unpacking", ast.Await: "await",
+                    ast.Yield: "yield", ast.YieldFrom: "yield"}.get(type(node), type(node).__name__)
+            self.fail(node, f"{what} are outside the DSL (state is fixed-shape int/bool arrays)")
+        if isinstance(node, ast.BinOp):
+            if isinstance(node.op, ast.Div):
+                self.fail(node, "true division makes floats: use //")
+            if not isinstance(node.op, _OK_BINOPS):
+                self.fail(node, f"operator {type(node.op).__name__} is outside the DSL")
+        return super().generic_visit(node)
+
+    def visit_Constant(self, node):
+        if isinstance(node.value, bool) or type(node.value) is int:
+            return node
+        self.fail(node, f"constant {node.value!r}: only int and bool constants are allowed")
+
+    def visit_Name(self, node):
+        fe = self.fe
+        if node.id == fe.noise and fe.noise is not None:
+            parent = self.parents[-2] if len(self.parents) > 1 else None
+            how = _NOISE_USE.get(type(parent)) if parent is not None else None
+            if isinstance(parent, ast.Call):
+                fname = parent.func.id if isinstance(parent.func, ast.Name) else "a function"
+                how = f"passed to {fname}() (helpers cannot see the noise)"
+            if how is None:
+                how = {"stored": "stored or aliased", "condition": "used in a condition",
+                       "a loop bound": "used in a loop bound"}.get(self.context, f"used as {self.context}")
+            self.fail(node, f"noise {fe.noise!r} {how}: noise may only be the first argument "
+                      f"of race() or race_groups()")
+        if node.id in fe.params or node.id in fe.locals:
+            return node
+        if fe.resolves_to_dsl(node.id):
+            parent = self.parents[-2] if len(self.parents) > 1 else None
+            if not (isinstance(parent, ast.Call) and parent.func is node) and node.id not in ("int", "bool"):
+                self.fail(node, f"DSL function {node.id!r} can only be called")
+            return node
+        if node.id in _IO:
+            self.fail(node, f"{node.id}() is I/O or introspection: a spec has no side effects")
+        if node.id in fe.outer:
+            value = fe.outer[node.id]
+            if isinstance(value, types.ModuleType):
+                if value.__name__.split(".")[0] in {m.split(".")[0] for m in _RANDOM_MODULES} \
+                        or "random" in value.__name__:
+                    self.fail(node, f"module {value.__name__!r}: randomness inside a spec breaks "
+                              f"the stochastic invariant; the noise comes only from atoms()")
+                self.fail(node, f"module {value.__name__!r} cannot be used inside a spec; use DSL functions")
+            if _is_constant(value):
+                fe.constants[node.id] = value
+                return ast.copy_location(ast.Constant(value), node) if not isinstance(value, tuple) \
+                    else ast.copy_location(ast.parse(repr(value), mode="eval").body, node)
+            if callable(value):
+                self.fail(node, f"call to {node.id!r}: helper functions cannot be inlined; "
+                          f"only DSL functions can be called inside a spec")
+            self.fail(node, f"global {node.id!r} is a mutable {type(value).__name__}: a spec may "
+                      f"only read constants (ints, bools, tuples of them); pass a static parameter")
+        self.fail(node, f"name {node.id!r} is not defined")
+
+    def visit_Attribute(self, node):
+        base = node.value
+        while isinstance(base, ast.Attribute):
+            base = base.value
+        if isinstance(base, ast.Name) and base.id == self.fe.noise:
+            self.fail(node, f"noise {self.fe.noise!r} used through an attribute: noise may only be "
+                      f"the first argument of race() or race_groups()")
+        if isinstance(base, ast.Name) and isinstance(self.fe.outer.get(base.id), types.ModuleType):
+            full = ast.unparse(node)
+            if "random" in full or full.split(".")[0] in ("torch", "secrets"):
+                self.fail(node, f"{full}: randomness inside a spec breaks the stochastic "
+                          f"invariant; the noise comes only from atoms()")
+            self.fail(node, f"{full}: module attributes are outside the DSL; use DSL functions")
+        self.fail(node, f"attribute access `{ast.unparse(node)}` is outside the DSL; use DSL "
+                  f"functions (e.g. any(x), not x.any())")
+
+    def visit_Subscript(self, node):
+        if not isinstance(node.value, ast.Name):
+            self.fail(node, "only named arrays can be indexed")
+        node.value = self.visit(node.value)
+        node.slice = self.visit_index(node.slice)
+        return node
+
+    def visit_index(self, node):
+        elts = node.elts if isinstance(node, ast.Tuple) else [node]
+        for e in elts:
+            if isinstance(e, ast.Slice):
+                if e.lower or e.upper or e.step:
+                    self.fail(e, "slices with bounds make shapes depend on state: index with "
+                              "masks or `:` instead")
+        if isinstance(node, ast.Tuple):
+            node.elts = [e if isinstance(e, ast.Slice) else self.visit(e) for e in node.elts]
+            return node
+        return node if isinstance(node, ast.Slice) else self.visit(node)
+
+    def visit_Call(self, node):
+        if not isinstance(node.func, ast.Name):
+            if isinstance(node.func, ast.Attribute):
+                return self.visit_Attribute(node.func)
+            self.fail(node, "only DSL functions can be called")
+        name = node.func.id
+        fe = self.fe
+        if name in _RACES and fe.resolves_to_dsl(name):
+            self.fail(node, f"a race must be its own statement: `w = {name}(noise, ...)`")
+        if name == "atoms" and fe.resolves_to_dsl(name):
+            self.fail(node, "atoms() must be its own top-level statement: `noise = atoms(...)`")
+        if name == "range" and fe.resolves_to_dsl(name):
+            self.fail(node, "range() is only allowed as a loop's iterable")
+        if name in fe.locals or name in fe.params:
+            self.fail(node, f"{name!r} is not a function")
+        if not fe.resolves_to_dsl(name):
+            self.visit(node.func)          # raises the precise error
+        if name in _SHAPED and node.args:
+            fe.static(node.args[0], f"the shape of {name}()", shape=True)
+        node.args = [self.visit(a) for a in node.args]
+        for kw in node.keywords:
+            if kw.arg is None:
+                self.fail(node, "`**` arguments are outside the DSL")
+            if kw.arg == "dtype" and isinstance(kw.value, ast.Name) and kw.value.id in ("int", "bool"):
+                continue
+            kw.value = self.visit(kw.value)
+        return node
+
+
+class _Elementwise(ast.NodeTransformer):
+    """Rewrite ``and``/``or``/``not``/chained comparisons/``a if c else b`` to elementwise
+    calls, so a predicate works on whole index grids."""
+
+    def visit_BoolOp(self, node):
+        self.generic_visit(node)
+        fn = "logical_and" if isinstance(node.op, ast.And) else "logical_or"
+        out = node.values[0]
+        for v in node.values[1:]:
+            out = ast.Call(ast.Name(fn, ast.Load()), [out, v], [])
+        return ast.copy_location(out, node)
+
+    def visit_UnaryOp(self, node):
+        self.generic_visit(node)
+        if isinstance(node.op, ast.Not):
+            return ast.copy_location(ast.Call(ast.Name("logical_not", ast.Load()), [node.operand], []), node)
+        return node
+
+    def visit_Compare(self, node):
+        self.generic_visit(node)
+        if len(node.ops) == 1:
+            return node
+        parts, left = [], node.left
+        for op, right in zip(node.ops, node.comparators):
+            parts.append(ast.Compare(left, [op], [right]))
+            left = right
+        out = parts[0]
+        for p in parts[1:]:
+            out = ast.Call(ast.Name("logical_and", ast.Load()), [out, p], [])
+        return ast.copy_location(out, node)
+
+    def visit_IfExp(self, node):
+        self.generic_visit(node)
+        return ast.copy_location(
+            ast.Call(ast.Name("where", ast.Load()), [node.test, node.body, node.orelse], []), node)

@@ -1,0 +1,381 @@
+"""Backend-independent part of a compiled spec: argument checking, shapes, results.
+
+A :class:`Program` is what ``structdsl.compile`` returns.  It validates every input
+(dimensions, NaN/+inf logits, trace shapes, uniforms' range), infers the sizes from the
+logits' shape, specialises the IR to those sizes (:class:`Instance`, cached), flattens the
+batch, and hands flat arrays to its backend's semantics:
+
+* ``_solve(inst, weights[B, A])``  -> traces ``[B, R]`` and structure fields ``[B, ...]``;
+* ``_replay(inst, traces[B, R], logits[B, A])`` -> log p ``[B]`` and member masks
+  ``[B, R, A]`` (race ``r``'s member set, for ``E | T``);
+* ``_enumerate(inst, weights[A], exact)`` -> every trace with its probability.
+
+``A`` is the number of atoms (``prod(atom_shape)``), ``R`` the trace length (``max_races``).
+Everything else (sampling, conditional noise) is derived here from those three, once.
+"""
+from __future__ import annotations
+
+import ast
+import collections
+import functools
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from . import ir
+
+Sample = collections.namedtuple("Sample", "trace structure noise")
+Sample.__doc__ = """Result of ``Program.sample``.
+
+trace: int64 ``[*batch, max_races]`` winners (flat atom indices, execution order), -1 padded.
+structure: the spec's structure record, each field ``[*batch, *field_shape]``.
+noise: float64 ``[*batch, *atom_shape]`` exponential noise (``+inf`` at invalid atoms)."""
+Solution = collections.namedtuple("Solution", "trace structure")
+Solution.__doc__ = "Result of ``Program.solve``: trace ``[*batch, max_races]`` and structure."
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A program specialised to concrete parameter values (sizes and static parameters)."""
+    params: dict
+    atom_shape: tuple
+    valid: np.ndarray           # bool [*atom_shape]
+    max_races: int
+
+    @property
+    def num_atoms(self):
+        return int(np.prod(self.atom_shape, dtype=np.int64))
+
+
+class Enumeration:
+    """Every trace of a small instance with its exact probability (``Program.enumerate``).
+
+    traces: int64 ``[N, max_races]``; structure: fields ``[N, ...]``; probs: ``[N]``
+    (``Fraction`` objects when exact rates were given, else float64); log_probs: float64 ``[N]``.
+    """
+
+    def __init__(self, traces, structure, probs, log_probs):
+        self.traces, self.structure, self.probs, self.log_probs = traces, structure, probs, log_probs
+
+    def __len__(self):
+        return len(self.traces)
+
+    def structure_key(self, i):
+        """A hashable key of trace ``i``'s structure (its fields' bytes)."""
+        return tuple(np.ascontiguousarray(f[i]).tobytes() for f in self.structure)
+
+    def by_structure(self):
+        """``{structure key: total probability}`` summed over the traces giving each structure."""
+        out = {}
+        for i in range(len(self)):
+            k = self.structure_key(i)
+            out[k] = out.get(k, 0) + self.probs[i]
+        return out
+
+    def __repr__(self):
+        return f"<Enumeration: {len(self)} traces, {len(self.by_structure())} structures>"
+
+
+class Program:
+    """A spec compiled for one backend.  Create with :func:`structdsl.compile`.
+
+    Logits are log-rates of shape ``[*batch, *atom_shape]`` (a larger logit wins more
+    often; ``-inf`` excludes an atom; entries at invalid atoms are ignored but must not be
+    NaN).  Sizes are read from the trailing dimensions.
+    """
+
+    backend = None
+
+    def __init__(self, spec, **static_params):
+        self.spec = spec
+        self.ir = spec.ir
+        p = self.ir
+        unknown = set(static_params) - set(p.params)
+        if unknown:
+            raise TypeError(f"spec {p.name!r} has no parameter(s) {sorted(unknown)}; its "
+                            f"parameters are {list(p.params)} (sizes {list(p.sizes)} come from "
+                            f"the logits' shape)")
+        missing = [s for s in p.statics if s not in static_params and s not in p.defaults]
+        if missing:
+            raise TypeError(f"spec {p.name!r} needs static parameter(s) {missing}: "
+                            f"structdsl.compile({p.name}, {', '.join(m + '=...' for m in missing)})")
+        for k, v in static_params.items():
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"static parameter {k!r} must be an int, got {v!r}")
+        self.static_params = {**{k: v for k, v in p.defaults.items() if k in p.statics},
+                              **{k: int(v) for k, v in static_params.items()}}
+        self.Structure = collections.namedtuple(_camel(p.name) + "Structure", p.outputs)
+        self._instances = {}
+
+    def __repr__(self):
+        statics = ", ".join(f"{k}={v}" for k, v in self.static_params.items())
+        return f"<{self.backend} program {self.ir.name}({statics})>"
+
+    # ---- shapes --------------------------------------------------------------------------
+    @property
+    def atom_ndim(self):
+        return len(self.ir.atoms.dims)
+
+    def _expected(self):
+        return "[..., " + ", ".join(ast.unparse(d) for d in self.ir.atoms.dims) + "]"
+
+    def instance(self, atom_shape):
+        """The :class:`Instance` for logits whose trailing dims are ``atom_shape``."""
+        atom_shape = tuple(int(s) for s in atom_shape)
+        inst = self._instances.get(atom_shape)
+        if inst is None:
+            inst = self._instances[atom_shape] = self._specialise(atom_shape)
+        return inst
+
+    def _specialise(self, atom_shape):
+        p = self.ir
+        params = dict(self.static_params)
+        for axis, (dim, size) in enumerate(zip(p.atoms.dims, atom_shape)):
+            if isinstance(dim, ast.Name) and dim.id in p.sizes and dim.id not in params:
+                params[dim.id] = size
+        env = p.static_values(params, lambda e, env: static_eval(e, env, p.file))
+        dims = tuple(static_eval(d, env, p.file) for d in p.atoms.dims)
+        if dims != atom_shape:
+            raise ValueError(f"{p.name} expects logits of shape {self._expected()} with "
+                             f"{', '.join(f'{k}={v}' for k, v in params.items())}, i.e. trailing "
+                             f"dims {dims}; got trailing dims {atom_shape}")
+        if any(d <= 0 for d in dims):
+            raise ValueError(f"{p.name}: every atoms dimension must be positive, got {dims}")
+        valid = self._valid_mask(params, dims)
+        bound = min(_race_bound(p.body, env, p.file), int(valid.sum()))
+        return Instance(params, dims, valid, bound)
+
+    def max_races(self, atom_shape):
+        """Trace length for logits with trailing dims ``atom_shape``."""
+        return self.instance(atom_shape).max_races
+
+    def _split(self, array, what="logits"):
+        a = np.asarray(array)
+        k = self.atom_ndim
+        if a.ndim < k:
+            raise ValueError(f"{self.ir.name}: {what} must have shape {self._expected()} "
+                             f"(at least {k} dims), got shape {a.shape}")
+        return a.shape[:a.ndim - k], self.instance(a.shape[a.ndim - k:])
+
+    def _check_logits(self, logits, what="logits"):
+        try:
+            a = np.asarray(logits, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{what} must be a real array: {exc}") from None
+        batch, inst = self._split(a, what)
+        if np.isnan(a).any():
+            idx = tuple(int(i) for i in np.argwhere(np.isnan(a))[0])
+            raise ValueError(f"{what} contain NaN ({int(np.isnan(a).sum())} entries, first at "
+                             f"index {idx})")
+        if np.isposinf(a).any():
+            idx = tuple(int(i) for i in np.argwhere(np.isposinf(a))[0])
+            raise ValueError(f"{what} contain +inf (first at index {idx}): a rate of +inf has "
+                             f"no race law; use large finite logits")
+        return a, batch, inst
+
+    # ---- public API ----------------------------------------------------------------------
+    def sample(self, logits, *, sample_shape=(), uniforms=None, seed=None):
+        """Draw structures by racing exponential noise.
+
+        logits: ``[*batch, *atom_shape]`` log-rates.  sample_shape: extra leading dims.
+        uniforms: optional ``[*sample_shape, *batch, *atom_shape]`` in (0, 1); the noise is
+        ``E = -log(U) * exp(-logits)``, so identical uniforms give identical traces on every
+        backend.  seed: seed for ``numpy.random.default_rng`` when uniforms are not given.
+        Returns :data:`Sample` (trace, structure, noise).
+        """
+        logits, batch, inst = self._check_logits(logits)
+        shape = tuple(sample_shape) + batch + inst.atom_shape
+        u = self._uniforms(uniforms, seed, shape, "uniforms")
+        logits = np.broadcast_to(logits, shape)
+        live = inst.valid & ~np.isneginf(logits)
+        # Race on noise scaled by each lane's largest logit: argmins of residuals are
+        # scale-invariant, and this keeps exp(-logits) from overflowing or underflowing.
+        flat = logits.reshape(-1, inst.num_atoms)
+        top = np.max(np.where(live.reshape(flat.shape), flat, -np.inf), axis=1, initial=-np.inf)
+        top = np.where(np.isfinite(top), top, 0.0)[:, None]
+        scaled = -np.log(u.reshape(flat.shape)) * np.exp(top - flat)
+        scaled = np.where(live.reshape(flat.shape), scaled, np.inf)
+        traces, fields = self._solve(inst, scaled)
+        noise = (scaled * np.exp(-top)).reshape(shape)
+        lead = shape[:len(shape) - self.atom_ndim]
+        return Sample(traces.reshape(lead + (inst.max_races,)), self._structure(fields, lead), noise)
+
+    def solve(self, weights):
+        """Run the deterministic algorithm on raw noise values.
+
+        weights: ``[*batch, *atom_shape]`` real; ``+inf`` excludes an atom; invalid atoms are
+        ignored.  Returns :data:`Solution` (trace, structure).
+        """
+        w = np.asarray(weights, dtype=np.float64)
+        batch, inst = self._split(w, "weights")
+        if np.isnan(w).any() or np.isneginf(w).any():
+            raise ValueError("weights contain NaN or -inf")
+        w = np.where(inst.valid, w, np.inf).reshape(-1, inst.num_atoms)
+        traces, fields = self._solve(inst, w)
+        return Solution(traces.reshape(batch + (inst.max_races,)), self._structure(fields, batch))
+
+    def log_prob(self, trace, logits):
+        """log p(trace) = sum over races of ``logits[winner] - logsumexp(logits[members])``.
+
+        trace: int ``[*batch1, max_races]``; logits: ``[*batch2, *atom_shape]``; the batch
+        shapes broadcast.  Returns float64 ``[*batch]``, ``-inf`` where the logits cannot
+        produce the trace.
+        """
+        t, logits, batch, inst = self._check_trace(trace, logits)
+        logp, _ = self._replay(inst, t, logits)
+        return logp.reshape(batch)
+
+    def conditional_noise(self, trace, logits, *, uniforms=None, seed=None):
+        """Sample the noise given the trace, ``E | T`` (exact, reparameterised).
+
+        Race ``r`` gets one minimum ``m_r = -log(U_r) / sum(rates of its members)``; atom
+        ``i`` gets the sum of the minima of the races it took part in, plus a fresh
+        ``-log(V_i) / rate_i`` if it never won.  uniforms: ``[*batch, max_races + A]`` in
+        (0, 1) (first the U_r, then V over the flattened atoms).  Solving the result
+        reproduces ``trace``.  Returns float64 ``[*batch, *atom_shape]``.
+        """
+        t, logits, batch, inst = self._check_trace(trace, logits)
+        logp, members = self._replay(inst, t, logits)
+        if np.isneginf(logp).any():
+            lane = int(np.argmax(np.isneginf(logp)))
+            raise ValueError(f"trace (flat batch index {lane}) has probability zero under these "
+                             f"logits: there is no noise that produces it")
+        R, A = inst.max_races, inst.num_atoms
+        u = self._uniforms(uniforms, seed, batch + (R + A,), "uniforms").reshape(-1, R + A)
+        return self._noise_given_trace(inst, t, logits, members, u).reshape(batch + inst.atom_shape)
+
+    def enumerate(self, logits=None, *, rates=None, max_traces=20000):
+        """Every trace with its structure and exact probability (small sizes only).
+
+        Give either ``logits`` (``[*atom_shape]``, float probabilities) or exact ``rates``
+        (``[*atom_shape]`` of ints or ``fractions.Fraction``; 0 excludes an atom), which
+        make the probabilities exact ``Fraction`` objects.  Raises
+        :class:`~structdsl.errors.EnumerationLimitError` past ``max_traces`` traces.
+        """
+        if (logits is None) == (rates is None):
+            raise TypeError("enumerate takes exactly one of logits= or rates=")
+        if rates is not None:
+            r = np.asarray(rates, dtype=object)
+            _, inst = self._split(r, "rates")
+            if r.shape != inst.atom_shape:
+                raise ValueError(f"enumerate takes unbatched rates of shape {inst.atom_shape}, got {r.shape}")
+            flat = r.reshape(-1)
+            for x in flat:
+                if not isinstance(x, (int, Fraction, np.integer)) or x < 0:
+                    raise TypeError(f"exact rates must be non-negative ints or Fractions, got {x!r}")
+            weights = np.array([Fraction(int(x)) if isinstance(x, (int, np.integer)) else x
+                                for x in flat], dtype=object)
+            exact = True
+        else:
+            a, batch, inst = self._check_logits(logits)
+            if batch:
+                raise ValueError(f"enumerate takes unbatched logits of shape {inst.atom_shape}, got {a.shape}")
+            weights, exact = a.reshape(-1), False
+        traces, fields, probs, logps = self._enumerate(inst, weights, exact, max_traces)
+        structure = self._structure(fields, (len(traces),))
+        return Enumeration(traces, structure, probs, logps)
+
+    # ---- helpers shared by all backends ---------------------------------------------------
+    def _check_trace(self, trace, logits):
+        logits, lbatch, inst = self._check_logits(logits)
+        t = np.asarray(trace)
+        if not np.issubdtype(t.dtype, np.integer):
+            raise TypeError(f"trace must be an integer array, got dtype {t.dtype}")
+        if t.ndim < 1 or t.shape[-1] != inst.max_races:
+            raise ValueError(f"trace must have shape [..., {inst.max_races}] (max_races of "
+                             f"{self.ir.name} for atoms {inst.atom_shape}), got {t.shape}")
+        if ((t < -1) | (t >= inst.num_atoms)).any():
+            raise ValueError(f"trace entries must be flat atom indices in [0, {inst.num_atoms}) "
+                             f"or -1 padding")
+        try:
+            batch = np.broadcast_shapes(t.shape[:-1], lbatch)
+        except ValueError:
+            raise ValueError(f"trace batch shape {t.shape[:-1]} does not broadcast with logits "
+                             f"batch shape {lbatch}") from None
+        t = np.broadcast_to(t, batch + t.shape[-1:]).reshape(-1, inst.max_races).astype(np.int64)
+        logits = np.broadcast_to(logits, batch + inst.atom_shape).reshape(-1, inst.num_atoms)
+        return t, logits, batch, inst
+
+    @staticmethod
+    def _uniforms(uniforms, seed, shape, what):
+        if uniforms is None:
+            return np.random.default_rng(seed).random(shape)
+        if seed is not None:
+            raise TypeError("give either uniforms= or seed=, not both")
+        u = np.asarray(uniforms, dtype=np.float64)
+        if u.shape != shape:
+            raise ValueError(f"{what} must have shape {shape}, got {u.shape}")
+        if not ((u > 0) & (u < 1)).all():
+            raise ValueError(f"{what} must lie strictly inside (0, 1)")
+        return u
+
+    def _noise_given_trace(self, inst, traces, logits, members, u):
+        """E | T from the member masks of every race (DESIGN.md §2, item 2)."""
+        R = inst.max_races
+        live = inst.valid.reshape(-1) & ~np.isneginf(logits)
+        with np.errstate(divide="ignore"):
+            lse = _masked_logsumexp(logits[:, None, :], members)             # [B, R]
+            minima = np.where(traces >= 0, -np.log(u[:, :R]) * np.exp(-np.where(traces >= 0, lse, 0)), 0.0)
+            noise = np.einsum("br,bra->ba", minima, members.astype(np.float64))
+            won = np.zeros_like(live)
+            rows = np.nonzero(traces >= 0)
+            won[rows[0], traces[rows]] = True
+            fresh = -np.log(u[:, R:]) * np.exp(-np.where(live, logits, 0.0))
+        noise = noise + np.where(won, 0.0, fresh)
+        return np.where(live, noise, np.inf)
+
+    def _structure(self, fields, lead):
+        out = []
+        for f in fields:
+            f = np.asarray(f)
+            out.append(f.reshape(lead + f.shape[1:]))
+        return self.Structure(*out)
+
+    def _valid_mask(self, params, dims):
+        raise NotImplementedError
+
+    def _solve(self, inst, weights):
+        raise NotImplementedError
+
+    def _replay(self, inst, traces, logits):
+        raise NotImplementedError
+
+    def _enumerate(self, inst, weights, exact, max_traces):
+        raise NotImplementedError
+
+
+def _masked_logsumexp(x, mask):
+    """logsumexp of ``x`` over the last axis restricted to ``mask`` (-inf if empty)."""
+    xm = np.where(mask, x, -np.inf)
+    top = np.max(xm, axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.sum(np.exp(xm - top), axis=-1)) + top[..., 0]
+
+
+def static_eval(expr, params, file="<spec>"):
+    """Evaluate a verified static expression (parameters, ints, arithmetic, min/max/abs)."""
+    code = compile(ast.Expression(expr), file, "eval")
+    value = eval(code, {"__builtins__": {}, "min": min, "max": max, "abs": abs}, dict(params))
+    return int(value)
+
+
+def _race_bound(body, params, file):
+    """Upper bound on winners per run from the static loop counts (grouped race: G each)."""
+    total = 0
+    for stmt in body:
+        if isinstance(stmt, ir.Race):
+            total += 1
+        elif isinstance(stmt, ir.GroupRace):
+            total += static_eval(stmt.groups, params, file)
+        elif isinstance(stmt, ir.Loop):
+            total += max(static_eval(stmt.count, params, file), 0) * _race_bound(stmt.body, params, file)
+        elif isinstance(stmt, ir.If):
+            total += max(_race_bound(stmt.body, params, file), _race_bound(stmt.orelse, params, file))
+    return total
+
+
+def _camel(name):
+    return "".join(part.capitalize() for part in name.split("_"))
