@@ -250,18 +250,29 @@ class _Lane:
 
 
 class Solver(_Lane):
-    """Residual races on given noise (DESIGN.md §2): the sample/solve semantics."""
+    """Residual races on given noise (DESIGN.md §2): the sample/solve semantics.
 
-    def __init__(self, prog, inst, weights):
-        super().__init__(prog, inst, np.isfinite(weights))
+    ``log_space``: the weights are ``log E`` and residuals stay logs,
+    ``log(r - m) = log r + log(1 - exp(log m - log r))``, exact at any scale.
+    """
+
+    def __init__(self, prog, inst, weights, log_space=False):
+        super().__init__(prog, inst, weights < np.inf)
         self.residual = weights.copy()
+        self.log_space = log_space
         self.trace = np.full(inst.max_races, -1, dtype=np.int64)
 
     def pick(self, masks):
         winners = []
         for m in masks:
             w = int(np.argmin(np.where(m, self.residual, np.inf)))
-            self.residual[m] -= self.residual[w]
+            if self.log_space:
+                r, lo = self.residual[m], self.residual[w]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    # a tie leaves a zero residual (log -inf), as the linear solver does
+                    self.residual[m] = np.where(r == lo, -np.inf, r + np.log(-np.expm1(lo - r)))
+            else:
+                self.residual[m] -= self.residual[w]
             self.trace[self._take_slot()] = w
             winners.append(w)
         return winners
@@ -351,11 +362,11 @@ class Program(_BaseProgram):
     def _call(self, handler, inst):
         return self.function(handler, *(inst.params[p] for p in self.ir.params))
 
-    def _solve(self, inst, weights):
+    def _solve(self, inst, weights, log_space):
         traces = np.full((len(weights), inst.max_races), -1, dtype=np.int64)
         fields = []
         for b, w in enumerate(weights):
-            lane = Solver(self, inst, w)
+            lane = Solver(self, inst, w, log_space)
             fields.append(self._call(lane, inst))
             traces[b] = lane.trace
         return traces, _stack(fields, len(self.ir.outputs), weights.shape[0])

@@ -1,5 +1,5 @@
 """Rooted spanning arborescences: Chu-Liu/Edmonds with grouped races and contraction."""
-from structdsl import arange, atoms, full, minimum, race_groups, spec, where, zeros
+from structdsl import arange, atoms, full, minimum, race_groups, require, spec, where, zeros
 
 
 @spec
@@ -18,6 +18,7 @@ def arborescence(n, root=0):
     different shifts.
     """
     edge = atoms(n, n, valid=lambda u, v: u != v and v != root)
+    require(0 <= root < n, "the root must be a node: 0 <= root < n")
     m = 2 * n                          # supernode ids: nodes 0..n-1, contracted cycles n..2n-2
     comp = arange(n)                   # outermost supernode holding each node
     inside = zeros((m, n), bool)       # inside[x, v]: node v belongs to supernode x

@@ -1,5 +1,5 @@
 """Single-linkage clustering: a spanning forest with exactly c trees ("declare your own")."""
-from structdsl import arange, atoms, minimum, race, spec, where, zeros
+from structdsl import arange, atoms, minimum, race, require, spec, where, zeros
 
 
 @spec(nested=True)
@@ -12,6 +12,7 @@ def clustering(n, c):
     traces.
     """
     edge = atoms(n, n, valid=lambda u, v: u < v)
+    require(1 <= c <= n, "clustering needs 1 <= c <= n clusters")
     label = arange(n)
     links = zeros((n, n), bool)
     for _ in range(n - c):

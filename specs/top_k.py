@@ -1,5 +1,5 @@
 """Top-k: k successive races over the remaining items (sampling without replacement)."""
-from structdsl import atoms, full, race, spec, zeros
+from structdsl import atoms, full, race, require, spec, zeros
 
 
 @spec(nested=True)
@@ -11,6 +11,7 @@ def top_k(n, k):
     the unordered k-subset).  Each subset has ``k!`` traces.
     """
     item = atoms(n)
+    require(0 <= k <= n, "top_k needs 0 <= k <= n")
     order = full(k, -1)
     subset = zeros(n, bool)
     for j in range(k):

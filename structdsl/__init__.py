@@ -9,7 +9,7 @@ log-probability, the noise-given-trace sampler and exact enumeration.
 >>> prog = structdsl.compile(spanning_tree, backend="numpy")
 """
 from .dsl import (Spec, arange, argmax, argmin, atoms, full, maximum, minimum, ones, race,
-                  race_groups, spec, where, zeros)
+                  race_groups, require, spec, where, zeros)
 from .errors import EmptyRaceError, EnumerationLimitError, NestingError, RaceError, SpecError
 
 __version__ = "0.1.0"
@@ -31,5 +31,5 @@ def compile(spec, backend="numpy", **static_params):  # noqa: A001 - the natural
 
 
 __all__ = ["compile", "spec", "Spec", "atoms", "race", "race_groups", "arange", "zeros", "ones",
-           "full", "where", "minimum", "maximum", "argmin", "argmax", "SpecError", "RaceError",
+           "full", "where", "minimum", "maximum", "argmin", "argmax", "require", "SpecError", "RaceError",
            "EmptyRaceError", "NestingError", "EnumerationLimitError"]

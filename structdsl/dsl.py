@@ -26,6 +26,9 @@ Noise and races (the only way to touch noise):
 Retired winners, invalid atoms and atoms at logit ``-inf`` never race.  A race over no live
 atom raises :class:`~structdsl.errors.EmptyRaceError` (for ``race_groups``: all groups empty).
 
+Parameter checks: ``require(condition, "message")`` at the top level, the condition on
+parameters only; checked once the sizes are known (a clear ``ValueError`` otherwise).
+
 Integer/boolean state: ``arange(n)``, ``zeros(shape, dtype=int)``, ``ones``, ``full(shape,
 value)``, ``where``, ``minimum``, ``maximum``, ``abs``, ``any``, ``all``, ``sum``, ``min``,
 ``max`` (one argument: reduction; two: elementwise), ``argmin``, ``argmax``, ``int``, ``bool``,
@@ -39,7 +42,7 @@ import inspect
 
 __all__ = [
     "spec", "Spec", "atoms", "race", "race_groups", "arange", "zeros", "ones", "full",
-    "where", "minimum", "maximum", "argmin", "argmax",
+    "where", "minimum", "maximum", "argmin", "argmax", "require",
 ]
 
 
@@ -107,9 +110,10 @@ minimum = _dsl_only("minimum")
 maximum = _dsl_only("maximum")
 argmin = _dsl_only("argmin")
 argmax = _dsl_only("argmax")
+require = _dsl_only("require")
 
 #: DSL functions, by name (the compiler resolves a spec's names against this table).
 PRIMITIVES = {f.__name__: f for f in (atoms, race, race_groups, arange, zeros, ones, full,
-                                      where, minimum, maximum, argmin, argmax)}
+                                      where, minimum, maximum, argmin, argmax, require)}
 #: Python builtins that keep a meaning inside a spec.
 PY_BUILTINS = ("any", "all", "sum", "min", "max", "abs", "int", "bool", "range")

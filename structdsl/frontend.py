@@ -116,6 +116,23 @@ class _Frontend:
         stores = collections.Counter(n.id for stmt in body for n in ast.walk(stmt)
                                      if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
         self.stores = stores
+        self.requires = []
+        # Know the noise's name before checking anything, so a use before its declaration
+        # or a second binding of that name is caught too.
+        for stmt in body:
+            if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Call) \
+                    and isinstance(stmt.value.func, ast.Name) and stmt.value.func.id == "atoms" \
+                    and self.resolves_to_dsl("atoms") and len(stmt.targets) == 1 \
+                    and isinstance(stmt.targets[0], ast.Name):
+                self.noise = stmt.targets[0].id
+                break
+        if self.noise is not None and stores[self.noise] > 1:
+            again = [n for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Name)
+                     and n.id == self.noise and isinstance(n.ctx, ast.Store)]
+            decl = next(stmt for stmt in body if isinstance(stmt, ast.Assign)
+                        and stmt.targets[0] in again)
+            other = next(n for n in again if n is not decl.targets[0])
+            self.fail(other, f"noise {self.noise!r} cannot be reassigned (declared at line {decl.lineno})")
         stmts = self.block(body[:-1], top=True)
         if self.atoms is None:
             self.fail(f, "a spec must declare its noise first: `noise = atoms(n, ...)`")
@@ -124,7 +141,8 @@ class _Frontend:
         return ir.Program(name=self.spec.name, file=self.file, doc=self.fn.__doc__,
                           params=self.params, defaults=defaults, sizes=tuple(dict.fromkeys(sizes)),
                           atoms=self.atoms, body=stmts, outputs=outputs, nested=self.spec.nested,
-                          constants=self.constants, races=self.races, derived=self.derived)
+                          constants=self.constants, races=self.races, derived=self.derived,
+                          requires=self.requires)
 
     def returns(self, node):
         value = node.value
@@ -163,6 +181,10 @@ class _Frontend:
             if not in_loop:
                 self.fail(s, "`break` outside a loop")
             return ir.Break(s.lineno)
+        if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call) \
+                and isinstance(s.value.func, ast.Name) and s.value.func.id == "require" \
+                and self.resolves_to_dsl("require"):
+            return self.require(s, top)
         if isinstance(s, ast.Expr):
             if isinstance(s.value, ast.Call) and isinstance(s.value.func, ast.Name) \
                     and s.value.func.id in _RACES:
@@ -187,6 +209,25 @@ class _Frontend:
             return self.loop(s)
         self.fail(s, f"{type(s).__name__} statements are outside the DSL")
 
+    def require(self, s, top):
+        """``require(static condition, "message")``: checked when sizes are known."""
+        call = s.value
+        if not top:
+            self.fail(s, "require() must be at the top level of the spec")
+        if len(call.args) != 2 or call.keywords or not (isinstance(call.args[1], ast.Constant)
+                                                        and isinstance(call.args[1].value, str)):
+            self.fail(s, 'write require(condition, "message"), the condition on parameters only')
+        cond = call.args[0]
+        for n in ast.walk(cond):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id not in self.params \
+                    and n.id not in self.derived and n.id not in _STATIC_FUNCS and not self.is_constant(n.id):
+                self.fail(n, f"require() conditions may only read the parameters {list(self.params)}, "
+                          f"not {n.id!r}")
+            if isinstance(n, ast.Call) and not (isinstance(n.func, ast.Name) and n.func.id in _STATIC_FUNCS):
+                self.fail(n, "require() conditions may only call min, max or abs")
+        self.requires.append((self.expr(cond, "condition"), call.args[1].value, s.lineno))
+        return None
+
     def loop(self, s):
         it = s.iter
         if not (isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "range"
@@ -194,6 +235,7 @@ class _Frontend:
             self.fail(s, "loops must be `for i in range(bound):` with one static bound")
         if not isinstance(s.target, ast.Name):
             self.fail(s, "the loop variable must be a plain name")
+        self.target(s.target)
         if s.orelse:
             self.fail(s, "`for ... else` is outside the DSL")
         count = self.static(it.args[0], "a loop bound")
@@ -209,10 +251,6 @@ class _Frontend:
             if self.atoms is None:
                 self.fail(s, "declare the noise with atoms() before the first race")
             return self.race(s, call)
-        for t in s.targets:
-            for n in ast.walk(t):
-                if isinstance(n, ast.Name) and n.id == self.noise:
-                    self.fail(n, f"noise {self.noise!r} cannot be reassigned")
         targets = [self.target(t) for t in s.targets]
         if top and len(targets) == 1 and isinstance(targets[0], ast.Name) \
                 and self.stores[targets[0].id] == 1 and self.is_static(value):
@@ -220,9 +258,11 @@ class _Frontend:
         return ir.Assign(targets, self.expr(value, "stored"), s.lineno)
 
     def target(self, t):
-        if isinstance(t, ast.Name):
-            return t
-        if isinstance(t, ast.Tuple) and all(isinstance(e, ast.Name) for e in t.elts):
+        names = t.elts if isinstance(t, ast.Tuple) else [t]
+        if all(isinstance(e, ast.Name) for e in names):
+            for e in names:
+                if e.id == self.noise:
+                    self.fail(e, f"noise {self.noise!r} cannot be reassigned")
             return t
         if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name):
             if t.value.id == self.noise:
@@ -306,7 +346,7 @@ class _Frontend:
         params = tuple(x.arg for x in a.args)
         if len(params) != ndim:
             self.fail(node, f"the {what} lambda takes {len(params)} index parameter(s) but the "
-                      f"atoms {self.noise or ''} have {ndim} dimension(s)".replace("atoms  ", "atoms "))
+                      f"atoms have {ndim} dimension(s)")
         saved = self.locals
         self.locals = (saved if state else set()) | set(params)
         try:
@@ -522,8 +562,10 @@ class _ExprChecker(ast.NodeTransformer):
             self.fail(node, f"{name!r} is not a function")
         if not fe.resolves_to_dsl(name):
             self.visit(node.func)          # raises the precise error
-        if name in _SHAPED and node.args:
-            fe.static(node.args[0], f"the shape of {name}()", shape=True)
+        shape = node.args[0] if node.args else next(
+            (kw.value for kw in node.keywords if kw.arg in ("shape", "n")), None)
+        if name in _SHAPED and shape is not None:
+            fe.static(shape, f"the shape of {name}()", shape=True)
         node.args = [self.visit(a) for a in node.args]
         for kw in node.keywords:
             if kw.arg is None:

@@ -147,6 +147,7 @@ class Program:
     constants: dict = field(default_factory=dict)
     races: dict = field(default_factory=dict)
     derived: dict = field(default_factory=dict)
+    requires: list = field(default_factory=list)
 
     def static_values(self, params, evaluate):
         """Parameters plus the derived static locals (``m = 2 * n``), evaluated in order."""

@@ -5,7 +5,8 @@ A :class:`Program` is what ``structdsl.compile`` returns.  It validates every in
 logits' shape, specialises the IR to those sizes (:class:`Instance`, cached), flattens the
 batch, and hands flat arrays to its backend's semantics:
 
-* ``_solve(inst, weights[B, A])``  -> traces ``[B, R]`` and structure fields ``[B, ...]``;
+* ``_solve(inst, weights[B, A], log_space)`` -> traces ``[B, R]`` and structure fields
+  ``[B, ...]`` (``log_space``: the weights are ``log E`` and residuals are kept as logs);
 * ``_replay(inst, traces[B, R], logits[B, A])`` -> log p ``[B]`` and member masks
   ``[B, R, A]`` (race ``r``'s member set, for ``E | T``);
 * ``_enumerate(inst, weights[A], exact)`` -> every trace with its probability.
@@ -95,8 +96,8 @@ class Program:
         unknown = set(static_params) - set(p.params)
         if unknown:
             raise TypeError(f"spec {p.name!r} has no parameter(s) {sorted(unknown)}; its "
-                            f"parameters are {list(p.params)} (sizes {list(p.sizes)} come from "
-                            f"the logits' shape)")
+                            f"parameters are {list(p.params)} (sizes {list(p.sizes)} are read "
+                            f"from the logits' shape unless fixed here)")
         missing = [s for s in p.statics if s not in static_params and s not in p.defaults]
         if missing:
             raise TypeError(f"spec {p.name!r} needs static parameter(s) {missing}: "
@@ -136,6 +137,10 @@ class Program:
             if isinstance(dim, ast.Name) and dim.id in p.sizes and dim.id not in params:
                 params[dim.id] = size
         env = p.static_values(params, lambda e, env: static_eval(e, env, p.file))
+        for cond, message, line in p.requires:
+            if not static_eval(cond, env, p.file):
+                values = ", ".join(f"{k}={v}" for k, v in params.items())
+                raise ValueError(f"{p.name}: {message} (got {values}; require at {p.where(line)})")
         dims = tuple(static_eval(d, env, p.file) for d in p.atoms.dims)
         if dims != atom_shape:
             raise ValueError(f"{p.name} expects logits of shape {self._expected()} with "
@@ -180,25 +185,35 @@ class Program:
         """Draw structures by racing exponential noise.
 
         logits: ``[*batch, *atom_shape]`` log-rates.  sample_shape: extra leading dims.
-        uniforms: optional ``[*sample_shape, *batch, *atom_shape]`` in (0, 1); the noise is
+        uniforms: optional ``[*lead, *atom_shape]`` in (0, 1), ``lead`` broadcasting with
+        ``sample_shape + batch`` (so uniforms may carry the sample dims); the noise is
         ``E = -log(U) * exp(-logits)``, so identical uniforms give identical traces on every
         backend.  seed: seed for ``numpy.random.default_rng`` when uniforms are not given.
+        The races run on ``log E``, so logits of any spread are exact; the returned ``noise``
+        is ``exp`` of it and may overflow to ``inf`` (or underflow to 0) for atoms more than
+        ~700 nats away from 0.
         Returns :data:`Sample` (trace, structure, noise).
         """
         logits, batch, inst = self._check_logits(logits)
         shape = tuple(sample_shape) + batch + inst.atom_shape
+        if uniforms is not None and not sample_shape:
+            # explicit uniforms may carry their own leading (sample) dims
+            lead = np.shape(uniforms)[:max(np.ndim(uniforms) - self.atom_ndim, 0)]
+            try:
+                shape = np.broadcast_shapes(lead, batch) + inst.atom_shape
+            except ValueError:
+                raise ValueError(f"uniforms of shape {np.shape(uniforms)} do not broadcast with "
+                                 f"logits of shape {logits.shape}") from None
         u = self._uniforms(uniforms, seed, shape, "uniforms")
         logits = np.broadcast_to(logits, shape)
         live = inst.valid & ~np.isneginf(logits)
-        # Race on noise scaled by each lane's largest logit: argmins of residuals are
-        # scale-invariant, and this keeps exp(-logits) from overflowing or underflowing.
-        flat = logits.reshape(-1, inst.num_atoms)
-        top = np.max(np.where(live.reshape(flat.shape), flat, -np.inf), axis=1, initial=-np.inf)
-        top = np.where(np.isfinite(top), top, 0.0)[:, None]
-        scaled = -np.log(u.reshape(flat.shape)) * np.exp(top - flat)
-        scaled = np.where(live.reshape(flat.shape), scaled, np.inf)
-        traces, fields = self._solve(inst, scaled)
-        noise = (scaled * np.exp(-top)).reshape(shape)
+        # Race on log E = log(-log U) - logits: exact for any spread of the logits, where
+        # E itself would overflow (logits 1e3 apart) and turn live atoms into +inf.
+        with np.errstate(divide="ignore"):
+            log_noise = np.where(live, np.log(-np.log(u)) - np.where(live, logits, 0.0), np.inf)
+        traces, fields = self._solve(inst, log_noise.reshape(-1, inst.num_atoms), log_space=True)
+        with np.errstate(over="ignore"):
+            noise = np.exp(log_noise)
         lead = shape[:len(shape) - self.atom_ndim]
         return Sample(traces.reshape(lead + (inst.max_races,)), self._structure(fields, lead), noise)
 
@@ -213,7 +228,7 @@ class Program:
         if np.isnan(w).any() or np.isneginf(w).any():
             raise ValueError("weights contain NaN or -inf")
         w = np.where(inst.valid, w, np.inf).reshape(-1, inst.num_atoms)
-        traces, fields = self._solve(inst, w)
+        traces, fields = self._solve(inst, w, log_space=False)
         return Solution(traces.reshape(batch + (inst.max_races,)), self._structure(fields, batch))
 
     def log_prob(self, trace, logits):
@@ -312,18 +327,20 @@ class Program:
         return u
 
     def _noise_given_trace(self, inst, traces, logits, members, u):
-        """E | T from the member masks of every race (DESIGN.md §2, item 2)."""
+        """E | T from the member masks of every race (DESIGN.md §2, item 2), in log space
+        (race minima of atoms far below the others would overflow as plain numbers)."""
         R = inst.max_races
         live = inst.valid.reshape(-1) & ~np.isneginf(logits)
-        with np.errstate(divide="ignore"):
-            lse = _masked_logsumexp(logits[:, None, :], members)             # [B, R]
-            minima = np.where(traces >= 0, -np.log(u[:, :R]) * np.exp(-np.where(traces >= 0, lse, 0)), 0.0)
-            noise = np.einsum("br,bra->ba", minima, members.astype(np.float64))
+        used = traces >= 0
+        with np.errstate(divide="ignore", over="ignore"):
+            lse = _masked_logsumexp(logits[:, None, :], members)                     # [B, R]
+            log_min = np.where(used, np.log(-np.log(u[:, :R])) - np.where(used, lse, 0.0), -np.inf)
+            log_sum = _masked_logsumexp(log_min[:, None, :], members.swapaxes(1, 2))  # [B, A]
             won = np.zeros_like(live)
-            rows = np.nonzero(traces >= 0)
+            rows = np.nonzero(used)
             won[rows[0], traces[rows]] = True
-            fresh = -np.log(u[:, R:]) * np.exp(-np.where(live, logits, 0.0))
-        noise = noise + np.where(won, 0.0, fresh)
+            log_fresh = np.where(live & ~won, np.log(-np.log(u[:, R:])) - np.where(live, logits, 0.0), -np.inf)
+            noise = np.exp(np.logaddexp(log_sum, log_fresh))
         return np.where(live, noise, np.inf)
 
     def _structure(self, fields, lead):
@@ -336,7 +353,7 @@ class Program:
     def _valid_mask(self, params, dims):
         raise NotImplementedError
 
-    def _solve(self, inst, weights):
+    def _solve(self, inst, weights, log_space):
         raise NotImplementedError
 
     def _replay(self, inst, traces, logits):
