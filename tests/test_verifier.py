@@ -588,7 +588,7 @@ MISUSE = [
     pytest.param(race_first_arg_not_noise, "the first argument of race() must be the noise 'edge'",
                  id="race-not-noise"),
     pytest.param(members_arity_mismatch, "the members lambda takes 1 index parameter(s) but the "
-                 "atoms edge have 2 dimension(s)", id="members-arity"),
+                 "atoms have 2 dimension(s)", id="members-arity"),
     pytest.param(valid_arity_mismatch, "the valid lambda takes 3 index parameter(s) but the atoms "
                  "have 2 dimension(s)", id="valid-arity"),
     pytest.param(winner_unpack_mismatch, "race() over 2-d atoms returns 2 index values; unpack "
