@@ -26,7 +26,7 @@ _RACES = ("race", "race_groups")
 _SHAPED = ("arange", "zeros", "ones", "full")          # their shape argument must be static
 _IO = {"print", "open", "input", "exec", "eval", "compile", "__import__", "breakpoint",
        "globals", "locals", "vars", "getattr", "setattr", "delattr", "id", "hash"}
-_RANDOM_MODULES = {"random", "secrets", "numpy.random", "torch"}
+_RANDOM_SOURCES = ("random", "secrets", "torch")   # modules whose use inside a spec is randomness
 _OK_BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.BitAnd, ast.BitOr,
               ast.BitXor, ast.LShift, ast.RShift)
 _STATIC_FUNCS = {"min", "max", "abs"}
@@ -103,36 +103,7 @@ class _Frontend:
         if not body or not isinstance(body[-1], ast.Return):
             self.fail(body[-1] if body else f, "a spec must end with `return field, ...` naming "
                       "the structure's fields")
-        self.locals = {n.id for stmt in body for n in ast.walk(stmt)
-                       if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-        clash = self.locals & set(self.params)
-        if clash:
-            name = sorted(clash)[0]
-            node = next(n for s in body for n in ast.walk(s)
-                        if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Store))
-            self.fail(node, f"parameter {name!r} cannot be reassigned: sizes and static "
-                      f"parameters fix shapes and loop bounds")
-        self.derived = {}              # top-level names bound once to a static expression
-        stores = collections.Counter(n.id for stmt in body for n in ast.walk(stmt)
-                                     if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
-        self.stores = stores
-        self.requires = []
-        # Know the noise's name before checking anything, so a use before its declaration
-        # or a second binding of that name is caught too.
-        for stmt in body:
-            if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Call) \
-                    and isinstance(stmt.value.func, ast.Name) and stmt.value.func.id == "atoms" \
-                    and self.resolves_to_dsl("atoms") and len(stmt.targets) == 1 \
-                    and isinstance(stmt.targets[0], ast.Name):
-                self.noise = stmt.targets[0].id
-                break
-        if self.noise is not None and stores[self.noise] > 1:
-            again = [n for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Name)
-                     and n.id == self.noise and isinstance(n.ctx, ast.Store)]
-            decl = next(stmt for stmt in body if isinstance(stmt, ast.Assign)
-                        and stmt.targets[0] in again)
-            other = next(n for n in again if n is not decl.targets[0])
-            self.fail(other, f"noise {self.noise!r} cannot be reassigned (declared at line {decl.lineno})")
+        self.scan_names(body)
         stmts = self.block(body[:-1], top=True)
         if self.atoms is None:
             self.fail(f, "a spec must declare its noise first: `noise = atoms(n, ...)`")
@@ -143,6 +114,31 @@ class _Frontend:
                           atoms=self.atoms, body=stmts, outputs=outputs, nested=self.spec.nested,
                           constants=self.constants, races=self.races, derived=self.derived,
                           requires=self.requires)
+
+    def scan_names(self, body):
+        """Collect every bound name before checking statements, so that a parameter
+        rebound anywhere, a use of the noise before its declaration and a second binding
+        of the noise's name are all caught at the right line."""
+        stored = [n for stmt in body for n in ast.walk(stmt)
+                  if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)]
+        self.stores = collections.Counter(n.id for n in stored)
+        self.locals = set(self.stores)
+        self.derived = {}              # top-level names bound once to a static expression
+        self.requires = []
+        for n in stored:
+            if n.id in self.params:
+                self.fail(n, f"parameter {n.id!r} cannot be reassigned: sizes and static "
+                          f"parameters fix shapes and loop bounds")
+        decl = next((s for s in body if isinstance(s, ast.Assign) and len(s.targets) == 1
+                     and isinstance(s.targets[0], ast.Name) and isinstance(s.value, ast.Call)
+                     and isinstance(s.value.func, ast.Name) and s.value.func.id == "atoms"
+                     and self.resolves_to_dsl("atoms")), None)
+        if decl is not None:
+            self.noise = decl.targets[0].id
+            other = next((n for n in stored if n.id == self.noise and n is not decl.targets[0]), None)
+            if other is not None:
+                self.fail(other, f"noise {self.noise!r} cannot be reassigned (declared at line "
+                          f"{decl.lineno})")
 
     def returns(self, node):
         value = node.value
@@ -269,7 +265,7 @@ class _Frontend:
                 self.fail(t, f"noise {self.noise!r} cannot be written to")
             if t.value.id not in self.locals:
                 self.fail(t, f"only local arrays can be written to, not {t.value.id!r}")
-            self.index(t.slice)
+            t.slice = _ExprChecker(self, "indexed").visit_index(t.slice)
             return t
         self.fail(t, "assignment targets must be names, tuples of names or `array[index]`")
 
@@ -411,8 +407,9 @@ class _Frontend:
         """Check ``node`` (context says how its value is used) and inline constants."""
         return _ExprChecker(self, context).visit(node)
 
-    def index(self, node):
-        return self.expr(node, "indexed")
+
+def _is_random_module(name):
+    return "random" in name or name.split(".")[0] in _RANDOM_SOURCES
 
 
 def _is_constant(value):
@@ -494,8 +491,7 @@ class _ExprChecker(ast.NodeTransformer):
         if node.id in fe.outer:
             value = fe.outer[node.id]
             if isinstance(value, types.ModuleType):
-                if value.__name__.split(".")[0] in {m.split(".")[0] for m in _RANDOM_MODULES} \
-                        or "random" in value.__name__:
+                if _is_random_module(value.__name__):
                     self.fail(node, f"module {value.__name__!r}: randomness inside a spec breaks "
                               f"the stochastic invariant; the noise comes only from atoms()")
                 self.fail(node, f"module {value.__name__!r} cannot be used inside a spec; use DSL functions")
@@ -519,7 +515,7 @@ class _ExprChecker(ast.NodeTransformer):
                       f"the first argument of race() or race_groups()")
         if isinstance(base, ast.Name) and isinstance(self.fe.outer.get(base.id), types.ModuleType):
             full = ast.unparse(node)
-            if "random" in full or full.split(".")[0] in ("torch", "secrets"):
+            if _is_random_module(self.fe.outer[base.id].__name__) or "random" in full:
                 self.fail(node, f"{full}: randomness inside a spec breaks the stochastic "
                           f"invariant; the noise comes only from atoms()")
             self.fail(node, f"{full}: module attributes are outside the DSL; use DSL functions")

@@ -804,3 +804,20 @@ def test_compile_rejects_a_plain_function():
         return n
     with pytest.raises(TypeError, match="compile expects a @spec-decorated function"):
         structdsl.compile(plain, backend="numpy")
+
+
+# A constant read in a *store* index is inlined too (it once stayed a bare global name).
+@spec
+def constant_in_store_index(n):
+    item = atoms(n)
+    x = zeros(n, int)
+    w = race(item)
+    x[K - 1] = w
+    x[:] += K
+    return x
+
+
+def test_constant_in_store_index_is_inlined():
+    prog = structdsl.compile(constant_in_store_index)
+    x = prog.solve(np.array([3.0, 1.0, 2.0])).structure.x
+    assert x.tolist() == [2, 3, 2]          # winner 1 written at index K-1 = 1, then + K
