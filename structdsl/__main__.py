@@ -18,7 +18,7 @@ BUILTIN_CASES = [
 ]
 
 
-def check(samples, seed, out=sys.stdout, progress=None):
+def check(samples, seed, out=sys.stdout, progress=None, plot=None):
     """Run :func:`structdsl.testing.check_spec` on each built-in spec; print a table."""
     from . import SpecError, specs
     from .testing import check_spec
@@ -29,6 +29,7 @@ def check(samples, seed, out=sys.stdout, progress=None):
     print(header, file=out)
     print("-" * len(header), file=out)
     failed = 0
+    reports = []
     progress = sys.stderr.isatty() if progress is None else progress
     for i, (name, shape, statics) in enumerate(BUILTIN_CASES):
         if progress:
@@ -41,6 +42,7 @@ def check(samples, seed, out=sys.stdout, progress=None):
             failed += 1
             print(f"{name:14s} verifier rejected it: {exc}", file=out)
             continue
+        reports.append(r)
         verdict = "pass" if r.ok else "FAIL"
         failed += not r.ok
         atoms = "x".join(map(str, shape))
@@ -50,7 +52,43 @@ def check(samples, seed, out=sys.stdout, progress=None):
         for f in r.failures:
             print(f"    ! {f}", file=out)
     print(f"{len(BUILTIN_CASES) - failed}/{len(BUILTIN_CASES)} specs pass", file=out)
+    if plot:
+        plot_fits(reports, samples, plot)
+        print(f"wrote {plot}", file=out)
     return failed
+
+
+def plot_fits(reports, samples, path):
+    """One panel per spec: sampled trace frequency against exact probability (log-log),
+    with the +-3 standard-error band of a frequency estimated from ``samples`` draws."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install -e '.[plot]'") from None
+    import numpy as np
+
+    cols = 4
+    rows = -(-len(reports) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.1 * rows), squeeze=False)
+    p = np.logspace(-5, 0, 200)
+    se = 3 * np.sqrt(p * (1 - p) / samples)
+    for ax, r in zip(axes.flat, reports):
+        for (label, probs, freqs), marker in zip(r.fits, "os^"):
+            ax.scatter(probs, np.maximum(freqs, 0.3 / samples), s=10, marker=marker, alpha=0.7, label=label)
+        ax.plot(p, p, "k-", lw=0.8)
+        ax.fill_between(p, np.maximum(p - se, 1e-6), p + se, color="0.85", zorder=0)
+        ax.set(xscale="log", yscale="log", xlim=(1e-4, 1), ylim=(0.2 / samples, 1),
+               title=f"{r.name} {'x'.join(map(str, r.atom_shape))}: {r.traces} traces")
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(reports):]:
+        ax.axis("off")
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    fig.supxlabel("exact trace probability (enumeration)")
+    fig.supylabel(f"sampled frequency ({samples} draws; zeros at the bottom edge)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
@@ -59,9 +97,10 @@ def main(argv=None):
     c = sub.add_parser("check", help="verify, enumerate and goodness-of-fit test every built-in spec")
     c.add_argument("--samples", type=int, default=4000, help="draws per sampling scenario (default 4000)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--plot", metavar="PNG", help="also draw sampled vs exact probabilities (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.command == "check":
-        return 1 if check(args.samples, args.seed) else 0
+        return 1 if check(args.samples, args.seed, plot=args.plot) else 0
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

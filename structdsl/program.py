@@ -133,7 +133,7 @@ class Program:
     def _specialise(self, atom_shape):
         p = self.ir
         params = dict(self.static_params)
-        for axis, (dim, size) in enumerate(zip(p.atoms.dims, atom_shape)):
+        for dim, size in zip(p.atoms.dims, atom_shape):
             if isinstance(dim, ast.Name) and dim.id in p.sizes and dim.id not in params:
                 params[dim.id] = size
         env = p.static_values(params, lambda e, env: static_eval(e, env, p.file))

@@ -45,6 +45,8 @@ class SpecReport:
     neg_inf_checked: bool = False
     reference_checked: int = 0
     failures: list = field(default_factory=list)
+    #: per sampling scenario: (label, exact trace probabilities, sampled frequencies)
+    fits: list = field(default_factory=list)
 
     @property
     def ok(self):
@@ -171,7 +173,9 @@ def _check_sampling(prog, inst, label, logits, samples, rng, alpha, report):
     if (ids < 0).any():
         fail(f"[{label}] sampled a trace that enumeration never produces: {s.trace[ids < 0][0]}")
         return
-    p = chi2_gof(np.bincount(ids, minlength=len(enum)), enum.probs)
+    counts = np.bincount(ids, minlength=len(enum))
+    report.fits.append((label, np.asarray(enum.probs, dtype=np.float64), counts / samples))
+    p = chi2_gof(counts, enum.probs)
     report.worst_gof_p = min(report.worst_gof_p, p)
     if p < alpha:
         fail(f"[{label}] sampled traces do not fit the enumerated law (chi-square p = {p:.2e})")
