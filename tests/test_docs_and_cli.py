@@ -30,3 +30,15 @@ def test_cli_check_passes_on_every_builtin(capsys):
     assert f"{len(BUILTIN_CASES)}/{len(BUILTIN_CASES)} specs pass" in out
     for name, _, _ in BUILTIN_CASES:
         assert re.search(rf"^{name}\s.*accepted\s+pass", out, re.M), name
+
+
+def test_reference_backend_needs_numpy_only():
+    """Importing structdsl and sampling loads neither numba, torch, scipy, networkx nor hypothesis."""
+    code = ("import sys, numpy as np, structdsl\n"
+            "from structdsl.specs import spanning_tree\n"
+            "structdsl.compile(spanning_tree).sample(np.zeros((4, 4)), seed=0)\n"
+            "heavy = {'numba', 'torch', 'scipy', 'networkx', 'hypothesis', 'matplotlib'}\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
