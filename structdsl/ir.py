@@ -8,6 +8,9 @@ tracebacks point at the user's own lines.
 
 Expression subset
 -----------------
+Integers are int64 and indexing follows NumPy (a negative index counts from the end; every
+backend must lower it the same way).
+
 names (parameters, locals, inlined constants), int/bool constants, tuples, ``+ - * // %``,
 ``& | ^ ~``, comparisons, ``a if c else b``, subscripts ``x[i]``, ``x[i, j]``, ``x[mask]``,
 calls to the DSL functions of :mod:`structdsl.dsl`, and :class:`Pred` (a ``lambda`` over atom

@@ -75,6 +75,17 @@ class Enumeration:
             out[k] = out.get(k, 0) + self.probs[i]
         return out
 
+    def structure_law(self):
+        """``[(structure, probability)]``: each distinct structure (a record of the spec's
+        fields, unbatched) with the total probability of its traces, most probable first."""
+        first, total = {}, {}
+        for i in range(len(self)):
+            k = self.structure_key(i)
+            first.setdefault(k, i)
+            total[k] = total.get(k, 0) + self.probs[i]
+        law = [(type(self.structure)(*(f[first[k]] for f in self.structure)), p) for k, p in total.items()]
+        return sorted(law, key=lambda kv: -float(kv[1]))
+
     def __repr__(self):
         return f"<Enumeration: {len(self)} traces, {len(self.by_structure())} structures>"
 

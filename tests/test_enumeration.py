@@ -181,3 +181,20 @@ def test_arborescence_structures_are_arborescences():
                 assert x not in seen
                 seen.add(x)
                 x = parent[x]
+
+
+def test_structure_law_groups_traces():
+    e = structdsl.compile(specs.spanning_tree).enumerate(rates=ones((3, 3)))
+    law = e.structure_law()
+    assert len(law) == 3 and [p for _, p in law] == [Fraction(1, 3)] * 3     # K3: symmetric
+    for tree, _ in law:
+        assert tree.adjacency.shape == (3, 3) and tree.adjacency.sum() == 4   # 2 undirected edges
+    top = structdsl.compile(specs.top_k, k=2).enumerate(rates=np.array([1, 2, 3], dtype=object))
+    assert len(top.structure_law()) == 6          # (order, subset) is one-to-one with traces
+    law = {}
+    for s, p in top.structure_law():
+        key = tuple(np.flatnonzero(s.subset))
+        law[key] = law.get(key, 0) + p
+    # P({i, j}) = P(i then j) + P(j then i), by hand for rates 1, 2, 3
+    assert law[(1, 2)] == Fraction(2, 6) * Fraction(3, 4) + Fraction(3, 6) * Fraction(2, 3)
+    assert sum(law.values()) == 1
