@@ -1,5 +1,5 @@
 """Rooted spanning arborescences: Chu-Liu/Edmonds with grouped races and contraction."""
-from structdsl import arange, atoms, full, minimum, race_groups, require, spec, where, zeros
+from structdsl import arange, atoms, full, maximum, minimum, race_groups, require, spec, where, zeros
 
 
 @spec

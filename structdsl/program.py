@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import ast
 import collections
-import functools
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 
