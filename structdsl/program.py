@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -318,7 +319,7 @@ class Program:
         except ValueError:
             raise ValueError(f"trace batch shape {t.shape[:-1]} does not broadcast with logits "
                              f"batch shape {lbatch}") from None
-        t = np.broadcast_to(t, batch + t.shape[-1:]).reshape(-1, inst.max_races).astype(np.int64)
+        t = np.broadcast_to(t, batch + t.shape[-1:]).reshape(math.prod(batch), inst.max_races).astype(np.int64)
         logits = np.broadcast_to(logits, batch + inst.atom_shape).reshape(-1, inst.num_atoms)
         return t, logits, batch, inst
 
@@ -375,7 +376,7 @@ class Program:
 def _masked_logsumexp(x, mask):
     """logsumexp of ``x`` over the last axis restricted to ``mask`` (-inf if empty)."""
     xm = np.where(mask, x, -np.inf)
-    top = np.max(xm, axis=-1, keepdims=True)
+    top = np.max(xm, axis=-1, keepdims=True, initial=-np.inf)
     top = np.where(np.isfinite(top), top, 0.0)
     with np.errstate(divide="ignore"):
         return np.log(np.sum(np.exp(xm - top), axis=-1)) + top[..., 0]

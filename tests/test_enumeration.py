@@ -198,3 +198,21 @@ def test_structure_law_groups_traces():
     # P({i, j}) = P(i then j) + P(j then i), by hand for rates 1, 2, 3
     assert law[(1, 2)] == Fraction(2, 6) * Fraction(3, 4) + Fraction(3, 6) * Fraction(2, 3)
     assert sum(law.values()) == 1
+
+
+@pytest.mark.parametrize("spec, shape, statics, races", [
+    (specs.spanning_tree, (1, 1), {}, 0), (specs.arborescence, (1, 1), {}, 0),
+    (specs.arborescence, (2, 2), {}, 1), (specs.binary_tree, (1,), {}, 1),
+    (specs.categorical, (1,), {}, 1), (specs.matching, (1, 1), {}, 1),
+    (specs.top_k, (3,), {"k": 0}, 0), (specs.clustering, (3, 3), {"c": 3}, 0),
+])
+def test_degenerate_sizes(spec, shape, statics, races):
+    """One-node graphs, k = 0, c = n: a single (possibly empty) trace of probability one."""
+    prog = structdsl.compile(spec, **statics)
+    assert prog.max_races(shape) == races
+    e = prog.enumerate(rates=ones(shape))
+    assert len(e) == 1 and e.probs[0] == 1
+    s = prog.sample(np.zeros(shape), sample_shape=(2,), seed=0)
+    assert s.trace.shape == (2, races)
+    assert (prog.log_prob(s.trace, np.zeros(shape)) == 0).all()
+    assert prog.conditional_noise(s.trace, np.zeros(shape), seed=0).shape == (2,) + shape
