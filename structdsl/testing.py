@@ -3,6 +3,7 @@
 >>> from structdsl.testing import check_spec
 >>> from structdsl.specs import spanning_tree
 >>> report = check_spec(spanning_tree, (4, 4))          # raises AssertionError on failure
+>>> report = check_spec(spanning_tree)                  # or let it pick the size
 
 :func:`check_spec` runs, on small sizes:
 
@@ -89,9 +90,12 @@ def ks_uniform_p(u):
 
 
 # ---- the battery ------------------------------------------------------------------------
-def check_spec(spec, shape, *, backend="numpy", reference=None, samples=4000, seed=0,
+def check_spec(spec, shape=None, *, backend="numpy", reference=None, samples=4000, seed=0,
                alpha=1e-3, solve_trials=50, raise_on_failure=True, **static_params):
     """Run the property battery on ``spec`` for atoms of shape ``shape``.
+
+    shape: the atoms' shape; by default the largest size ``n <= 6`` (every size parameter
+    set to ``n``) whose exact enumeration has at most 200 traces.
 
     reference: optional ``f(weights[*shape]) -> structure`` (a dict of fields, a tuple in
     field order, or one array) from an independent solver, compared with ``solve``.
@@ -99,8 +103,8 @@ def check_spec(spec, shape, *, backend="numpy", reference=None, samples=4000, se
     Returns a :class:`SpecReport`; raises ``AssertionError`` listing the failures unless
     ``raise_on_failure=False``.
     """
-    shape = tuple(shape)
     prog = _compile(spec, backend=backend, **static_params)
+    shape = _default_shape(prog) if shape is None else tuple(shape)
     inst = prog.instance(shape)
     report = SpecReport(spec.name, shape, dict(inst.params))
     rng = np.random.default_rng(seed)
@@ -145,6 +149,29 @@ def check_spec(spec, shape, *, backend="numpy", reference=None, samples=4000, se
     if raise_on_failure and report.failures:
         raise AssertionError(f"check_spec({spec.name}, {shape}) failed:\n  - " + "\n  - ".join(report.failures))
     return report
+
+
+def _default_shape(prog, max_traces=200):
+    """The largest all-sizes-equal atoms shape (n <= 6) that enumerates in few traces."""
+    from .errors import EnumerationLimitError
+    from .program import static_eval
+    p = prog.ir
+    best = None
+    for n in range(1, 7):
+        env = p.static_values({**prog.static_params, **{s: n for s in p.sizes}},
+                              lambda e, env: static_eval(e, env, p.file))
+        shape = tuple(static_eval(d, env, p.file) for d in p.atoms.dims)
+        try:
+            prog.enumerate(rates=np.ones(shape, dtype=int).astype(object), max_traces=max_traces)
+        except (ValueError, EmptyRaceError):
+            continue                 # a require() or the structure rules this size out
+        except EnumerationLimitError:
+            break
+        best = shape
+    if best is None:
+        raise ValueError(f"check_spec: no size n <= 6 of {p.name} enumerates in at most "
+                         f"{max_traces} traces; pass shape= explicitly")
+    return best
 
 
 def _neg_inf_scenario(prog, inst, rng, tries=40):

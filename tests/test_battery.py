@@ -56,3 +56,11 @@ def test_statistics_helpers_against_scipy():
     assert ks_uniform_p(u ** 2) < 1e-6
     assert chi2_gof([100, 100, 100], [1 / 3] * 3) > 0.9
     assert chi2_gof([300, 0, 0], [1 / 3] * 3) < 1e-9
+
+
+def test_battery_picks_a_small_size_by_itself():
+    from structdsl.specs import binary_tree, clustering
+    report = check_spec(clustering, samples=1000, c=2)
+    assert report.atom_shape == (4, 4) and report.traces == 30 and report.ok
+    # Catalan(6) = 132 traces <= 200 < Catalan(7)
+    assert check_spec(binary_tree, samples=1000).atom_shape == (6,)
