@@ -326,7 +326,8 @@ class Program:
     @staticmethod
     def _uniforms(uniforms, seed, shape, what):
         if uniforms is None:
-            return np.random.default_rng(seed).random(shape)
+            u = np.random.default_rng(seed).random(shape)     # in [0, 1): keep log(U) finite
+            return np.where(u > 0, u, np.finfo(np.float64).tiny)
         if seed is not None:
             raise TypeError("give either uniforms= or seed=, not both")
         u = np.asarray(uniforms, dtype=np.float64)
