@@ -74,7 +74,9 @@ def lower(program: ir.Program):
     module = _locate(ast.Module([fdef], type_ignores=[]), program.atoms.line)
     namespace = dict(OPS)
     exec(compile(module, program.file, "exec"), namespace)
-    return namespace[program.name]
+    function = namespace[program.name]
+    function.lowered_source = ast.unparse(module)      # what the compiler generated, for reading
+    return function
 
 
 def lower_valid(program: ir.Program):
@@ -342,6 +344,11 @@ class Program(_BaseProgram):
         self.function = lower(self.ir)
         self._valid_fn = lower_valid(self.ir) if self.ir.atoms.valid else None
         self._grids = {}
+
+    @property
+    def source(self):
+        """The Python the IR was lowered to (races are calls to the race handler ``__rt``)."""
+        return self.function.lowered_source
 
     def grids(self, shape):
         g = self._grids.get(shape)

@@ -74,3 +74,10 @@ def test_residuals_carry_across_races():
     for (a, b), last, p in zip(e.structure.w, e.structure.last, e.probs):
         freq = np.mean((s.structure.w[:, 0] == a) & (s.structure.w[:, 1] == b) & (s.structure.last == last))
         assert abs(freq - float(p)) < 4 * np.sqrt(float(p) * (1 - float(p)) / 20000) + 1e-4
+
+
+def test_lowered_source_is_readable_python():
+    from structdsl.specs import spanning_tree
+    src = structdsl.compile(spanning_tree).source
+    assert "__rt.race(0, lambda u, v: comp[u] != comp[v])" in src
+    compile(src, "<lowered>", "exec")          # valid Python
