@@ -153,6 +153,12 @@ def _statements(stmts):
 
 
 # ---- race handlers ---------------------------------------------------------------------
+def _logsumexp(x):
+    """log(sum(exp(x))) of a non-empty 1-d array with a finite maximum."""
+    top = x.max()
+    return top + math.log(np.exp(x - top).sum())
+
+
 class _Impossible(Exception):
     """A replayed winner was not a live member: the trace has probability zero."""
 
@@ -296,9 +302,7 @@ class Replayer(_Lane):
             w = int(self.trace[slot])
             if w < 0 or not m[w]:
                 raise _Impossible
-            x = self.logits[m]
-            top = x.max()
-            self.logp += self.logits[w] - (top + math.log(np.exp(x - top).sum()))
+            self.logp += self.logits[w] - _logsumexp(self.logits[m])
             self.members[slot] = m
             winners.append(w)
         return winners
@@ -327,8 +331,7 @@ class Enumerator(_Lane):
             if self.exact:
                 self.prob = self.prob * self.weights[w] / sum(x)
             else:
-                top = x.max()
-                self.prob += self.weights[w] - (top + math.log(np.exp(x - top).sum()))
+                self.prob += self.weights[w] - _logsumexp(x)
             winners.append(w)
         return winners
 
