@@ -1,91 +1,535 @@
 """NumPy reference backend: readable, obviously right, one lane at a time.
 
-Lowering: the IR becomes one Python function ``spec(rt, *params)`` whose statements are the
-spec's own (line numbers kept, so tracebacks point at the user's file); every race becomes
-a call ``rt.race(race_id, members)`` / ``rt.race_groups(race_id, key, groups)`` to a *race
-handler*.  The handler is the only thing that differs between the semantics:
+This backend *defines* what a spec means; the fast backends must agree with it.
+
+Lowering: the IR becomes one Python function ``spec(__rt, *params)`` whose statements are the
+spec's own (line numbers kept, so tracebacks point at the user's file).  Every operation whose
+NumPy meaning differs from the DSL's goes through a checked helper (``__get``/``__set`` for
+indexing without wrap-around, ``__add`` & co. for int64 arithmetic that raises on overflow
+and division by zero, ``__inv`` for ``~`` on bools); the type pass (:mod:`structdsl.typecheck`)
+picks the helper.  Every race becomes a call ``__rt.race(...)`` / ``__rt.race_groups(...)`` to a
+*race handler*, the only thing that differs between the semantics:
 
 * :class:`Solver`     - residual races on given noise: argmin of the members' residuals,
-  subtract the minimum from every member, retire the winner (DESIGN.md §2);
+  subtract the minimum from every member, retire the winner;
 * :class:`Replayer`   - feeds a trace's winners back; accumulates
   ``logits[w] - logsumexp(logits[members])`` and records every member set;
 * :class:`Enumerator` - replays a prefix of winners and, at the first race past it, stops
   with the race's member sets so the caller can branch on every possible winner.
 
-Predicates (``lambda *idx``) are evaluated on broadcasting index grids (``np.ogrid``).
+Predicates (``lambda *idx``) mean "evaluated for one atom with its scalar indices".  Each is
+lowered twice: a grid version run once on read-only broadcasting index grids (used when the
+type pass proves it grid-safe) and a per-atom version (used otherwise, and whenever the grid
+version raises: short-circuits like ``i > 0 and x[i - 1]`` hold per atom, not on the grid).
 """
 from __future__ import annotations
 
 import ast
 import itertools
 import math
+from collections import namedtuple
 
 import numpy as np
 
 from structdsl import ir
-from structdsl.errors import EmptyRaceError, EnumerationLimitError, NestingError, RaceError
+from structdsl.errors import (EmptyRaceError, EnumerationLimitError, NestingError, RaceError,
+                              SpecIndexError, SpecOverflowError, SpecValueError,
+                              SpecZeroDivisionError)
 from structdsl.program import Program as _BaseProgram
 
+_I64_MIN, _I64_MAX = -2**63, 2**63 - 1
 
-def _min(a, *rest):
-    return np.min(a) if not rest else np.minimum(a, *rest)
-
-
-def _max(a, *rest):
-    return np.max(a) if not rest else np.maximum(a, *rest)
+#: A lowered predicate: ``grid`` (or None when not grid-safe) and ``atom`` versions.
+Predicate = namedtuple("Predicate", "grid atom")
 
 
-def _full(shape, value, dtype=None):
-    if dtype is None:
-        dtype = bool if isinstance(value, (bool, np.bool_)) else np.int64
-    return np.full(shape, value, dtype=dtype)
+# ---- checked run-time helpers ------------------------------------------------------------
+def _scalar(x):
+    """NumPy scalars and 0-d arrays become Python ints/bools; arrays stay arrays."""
+    if isinstance(x, np.ndarray):
+        return x.item() if x.ndim == 0 else x
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
 
 
-def _dtype(dtype):
-    return bool if dtype is bool else np.int64
+def _is_scalar(x):
+    return not isinstance(x, np.ndarray)
 
 
-#: What each DSL name means on NumPy arrays.
-OPS = {
+def _as_int(x):
+    """Bools count as 0/1 in arithmetic; the result is int64."""
+    if isinstance(x, np.ndarray):
+        return x.astype(np.int64) if x.dtype == bool else x
+    return int(x)
+
+
+def _check_scalar(r, what):
+    if not _I64_MIN <= r <= _I64_MAX:
+        raise SpecOverflowError(f"int64 overflow in {what} (the exact result is {r})")
+    return r
+
+
+def _add(a, b):
+    a, b = _as_int(a), _as_int(b)
+    if _is_scalar(a) and _is_scalar(b):
+        return _check_scalar(a + b, "+")
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    r = a + b
+    if (((a ^ r) & (b ^ r)) < 0).any():
+        raise SpecOverflowError("int64 overflow in +")
+    return r
+
+
+def _sub(a, b):
+    a, b = _as_int(a), _as_int(b)
+    if _is_scalar(a) and _is_scalar(b):
+        return _check_scalar(a - b, "-")
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    r = a - b
+    if (((a ^ b) & (a ^ r)) < 0).any():
+        raise SpecOverflowError("int64 overflow in -")
+    return r
+
+
+def _mul(a, b):
+    a, b = _as_int(a), _as_int(b)
+    if _is_scalar(a) and _is_scalar(b):
+        return _check_scalar(a * b, "*")
+    exact = np.asarray(a, dtype=object) * np.asarray(b, dtype=object)
+    if ((exact < _I64_MIN) | (exact > _I64_MAX)).any():
+        raise SpecOverflowError("int64 overflow in *")
+    return exact.astype(np.int64)
+
+
+def _nonzero_divisor(b, what):
+    if (np.asarray(b) == 0).any():
+        raise SpecZeroDivisionError(f"integer {what} by zero")
+
+
+def _floordiv(a, b):
+    a, b = _as_int(a), _as_int(b)
+    _nonzero_divisor(b, "division")
+    if _is_scalar(a) and _is_scalar(b):
+        return _check_scalar(a // b, "//")
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    if ((a == _I64_MIN) & (b == -1)).any():
+        raise SpecOverflowError("int64 overflow in //")
+    return a // b
+
+
+def _mod(a, b):
+    a, b = _as_int(a), _as_int(b)
+    _nonzero_divisor(b, "modulo")
+    if _is_scalar(a) and _is_scalar(b):
+        return a % b
+    return np.asarray(a, np.int64) % np.asarray(b, np.int64)
+
+
+def _shift_count(s):
+    if (np.asarray(s) < 0).any():
+        raise SpecValueError("negative shift count")
+
+
+def _lshift(a, s):
+    a, s = _as_int(a), _as_int(s)
+    _shift_count(s)
+    if _is_scalar(a) and _is_scalar(s):
+        return _check_scalar(a << s, "<<")
+    exact = np.asarray(a, dtype=object) << np.asarray(s, dtype=object)
+    if ((exact < _I64_MIN) | (exact > _I64_MAX)).any():
+        raise SpecOverflowError("int64 overflow in <<")
+    return exact.astype(np.int64)
+
+
+def _rshift(a, s):
+    a, s = _as_int(a), _as_int(s)
+    _shift_count(s)
+    if _is_scalar(a) and _is_scalar(s):
+        return a >> s
+    return np.asarray(a, np.int64) >> np.minimum(np.asarray(s, np.int64), 63)
+
+
+def _neg(a):
+    return _sub(0, a)
+
+
+def _pos(a):
+    return _as_int(a)
+
+
+def _abs(a):
+    a = _as_int(a)
+    if _is_scalar(a):
+        return _check_scalar(abs(a), "abs")
+    if (a == _I64_MIN).any():
+        raise SpecOverflowError("int64 overflow in abs")
+    return np.abs(a)
+
+
+def _not(a):
+    """Logical not (``not x`` on a grid, ``~x`` on bools)."""
+    return np.logical_not(a) if isinstance(a, np.ndarray) else not a
+
+
+def _invert(a):
+    """``~`` on ints: bitwise not."""
+    return ~a if isinstance(a, np.ndarray) else ~int(a)
+
+
+def _and(*xs):
+    return _scalar(np.logical_and.reduce(np.broadcast_arrays(*xs)))
+
+
+def _or(*xs):
+    return _scalar(np.logical_or.reduce(np.broadcast_arrays(*xs)))
+
+
+def _where(c, a, b):
+    out = np.where(c, a, b)
+    return _scalar(out if out.dtype == bool else out.astype(np.int64))
+
+
+def _to_int(x):
+    """A bool value stored into an int local becomes an int (``~`` must then be bitwise)."""
+    return x.astype(np.int64) if isinstance(x, np.ndarray) else int(x)
+
+
+def _copy(x):
+    """Arrays are values: ``a = b`` copies."""
+    return x.copy() if isinstance(x, np.ndarray) else x
+
+
+def _check_index(x, idx, what):
+    """Every integer index must lie in ``[0, dim)``: no wrap-around for negative indices."""
+    if len(idx) > x.ndim:
+        raise SpecIndexError(f"too many indices for an array of shape {x.shape}")
+    for axis, i in enumerate(idx):
+        if isinstance(i, slice):
+            continue
+        if isinstance(i, np.ndarray) and i.dtype == bool:
+            if i.shape != x.shape[:i.ndim]:
+                raise SpecIndexError(f"mask of shape {i.shape} does not match shape {x.shape}")
+            continue
+        dim = x.shape[axis]
+        if isinstance(i, np.ndarray):
+            if i.size and (i.min() < 0 or i.max() >= dim):
+                bad = int(i[(i < 0) | (i >= dim)].flat[0])
+                raise SpecIndexError(f"{what} index {bad} is out of range for axis {axis} of size {dim}")
+        elif not 0 <= i < dim:
+            raise SpecIndexError(f"{what} index {int(i)} is out of range for axis {axis} of size {dim}")
+
+
+def _get(x, idx):
+    _check_index(x, idx, "read")
+    return _copy(_scalar(x[idx]))
+
+
+def _set(x, idx, value):
+    _check_index(x, idx, "write")
+    x[idx] = value
+
+
+def _int_of(x):
+    return int(x)
+
+
+def _bool_of(x):
+    return bool(x)
+
+
+def _dtype(name):
+    return bool if name == "bool" else np.int64
+
+
+def _reduce(fn, what):
+    def reduce(a):
+        a = np.asarray(a)
+        if a.size == 0:
+            raise SpecValueError(f"{what}() of an empty array")
+        return _scalar(fn(a))
+    return reduce
+
+
+def _sum(a):
+    a = np.asarray(a, dtype=np.int64)
+    if a.size and int(np.abs(a).max()) * a.size > _I64_MAX:     # possible overflow: exact sum
+        return _check_scalar(int(sum(int(v) for v in a.flat)), "sum")
+    return int(a.sum())
+
+
+def _elementwise(fn):
+    def apply(*xs):
+        out = xs[0]
+        for x in xs[1:]:
+            out = fn(out, x)
+        out = np.asarray(out)
+        return _scalar(out if out.dtype == bool else out.astype(np.int64))
+    return apply
+
+
+#: What each DSL function means on NumPy values (the lowering calls ``__dsl_<name>``).
+DSL_FUNCTIONS = {
     "arange": lambda n: np.arange(n, dtype=np.int64),
-    "zeros": lambda shape, dtype=int: np.zeros(shape, dtype=_dtype(dtype)),
-    "ones": lambda shape, dtype=int: np.ones(shape, dtype=_dtype(dtype)),
-    "full": _full,
-    "where": np.where, "minimum": np.minimum, "maximum": np.maximum,
-    "argmin": lambda a: int(np.argmin(a)), "argmax": lambda a: int(np.argmax(a)),
+    "zeros": lambda shape, dtype="int": np.zeros(shape, dtype=_dtype(dtype)),
+    "ones": lambda shape, dtype="int": np.ones(shape, dtype=_dtype(dtype)),
+    "full": lambda shape, value, dtype=None: np.full(
+        shape, value, dtype=_dtype(dtype) if dtype else bool if isinstance(value, bool) else np.int64),
+    "where": _where,
+    "minimum": _elementwise(np.minimum), "maximum": _elementwise(np.maximum),
+    "min": lambda *xs: _reduce(np.min, "min")(*xs) if len(xs) == 1 else _elementwise(np.minimum)(*xs),
+    "max": lambda *xs: _reduce(np.max, "max")(*xs) if len(xs) == 1 else _elementwise(np.maximum)(*xs),
+    "argmin": _reduce(np.argmin, "argmin"), "argmax": _reduce(np.argmax, "argmax"),
     "any": lambda a: bool(np.any(a)), "all": lambda a: bool(np.all(a)),
-    "sum": lambda a: np.sum(a), "abs": np.abs, "min": _min, "max": _max,
-    "int": int, "bool": bool, "range": range,
-    "logical_and": np.logical_and, "logical_or": np.logical_or, "logical_not": np.logical_not,
+    "sum": _sum, "abs": _abs, "int": _int_of, "bool": _bool_of,
 }
 
+#: The names the lowered code reads (all reserved: user names cannot start with ``__``).
+NAMESPACE = {
+    "__builtins__": {"range": range},
+    "__get": _get, "__set": _set, "__copy": _copy, "__to_int": _to_int,
+    "__add": _add, "__sub": _sub, "__mul": _mul, "__floordiv": _floordiv, "__mod": _mod,
+    "__lshift": _lshift, "__rshift": _rshift, "__neg": _neg, "__pos": _pos,
+    "__not": _not, "__invert": _invert, "__and": _and, "__or": _or, "__where": _where,
+    "__ALL": slice(None), "__P": Predicate,
+    **{f"__dsl_{k}": v for k, v in DSL_FUNCTIONS.items()},
+}
 
-# ---- lowering --------------------------------------------------------------------------
-def lower(program: ir.Program):
-    """Compile the IR to a Python function ``f(rt, *params) -> tuple of outputs``."""
-    body = _statements(program.body) or [ast.Pass()]
-    ret = ast.Return(ast.Tuple([ast.Name(o, ast.Load()) for o in program.outputs], ast.Load()))
-    ret.lineno = max(program.races.values(), default=program.atoms.line)
-    args = ast.arguments(posonlyargs=[], args=[ast.arg("__rt")] + [ast.arg(p) for p in program.params],
+_ARITH = {ast.Add: "__add", ast.Sub: "__sub", ast.Mult: "__mul", ast.FloorDiv: "__floordiv",
+          ast.Mod: "__mod", ast.LShift: "__lshift", ast.RShift: "__rshift"}
+
+
+# ---- lowering ---------------------------------------------------------------------------
+def _name(id_):
+    return ast.Name(id_, ast.Load())
+
+
+def _call(fn, *args):
+    return ast.Call(_name(fn), list(args), [])
+
+
+class _Lowering:
+    """IR -> Python AST, guided by the types (``grid``: lowering a predicate's grid version,
+    where the atom indices are arrays and every atom-dependent choice is elementwise)."""
+
+    def __init__(self, typing):
+        self.types = typing
+        self.grid = False
+
+    def elementwise(self, *nodes):
+        return any(self.types.of(n).ndim or (self.grid and self.types.of(n).varying) for n in nodes)
+
+    def expr(self, node):
+        out = self._expr(node)
+        return ast.copy_location(out, node) if hasattr(node, "lineno") else out
+
+    def _expr(self, node):
+        if isinstance(node, ast.Constant):
+            return ast.Constant(node.value)
+        if isinstance(node, ast.Name):
+            return _name(node.id)
+        if isinstance(node, ast.Tuple):
+            return ast.Tuple([self.expr(e) for e in node.elts], ast.Load())
+        if isinstance(node, ast.BinOp):
+            left, right = self.expr(node.left), self.expr(node.right)
+            if type(node.op) in _ARITH:
+                return _call(_ARITH[type(node.op)], left, right)
+            return ast.BinOp(left, node.op, right)                # & | ^: NumPy's meaning is ours
+        if isinstance(node, ast.UnaryOp):
+            x = self.expr(node.operand)
+            if isinstance(node.op, ast.USub):
+                return _call("__neg", x)
+            if isinstance(node.op, ast.UAdd):
+                return _call("__pos", x)
+            if isinstance(node.op, ast.Invert) and self.types.of(node.operand).dtype == "int":
+                return _call("__invert", x)
+            if isinstance(node.op, ast.Not) and not self.elementwise(node.operand):
+                return ast.UnaryOp(ast.Not(), x)
+            return _call("__not", x)                               # ~bool, or `not` on a grid
+        if isinstance(node, ast.BoolOp):
+            values = [self.expr(v) for v in node.values]
+            if self.elementwise(*node.values):
+                return _call("__and" if isinstance(node.op, ast.And) else "__or", *values)
+            return ast.BoolOp(node.op, values)                     # scalars: short-circuit
+        if isinstance(node, ast.Compare):
+            return ast.Compare(self.expr(node.left), node.ops, [self.expr(node.comparators[0])])
+        if isinstance(node, ast.IfExp):
+            test, body, orelse = self.expr(node.test), self.as_type(node.body, node), self.as_type(node.orelse, node)
+            if self.elementwise(node.test):
+                return _call("__where", test, body, orelse)
+            return ast.IfExp(test, body, orelse)                   # scalar condition: lazy
+        if isinstance(node, ast.Subscript):
+            return _call("__get", self.expr(node.value), self.index(node.slice))
+        if isinstance(node, ast.Call):
+            return self.call(node)
+        raise TypeError(f"cannot lower {type(node).__name__}")  # pragma: no cover
+
+    def as_type(self, node, like):
+        """``node`` lowered, converted to int when ``like``'s type is int and it is bool."""
+        out = self.expr(node)
+        if self.types.of(like).dtype == "int" and self.types.of(node).dtype == "bool":
+            return ast.copy_location(_call("__to_int", out), node)
+        return out
+
+    def index(self, node):
+        elts = node.elts if isinstance(node, ast.Tuple) else [node]
+        return ast.Tuple([_name("__ALL") if isinstance(e, ast.Slice) else self.expr(e) for e in elts],
+                         ast.Load())
+
+    def call(self, node):
+        name = node.func.id
+        if name == "live":
+            return ast.Call(ast.Attribute(_name("__rt"), "live", ast.Load()), [], [])
+        args = [self.dtype_or_expr(a) for a in node.args]
+        keywords = [ast.keyword(k.arg, self.dtype_or_expr(k.value)) for k in node.keywords]
+        return ast.Call(_name(f"__dsl_{name}"), args, keywords)
+
+    def dtype_or_expr(self, node):
+        if isinstance(node, ast.Name) and node.id in ("int", "bool"):
+            return ast.Constant(node.id)
+        return self.expr(node)
+
+    # ---- predicates ---------------------------------------------------------------------
+    def predicate(self, pred):
+        """``__P(grid lambda or None, per-atom lambda)``."""
+        args = ast.arguments(posonlyargs=[], args=[ast.arg(p) for p in pred.params],
+                             kwonlyargs=[], kw_defaults=[], defaults=[])
+        self.grid = False
+        atom = ast.Lambda(args, self.expr(pred.body))
+        grid = ast.Constant(None)
+        if self.types.grid_safe(pred):
+            self.grid = True
+            try:
+                grid = ast.Lambda(args, self.expr(pred.body))
+            finally:
+                self.grid = False
+        node = _call("__P", grid, atom)
+        node.lineno = pred.line
+        return node
+
+    def members(self, m):
+        if m is None:
+            return ast.Constant(None)
+        return self.predicate(m) if isinstance(m, ir.Pred) else self.expr(m)
+
+    # ---- statements -----------------------------------------------------------------------
+    def statements(self, stmts):
+        out = []
+        for s in stmts:
+            for node in self.statement(s):
+                node.lineno = getattr(node, "lineno", None) or s.line
+                out.append(node)
+        return out
+
+    def rt(self, method, *args):
+        return ast.Call(ast.Attribute(_name("__rt"), method, ast.Load()), list(args), [])
+
+    def value_for(self, target_name, value_node):
+        """A value bound to a local: arrays copied (values, not views), bools widened for
+        int locals."""
+        out = self.expr(value_node)
+        t, local = self.types.of(value_node), self.types.locals[target_name]
+        if t.ndim and isinstance(value_node, ast.Name):
+            out = _call("__copy", out)
+        if local.dtype == "int" and t.dtype == "bool":
+            out = _call("__to_int", out)
+        return out
+
+    def statement(self, s):
+        if isinstance(s, ir.Assign):
+            return self.assign(s)
+        if isinstance(s, ir.AugAssign):
+            target = s.target
+            if isinstance(target, ast.Name):
+                current = _name(target.id)
+            else:
+                current = _call("__get", self.expr(target.value), self.index(target.slice))
+            value = self.expr(s.value)
+            if type(s.op) in _ARITH:
+                new = _call(_ARITH[type(s.op)], current, value)
+            else:
+                new = ast.BinOp(current, s.op, value)
+            if isinstance(target, ast.Name):
+                return [ast.Assign([ast.Name(target.id, ast.Store())], new)]
+            return [ast.Expr(_call("__set", self.expr(target.value), self.index(target.slice), new))]
+        if isinstance(s, ir.If):
+            return [ast.If(self.expr(s.test), self.statements(s.body) or [ast.Pass()],
+                           self.statements(s.orelse))]
+        if isinstance(s, ir.Loop):
+            return [ast.For(ast.Name(s.var, ast.Store()), _call("range", self.expr(s.count)),
+                            self.statements(s.body) or [ast.Pass()], [])]
+        if isinstance(s, ir.Break):
+            return [ast.Break()]
+        if isinstance(s, ir.Race):
+            call = self.rt("race", ast.Constant(s.race_id), self.members(s.members),
+                           ast.Constant(s.allow_empty))
+            return [ast.Assign([_targets(s.targets)], call)]
+        if isinstance(s, ir.GroupRace):
+            call = self.rt("race_groups", ast.Constant(s.race_id), self.members(s.key),
+                           self.expr(s.groups), ast.Constant(s.allow_empty))
+            return [ast.Assign([_targets(s.targets)], call)]
+        raise TypeError(f"unknown IR statement {type(s).__name__}")  # pragma: no cover
+
+    def assign(self, s):
+        out = []
+        first = None
+        for target in s.targets:
+            if isinstance(target, ast.Tuple):
+                values = [self.value_for(t.id, v) if isinstance(t, ast.Name) else self.expr(v)
+                          for t, v in zip(target.elts, s.value.elts)]
+                temps = [f"__t{i}" for i in range(len(values))]
+                out.append(ast.Assign([ast.Tuple([ast.Name(t, ast.Store()) for t in temps], ast.Store())],
+                                      ast.Tuple(values, ast.Load())))
+                for t, temp in zip(target.elts, temps):
+                    out.append(self.bind(t, _name(temp)))
+                continue
+            if first is None:
+                value = self.value_for(target.id, s.value) if isinstance(target, ast.Name) \
+                    else self.expr(s.value)
+                out.append(self.bind(target, value))
+                first = target
+            else:     # `a = b = value`: each name gets its own copy
+                out.append(self.bind(target, _call("__copy", self.expr(first) if isinstance(first, ast.Name)
+                                                   else self.expr(s.value))))
+        return out
+
+    def bind(self, target, value):
+        if isinstance(target, ast.Name):
+            return ast.Assign([ast.Name(target.id, ast.Store())], value)
+        return ast.Expr(_call("__set", self.expr(target.value), self.index(target.slice), value))
+
+
+def _targets(names):
+    if len(names) == 1:
+        return ast.Name(names[0], ast.Store())
+    return ast.Tuple([ast.Name(n, ast.Store()) for n in names], ast.Store())
+
+
+def lower(program: ir.Program, typing, namespace):
+    """Compile the IR to ``f(__rt, *params) -> tuple of outputs`` and the atoms' ``valid``
+    to ``g(*params) -> Predicate`` (or None)."""
+    low = _Lowering(typing)
+    body = low.statements(program.body) or [ast.Pass()]
+    ret = ast.Return(ast.Tuple([_name(o) for o in program.outputs], ast.Load()))
+    ret.lineno = program.end_line
+    params = [ast.arg(p) for p in program.params]
+    args = ast.arguments(posonlyargs=[], args=[ast.arg("__rt")] + params,
                          kwonlyargs=[], kw_defaults=[], defaults=[])
     fdef = ast.FunctionDef(program.name, args, body + [ret], [], None, None, type_params=[]) \
         if "type_params" in ast.FunctionDef._fields else ast.FunctionDef(program.name, args, body + [ret], [], None, None)
     fdef.lineno = program.atoms.line
     module = _locate(ast.Module([fdef], type_ignores=[]), program.atoms.line)
-    namespace = dict(OPS)
     exec(compile(module, program.file, "exec"), namespace)
     function = namespace[program.name]
     function.lowered_source = ast.unparse(module)      # what the compiler generated, for reading
-    return function
-
-
-def lower_valid(program: ir.Program):
-    """Compile the atoms' ``valid`` predicate to ``f(*params) -> f(*index grids) -> mask``."""
-    args = ast.arguments(posonlyargs=[], args=[ast.arg(p) for p in program.params],
-                         kwonlyargs=[], kw_defaults=[], defaults=[])
-    outer = ast.Lambda(args, _lambda(program.atoms.valid))
-    code = compile(_locate(ast.Expression(outer), program.atoms.line), program.file, "eval")
-    return eval(code, dict(OPS))
+    valid = None
+    if program.atoms.valid is not None:
+        outer = ast.Lambda(ast.arguments(posonlyargs=[], args=params, kwonlyargs=[], kw_defaults=[],
+                                         defaults=[]), low.predicate(program.atoms.valid))
+        outer.lineno = program.atoms.line
+        code = compile(_locate(ast.Expression(outer), program.atoms.line), program.file, "eval")
+        valid = eval(code, namespace)
+    return function, valid
 
 
 def _locate(node, line):
@@ -102,53 +546,32 @@ def _locate(node, line):
     return node
 
 
-def _lambda(pred):
-    args = ast.arguments(posonlyargs=[], args=[ast.arg(p) for p in pred.params], kwonlyargs=[],
-                         kw_defaults=[], defaults=[])
-    node = ast.Lambda(args, pred.body)
-    node.lineno = pred.line
-    return node
+def _user_line(exc, file):
+    """The innermost line of the user's spec file in ``exc``'s traceback."""
+    line, tb = None, exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == file:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
 
 
-def _members(m):
-    if m is None:
-        return ast.Constant(None)
-    return _lambda(m) if isinstance(m, ir.Pred) else m
-
-
-def _targets(names):
-    if len(names) == 1:
-        return ast.Name(names[0], ast.Store())
-    return ast.Tuple([ast.Name(n, ast.Store()) for n in names], ast.Store())
-
-
-def _statements(stmts):
-    out = []
-    for s in stmts:
-        if isinstance(s, ir.Assign):
-            node = ast.Assign(s.targets, s.value)
-        elif isinstance(s, ir.AugAssign):
-            node = ast.AugAssign(s.target, s.op, s.value)
-        elif isinstance(s, ir.If):
-            node = ast.If(s.test, _statements(s.body) or [ast.Pass()], _statements(s.orelse))
-        elif isinstance(s, ir.Loop):
-            node = ast.For(ast.Name(s.var, ast.Store()),
-                           ast.Call(ast.Name("range", ast.Load()), [s.count], []),
-                           _statements(s.body) or [ast.Pass()], [])
-        elif isinstance(s, ir.Break):
-            node = ast.Break()
-        elif isinstance(s, ir.Race):
-            call = ast.Call(ast.Attribute(ast.Name("__rt", ast.Load()), "race", ast.Load()),
-                            [ast.Constant(s.race_id), _members(s.members)], [])
-            node = ast.Assign([_targets(s.targets)], call)
-        elif isinstance(s, ir.GroupRace):
-            call = ast.Call(ast.Attribute(ast.Name("__rt", ast.Load()), "race_groups", ast.Load()),
-                            [ast.Constant(s.race_id), _members(s.key), s.groups], [])
-            node = ast.Assign([_targets(s.targets)], call)
-        else:  # pragma: no cover - the frontend only produces the types above
-            raise TypeError(f"unknown IR statement {type(s).__name__}")
-        node.lineno = s.line
-        out.append(node)
+def evaluate_predicate(pred, grids, shape, dtype):
+    """A predicate's value for every atom, flattened: on the index grids when it is
+    grid-safe and raises nothing there, else atom by atom (the definition)."""
+    if pred.grid is not None:
+        try:
+            value = np.asarray(pred.grid(*grids))
+            return np.broadcast_to(value, shape).reshape(-1).astype(dtype, copy=False)
+        except RaceError:
+            pass          # a guard such as `i > 0 and x[i - 1]` holds atom by atom only
+    out = np.empty(math.prod(shape), dtype=dtype)
+    for k, idx in enumerate(np.ndindex(*shape)):
+        try:
+            out[k] = pred.atom(*idx)
+        except RaceError as exc:
+            exc.reason += f" (evaluating the predicate for atom {idx})"
+            raise
     return out
 
 
@@ -176,49 +599,53 @@ class _Lane:
     def __init__(self, prog, inst, live):
         self.prog, self.inst = prog, inst
         self.alive = live.copy()              # bool [A]: valid, rate > 0, not yet a winner
+        self.initially_live = live.reshape(inst.atom_shape).copy()
+        self.initially_live.setflags(write=False)
         self.slot = 0                         # next trace position
         self.previous = None                  # member masks of the previous race (nesting)
 
-    def where(self, rid):
-        return self.prog.ir.where(self.prog.ir.races[rid])
+    def error(self, cls, rid, message):
+        p = self.prog.ir
+        return cls(message, p.file, p.races[rid])
 
-    def _grid_values(self, rid, fn_or_array, what, dtype):
-        shape = self.inst.atom_shape
-        if fn_or_array is None:
+    def live(self):
+        """``live(noise)``: valid atoms whose logit is above -inf (read-only)."""
+        return self.initially_live
+
+    def _values(self, rid, members, dtype):
+        if members is None:
             return np.ones(self.inst.num_atoms, dtype=bool)
-        value = fn_or_array(*self.prog.grids(shape)) if callable(fn_or_array) else fn_or_array
-        value = np.asarray(value)
-        if dtype is bool and value.dtype != bool:
-            raise RaceError(f"{self.where(rid)}: race {what} must be boolean, got dtype {value.dtype}")
-        if dtype is int and not np.issubdtype(value.dtype, np.integer):
-            raise RaceError(f"{self.where(rid)}: race_groups key must be integer, got dtype {value.dtype}")
-        try:
-            return np.broadcast_to(value, shape).reshape(-1)
-        except ValueError:
-            raise RaceError(f"{self.where(rid)}: race {what} has shape {value.shape}, which does not "
-                            f"broadcast to the atoms' shape {shape}") from None
+        if isinstance(members, Predicate):
+            return evaluate_predicate(members, self.prog.grids(self.inst.atom_shape),
+                                      self.inst.atom_shape, dtype)
+        return np.asarray(members).reshape(-1)       # an array of the atoms' shape (typed)
 
-    def race(self, rid, members):
-        mask = self._grid_values(rid, members, "members", bool) & self.alive
+    def race(self, rid, members, allow_empty):
+        mask = self._values(rid, members, bool) & self.alive
         if not mask.any():
-            raise EmptyRaceError(f"{self.where(rid)}: race has no live member (every candidate "
-                                 f"is retired, invalid or at logit -inf)")
+            if allow_empty:
+                return -1 if len(self.inst.atom_shape) == 1 else (-1,) * len(self.inst.atom_shape)
+            raise self.error(EmptyRaceError, rid, "race has no live member (every candidate is "
+                             "retired, invalid or at logit -inf; race(..., allow_empty=True) "
+                             "returns -1 instead)")
         (w,) = self._run(rid, [mask])
         return self._unravel(w)
 
-    def race_groups(self, rid, key, groups):
-        keys = self._grid_values(rid, key, "key", int)
+    def race_groups(self, rid, key, groups, allow_empty):
+        keys = self._values(rid, key, np.int64)
         bad = (keys < -1) | (keys >= groups)
         if bad.any():
-            raise RaceError(f"{self.where(rid)}: race_groups key {int(keys[bad][0])} outside "
-                            f"[-1, {groups})")
+            raise self.error(SpecValueError, rid, f"race_groups key {int(keys[bad][0])} outside "
+                             f"[-1, {groups}) for atom "
+                             f"{tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), self.inst.atom_shape))}")
         keys = np.where(self.alive, keys, -1)
         present = np.unique(keys[keys >= 0])
-        if present.size == 0:
-            raise EmptyRaceError(f"{self.where(rid)}: race_groups has no live member in any group")
-        winners = self._run(rid, [keys == g for g in present])
         out = np.full(groups, -1, dtype=np.int64)
-        out[present] = winners
+        if present.size == 0:
+            if not allow_empty:
+                raise self.error(EmptyRaceError, rid, "race_groups has no live member in any group")
+        else:
+            out[present] = self._run(rid, [keys == g for g in present])
         if len(self.inst.atom_shape) == 1:
             return out
         idx = np.unravel_index(np.maximum(out, 0), self.inst.atom_shape)
@@ -240,8 +667,8 @@ class _Lane:
             first = int(np.argmax(m))
             outer = next((b for b in before if b[first]), None)
             if outer is None or (m & ~outer).any():
-                raise NestingError(
-                    f"{self.where(rid)}: spec {self.prog.ir.name!r} declares nested=True, but this "
+                raise self.error(
+                    NestingError, rid, f"spec {self.prog.ir.name!r} declares nested=True, but this "
                     f"race's members are not inside one member set of the previous race "
                     f"(line {self.prog.ir.races[prid]})")
 
@@ -258,7 +685,7 @@ class _Lane:
 
 
 class Solver(_Lane):
-    """Residual races on given noise (DESIGN.md §2): the sample/solve semantics.
+    """Residual races on given noise: the sample/solve semantics.
 
     ``log_space``: the weights are ``log E`` and residuals stay logs,
     ``log(r - m) = log r + log(1 - exp(log m - log r))``, exact at any scale.
@@ -344,8 +771,8 @@ class Program(_BaseProgram):
 
     def __init__(self, spec, **static_params):
         super().__init__(spec, **static_params)
-        self.function = lower(self.ir)
-        self._valid_fn = lower_valid(self.ir) if self.ir.atoms.valid else None
+        namespace = {**NAMESPACE, **self._constant_arrays()}
+        self.function, self._valid_fn = lower(self.ir, self.types, namespace)
         self._grids = {}
 
     @property
@@ -354,30 +781,38 @@ class Program(_BaseProgram):
         return self.function.lowered_source
 
     def grids(self, shape):
+        """Read-only broadcasting index grids of the atoms (shared by every lane and call)."""
         g = self._grids.get(shape)
         if g is None:
-            g = self._grids[shape] = tuple(np.ogrid[tuple(slice(0, s) for s in shape)]) \
-                if len(shape) > 1 else (np.arange(shape[0]),)
+            g = tuple(np.ogrid[tuple(slice(0, s) for s in shape)]) if len(shape) > 1 \
+                else (np.arange(shape[0]),)
+            g = tuple(a.astype(np.int64) for a in g)
+            for a in g:
+                a.setflags(write=False)
+            self._grids[shape] = g
         return g
 
     def _valid_mask(self, params, dims):
         if self._valid_fn is None:
             return np.ones(dims, dtype=bool)
         pred = self._valid_fn(*(params[p] for p in self.ir.params))
-        mask = np.asarray(pred(*self.grids(dims)))
-        if mask.dtype != bool:
-            raise RaceError(f"{self.ir.where(self.ir.atoms.line)}: atoms' valid must be boolean")
-        return np.broadcast_to(mask, dims).copy()
+        try:
+            return evaluate_predicate(pred, self.grids(dims), dims, bool).reshape(dims)
+        except RaceError as exc:
+            raise exc.locate(self.ir.file, _user_line(exc, self.ir.file))
 
-    def _call(self, handler, inst):
-        return self.function(handler, *(inst.params[p] for p in self.ir.params))
+    def _call(self, handler, inst, lane):
+        try:
+            return self.function(handler, *(inst.params[p] for p in self.ir.params))
+        except RaceError as exc:
+            raise exc.locate(self.ir.file, _user_line(exc, self.ir.file), lane)
 
     def _solve(self, inst, weights, log_space):
         traces = np.full((len(weights), inst.max_races), -1, dtype=np.int64)
         fields = []
         for b, w in enumerate(weights):
             lane = Solver(self, inst, w, log_space)
-            fields.append(self._call(lane, inst))
+            fields.append(self._call(lane, inst, b))
             traces[b] = lane.trace
         return traces, _stack(fields, len(self.ir.outputs), weights.shape[0])
 
@@ -387,7 +822,7 @@ class Program(_BaseProgram):
         for b in range(len(traces)):
             lane = Replayer(self, inst, traces[b], logits[b])
             try:
-                self._call(lane, inst)
+                self._call(lane, inst, b)
                 lane.finish()
                 logp[b] = lane.logp
                 members[b] = lane.members
@@ -401,16 +836,16 @@ class Program(_BaseProgram):
             prefix = stack.pop()
             lane = Enumerator(self, inst, prefix, weights, exact)
             try:
-                outs = self._call(lane, inst)
+                outs = self._call(lane, inst, None)
             except _Branch as branch:
-                choices = itertools.product(*(np.flatnonzero(m).tolist() for m in branch.masks))
-                stack.extend(prefix + c for c in reversed(list(choices)))
+                choices = [np.flatnonzero(m).tolist() for m in branch.masks]
+                if len(done) + len(stack) + math.prod(map(len, choices)) > max_traces:
+                    self._too_many(inst, max_traces)      # before building the combinations
+                stack.extend(prefix + c for c in reversed(list(itertools.product(*choices))))
                 continue
             done.append((prefix, outs, lane.prob))
             if len(done) > max_traces:
-                raise EnumerationLimitError(
-                    f"{self.ir.name} with atoms {inst.atom_shape} has more than {max_traces} traces; "
-                    f"enumerate(..., max_traces=N) raises the guard")
+                self._too_many(inst, max_traces)
         traces = np.full((len(done), inst.max_races), -1, dtype=np.int64)
         for i, (prefix, _, _) in enumerate(done):
             traces[i, :len(prefix)] = prefix
@@ -422,6 +857,11 @@ class Program(_BaseProgram):
             logps = np.array([p for _, _, p in done], dtype=np.float64)
             probs = np.exp(logps)
         return traces, _stack([o for _, o, _ in done], len(self.ir.outputs), len(done)), probs, logps
+
+    def _too_many(self, inst, max_traces):
+        raise EnumerationLimitError(
+            f"{self.ir.name} with atoms {inst.atom_shape} has more than {max_traces} traces; "
+            f"enumerate(..., max_traces=N) raises the guard")
 
 
 def _stack(rows, nfields, n):

@@ -8,9 +8,10 @@ log-probability, the noise-given-trace sampler and exact enumeration.
 >>> from structdsl.specs import spanning_tree
 >>> prog = structdsl.compile(spanning_tree, backend="numpy")
 """
-from .dsl import (Spec, arange, argmax, argmin, atoms, full, maximum, minimum, ones, race,
+from .dsl import (Spec, arange, argmax, argmin, atoms, full, live, maximum, minimum, ones, race,
                   race_groups, require, spec, where, zeros)
-from .errors import EmptyRaceError, EnumerationLimitError, NestingError, RaceError, SpecError
+from .errors import (EmptyRaceError, EnumerationLimitError, NestingError, RaceError, SpecError,
+                     SpecIndexError, SpecOverflowError, SpecValueError, SpecZeroDivisionError)
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ def compile(spec, backend="numpy", **static_params):  # noqa: A001 - the natural
     return cls(spec, **static_params)
 
 
-__all__ = ["compile", "spec", "Spec", "atoms", "race", "race_groups", "arange", "zeros", "ones",
+__all__ = ["compile", "spec", "Spec", "atoms", "race", "race_groups", "live", "arange", "zeros", "ones",
            "full", "where", "minimum", "maximum", "argmin", "argmax", "require", "SpecError", "RaceError",
-           "EmptyRaceError", "NestingError", "EnumerationLimitError"]
+           "EmptyRaceError", "NestingError", "EnumerationLimitError", "SpecIndexError",
+           "SpecOverflowError", "SpecValueError", "SpecZeroDivisionError"]

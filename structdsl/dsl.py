@@ -41,7 +41,7 @@ import functools
 import inspect
 
 __all__ = [
-    "spec", "Spec", "atoms", "race", "race_groups", "arange", "zeros", "ones", "full",
+    "spec", "Spec", "atoms", "race", "race_groups", "live", "arange", "zeros", "ones", "full",
     "where", "minimum", "maximum", "argmin", "argmax", "require",
 ]
 
@@ -90,30 +90,77 @@ def spec(fn=None, *, nested=False):
     return Spec(fn, nested=nested)
 
 
-def _dsl_only(name):
+def _dsl_only(name, doc):
     def stub(*args, **kwargs):
         raise RuntimeError(f"{name}() only has a meaning inside a compiled @spec")
     stub.__name__ = stub.__qualname__ = name
-    stub.__doc__ = f"DSL primitive {name!r}: see structdsl.dsl's module docstring."
+    stub.__module__ = __name__
+    stub.__doc__ = doc
     return stub
 
 
-atoms = _dsl_only("atoms")
-race = _dsl_only("race")
-race_groups = _dsl_only("race_groups")
-arange = _dsl_only("arange")
-zeros = _dsl_only("zeros")
-ones = _dsl_only("ones")
-full = _dsl_only("full")
-where = _dsl_only("where")
-minimum = _dsl_only("minimum")
-maximum = _dsl_only("maximum")
-argmin = _dsl_only("argmin")
-argmax = _dsl_only("argmax")
-require = _dsl_only("require")
+atoms = _dsl_only("atoms", """noise = atoms(*dims, valid=lambda *idx: bool)
+
+Declare the exponential noise: one atom per cell of an array of shape ``dims``.  Each dim
+is a size parameter (read from the logits' shape), a static parameter, or a static
+expression of them.  ``valid`` (optional) is a predicate on one atom's indices and the
+parameters; invalid atoms never race.  Exactly one per spec, at the top level, before the
+first race.  The noise may then appear only as the first argument of ``race`` /
+``race_groups`` or as the argument of ``live``.  Logits have shape ``[*batch, *dims]``.
+""")
+race = _dsl_only("race", """w = race(noise[, members][, allow_empty=False])
+
+One exponential race: the live member with the smallest residual noise wins, with
+probability ``softmax(logits[members])[w]``; the winner is retired for good, the losers keep
+their residuals (the stochastic invariant keeps them fresh).
+
+members: omitted (every live atom), a predicate ``lambda *idx: bool`` evaluated per atom
+    with that atom's scalar indices and the current state, or a bool array of the atoms'
+    shape.
+allow_empty: ``True`` makes a race with no live member return -1 (a tuple of -1 for
+    multi-dimensional atoms) without taking a trace slot; otherwise it raises
+    ``EmptyRaceError`` naming the line and the batch element.
+Returns the winner's index: an int for 1-d atoms, a tuple of ints otherwise (unpack it:
+``u, v = race(edge, ...)``).  Must be its own assignment statement.
+""")
+race_groups = _dsl_only("race_groups", """w = race_groups(noise, key, groups=G[, allow_empty=False])
+
+One race per group, all in one step.  ``key`` (a ``lambda *idx: int`` evaluated per atom,
+or an int array of the atoms' shape) gives each atom's group in ``[0, G)``, or -1 to sit
+out; ``G`` is a static expression (>= 0).  Returns the winners per group: an int array
+``[G]`` (a tuple of them for multi-d atoms), -1 for an empty group.  The trace records the
+winners in group order.  When every group is empty it raises ``EmptyRaceError`` unless
+``allow_empty=True`` (then all -1, no trace slot).
+""")
+live = _dsl_only("live", """mask = live(noise)
+
+The bool array (the atoms' shape) of atoms that can race at all: valid and with a logit
+above -inf.  It depends on the logits' support, never on the noise, so reading it keeps the
+stochastic invariant; padded (ragged) batches use it to leave absent items out.
+""")
+arange = _dsl_only("arange", "arange(n): the int64 array [0, 1, ..., n-1]; n static.")
+zeros = _dsl_only("zeros", "zeros(shape, dtype=int): an int64 (or bool) array of zeros; "
+                           "shape a static int or tuple of them.")
+ones = _dsl_only("ones", "ones(shape, dtype=int): an int64 (or bool) array of ones; shape static.")
+full = _dsl_only("full", "full(shape, value, dtype=None): an array of ``value`` (a scalar); its "
+                         "dtype is bool for a bool value, int64 otherwise, unless dtype= is given.")
+where = _dsl_only("where", "where(cond, a, b): elementwise choice; cond bool, a and b broadcast "
+                           "(a scalar broadcasts to any shape, arrays must have equal shapes).")
+minimum = _dsl_only("minimum", "minimum(a, b): elementwise minimum (bool if both are bool, else int64).")
+maximum = _dsl_only("maximum", "maximum(a, b): elementwise maximum (bool if both are bool, else int64).")
+argmin = _dsl_only("argmin", "argmin(x): index of the first smallest entry of a 1-d array "
+                             "(an empty array raises).")
+argmax = _dsl_only("argmax", "argmax(x): index of the first largest entry of a 1-d array "
+                             "(an empty array raises).")
+require = _dsl_only("require", """require(condition, "message")
+
+A check of the parameters (sizes and static parameters only), at the top level of the spec.
+It is evaluated once the sizes are known; a false condition raises ``ValueError`` with the
+message, the parameter values and the spec line.
+""")
 
 #: DSL functions, by name (the compiler resolves a spec's names against this table).
-PRIMITIVES = {f.__name__: f for f in (atoms, race, race_groups, arange, zeros, ones, full,
+PRIMITIVES = {f.__name__: f for f in (atoms, race, race_groups, live, arange, zeros, ones, full,
                                       where, minimum, maximum, argmin, argmax, require)}
 #: Python builtins that keep a meaning inside a spec.
 PY_BUILTINS = ("any", "all", "sum", "min", "max", "abs", "int", "bool", "range")

@@ -15,7 +15,6 @@ import ast
 import builtins
 import collections
 import inspect
-import textwrap
 import types
 
 from . import ir
@@ -30,6 +29,11 @@ _RANDOM_SOURCES = ("random", "secrets", "torch")   # modules whose use inside a 
 _OK_BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.BitAnd, ast.BitOr,
               ast.BitXor, ast.LShift, ast.RShift)
 _STATIC_FUNCS = {"min", "max", "abs"}
+# The keywords each DSL function accepts; any other keyword is refused (NumPy's ufunc keywords
+# such as ``out=`` or ``where=`` would otherwise reach the arrays).
+_KEYWORDS = {"zeros": {"dtype"}, "ones": {"dtype"}, "full": {"dtype"}, "atoms": {"valid"},
+             "race": {"allow_empty"}, "race_groups": {"groups", "allow_empty"}}
+_INT64 = (-2**63, 2**63 - 1)
 # Statements outside the subset, with the reason shown to the user.
 _REJECTED_STMTS = {
     ast.While: "unbounded loop: write `for _ in range(bound):` with a static bound and `break`",
@@ -53,31 +57,55 @@ _REJECTED_STMTS = {
 
 def parse_spec(spec) -> ir.Program:
     """Parse and verify ``spec`` (a :class:`structdsl.dsl.Spec`); raise SpecError if rejected."""
-    fn = spec.fn
+    fn = inspect.unwrap(spec.fn)          # a functools.wraps decorator keeps the user's def
     file = inspect.getsourcefile(fn) or fn.__code__.co_filename
     try:
         lines, first = inspect.getsourcelines(fn)
     except (OSError, TypeError) as exc:
         raise SpecError(f"cannot read the source of spec {spec.name!r} ({exc}); specs must "
                         f"be defined in a file or notebook cell", file, fn.__code__.co_firstlineno)
-    tree = ast.parse(textwrap.dedent("".join(lines)))
+    tree = ast.parse(_dedent(lines))
     ast.increment_lineno(tree, first - 1)
     fdef = tree.body[0]
     if not isinstance(fdef, ast.FunctionDef):
         raise SpecError("@spec must decorate a plain `def`", file, first)
-    return _Frontend(spec, fdef, file).program()
+    return _Frontend(spec, fn, fdef, file).program()
+
+
+def _dedent(lines):
+    """Remove the ``def`` line's indentation from every line that has it.  Unlike
+    ``textwrap.dedent`` this survives a docstring whose continuation lines sit at column 0
+    (they are inside a string, so their indentation does not matter to the parser)."""
+    first = lines[0]
+    prefix = first[:len(first) - len(first.lstrip())]
+    return "".join(line[len(prefix):] if line.startswith(prefix) else line for line in lines)
+
+
+def _outer_names(fn):
+    """Every name a spec body or its lambdas could read from outside: builtins, the module's
+    globals and the enclosing function's cells (``inspect.getclosurevars`` misses names read
+    only inside a lambda)."""
+    names = dict(vars(builtins))
+    names.update(fn.__globals__)
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        try:
+            names[name] = cell.cell_contents
+        except ValueError:        # an empty cell: the name is assigned after the spec
+            pass
+    return names
 
 
 class _Frontend:
-    def __init__(self, spec, fdef, file):
+    def __init__(self, spec, fn, fdef, file):
         self.spec, self.fdef, self.file = spec, fdef, file
-        self.fn = spec.fn
-        closure = inspect.getclosurevars(self.fn)
-        self.outer = {**closure.builtins, **closure.globals, **closure.nonlocals}
+        self.fn = fn
+        self.outer = _outer_names(fn)
         self.constants = {}
         self.noise = None
         self.atoms = None
         self.races = {}
+        self.loop_vars = []            # variables of the enclosing loops, innermost last
+        self.static_names = {}         # parameter -> first line using it as a size or bound
 
     # ---- errors -------------------------------------------------------------------------
     def fail(self, node_or_line, message):
@@ -90,11 +118,12 @@ class _Frontend:
         a = f.args
         if a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs:
             self.fail(f, "a spec takes plain parameters only (sizes and static parameters)")
+        self.check_reserved(f)
         self.params = tuple(arg.arg for arg in a.args)
         defaults = dict(zip(self.params[len(self.params) - len(a.defaults):],
                             self.fn.__defaults__ or ()))
         for name, value in defaults.items():
-            if not isinstance(value, (int, bool)):
+            if type(value) not in (int, bool):
                 self.fail(f, f"default of parameter {name!r} must be an int or bool, got {value!r}")
         body = list(f.body)
         if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
@@ -113,7 +142,21 @@ class _Frontend:
                           params=self.params, defaults=defaults, sizes=tuple(dict.fromkeys(sizes)),
                           atoms=self.atoms, body=stmts, outputs=outputs, nested=self.spec.nested,
                           constants=self.constants, races=self.races, derived=self.derived,
-                          requires=self.requires)
+                          requires=self.requires, static_names=self.static_names,
+                          end_line=max(getattr(n, "lineno", 0) for n in ast.walk(f)))
+
+    def check_reserved(self, fdef):
+        """Names starting with ``__`` belong to the compiler (its race handler and helpers)."""
+        for n in ast.walk(fdef):
+            names = []
+            if isinstance(n, ast.Name):
+                names = [n.id]
+            elif isinstance(n, ast.arguments):
+                names = [x.arg for x in n.args + n.posonlyargs + n.kwonlyargs]
+            for name in names:
+                if name.startswith("__"):
+                    self.fail(n if hasattr(n, "lineno") else fdef,
+                              f"name {name!r}: names starting with '__' are reserved for the compiler")
 
     def scan_names(self, body):
         """Collect every bound name before checking statements, so that a parameter
@@ -221,21 +264,45 @@ class _Frontend:
                           f"not {n.id!r}")
             if isinstance(n, ast.Call) and not (isinstance(n.func, ast.Name) and n.func.id in _STATIC_FUNCS):
                 self.fail(n, "require() conditions may only call min, max or abs")
-        self.requires.append((self.expr(cond, "condition"), call.args[1].value, s.lineno))
+        self.note_static(cond, s.lineno)
+        self.requires.append((self.expr(cond, "condition", static=True), call.args[1].value, s.lineno))
         return None
 
     def loop(self, s):
         it = s.iter
         if not (isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "range"
-                and self.resolves_to_dsl("range") and len(it.args) == 1 and not it.keywords):
+                and self.resolves_to_dsl("range") and not it.keywords):
             self.fail(s, "loops must be `for i in range(bound):` with one static bound")
+        if len(it.args) != 1:
+            self.fail(s, "range() takes exactly one bound in a spec: write `for j in range(b - a):` "
+                      "and use `a + j`")
         if not isinstance(s.target, ast.Name):
             self.fail(s, "the loop variable must be a plain name")
         self.target(s.target)
         if s.orelse:
             self.fail(s, "`for ... else` is outside the DSL")
-        count = self.static(it.args[0], "a loop bound")
-        return ir.Loop(s.target.id, count, self.block(s.body, in_loop=True), s.lineno)
+        var = s.target.id
+        if var == "_":     # the throwaway name: reusable by nested loops, never read
+            pass
+        elif var in self.loop_vars:
+            self.fail(s, f"loop variable {var!r} is already the variable of an enclosing loop")
+        for n in (n for stmt in s.body for n in ast.walk(stmt)):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) and n.id == var != "_":
+                self.fail(n, f"loop variable {var!r} cannot be assigned inside its loop")
+        bound = it.args[0]
+        uses = tuple(sorted({n.id for n in ast.walk(bound) if isinstance(n, ast.Name)
+                             and n.id in self.loop_vars}))
+        if uses and not _linear(bound, set(uses)):
+            self.fail(bound, f"a loop bound may use the enclosing loop variable(s) {list(uses)} only "
+                      f"linearly (`range(i)`, `range(n - i)`, `range(2 * i + 1)`), so that its "
+                      f"largest value is known from the enclosing counts")
+        count = self.static(bound, "a loop bound", extra=set(uses))
+        self.loop_vars.append(var)
+        try:
+            body = self.block(s.body, in_loop=True)
+        finally:
+            self.loop_vars.pop()
+        return ir.Loop(var, count, body, s.lineno, bound_vars=uses)
 
     def assign(self, s, top):
         value = s.value
@@ -250,7 +317,9 @@ class _Frontend:
         targets = [self.target(t) for t in s.targets]
         if top and len(targets) == 1 and isinstance(targets[0], ast.Name) \
                 and self.stores[targets[0].id] == 1 and self.is_static(value):
+            value = self.expr(value, "stored", static=True)
             self.derived[targets[0].id] = value     # e.g. `m = 2 * n`: usable in shapes and bounds
+            return ir.Assign(targets, value, s.lineno)
         return ir.Assign(targets, self.expr(value, "stored"), s.lineno)
 
     def target(self, t):
@@ -264,7 +333,9 @@ class _Frontend:
             if t.value.id == self.noise:
                 self.fail(t, f"noise {self.noise!r} cannot be written to")
             if t.value.id not in self.locals:
-                self.fail(t, f"only local arrays can be written to, not {t.value.id!r}")
+                what = "a parameter" if t.value.id in self.params else "not a local"
+                self.fail(t, f"only local arrays can be written to; {t.value.id!r} is {what} "
+                          f"(copy it first: `x = {t.value.id}`)")
             t.slice = _ExprChecker(self, "indexed").visit_index(t.slice)
             return t
         self.fail(t, "assignment targets must be names, tuples of names or `array[index]`")
@@ -283,7 +354,7 @@ class _Frontend:
         valid = None
         for kw in call.keywords:
             if kw.arg != "valid":
-                self.fail(s, f"atoms() takes only `valid=`, not {kw.arg!r}")
+                self.fail(s, f"atoms() takes only the keyword `valid=`, not {kw.arg!r}")
             valid = self.pred(kw.value, len(dims), "valid", state=False)
         self.noise = s.targets[0].id
         self.atoms = ir.AtomDecl(self.noise, dims, valid, s.lineno)
@@ -307,26 +378,35 @@ class _Frontend:
             self.fail(s, f"noise {self.noise!r} cannot be reassigned")
         if not call.args or not (isinstance(call.args[0], ast.Name) and call.args[0].id == self.noise):
             self.fail(s, f"the first argument of {kind}() must be the noise {self.noise!r} declared by atoms()")
+        keywords = {}
+        for kw in call.keywords:
+            if kw.arg not in _KEYWORDS[kind]:
+                hint = " (pass the members positionally: race(noise, members))" if kw.arg == "members" else ""
+                self.fail(s, f"{kind}() takes no keyword {kw.arg!r}; its keywords are "
+                          f"{sorted(_KEYWORDS[kind])}{hint}")
+            keywords[kw.arg] = kw.value
+        allow_empty = keywords.pop("allow_empty", None)
+        if allow_empty is not None:
+            if not (isinstance(allow_empty, ast.Constant) and type(allow_empty.value) is bool):
+                self.fail(s, "allow_empty= must be written literally as True or False")
+            allow_empty = allow_empty.value
         rid = len(self.races)
         self.races[rid] = s.lineno
         targets = [n.id for n in names]
         if kind == "race":
-            if call.keywords or len(call.args) > 2:
+            if len(call.args) > 2:
                 self.fail(s, "race(noise) or race(noise, members): members is a predicate lambda or a mask")
             members = self.members(call.args[1], ndim, "members") if len(call.args) == 2 else None
-            return ir.Race(targets, members, rid, s.lineno)
+            return ir.Race(targets, members, rid, s.lineno, allow_empty=bool(allow_empty))
         args = list(call.args[1:])
-        groups = None
-        for kw in call.keywords:
-            if kw.arg != "groups":
-                self.fail(s, f"race_groups() takes only `groups=`, not {kw.arg!r}")
-            groups = kw.value
+        groups = keywords.get("groups")
         if len(args) == 2 and groups is None:
             groups = args.pop()
         if len(args) != 1 or groups is None:
             self.fail(s, "write race_groups(noise, key, groups=G): key gives each atom's group, G is static")
         key = self.members(args[0], ndim, "key")
-        return ir.GroupRace(targets, key, self.static(groups, "a group count"), rid, s.lineno)
+        return ir.GroupRace(targets, key, self.static(groups, "a group count"), rid, s.lineno,
+                            allow_empty=bool(allow_empty))
 
     def members(self, node, ndim, what):
         if isinstance(node, ast.Lambda):
@@ -349,63 +429,86 @@ class _Frontend:
             body = self.expr(node.body, what)
         finally:
             self.locals = saved
-        return ir.Pred(params, _Elementwise().visit(body), node.lineno)
+        return ir.Pred(params, body, node.lineno, state=state)
 
     # ---- expressions --------------------------------------------------------------------
-    def static(self, node, what, shape=False):
+    def static(self, node, what, shape=False, extra=()):
         """Check an expression built from parameters, int constants and arithmetic
-        (``shape=True`` also admits a tuple of them)."""
+        (``shape=True`` also admits a tuple of them; ``extra``: enclosing loop variables
+        a loop bound may use)."""
         if shape and isinstance(node, ast.Tuple):
             for e in node.elts:
                 self.static(e, what)
-            return self.expr(node, what)
+            return self.expr(node, what, static=True)
+        if shape and isinstance(node, ast.Name) and isinstance(self.lookup(node.id), tuple) \
+                and self.is_constant(node.id):
+            return self.expr(node, what, static=True)
         for n in ast.walk(node):
             if isinstance(n, ast.Name) and n.id == self.noise:
                 self.fail(n, f"noise {self.noise!r} used in {what}: bounds and shapes must come "
                           f"from the parameters")
             if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id not in self.params \
                     and n.id not in self.derived and n.id not in _STATIC_FUNCS \
-                    and not self.is_constant(n.id):
+                    and not self.is_constant(n.id) and n.id not in extra:
                 self.fail(n, f"{what} must be computed from the size/static parameters "
                           f"{list(self.params)}; {n.id!r} is not one (a state-dependent bound "
                           f"cannot be known before running)")
+            if isinstance(n, ast.Name) and isinstance(self.lookup(n.id), tuple) and self.is_constant(n.id):
+                self.fail(n, f"{what} must be an int; the constant {n.id!r} is a tuple")
             if isinstance(n, ast.Call) and not (isinstance(n.func, ast.Name) and n.func.id in _STATIC_FUNCS):
                 self.fail(n, f"{what} may only call min, max or abs")
             if not isinstance(n, (ast.Name, ast.Constant, ast.BinOp, ast.UnaryOp, ast.Call,
                                   ast.Load, ast.operator, ast.unaryop)):
                 self.fail(n, f"{type(n).__name__} is not allowed in {what}")
-        return self.expr(node, what)
+            if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div):
+                self.fail(n, "true division makes floats: use //")
+        self.note_static(node, getattr(node, "lineno", None))
+        return self.expr(node, what, static=True)
+
+    def note_static(self, node, line):
+        """Record the parameters an expression needs as ints (directly or through derived
+        statics), so that passing an array for one is refused at compile time."""
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name):
+                if n.id in self.params:
+                    self.static_names.setdefault(n.id, line)
+                elif n.id in self.derived:
+                    self.note_static(self.derived[n.id], line)
 
     def is_static(self, node):
         names_ok = all(n.id in self.params or n.id in self.derived or n.id in _STATIC_FUNCS
-                       or self.is_constant(n.id)
+                       or (self.is_constant(n.id) and not isinstance(self.lookup(n.id), tuple))
                        for n in ast.walk(node) if isinstance(n, ast.Name))
         kinds_ok = all(isinstance(n, (ast.Name, ast.Constant, ast.BinOp, ast.UnaryOp, ast.Load,
                                       ast.operator, ast.unaryop)) for n in ast.walk(node))
         return names_ok and kinds_ok and not any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div)
                                                  for n in ast.walk(node))
 
+    _MISSING = object()
+
+    def lookup(self, name):
+        return self.outer.get(name, self._MISSING)
+
     def is_constant(self, name):
         if name in self.params or name in self.locals:
             return False
-        if name in self.outer:
-            value = self.outer[name]
-            return _is_constant(value)
-        return False
+        value = self.lookup(name)
+        return value is not self._MISSING and _is_constant(value)
 
     def resolves_to_dsl(self, name):
         """Is ``name`` (not a local) the DSL's own function or kept builtin?"""
         if name in self.locals or name in self.params:
             return False
+        value = self.lookup(name)
         if name in PRIMITIVES:
-            return name not in self.outer or self.outer[name] is PRIMITIVES[name]
+            return value is self._MISSING or value is PRIMITIVES[name]
         if name in PY_BUILTINS:
-            return name not in self.outer or self.outer[name] is getattr(builtins, name)
+            return value is self._MISSING or value is getattr(builtins, name)
         return False
 
-    def expr(self, node, context):
+    def expr(self, node, context, static=False):
         """Check ``node`` (context says how its value is used) and inline constants."""
-        return _ExprChecker(self, context).visit(node)
+        return _ExprChecker(self, context, static).visit(node)
 
 
 def _is_random_module(name):
@@ -413,11 +516,49 @@ def _is_random_module(name):
 
 
 def _is_constant(value):
-    if isinstance(value, bool) or (isinstance(value, int) and not isinstance(value, bool)):
+    """Exact ints and bools, and (nested, rectangular) tuples of them.  Subclasses are not
+    constants: their ``repr``, ``__index__`` or ``__eq__`` could run arbitrary code."""
+    if type(value) is bool:
         return True
-    if isinstance(value, tuple):
-        return all(_is_constant(v) for v in value)
+    if type(value) is int:
+        return _INT64[0] <= value <= _INT64[1]
+    if type(value) is tuple:
+        return all(_is_constant(v) for v in value) and _rectangular(value)
     return False
+
+
+def _rectangular(value):
+    if not value or all(type(v) is not tuple for v in value):
+        return True
+    if any(type(v) is not tuple for v in value):
+        return False
+    return len({len(v) for v in value}) == 1 and all(_rectangular(v) for v in value)
+
+
+def _linear(node, names):
+    """Does ``node`` depend on ``names`` only through ``+``, ``-`` and products with
+    expressions free of them (so its maximum over a box is at a corner)?"""
+    def free(n):
+        return not any(isinstance(x, ast.Name) and x.id in names for x in ast.walk(n))
+    if free(node) or isinstance(node, ast.Name):
+        return True
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub)):
+        return _linear(node.left, names) and _linear(node.right, names)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+        return (free(node.left) and _linear(node.right, names)) or \
+               (free(node.right) and _linear(node.left, names))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        return _linear(node.operand, names)
+    return False
+
+
+def _constant_node(value, where):
+    """An AST node for a verified constant, built directly (never by parsing a repr)."""
+    if type(value) is tuple:
+        node = ast.Tuple([_constant_node(v, where) for v in value], ast.Load())
+    else:
+        node = ast.Constant(value)
+    return ast.copy_location(node, where)
 
 
 _NOISE_USE = {
@@ -425,11 +566,17 @@ _NOISE_USE = {
     ast.BoolOp: "used in a condition", ast.Subscript: "indexed", ast.IfExp: "used in a condition",
     ast.Tuple: "packed into a tuple",
 }
+_REJECTED_CMPOPS = {
+    ast.Is: "`is` compares object identity, which has no meaning on values: use ==",
+    ast.IsNot: "`is not` compares object identity, which has no meaning on values: use !=",
+    ast.In: "`in` is outside the DSL: use any(x == v)",
+    ast.NotIn: "`not in` is outside the DSL: use all(x != v)",
+}
 
 
 class _ExprChecker(ast.NodeTransformer):
-    def __init__(self, fe, context):
-        self.fe, self.context, self.parents = fe, context, []
+    def __init__(self, fe, context, static=False):
+        self.fe, self.context, self.static, self.parents = fe, context, static, []
 
     def visit(self, node):
         self.parents.append(node)
@@ -445,7 +592,7 @@ class _ExprChecker(ast.NodeTransformer):
         if isinstance(node, (ast.expr_context, ast.operator, ast.unaryop, ast.cmpop, ast.boolop,
                              ast.keyword)):
             return super().generic_visit(node)
-        allowed = (ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp, ast.Tuple)
+        allowed = (ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.IfExp, ast.Tuple)
         if not isinstance(node, allowed):
             what = {ast.ListComp: "list comprehensions", ast.List: "lists", ast.Dict: "dicts",
                     ast.Set: "sets", ast.GeneratorExp: "generators", ast.Lambda: "lambdas outside "
@@ -461,8 +608,27 @@ class _ExprChecker(ast.NodeTransformer):
                 self.fail(node, f"operator {type(node.op).__name__} is outside the DSL")
         return super().generic_visit(node)
 
+    def visit_Compare(self, node):
+        for op in node.ops:
+            if type(op) in _REJECTED_CMPOPS:
+                self.fail(node, _REJECTED_CMPOPS[type(op)])
+        node.left = self.visit(node.left)
+        node.comparators = [self.visit(c) for c in node.comparators]
+        if len(node.ops) == 1:
+            return node
+        # a < b < c means (a < b) and (b < c): one meaning, elementwise on arrays
+        parts, left = [], node.left
+        for op, right in zip(node.ops, node.comparators):
+            parts.append(ast.copy_location(ast.Compare(left, [op], [right]), node))
+            left = right
+        return ast.copy_location(ast.BoolOp(ast.And(), parts), node)
+
     def visit_Constant(self, node):
-        if isinstance(node.value, bool) or type(node.value) is int:
+        if type(node.value) is bool:
+            return node
+        if type(node.value) is int:
+            if not _INT64[0] <= node.value <= _INT64[1]:
+                self.fail(node, f"constant {node.value} does not fit in int64")
             return node
         self.fail(node, f"constant {node.value!r}: only int and bool constants are allowed")
 
@@ -478,7 +644,10 @@ class _ExprChecker(ast.NodeTransformer):
                 how = {"stored": "stored or aliased", "condition": "used in a condition",
                        "a loop bound": "used in a loop bound"}.get(self.context, f"used as {self.context}")
             self.fail(node, f"noise {fe.noise!r} {how}: noise may only be the first argument "
-                      f"of race() or race_groups()")
+                      f"of race() or race_groups(), or the argument of live()")
+        if node.id == "_" and "_" in fe.locals and isinstance(node.ctx, ast.Load):
+            self.fail(node, "`_` is the throwaway loop variable and cannot be read: name the loop "
+                      "variable to use it")
         if node.id in fe.params or node.id in fe.locals:
             return node
         if fe.resolves_to_dsl(node.id):
@@ -488,23 +657,38 @@ class _ExprChecker(ast.NodeTransformer):
             return node
         if node.id in _IO:
             self.fail(node, f"{node.id}() is I/O or introspection: a spec has no side effects")
-        if node.id in fe.outer:
-            value = fe.outer[node.id]
-            if isinstance(value, types.ModuleType):
-                if _is_random_module(value.__name__):
-                    self.fail(node, f"module {value.__name__!r}: randomness inside a spec breaks "
-                              f"the stochastic invariant; the noise comes only from atoms()")
-                self.fail(node, f"module {value.__name__!r} cannot be used inside a spec; use DSL functions")
-            if _is_constant(value):
-                fe.constants[node.id] = value
-                return ast.copy_location(ast.Constant(value), node) if not isinstance(value, tuple) \
-                    else ast.copy_location(ast.parse(repr(value), mode="eval").body, node)
-            if callable(value):
-                self.fail(node, f"call to {node.id!r}: helper functions cannot be inlined; "
-                          f"only DSL functions can be called inside a spec")
-            self.fail(node, f"global {node.id!r} is a mutable {type(value).__name__}: a spec may "
-                      f"only read constants (ints, bools, tuples of them); pass a static parameter")
-        self.fail(node, f"name {node.id!r} is not defined")
+        value = fe.lookup(node.id)
+        if value is fe._MISSING:
+            self.fail(node, f"name {node.id!r} is not defined")
+        if isinstance(value, types.ModuleType):
+            if _is_random_module(value.__name__):
+                self.fail(node, f"module {value.__name__!r}: randomness inside a spec breaks "
+                          f"the stochastic invariant; the noise comes only from atoms()")
+            self.fail(node, f"module {value.__name__!r} cannot be used inside a spec; use DSL functions")
+        if _is_constant(value):
+            fe.constants[node.id] = value
+            if type(value) is tuple and not self.static:
+                return node        # an array constant: the program supplies a read-only array
+            return _constant_node(value, node)
+        if isinstance(value, (int, tuple)):
+            if type(value) is int:
+                why = "does not fit in int64"
+            elif type(value) is tuple:
+                why = "is ragged or holds something other than ints and bools"
+            else:
+                base = "int" if isinstance(value, int) else "tuple"
+                why = f"is a {type(value).__name__} (a subclass of {base})"
+            self.fail(node, f"constant {node.id!r} {why}: a spec reads only plain int/bool "
+                      f"constants and rectangular tuples of them (convert it with int(...) or "
+                      f"tuple(...) outside the spec, or pass a parameter)")
+        if callable(value):
+            self.fail(node, f"call to {node.id!r}: helper functions cannot be inlined; "
+                      f"only DSL functions can be called inside a spec")
+        if type(value).__module__ == "numpy":
+            self.fail(node, f"global {node.id!r} is a numpy {type(value).__name__}: pass arrays as "
+                      f"data parameters, structdsl.compile(spec, {node.id.lower()}=array)")
+        self.fail(node, f"global {node.id!r} is a mutable {type(value).__name__}: a spec may "
+                  f"only read constants (ints, bools, tuples of them); pass a static parameter")
 
     def visit_Attribute(self, node):
         base = node.value
@@ -513,9 +697,9 @@ class _ExprChecker(ast.NodeTransformer):
         if isinstance(base, ast.Name) and base.id == self.fe.noise:
             self.fail(node, f"noise {self.fe.noise!r} used through an attribute: noise may only be "
                       f"the first argument of race() or race_groups()")
-        if isinstance(base, ast.Name) and isinstance(self.fe.outer.get(base.id), types.ModuleType):
+        if isinstance(base, ast.Name) and isinstance(self.fe.lookup(base.id), types.ModuleType):
             full = ast.unparse(node)
-            if _is_random_module(self.fe.outer[base.id].__name__) or "random" in full:
+            if _is_random_module(self.fe.lookup(base.id).__name__) or "random" in full:
                 self.fail(node, f"{full}: randomness inside a spec breaks the stochastic "
                           f"invariant; the noise comes only from atoms()")
             self.fail(node, f"{full}: module attributes are outside the DSL; use DSL functions")
@@ -534,8 +718,8 @@ class _ExprChecker(ast.NodeTransformer):
         for e in elts:
             if isinstance(e, ast.Slice):
                 if e.lower or e.upper or e.step:
-                    self.fail(e, "slices with bounds make shapes depend on state: index with "
-                              "masks or `:` instead")
+                    self.fail(e, "slices with bounds or steps make shapes depend on state: index "
+                              "with masks, `where` or `:` instead")
         if isinstance(node, ast.Tuple):
             node.elts = [e if isinstance(e, ast.Slice) else self.visit(e) for e in node.elts]
             return node
@@ -554,56 +738,36 @@ class _ExprChecker(ast.NodeTransformer):
             self.fail(node, "atoms() must be its own top-level statement: `noise = atoms(...)`")
         if name == "range" and fe.resolves_to_dsl(name):
             self.fail(node, "range() is only allowed as a loop's iterable")
+        if name == "require" and fe.resolves_to_dsl(name):
+            self.fail(node, "require() is a statement of its own, at the top level")
         if name in fe.locals or name in fe.params:
             self.fail(node, f"{name!r} is not a function")
         if not fe.resolves_to_dsl(name):
             self.visit(node.func)          # raises the precise error
-        shape = node.args[0] if node.args else next(
-            (kw.value for kw in node.keywords if kw.arg in ("shape", "n")), None)
-        if name in _SHAPED and shape is not None:
-            fe.static(shape, f"the shape of {name}()", shape=True)
-        node.args = [self.visit(a) for a in node.args]
+        if name == "live":
+            if len(node.args) != 1 or node.keywords or not (
+                    isinstance(node.args[0], ast.Name) and node.args[0].id == fe.noise):
+                self.fail(node, f"write live({fe.noise or 'noise'}): the mask of atoms that can race")
+            return node
+        allowed = _KEYWORDS.get(name, set())
         for kw in node.keywords:
             if kw.arg is None:
                 self.fail(node, "`**` arguments are outside the DSL")
-            if kw.arg == "dtype" and isinstance(kw.value, ast.Name) and kw.value.id in ("int", "bool"):
-                continue
-            kw.value = self.visit(kw.value)
+            if kw.arg not in allowed:
+                self.fail(node, f"{name}() takes no keyword {kw.arg!r}" +
+                          (f"; its keywords are {sorted(allowed)}" if allowed else ""))
+            if kw.arg == "dtype" and not (isinstance(kw.value, ast.Name) and kw.value.id in ("int", "bool")
+                                          and fe.resolves_to_dsl(kw.value.id)):
+                self.fail(node, "dtype= must be int or bool")
+        shape = node.args[0] if node.args else None
+        if name in _SHAPED:
+            if shape is None:
+                self.fail(node, f"{name}() needs a shape")
+            node.args[0] = fe.static(shape, f"the shape of {name}()", shape=True)
+            node.args[1:] = [self.visit(a) for a in node.args[1:]]
+        else:
+            node.args = [self.visit(a) for a in node.args]
+        for kw in node.keywords:
+            if kw.arg != "dtype":
+                kw.value = self.visit(kw.value)
         return node
-
-
-class _Elementwise(ast.NodeTransformer):
-    """Rewrite ``and``/``or``/``not``/chained comparisons/``a if c else b`` to elementwise
-    calls, so a predicate works on whole index grids."""
-
-    def visit_BoolOp(self, node):
-        self.generic_visit(node)
-        fn = "logical_and" if isinstance(node.op, ast.And) else "logical_or"
-        out = node.values[0]
-        for v in node.values[1:]:
-            out = ast.Call(ast.Name(fn, ast.Load()), [out, v], [])
-        return ast.copy_location(out, node)
-
-    def visit_UnaryOp(self, node):
-        self.generic_visit(node)
-        if isinstance(node.op, ast.Not):
-            return ast.copy_location(ast.Call(ast.Name("logical_not", ast.Load()), [node.operand], []), node)
-        return node
-
-    def visit_Compare(self, node):
-        self.generic_visit(node)
-        if len(node.ops) == 1:
-            return node
-        parts, left = [], node.left
-        for op, right in zip(node.ops, node.comparators):
-            parts.append(ast.Compare(left, [op], [right]))
-            left = right
-        out = parts[0]
-        for p in parts[1:]:
-            out = ast.Call(ast.Name("logical_and", ast.Load()), [out, p], [])
-        return ast.copy_location(out, node)
-
-    def visit_IfExp(self, node):
-        self.generic_visit(node)
-        return ast.copy_location(
-            ast.Call(ast.Name("where", ast.Load()), [node.test, node.body, node.orelse], []), node)

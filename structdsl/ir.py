@@ -60,6 +60,7 @@ class Pred:
     params: tuple
     body: ast.expr
     line: int
+    state: bool = True      # False for the atoms' ``valid``: it reads parameters only
 
 
 @dataclass
@@ -89,11 +90,13 @@ class If:
 
 @dataclass
 class Loop:
-    """``for var in range(count)``; ``count`` is a static expression of the parameters."""
+    """``for var in range(count)``; ``count`` is a static expression of the parameters, or
+    linear in the variables of enclosing loops (``bound_vars``), bounded by their counts."""
     var: str
     count: ast.expr
     body: list
     line: int
+    bound_vars: tuple = ()
 
 
 @dataclass
@@ -108,6 +111,7 @@ class Race:
     members: object
     race_id: int
     line: int
+    allow_empty: bool = False   # an empty member set gives -1 and takes no trace slot
 
 
 @dataclass
@@ -118,6 +122,7 @@ class GroupRace:
     groups: ast.expr
     race_id: int
     line: int
+    allow_empty: bool = False   # every group empty gives all -1 and takes no trace slot
 
 
 @dataclass
@@ -151,12 +156,17 @@ class Program:
     races: dict = field(default_factory=dict)
     derived: dict = field(default_factory=dict)
     requires: list = field(default_factory=list)
+    static_names: dict = field(default_factory=dict)   # parameter -> line needing it as an int
+    end_line: int = 0
 
     def static_values(self, params, evaluate):
-        """Parameters plus the derived static locals (``m = 2 * n``), evaluated in order."""
-        env = dict(params)
+        """Int parameters plus the derived static locals (``m = 2 * n``), evaluated in order;
+        a derived value that reads an array parameter or an unknown size is left out."""
+        env = {k: v for k, v in params.items() if isinstance(v, int)}
         for name, expr in self.derived.items():
-            env[name] = evaluate(expr, env)
+            needs = {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)} - {"min", "max", "abs"}
+            if needs <= set(env):
+                env[name] = evaluate(expr, env)
         return env
 
     def where(self, line):
@@ -177,3 +187,11 @@ def walk_statements(body):
             yield from walk_statements(stmt.orelse)
         elif isinstance(stmt, Loop):
             yield from walk_statements(stmt.body)
+
+
+def static_eval(expr, params, file="<spec>"):
+    """Evaluate a verified static expression (parameters, ints, arithmetic, min/max/abs);
+    raises NameError when it reads a name ``params`` does not hold."""
+    code = compile(ast.Expression(expr), file, "eval")
+    value = eval(code, {"__builtins__": {}, "min": min, "max": max, "abs": abs}, dict(params))
+    return int(value)

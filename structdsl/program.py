@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ast
 import collections
+import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -25,6 +27,8 @@ from fractions import Fraction
 import numpy as np
 
 from . import ir
+from .errors import RaceError
+from .ir import static_eval  # noqa: F401  (re-exported: structdsl.testing uses it)
 
 Sample = collections.namedtuple("Sample", "trace structure noise")
 Sample.__doc__ = """Result of ``Program.sample``.
@@ -112,13 +116,38 @@ class Program:
         if missing:
             raise TypeError(f"spec {p.name!r} needs static parameter(s) {missing}: "
                             f"structdsl.compile({p.name}, {', '.join(m + '=...' for m in missing)})")
+        ints, self.data = {}, {}
         for k, v in static_params.items():
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"static parameter {k!r} must be an int, got {v!r}")
-        self.static_params = {**{k: v for k, v in p.defaults.items() if k in p.statics},
-                              **{k: int(v) for k, v in static_params.items()}}
+            if isinstance(v, (np.ndarray, list, tuple)):
+                self.data[k] = _data_array(k, v, p)
+            elif isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"static parameter {k!r} must be an int, got {v!r} (or an int/bool "
+                                f"NumPy array, as a data parameter)")
+            else:
+                ints[k] = int(v)
+        self.static_params = {**{k: v for k, v in p.defaults.items() if k in p.statics}, **ints}
         self.Structure = collections.namedtuple(_camel(p.name) + "Structure", p.outputs)
         self._instances = {}
+        self.types = self._typecheck(self.static_params)
+
+    def _param_types(self):
+        from .typecheck import INT, array_type
+        types = {name: INT for name in self.ir.params}
+        for name, value in {**self._constant_arrays(), **self.data}.items():
+            types[name] = array_type(value, name)
+        return types
+
+    def _constant_arrays(self):
+        """Tuple constants the spec reads as arrays (read-only int/bool arrays)."""
+        return {k: _data_array(k, v, self.ir) for k, v in self.ir.constants.items() if type(v) is tuple}
+
+    def _typecheck(self, params):
+        """The type-and-shape pass with the parameter values known so far (see
+        :mod:`structdsl.typecheck`); ``self.types`` is the run without the sizes."""
+        from . import typecheck
+        p = self.ir
+        env = p.static_values(params, lambda e, env: static_eval(e, env, p.file))
+        return typecheck.check(p, self._param_types(), env)
 
     def __repr__(self):
         statics = ", ".join(f"{k}={v}" for k, v in self.static_params.items())
@@ -158,9 +187,10 @@ class Program:
                              f"dims {dims}; got trailing dims {atom_shape}")
         if any(d <= 0 for d in dims):
             raise ValueError(f"{p.name}: every atoms dimension must be positive, got {dims}")
-        valid = self._valid_mask(params, dims)
-        bound = min(_race_bound(p.body, env, p.file), int(valid.sum()))
-        return Instance(params, dims, valid, bound)
+        self._typecheck(params)            # every shape that meets agrees at these sizes
+        valid = self._valid_mask({**params, **self._constant_arrays(), **self.data}, dims)
+        bound = min(_race_bound(p, p.body, env, {}), int(valid.sum()))
+        return Instance({**params, **self.data}, dims, valid, bound)
 
     def max_races(self, atom_shape):
         """Trace length for logits with trailing dims ``atom_shape``."""
@@ -221,7 +251,8 @@ class Program:
         # E itself would overflow (logits 1e3 apart) and turn live atoms into +inf.
         with np.errstate(divide="ignore"):
             log_noise = np.where(live, np.log(-np.log(u)) - np.where(live, logits, 0.0), np.inf)
-        traces, fields = self._solve(inst, log_noise.reshape(-1, inst.num_atoms), log_space=True)
+        with self._naming_lanes(shape[:len(shape) - self.atom_ndim]):
+            traces, fields = self._solve(inst, log_noise.reshape(-1, inst.num_atoms), log_space=True)
         with np.errstate(over="ignore"):
             noise = np.exp(log_noise)
         lead = shape[:len(shape) - self.atom_ndim]
@@ -238,7 +269,8 @@ class Program:
         if np.isnan(w).any() or np.isneginf(w).any():
             raise ValueError("weights contain NaN or -inf")
         w = np.where(inst.valid, w, np.inf).reshape(-1, inst.num_atoms)
-        traces, fields = self._solve(inst, w, log_space=False)
+        with self._naming_lanes(batch):
+            traces, fields = self._solve(inst, w, log_space=False)
         return Solution(traces.reshape(batch + (inst.max_races,)), self._structure(fields, batch))
 
     def log_prob(self, trace, logits):
@@ -249,7 +281,8 @@ class Program:
         produce the trace.
         """
         t, logits, batch, inst = self._check_trace(trace, logits)
-        logp, _ = self._replay(inst, t, logits)
+        with self._naming_lanes(batch):
+            logp, _ = self._replay(inst, t, logits)
         return logp.reshape(batch)
 
     def conditional_noise(self, trace, logits, *, uniforms=None, seed=None):
@@ -262,7 +295,8 @@ class Program:
         reproduces ``trace``.  Returns float64 ``[*batch, *atom_shape]``.
         """
         t, logits, batch, inst = self._check_trace(trace, logits)
-        logp, members = self._replay(inst, t, logits)
+        with self._naming_lanes(batch):
+            logp, members = self._replay(inst, t, logits)
         if np.isneginf(logp).any():
             lane = int(np.argmax(np.isneginf(logp)))
             raise ValueError(f"trace (flat batch index {lane}) has probability zero under these "
@@ -303,6 +337,18 @@ class Program:
         return Enumeration(traces, structure, probs, logps)
 
     # ---- helpers shared by all backends ---------------------------------------------------
+    @staticmethod
+    @contextlib.contextmanager
+    def _naming_lanes(batch):
+        """Backends report a run-time error's lane as a flat index; name it in the batch."""
+        try:
+            yield
+        except RaceError as exc:
+            if isinstance(exc.lane, (int, np.integer)):
+                exc.lane = tuple(int(i) for i in np.unravel_index(int(exc.lane), batch)) if batch else None
+                exc.locate()
+            raise
+
     def _check_trace(self, trace, logits):
         logits, lbatch, inst = self._check_logits(logits)
         t = np.asarray(trace)
@@ -383,26 +429,45 @@ def _masked_logsumexp(x, mask):
         return np.log(np.sum(np.exp(xm - top), axis=-1)) + top[..., 0]
 
 
-def static_eval(expr, params, file="<spec>"):
-    """Evaluate a verified static expression (parameters, ints, arithmetic, min/max/abs)."""
-    code = compile(ast.Expression(expr), file, "eval")
-    value = eval(code, {"__builtins__": {}, "min": min, "max": max, "abs": abs}, dict(params))
-    return int(value)
-
-
-def _race_bound(body, params, file):
-    """Upper bound on winners per run from the static loop counts (grouped race: G each)."""
+def _race_bound(program, body, env, ranges):
+    """Upper bound on winners per run from the loop counts (a grouped race: G each).
+    ``ranges``: ``{loop variable: largest value}`` of the enclosing loops, for counts that
+    are linear in them (their maximum is at a corner of the box)."""
     total = 0
     for stmt in body:
         if isinstance(stmt, ir.Race):
             total += 1
         elif isinstance(stmt, ir.GroupRace):
-            total += static_eval(stmt.groups, params, file)
+            groups = static_eval(stmt.groups, env, program.file)
+            if groups < 0:
+                raise ValueError(f"{program.where(stmt.line)}: race_groups(groups={ast.unparse(stmt.groups)}) "
+                                 f"is {groups}; the number of groups must be >= 0")
+            total += groups
         elif isinstance(stmt, ir.Loop):
-            total += max(static_eval(stmt.count, params, file), 0) * _race_bound(stmt.body, params, file)
+            count = max(static_eval(stmt.count, {**env, **dict(zip(stmt.bound_vars, corner))}, program.file)
+                        for corner in itertools.product(*([0, ranges[v]] for v in stmt.bound_vars)))
+            count = max(count, 0)
+            inner = _race_bound(program, stmt.body, env, {**ranges, stmt.var: max(count - 1, 0)})
+            total += count * inner
         elif isinstance(stmt, ir.If):
-            total += max(_race_bound(stmt.body, params, file), _race_bound(stmt.orelse, params, file))
+            total += max(_race_bound(program, stmt.body, env, ranges),
+                         _race_bound(program, stmt.orelse, env, ranges))
     return total
+
+
+def _data_array(name, value, program):
+    """A read-only int64/bool copy of a data parameter (or tuple constant)."""
+    a = np.asarray(value)
+    if a.dtype != bool and not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"data parameter {name!r} of {program.name} must be an int or bool array, "
+                        f"got dtype {a.dtype}")
+    if name in program.static_names:
+        raise TypeError(f"parameter {name!r} of {program.name} is used as a size, bound or shape "
+                        f"at {program.where(program.static_names[name])}: it must be an int, got "
+                        f"an array of shape {a.shape}")
+    a = np.array(a, dtype=bool if a.dtype == bool else np.int64)
+    a.setflags(write=False)
+    return a
 
 
 def _camel(name):

@@ -79,5 +79,8 @@ def test_residuals_carry_across_races():
 def test_lowered_source_is_readable_python():
     from structdsl.specs import spanning_tree
     src = structdsl.compile(spanning_tree).source
-    assert "__rt.race(0, lambda u, v: comp[u] != comp[v])" in src
+    # the race's members: a grid version and a per-atom version of the user's lambda, with
+    # every index checked (no wrap-around) and the arithmetic checked for overflow
+    assert "__rt.race(0, __P(lambda u, v: __get(comp, (u,)) != __get(comp, (v,)), " in src
+    assert "for _ in range(__sub(n, 1)):" in src
     compile(src, "<lowered>", "exec")          # valid Python
