@@ -1,5 +1,5 @@
 """Rooted spanning arborescences: Chu-Liu/Edmonds with grouped races and contraction."""
-from structdsl import arange, atoms, full, maximum, minimum, race_groups, require, spec, where, zeros
+from structdsl import arange, atoms, full, live, maximum, minimum, race_groups, require, spec, where, zeros
 
 
 @spec
@@ -16,6 +16,10 @@ def arborescence(n, root=0):
     Static: ``root`` (default 0).  Structure: ``parent`` (int ``[n]``, ``parent[root] = -1``).
     Many traces give one arborescence.  Not nested: a contracted cycle races edges with
     different shifts.
+
+    Padding: a node whose every edge (in and out) is at logit -inf is absent (``parent``
+    -1, never a parent).  Every present node must be reachable from the root through live
+    edges, or the race of its supernode runs empty (``EmptyRaceError``).
     """
     edge = atoms(n, n, valid=lambda u, v: u != v and v != root)
     require(0 <= root < n, "the root must be a node: 0 <= root < n")
@@ -24,9 +28,10 @@ def arborescence(n, root=0):
     inside = zeros((m, n), bool)       # inside[x, v]: node v belongs to supernode x
     for v in range(n):
         inside[v, v] = True
+    ok = live(edge)
     is_open = zeros(m, bool)           # supernodes still waiting for an incoming edge
     for v in range(n):
-        is_open[v] = v != root
+        is_open[v] = v != root and (any(ok[:, v]) or any(ok[v]))   # absent nodes never open
     is_top = zeros(m, bool)            # supernodes not contracted into a larger one
     for v in range(n):
         is_top[v] = True
