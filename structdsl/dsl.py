@@ -23,8 +23,13 @@ Noise and races (the only way to touch noise):
     the atoms' shape) gives each atom's group in ``[0, G)``, or ``-1`` to sit out.  Returns
     winners per group (an int array ``[G]``, or a tuple of them), ``-1`` for empty groups.
 
+``mask = live(noise)``
+    The atoms that can race at all (valid, logit above -inf): reads the logits' support,
+    never the noise.  ``race(..., allow_empty=True)`` returns -1 on an empty member set.
+
 Retired winners, invalid atoms and atoms at logit ``-inf`` never race.  A race over no live
-atom raises :class:`~structdsl.errors.EmptyRaceError` (for ``race_groups``: all groups empty).
+atom raises :class:`~structdsl.errors.EmptyRaceError` (for ``race_groups``: all groups empty)
+unless ``allow_empty=True``.
 
 Parameter checks: ``require(condition, "message")`` at the top level, the condition on
 parameters only; checked once the sizes are known (a clear ``ValueError`` otherwise).
@@ -33,7 +38,9 @@ Integer/boolean state: ``arange(n)``, ``zeros(shape, dtype=int)``, ``ones``, ``f
 value)``, ``where``, ``minimum``, ``maximum``, ``abs``, ``any``, ``all``, ``sum``, ``min``,
 ``max`` (one argument: reduction; two: elementwise), ``argmin``, ``argmax``, ``int``, ``bool``,
 ``range`` (loop bounds only).  Array shapes and loop bounds must be computed from the
-parameters alone, so every backend knows them before running.
+parameters alone (a loop bound may also be linear in enclosing loop variables), so every
+backend knows them before running.  Each function's ``help()`` states its contract;
+``docs/design.md`` states the meaning of every operator.
 """
 from __future__ import annotations
 
@@ -90,12 +97,22 @@ def spec(fn=None, *, nested=False):
     return Spec(fn, nested=nested)
 
 
+_SIGNATURES = {
+    "atoms": "*dims, valid=None", "race": "noise, members=None, *, allow_empty=False",
+    "race_groups": "noise, key, groups, *, allow_empty=False", "live": "noise", "arange": "n",
+    "zeros": "shape, dtype=int", "ones": "shape, dtype=int", "full": "shape, value, dtype=None",
+    "where": "cond, a, b", "minimum": "a, b", "maximum": "a, b", "argmin": "x", "argmax": "x",
+    "require": "condition, message",
+}
+
+
 def _dsl_only(name, doc):
     def stub(*args, **kwargs):
         raise RuntimeError(f"{name}() only has a meaning inside a compiled @spec")
     stub.__name__ = stub.__qualname__ = name
     stub.__module__ = __name__
     stub.__doc__ = doc
+    stub.__signature__ = inspect.signature(eval(f"lambda {_SIGNATURES[name]}: None"))  # for help()
     return stub
 
 

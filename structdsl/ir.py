@@ -1,22 +1,24 @@
 """The intermediate representation every backend lowers.
 
-A spec becomes a :class:`Program`: a straight list of statements over fixed-shape integer
-and boolean state, with the noise reachable only through :class:`Race` and
-:class:`GroupRace` statements.  Expressions are kept as checked Python ``ast.expr`` nodes
-from a small subset (below), so every backend can print them in its own dialect and
-tracebacks point at the user's own lines.
+A spec becomes a :class:`Program`: a straight list of statements over fixed-shape int64 and
+bool state, with the noise reachable only through :class:`Race` and :class:`GroupRace`
+statements (and ``live(noise)``, the mask of atoms that can race).  Expressions are kept as
+checked Python ``ast.expr`` nodes from a small subset (below), so every backend can print
+them in its own dialect and tracebacks point at the user's own lines.  The type-and-shape
+pass (:mod:`structdsl.typecheck`) gives every node a dtype and a shape; backends lower from
+those types, never from NumPy's dynamic behaviour.
 
-Expression subset
------------------
-Integers are int64 and indexing follows NumPy (a negative index counts from the end; every
-backend must lower it the same way).
-
-names (parameters, locals, inlined constants), int/bool constants, tuples, ``+ - * // %``,
-``& | ^ ~``, comparisons, ``a if c else b``, subscripts ``x[i]``, ``x[i, j]``, ``x[mask]``,
-calls to the DSL functions of :mod:`structdsl.dsl`, and :class:`Pred` (a ``lambda`` over atom
-indices, only as a race's ``members``/``key`` or the atoms' ``valid``).  Inside a ``Pred``,
-``and``/``or``/``not`` and chained comparisons are rewritten to elementwise logical
-functions, because the predicate is evaluated on whole index grids.
+Expression subset and its one meaning
+-------------------------------------
+names (parameters, data parameters, locals, constants), int/bool constants, ``+ - * // % <<
+>>`` (int64; overflow and division by zero are errors; ``//`` and ``%`` floor), ``& | ^``
+(logical on bools, bitwise on ints), ``~`` (logical not on bools), ``not``/``and``/``or`` on
+bools (short-circuit on scalars, elementwise on arrays), single comparisons (chains become
+``and``), ``a if c else b``, subscripts ``x[i]``, ``x[i, :]``, ``x[int_array]`` with every
+index checked to lie in ``[0, dim)`` (no wrap-around), ``x[mask] = v`` (stores only), calls to
+the DSL functions of :mod:`structdsl.dsl`, and :class:`Pred` (a ``lambda`` over one atom's
+indices, only as a race's ``members``/``key`` or the atoms' ``valid``).  A predicate's value
+for an atom depends only on that atom's indices, the parameters and the state.
 
 Lowering rules (one row per construct; ``lane`` is one batch element)
 ---------------------------------------------------------------------
@@ -26,15 +28,18 @@ construct          numpy (reference)            numba (planned)                 
 Program            one Python function per      one ``@njit`` per semantics,     one function on ``[B, ...]``
                    lane, driven by a Python     ``prange`` over lanes            tensors, all lanes in lock-step
                    loop over the batch
-Assign / Store     numpy assignment             same, per lane                   batched write masked by the lane's
-                                                                                 ``active`` mask (``torch.where``)
+Assign / Store     checked ``__set``; arrays    same, per lane                   batched write masked by the lane's
+                   copied on assignment                                          ``active`` mask (``torch.where``)
+Subscript          checked ``__get``            bounds-checked in debug mode     gather with clamped indices, error
+                                                                                 flag for active lanes
 If                 Python ``if``                ``if``                           both branches run, writes masked
                                                                                  by ``cond`` and ``~cond``
-Loop(count)        ``for _ in range(count)``,   same                             ``count`` unrolled steps of a
-                   count static                                                  Python loop over masked bodies
+Loop(count)        ``for _ in range(count)``    same                             ``max count`` unrolled steps of a
+                                                                                 Python loop over masked bodies
 Break              ``break``                    ``break``                        lane's ``active`` mask cleared
-Pred               called on broadcasting       explicit loops over the atoms    called on broadcast index tensors
-                   index grids (``ogrid``)
+Pred               grid version on read-only    explicit loops over the atoms    grid-safe: broadcast index
+                   ``ogrid`` indices when                                        tensors; otherwise a loop over
+                   grid-safe, else per atom                                      atoms
 Race               handler call: argmin of      argmin over the live mask, or    masked argmin over the flattened
                    residuals over the member    next live item of one sorted     atoms, per lane
                    mask (sample/solve), fed     pass when ``nested``
