@@ -64,16 +64,32 @@ def chi2_sf(x, df):
 
 
 def chi2_gof(counts, expected_probs, min_expected=5.0):
-    """Chi-square goodness-of-fit p-value; categories with small expectation are pooled."""
+    """Chi-square goodness-of-fit p-value; categories with small expectation are pooled.
+
+    Every category with expected count below ``min_expected`` goes into one pool; if the
+    pool itself is still below ``min_expected``, the smallest remaining categories are
+    folded into it until it is not (a pool expecting 0.01 that sees one count would
+    otherwise contribute ~100 to the statistic: a false failure about 1% of the time).
+    A pool of expectation exactly 0 is dropped.
+    """
     counts = np.asarray(counts, dtype=np.float64)
     total = counts.sum()
     expected = np.asarray(expected_probs, dtype=np.float64) * total
     small = expected < min_expected
     if small.any():
-        counts = np.append(counts[~small], counts[small].sum())
-        expected = np.append(expected[~small], expected[small].sum())
-        if expected[-1] == 0:
-            counts, expected = counts[:-1], expected[:-1]
+        pool_count, pool_expected = counts[small].sum(), expected[small].sum()
+        counts, expected = counts[~small], expected[~small]
+        if pool_expected > 0:
+            order = np.argsort(expected, kind="stable")
+            k = 0
+            while pool_expected < min_expected and k < len(order):
+                pool_count += counts[order[k]]
+                pool_expected += expected[order[k]]
+                k += 1
+            keep = np.ones(len(counts), dtype=bool)
+            keep[order[:k]] = False
+            counts = np.append(counts[keep], pool_count)
+            expected = np.append(expected[keep], pool_expected)
     stat = float(np.sum((counts - expected) ** 2 / expected))
     return chi2_sf(stat, len(counts) - 1)
 
