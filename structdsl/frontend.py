@@ -1,13 +1,16 @@
 """Frontend and verifier: a spec's Python AST -> checked :class:`structdsl.ir.Program`.
 
 The verifier is what makes the stochastic invariant hold by construction.  The noise
-declared by ``atoms()`` may appear *only* as the first argument of ``race``/``race_groups``;
-every other name is a parameter, a local, a DSL function or an inlined constant.  So all
-state, every member set and the returned structure are functions of the parameters and the
-winners, never of noise values (DESIGN.md §2-3).  Anything else is rejected with the user's
-file and line: noise compared, combined, indexed, stored, passed on or used as a bound;
-randomness; I/O; globals that are not constants; loops without a static bound; nested
-functions; constructs outside the subset documented in :mod:`structdsl.ir`.
+declared by ``atoms()`` may appear *only* as the first argument of ``race``/``race_groups``
+(or of ``live``); every other name is a parameter, a local, a DSL function or an inlined
+constant.  So all state, every member set and the returned structure are functions of the
+parameters, the logits' support and the winners, never of noise values (docs/design.md,
+sections 1-3).  Anything else is rejected with the user's file and line: noise compared,
+combined, indexed, stored, passed on or used as a bound; randomness; I/O; globals that are
+not plain constants; undocumented keywords; reserved ``__`` names; loops without a static
+bound; recursion without a provable bound; constructs outside the subset documented in
+:mod:`structdsl.ir`.  Local functions are first desugared (:mod:`structdsl.recursion`); the
+types are checked afterwards (:mod:`structdsl.typecheck`).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import types
 from . import ir
 from .dsl import PRIMITIVES, PY_BUILTINS
 from .errors import SpecError
+from .recursion import desugar
 
 _RACES = ("race", "race_groups")
 _SHAPED = ("arange", "zeros", "ones", "full")          # their shape argument must be static
@@ -37,8 +41,7 @@ _INT64 = (-2**63, 2**63 - 1)
 # Statements outside the subset, with the reason shown to the user.
 _REJECTED_STMTS = {
     ast.While: "unbounded loop: write `for _ in range(bound):` with a static bound and `break`",
-    ast.FunctionDef: "nested functions and recursion are outside the DSL: race every open "
-                     "span at once with race_groups (see specs/binary_tree.py)",
+    ast.FunctionDef: "define local functions at the top level of the spec",
     ast.AsyncFunctionDef: "async functions are outside the DSL",
     ast.ClassDef: "class definitions are outside the DSL",
     ast.Import: "imports are outside the DSL (no randomness, no I/O inside a spec)",
@@ -69,7 +72,10 @@ def parse_spec(spec) -> ir.Program:
     fdef = tree.body[0]
     if not isinstance(fdef, ast.FunctionDef):
         raise SpecError("@spec must decorate a plain `def`", file, first)
-    return _Frontend(spec, fn, fdef, file).program()
+    frontend = _Frontend(spec, fn, fdef, file)
+    frontend.check_reserved(fdef)                 # the user's names, before the compiler adds its own
+    frontend.fdef = desugar(fdef, file)           # local functions -> stacks and a dispatch loop
+    return frontend.program()
 
 
 def _dedent(lines):
@@ -118,7 +124,6 @@ class _Frontend:
         a = f.args
         if a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs:
             self.fail(f, "a spec takes plain parameters only (sizes and static parameters)")
-        self.check_reserved(f)
         self.params = tuple(arg.arg for arg in a.args)
         defaults = dict(zip(self.params[len(self.params) - len(a.defaults):],
                             self.fn.__defaults__ or ()))

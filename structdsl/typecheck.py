@@ -28,6 +28,7 @@ Typing rules (the one meaning every backend lowers):
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 
 from . import ir
@@ -84,11 +85,17 @@ class Typing:
         return self._grid[id(pred)]
 
     def __str__(self):
-        width = max((len(n) for n in self.locals), default=4)
-        rows = [f"types of {self.name}:"]
-        rows += [f"  {n:<{width}}  {t}   (line {self.lines[n]})" for n, t in self.locals.items()]
-        rows.append("structure: " + ", ".join(f"{n} {t}" for n, t in self.outputs.items()))
-        return "\n".join(rows)
+        rows = []
+        for n, t in self.locals.items():
+            stack = re.fullmatch(r"__S_(\w+?)__(\w+)", n)
+            if stack:       # a local function's local: one slot per activation on a stack
+                rows.append((f"{stack[1]}.{stack[2]}", f"int64 per call (stack of {t.shape[0]})", self.lines[n]))
+            elif not n.startswith("__"):                       # the compiler's own temporaries
+                rows.append((n, str(t), self.lines[n]))
+        width = max((len(r[0]) for r in rows), default=4)
+        out = [f"types of {self.name}:"] + [f"  {n:<{width}}  {t}   (line {line})" for n, t, line in rows]
+        out.append("structure: " + ", ".join(f"{n} {t}" for n, t in self.outputs.items()))
+        return "\n".join(out)
 
     __repr__ = __str__
 
@@ -121,6 +128,8 @@ class _Checker:
     # ---- helpers ------------------------------------------------------------------------
     def fail(self, where, message):
         line = where if isinstance(where, int) else getattr(where, "lineno", None)
+        # a local of a local function lives in a stack slot: show the user's name
+        message = re.sub(r"__S_\w+?__(\w+)\[__sp\]", r"\1", message)
         raise SpecError(message, self.p.file, line)
 
     def dim(self, node):
