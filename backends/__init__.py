@@ -6,7 +6,7 @@ knows any particular structure: they compile whatever spec they are given.
 """
 import importlib
 
-_BACKENDS = {"numpy": "structdsl.backends.numpy_reference"}
+_BACKENDS = {"numpy": "structdsl.backends.numpy_reference", "numba": "structdsl.backends.numba_backend"}
 
 
 def program_class(name):

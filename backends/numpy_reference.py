@@ -611,8 +611,9 @@ class _Lane:
         return cls(message, p.file, p.races[rid])
 
     def live(self):
-        """``live(noise)``: valid atoms whose logit is above -inf (read-only)."""
-        return self.initially_live
+        """``live(noise)``: valid atoms whose logit is above -inf (a fresh array: a local
+        holding it may be written)."""
+        return self.initially_live.copy()
 
     def _values(self, rid, members, dtype):
         if members is None:

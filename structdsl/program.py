@@ -47,6 +47,7 @@ class Instance:
     atom_shape: tuple
     valid: np.ndarray           # bool [*atom_shape]
     max_races: int
+    types: object = None        # the type pass at these sizes (structdsl.typecheck.Typing)
 
     @property
     def num_atoms(self):
@@ -187,10 +188,10 @@ class Program:
                              f"dims {dims}; got trailing dims {atom_shape}")
         if any(d <= 0 for d in dims):
             raise ValueError(f"{p.name}: every atoms dimension must be positive, got {dims}")
-        self._typecheck(params)            # every shape that meets agrees at these sizes
+        types = self._typecheck(params)    # every shape that meets agrees at these sizes
         valid = self._valid_mask({**params, **self._constant_arrays(), **self.data}, dims)
         bound = min(_race_bound(p, p.body, env, {}), int(valid.sum()))
-        return Instance({**params, **self.data}, dims, valid, bound)
+        return Instance({**params, **self.data}, dims, valid, bound, types)
 
     def max_races(self, atom_shape):
         """Trace length for logits with trailing dims ``atom_shape``."""
@@ -282,8 +283,22 @@ class Program:
         """
         t, logits, batch, inst = self._check_trace(trace, logits)
         with self._naming_lanes(batch):
-            logp, _ = self._replay(inst, t, logits)
+            logp, _, _ = self._score(inst, t, logits, False, None)
         return logp.reshape(batch)
+
+    def log_prob_and_grad(self, trace, logits):
+        """log p(trace) and its analytic gradient with respect to the logits.
+
+        ``d log p / d logits_i = [i won a race] - sum over races r with i in S_r of
+        softmax(logits[S_r])_i``: no autograd graph is needed.  Shapes as :meth:`log_prob`;
+        returns ``(logp [*batch], grad [*batch, *atom_shape])``; the gradient is 0 at atoms
+        that never raced and where ``logp`` is ``-inf``.
+        """
+        t, logits, batch, inst = self._check_trace(trace, logits)
+        with self._naming_lanes(batch):
+            logp, grad, _ = self._score(inst, t, logits, True, None)
+        grad = np.where(np.isneginf(logp)[:, None], 0.0, grad)
+        return logp.reshape(batch), grad.reshape(batch + inst.atom_shape)
 
     def conditional_noise(self, trace, logits, *, uniforms=None, seed=None):
         """Sample the noise given the trace, ``E | T`` (exact, reparameterised).
@@ -295,15 +310,15 @@ class Program:
         reproduces ``trace``.  Returns float64 ``[*batch, *atom_shape]``.
         """
         t, logits, batch, inst = self._check_trace(trace, logits)
+        R, A = inst.max_races, inst.num_atoms
+        u = self._uniforms(uniforms, seed, batch + (R + A,), "uniforms").reshape(-1, R + A)
         with self._naming_lanes(batch):
-            logp, members = self._replay(inst, t, logits)
+            logp, _, noise = self._score(inst, t, logits, False, u)
         if np.isneginf(logp).any():
             lane = int(np.argmax(np.isneginf(logp)))
             raise ValueError(f"trace (flat batch index {lane}) has probability zero under these "
                              f"logits: there is no noise that produces it")
-        R, A = inst.max_races, inst.num_atoms
-        u = self._uniforms(uniforms, seed, batch + (R + A,), "uniforms").reshape(-1, R + A)
-        return self._noise_given_trace(inst, t, logits, members, u).reshape(batch + inst.atom_shape)
+        return noise.reshape(batch + inst.atom_shape)
 
     def enumerate(self, logits=None, *, rates=None, max_traces=20000):
         """Every trace with its structure and exact probability (small sizes only).
@@ -382,6 +397,22 @@ class Program:
         if not ((u > 0) & (u < 1)).all():
             raise ValueError(f"{what} must lie strictly inside (0, 1)")
         return u
+
+    def _score(self, inst, traces, logits, want_grad, uniforms):
+        """``(log p [B], grad [B, A] or None, E | T noise [B, A] or None)`` from the member
+        sets the backend's ``_replay`` records (a backend may compute them directly)."""
+        logp, members = self._replay(inst, traces, logits)
+        grad = noise = None
+        if want_grad:
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                lse = _masked_logsumexp(logits[:, None, :], members)                    # [B, R]
+                share = np.where(members, np.exp(logits[:, None, :] - lse[:, :, None]), 0.0)
+            grad = -share.sum(axis=1)
+            rows, slots = np.nonzero(traces >= 0)
+            np.add.at(grad, (rows, traces[rows, slots]), 1.0)
+        if uniforms is not None and not np.isneginf(logp).any():
+            noise = self._noise_given_trace(inst, traces, logits, members, uniforms)
+        return logp, grad, noise
 
     def _noise_given_trace(self, inst, traces, logits, members, u):
         """E | T from the member masks of every race (DESIGN.md §2, item 2), in log space

@@ -1,0 +1,594 @@
+"""Numba backend: every spec compiled to native code, parallel over the batch.
+
+The IR and its types are lowered to the source of one ``lane`` function (the spec's own
+statements, per batch element) and two drivers, ``solve_all`` and ``score_all``, that run
+``lane`` over the batch with ``prange``.  The source is written once to a per-user cache
+directory under a name keyed by the hash of the source itself, so Numba's on-disk cache
+(``cache=True``) serves every later process.  Nothing here knows any structure: predicates
+become loops over the atoms, races calls to the kernels of :mod:`numba_kernels`.
+
+Meaning (the reference's, see docs/design.md section 3): indices are always checked (an
+out-of-range index, a division by zero, an empty race or a broken nesting promise records
+an error code; Python raises it with the spec line and the batch element).  int64 overflow
+is not checked here (the reference backend and ``check_spec`` check it).  ``enumerate``
+delegates to the reference backend.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from structdsl import errors, ir
+from structdsl.program import Program as _BaseProgram
+from structdsl.typecheck import Type
+
+_CACHE_ENV = "STRUCTDSL_CACHE_DIR"
+
+
+def cache_dir():
+    """Where generated sources (and Numba's cache next to them) live."""
+    root = os.environ.get(_CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "structdsl")
+    path = Path(root) / "numba"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class LoweringError(errors.SpecError):
+    """A construct the numba backend does not lower (yet)."""
+
+
+def _name(x, ctx=None):
+    return ast.Name(x, ctx or ast.Load())
+
+
+def _call(fn, *args):
+    func = _name(fn) if isinstance(fn, str) else fn
+    return ast.Call(func, list(args), [])
+
+
+def _attr(value, attr):
+    return ast.Attribute(value, attr, ast.Load())
+
+
+def _np(attr):
+    return _attr(_name("__np"), attr)
+
+
+_STATE = ["__alive", "__live0", "__res", "__tr", "__st", "__fs", "__grad", "__lsum", "__u", "__pkey",
+          "__log_space", "__flags"]
+_ARITH = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.LShift, ast.RShift)
+
+
+class _Codegen:
+    """IR -> the source of a Numba module (one ``lane`` function and two drivers)."""
+
+    def __init__(self, program: ir.Program, typing):
+        self.p, self.types = program, typing
+        self.codes = []                  # error code - 1 -> (error class name, line, message)
+        self.rename = {}                 # predicate parameters -> their loop names
+        self.count = 0
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def code(self, cls, line, message):
+        self.codes.append((cls, line, message))
+        return ast.Constant(len(self.codes))
+
+    def temp(self, kind="t"):
+        self.count += 1
+        return f"__{kind}{self.count}"
+
+    def fail(self, node, message):
+        raise LoweringError(f"the numba backend cannot lower this: {message}", self.p.file,
+                            getattr(node, "lineno", None))
+
+    def t(self, node):
+        return self.types.of(node)
+
+    def as_int(self, x, t):
+        if t.dtype == "bool":
+            return _call(_attr(x, "astype"), _np("int64")) if t.ndim else _call(_np("int64"), x)
+        return x
+
+    def convert(self, x, t, dtype):
+        return self.as_int(x, t) if dtype == "int" else x
+
+    # ---- expressions -------------------------------------------------------------------------
+    def expr(self, node):
+        out = self._expr(node)
+        return ast.copy_location(out, node) if hasattr(node, "lineno") else out
+
+    def _expr(self, node):
+        if isinstance(node, ast.Constant):
+            return ast.Constant(node.value)
+        if isinstance(node, ast.Name):
+            return _name(self.rename.get(node.id, node.id))
+        if isinstance(node, ast.Tuple):
+            return ast.Tuple([self.expr(e) for e in node.elts], ast.Load())
+        if isinstance(node, ast.BinOp):
+            return self.binop(node.op, self.expr(node.left), self.t(node.left),
+                              self.expr(node.right), self.t(node.right), node)
+        if isinstance(node, ast.UnaryOp):
+            x, t = self.expr(node.operand), self.t(node.operand)
+            if isinstance(node.op, (ast.USub, ast.UAdd)):
+                return ast.UnaryOp(node.op, self.as_int(x, t))
+            if isinstance(node.op, ast.Not) or (isinstance(node.op, ast.Invert) and t.dtype == "bool" and not t.ndim):
+                return ast.UnaryOp(ast.Not(), x)
+            return ast.UnaryOp(ast.Invert(), x)           # bool arrays: logical; ints: bitwise
+        if isinstance(node, ast.BoolOp):
+            values = [self.expr(v) for v in node.values]
+            if any(self.t(v).ndim for v in node.values):
+                fn = _np("logical_and" if isinstance(node.op, ast.And) else "logical_or")
+                out = values[0]
+                for v in values[1:]:
+                    out = _call(fn, out, v)
+                return out
+            return ast.BoolOp(node.op, values)              # scalars: short-circuit
+        if isinstance(node, ast.Compare):
+            return ast.Compare(self.expr(node.left), node.ops, [self.expr(node.comparators[0])])
+        if isinstance(node, ast.IfExp):
+            dtype = self.t(node).dtype
+            body = self.convert(self.expr(node.body), self.t(node.body), dtype)
+            orelse = self.convert(self.expr(node.orelse), self.t(node.orelse), dtype)
+            if self.t(node.test).ndim:
+                return _call(_np("where"), self.expr(node.test), body, orelse)
+            return ast.IfExp(self.expr(node.test), body, orelse)
+        if isinstance(node, ast.Subscript):
+            out = self.subscript(node, "read")
+            return _call(_attr(out, "copy")) if self.t(node).ndim else out
+        if isinstance(node, ast.Call):
+            return self.call(node)
+        self.fail(node, type(node).__name__)
+
+    def binop(self, op, left, lt, right, rt, where):
+        if isinstance(op, _ARITH):
+            left, right = self.as_int(left, lt), self.as_int(right, rt)
+            if isinstance(op, (ast.FloorDiv, ast.Mod)):
+                code = self.code("SpecZeroDivisionError", where.lineno,
+                                 f"integer {'division' if isinstance(op, ast.FloorDiv) else 'modulo'} by zero")
+                right = _call("__nonzero_a" if rt.ndim else "__nonzero_s", right, _name("__st"), code)
+            return ast.BinOp(left, op, right)
+        if not (lt.dtype == rt.dtype == "bool"):         # & | ^ mixing bool and int: bitwise
+            left, right = self.as_int(left, lt), self.as_int(right, rt)
+        return ast.BinOp(left, op, right)
+
+    def subscript(self, node, what):
+        """``x[...]`` with every integer index checked (an AST usable as load or store)."""
+        base = node.value
+        x = self.expr(base)
+        elts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        arrays = [e for e in elts if not isinstance(e, ast.Slice) and self.t(e).ndim]
+        if arrays:
+            if len(elts) != 1 or self.t(base).ndim != 1:
+                self.fail(node, "a gather x[idx] other than a 1-d array indexed by one int array")
+            code = self.code("SpecIndexError", node.lineno, f"{what} index out of range")
+            return _call("__gather1", x, self.expr(elts[0]), _name("__st"), code)
+        out = []
+        for axis, e in enumerate(elts):
+            if isinstance(e, ast.Slice):
+                out.append(ast.Slice(None, None, None))
+                continue
+            code = self.code("SpecIndexError", node.lineno,
+                             f"{what} index out of range for axis {axis} (negative or past the end)")
+            dim = ast.Subscript(_attr(x, "shape"), ast.Constant(axis), ast.Load())
+            out.append(_call("__ck", self.expr(e), dim, _name("__st"), code))
+        index = out[0] if len(out) == 1 else ast.Tuple(out, ast.Load())
+        return ast.Subscript(x, index, ast.Load())
+
+    def shape(self, node):
+        elts = node.elts if isinstance(node, ast.Tuple) else [node]
+        return ast.Tuple([self.static(e) for e in elts], ast.Load())
+
+    def static(self, node):
+        """A static expression (parameters, ints, arithmetic, min/max/abs): not typed by the
+        pass, always an int."""
+        if isinstance(node, ast.Call):
+            return _call(f"__{node.func.id}", *[self.static(a) for a in node.args])
+        if isinstance(node, ast.BinOp):
+            return ast.BinOp(self.static(node.left), node.op, self.static(node.right))
+        if isinstance(node, ast.UnaryOp):
+            return ast.UnaryOp(node.op, self.static(node.operand))
+        if isinstance(node, ast.Name):
+            return _name(node.id)
+        return ast.Constant(node.value)
+
+    @staticmethod
+    def dtype(node, default):
+        name = node.id if isinstance(node, ast.Name) else default
+        return _np("bool_" if name == "bool" else "int64")
+
+    def call(self, node):
+        name, args = node.func.id, node.args
+        kws = {k.arg: k.value for k in node.keywords}
+        t = self.t(node)
+        if name == "live":
+            dims = [_name(f"__d{i}") for i in range(len(self.p.atoms.dims))]
+            return _call(_attr(_call(_attr(_name("__live0"), "reshape"), ast.Tuple(dims, ast.Load())), "copy"))
+        if name == "arange":
+            return _call(_np("arange"), self.static(args[0]))
+        if name in ("zeros", "ones"):
+            dt = args[1] if len(args) > 1 else kws.get("dtype")
+            return _call(_np(name), self.shape(args[0]), self.dtype(dt, "int"))
+        if name == "full":
+            dtype = _np("bool_" if t.dtype == "bool" else "int64")
+            return _call(_np("full"), self.shape(args[0]), self.convert(self.expr(args[1]), self.t(args[1]), t.dtype), dtype)
+        xs = [self.expr(a) for a in args]
+        ts = [self.t(a) for a in args]
+        if name == "where":
+            a, b = self.convert(xs[1], ts[1], t.dtype), self.convert(xs[2], ts[2], t.dtype)
+            if not t.ndim:
+                return ast.IfExp(xs[0], a, b)
+            return _call(_np("where"), xs[0], a, b)
+        if name in ("minimum", "maximum") or (name in ("min", "max") and len(args) >= 2):
+            fn = "minimum" if name in ("minimum", "min") else "maximum"
+            xs = [self.convert(x, tt, t.dtype) for x, tt in zip(xs, ts)]
+            out = xs[0]
+            for x in xs[1:]:
+                out = _call(_np(fn), out, x) if t.ndim else _call("__" + fn[:3], out, x)
+            return out
+        if name in ("min", "max", "argmin", "argmax"):
+            helper = {"min": "__reduce_min", "max": "__reduce_max", "argmin": "__arg_min", "argmax": "__arg_max"}[name]
+            code = self.code("SpecValueError", node.lineno, f"{name}() of an empty array")
+            return _call(helper, xs[0], _name("__st"), code)
+        if name in ("any", "all"):
+            return _call(_np(name), xs[0])
+        if name == "sum":
+            return _call("__total", xs[0])
+        if name == "abs":
+            x = self.as_int(xs[0], ts[0])
+            return _call(_np("abs"), x) if t.ndim else _call("__abs", x)
+        if name == "int":
+            return _call(_np("int64"), xs[0])
+        if name == "bool":
+            return xs[0] if ts[0].dtype == "bool" else ast.Compare(xs[0], [ast.NotEq()], [ast.Constant(0)])
+        self.fail(node, f"{name}()")
+
+    # ---- statements ----------------------------------------------------------------------------
+    def block(self, stmts):
+        out = []
+        for s in stmts:
+            for node in self.statement(s):
+                ast.copy_location(node, ast.Pass(lineno=s.line, col_offset=0))
+                out.append(node)
+        return out
+
+    def check(self):
+        return ast.If(ast.Compare(ast.Subscript(_name("__st"), ast.Constant(0), ast.Load()), [ast.NotEq()],
+                                  [ast.Constant(0)]), [ast.Return(None)], [])
+
+    def value_for(self, name, node):
+        x, t = self.expr(node), self.t(node)
+        if t.ndim and isinstance(node, ast.Name):
+            x = _call(_attr(x, "copy"))
+        return self.convert(x, t, self.types.locals[name].dtype)
+
+    def store(self, target, value, vtype):
+        """``target[...] = value``."""
+        elts = target.slice.elts if isinstance(target.slice, ast.Tuple) else [target.slice]
+        sel = self.t(target)
+        if sel.shape == ("mask",):
+            return [ast.Expr(_call("__mask_set", self.expr(target.value), self.expr(elts[0]), value))]
+        value = self.convert(value, vtype, self.types.locals[target.value.id].dtype)
+        return [ast.Assign([self.subscript(target, "write")], value)]
+
+    def statement(self, s):
+        if isinstance(s, ir.Assign):
+            out = []
+            for target in s.targets:
+                if isinstance(target, ast.Tuple):
+                    temps = [self.temp() for _ in target.elts]
+                    out.append(ast.Assign([ast.Tuple([_name(t, ast.Store()) for t in temps], ast.Store())],
+                                          ast.Tuple([self.value_for(t.id, v) if isinstance(t, ast.Name) else self.expr(v)
+                                                     for t, v in zip(target.elts, s.value.elts)], ast.Load())))
+                    for t, temp, v in zip(target.elts, temps, s.value.elts):
+                        if isinstance(t, ast.Name):
+                            out.append(ast.Assign([_name(t.id, ast.Store())], _name(temp)))
+                        else:
+                            out += self.store(t, _name(temp), self.t(v))
+                elif isinstance(target, ast.Name):
+                    out.append(ast.Assign([_name(target.id, ast.Store())], self.value_for(target.id, s.value)))
+                else:
+                    out += self.store(target, self.expr(s.value), self.t(s.value))
+            return out
+        if isinstance(s, ir.AugAssign):
+            target = s.target
+            if isinstance(target, ast.Name):
+                new = self.binop(s.op, _name(target.id), self.t(target), self.expr(s.value), self.t(s.value), s.target)
+                return [ast.Assign([_name(target.id, ast.Store())],
+                                   self.convert(new, self.t(target), self.types.locals[target.id].dtype))]
+            elts = target.slice.elts if isinstance(target.slice, ast.Tuple) else [target.slice]
+            out, fixed = [], []
+            for e in elts:                          # evaluate (and check) each index once
+                if isinstance(e, ast.Slice):
+                    fixed.append(e)
+                    continue
+                temp = self.temp("i")
+                out.append(ast.Assign([_name(temp, ast.Store())], self.expr(e)))
+                node = ast.copy_location(_name(temp), e)
+                self.types._exprs[id(node)] = self.t(e)
+                fixed.append(node)
+            sub = ast.copy_location(ast.Subscript(target.value, ast.Tuple(fixed, ast.Load()) if len(fixed) > 1
+                                                  else fixed[0], ast.Load()), target)
+            self.types._exprs[id(sub)] = self.t(target)
+            current = self.subscript(sub, "read")
+            new = self.binop(s.op, current, self.t(target), self.expr(s.value), self.t(s.value), target)
+            both_bool = self.t(target).dtype == self.t(s.value).dtype == "bool"
+            result = Type("bool" if both_bool and not isinstance(s.op, _ARITH) else "int", self.t(target).shape)
+            return out + self.store(sub, new, result)
+        if isinstance(s, ir.If):
+            return [ast.If(self.expr(s.test), self.block(s.body) or [ast.Pass()], self.block(s.orelse))]
+        if isinstance(s, ir.Loop):
+            return [ast.For(_name(s.var, ast.Store()), _call("__range", self.expr(s.count)),
+                            [self.check()] + (self.block(s.body) or [ast.Pass()]), [])]
+        if isinstance(s, ir.Break):
+            return [ast.Break()]
+        if isinstance(s, ir.Race):
+            return self.race(s)
+        if isinstance(s, ir.GroupRace):
+            return self.race_groups(s)
+        raise TypeError(type(s).__name__)  # pragma: no cover
+
+    def fill(self, members, buffer, dtype):
+        """Statements writing a predicate's (or mask's) value for every atom into ``buffer``."""
+        if members is None:
+            return [ast.Assign([ast.Subscript(_name(buffer), ast.Slice(None, None, None), ast.Store())],
+                               ast.Constant(True))]
+        if not isinstance(members, ir.Pred):
+            flat = _call(_attr(self.expr(members), "reshape"), ast.UnaryOp(ast.USub(), ast.Constant(1)))
+            return [ast.Assign([ast.Subscript(_name(buffer), ast.Slice(None, None, None), ast.Store())], flat)]
+        names = [f"__x{i}" for i in range(len(members.params))]
+        self.rename = dict(zip(members.params, names))
+        try:
+            value = self.expr(members.body)
+        finally:
+            self.rename = {}
+        body = self.unravel(_name("__a"), names) + [
+            ast.Assign([ast.Subscript(_name(buffer), _name("__a"), ast.Store())], value)]
+        return [ast.For(_name("__a", ast.Store()), _call("__range", _name("__A")), body, [])]
+
+    def unravel(self, flat, names):
+        """``names`` = the multi-index of the flat atom index ``flat`` (C order)."""
+        if len(names) == 1:
+            return [ast.Assign([_name(names[0], ast.Store())], flat)]
+        out, rest = [], _name("__r")
+        out.append(ast.Assign([_name("__r", ast.Store())], flat))
+        for axis in range(len(names) - 1, 0, -1):
+            out.append(ast.Assign([_name(names[axis], ast.Store())], ast.BinOp(rest, ast.Mod(), _name(f"__d{axis}"))))
+            out.append(ast.Assign([_name("__r", ast.Store())], ast.BinOp(rest, ast.FloorDiv(), _name(f"__d{axis}"))))
+        out.append(ast.Assign([_name(names[0], ast.Store())], rest))
+        return out
+
+    def race_args(self, s):
+        line = s.line
+        empty = self.code("EmptyRaceError", line, "race has no live member (every candidate is retired, "
+                          "invalid or at logit -inf; race(..., allow_empty=True) returns -1 instead)")
+        nest = self.code("NestingError", line, f"spec {self.p.name!r} declares nested=True, but this race's "
+                         f"members are not inside one member set of the previous race")
+        return [_name(x) for x in _STATE[:1] + _STATE[2:]], ast.Constant(s.allow_empty), empty, nest
+
+    def race(self, s):
+        out = self.fill(s.members, "__mb", "bool")
+        state, allow, empty, nest = self.race_args(s)
+        w = self.temp("w")
+        call = _call("__race", _name("__mode"), _name("__mb"), *state, allow, empty, nest)
+        out += [ast.Assign([_name(w, ast.Store())], call), self.check()]
+        if len(s.targets) == 1:
+            out.append(ast.Assign([_name(s.targets[0], ast.Store())], _name(w)))
+            return out
+        idx = [self.temp("x") for _ in s.targets]
+        out += [ast.If(ast.Compare(_name(w), [ast.GtE()], [ast.Constant(0)]),
+                       self.unravel(_name(w), idx),
+                       [ast.Assign([_name(i, ast.Store())], ast.Constant(-1)) for i in idx])]
+        out += [ast.Assign([_name(t, ast.Store())], _name(i)) for t, i in zip(s.targets, idx)]
+        return out
+
+    def race_groups(self, s):
+        out = self.fill(s.key, "__kb", "int")
+        state, allow, empty, nest = self.race_args(s)
+        key = self.code("SpecValueError", s.line, "race_groups key outside [-1, groups)")
+        g = self.temp("g")
+        call = _call("__race_groups", _name("__mode"), _name("__kb"), self.static(s.groups), *state, allow, empty, nest, key)
+        out += [ast.Assign([_name(g, ast.Store())], call), self.check()]
+        if len(s.targets) == 1:
+            out.append(ast.Assign([_name(s.targets[0], ast.Store())], _name(g)))
+            return out
+        rest = _name(g)
+        dims = len(s.targets)
+        for axis in range(dims - 1, -1, -1):
+            part = rest if axis == 0 else ast.BinOp(rest, ast.Mod(), _name(f"__d{axis}"))
+            out.append(ast.Assign([_name(s.targets[axis], ast.Store())],
+                                  _call(_np("where"), ast.Compare(_name(g), [ast.GtE()], [ast.Constant(0)]),
+                                        part, ast.UnaryOp(ast.USub(), ast.Constant(1)))))
+            rest = ast.BinOp(rest, ast.FloorDiv(), _name(f"__d{axis}"))
+        return out
+
+    # ---- the module ------------------------------------------------------------------------------
+    def module(self):
+        p = self.p
+        params = list(p.params)
+        outs = [f"__out_{o}" for o in p.outputs]
+        lane_args = ["__mode", "__b"] + params + _STATE + outs
+        body = [ast.Assign([_name(f"__d{i}", ast.Store())], self.static(d)) for i, d in enumerate(p.atoms.dims)]
+        body += [ast.Assign([_name("__A", ast.Store())], _attr(_name("__alive"), "size")),
+                 ast.Assign([_name("__mb", ast.Store())], _call(_np("empty"), _name("__A"), _np("bool_"))),
+                 ast.Assign([_name("__kb", ast.Store())], _call(_np("empty"), _name("__A"), _np("int64")))]
+        body += self.block(p.body)
+        body.append(self.check())
+        writes = [ast.Assign([ast.Subscript(_name(o), _name("__b"), ast.Store())], _name(f))
+                  for o, f in zip(outs, p.outputs)]
+        body.append(ast.If(ast.Compare(_name("__mode"), [ast.Eq()], [ast.Constant(0)]), writes, []))
+        lane = _function("lane", lane_args, body, "@njit(cache=True, error_model='numpy')")
+        src = [
+            f"# generated by structdsl from spec {p.name!r} ({p.file}); do not edit",
+            "# every name the generated code uses starts with '__': spec names never do",
+            "import numpy as __np",
+            "from numba import njit, prange",
+            "from structdsl.backends.numba_kernels import arg_max as __arg_max, arg_min as __arg_min, \\",
+            "    ck as __ck, finish_score as __finish_score, gather1 as __gather1, mask_set as __mask_set, \\",
+            "    nonzero_a as __nonzero_a, nonzero_s as __nonzero_s, race as __race, \\",
+            "    race_groups as __race_groups, reduce_max as __reduce_max, reduce_min as __reduce_min, \\",
+            "    total as __total",
+            "__range, __min, __max, __abs = range, min, max, abs",
+            "", "",
+            ast.unparse(_locate(lane)),
+            "", "",
+            _DRIVERS.format(params="".join(f"{x}, " for x in params), outs=", ".join(outs) or "",
+                            outs_comma="".join(f", {o}" for o in outs)),
+        ]
+        return "\n".join(src)
+
+
+def _function(name, args, body, decorator):
+    fn = ast.FunctionDef(name, ast.arguments(posonlyargs=[], args=[ast.arg(a) for a in args], kwonlyargs=[],
+                                             kw_defaults=[], defaults=[]), body, [], None, None)
+    if "type_params" in ast.FunctionDef._fields:
+        fn.type_params = []
+    text = ast.unparse(_locate(fn))
+    return ast.parse(decorator + "\n" + text).body[0]
+
+
+def _locate(node):
+    for n in ast.walk(node):
+        if "lineno" in n._attributes:
+            n.lineno = getattr(n, "lineno", 1) or 1
+            n.col_offset = getattr(n, "col_offset", 0) or 0
+            n.end_lineno = getattr(n, "end_lineno", None) or n.lineno
+            n.end_col_offset = getattr(n, "end_col_offset", None) or 0
+    return node
+
+
+_DRIVERS = '''@njit(parallel=True, cache=True, error_model='numpy')
+def solve_all({params}__alive, __res, __tr, __st, __log_space{outs_comma}):
+    __B, __A = __alive.shape
+    __empty = __np.zeros(0)
+    __mode = __np.int64(0)             # variables, not literals: one compiled lane serves both
+    __flags = __np.int64(0)
+    for __b in prange(__B):
+        __live0 = __alive[__b].copy()
+        __pkey = __np.full(__A, -1, __np.int64)
+        __fs = __np.zeros(1)
+        lane(__mode, __np.int64(__b), {params}__alive[__b], __live0, __res[__b], __tr[__b], __st[__b], __fs,
+             __empty, __empty, __empty, __pkey, __log_space, __flags{outs_comma})
+
+
+@njit(parallel=True, cache=True, error_model='numpy')
+def score_all({params}__alive, __logits, __tr, __st, __fs, __grad, __lsum, __u, __noise, __flags{outs_comma}):
+    __B, __A = __alive.shape
+    __R = __tr.shape[1]
+    __mode = __np.int64(1)
+    __log_space = __np.bool_(False)
+    for __b in prange(__B):
+        __live0 = __alive[__b].copy()
+        __pkey = __np.full(__A, -1, __np.int64)
+        lane(__mode, __np.int64(0), {params}__alive[__b], __live0, __logits[__b], __tr[__b], __st[__b], __fs[__b],
+             __grad[__b], __lsum[__b], __u[__b], __pkey, __log_space, __flags{outs_comma})
+        if __st[__b, 0] == 0:
+            __finish_score(__tr[__b], __st[__b], __lsum[__b], __logits[__b], __live0, __u[__b, __R:],
+                           __noise[__b], __flags)
+'''
+
+
+def load(source):
+    """Import the generated module from the cache directory (written once per hash)."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    name = f"structdsl_gen_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = cache_dir() / f"{name}.py"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source)
+        os.replace(tmp, path)                        # atomic: concurrent processes agree
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Program(_BaseProgram):
+    """A spec compiled to native code with Numba (see :class:`structdsl.program.Program`).
+
+    ``prog.source`` shows the generated module; the first call of each semantics compiles
+    it (or loads Numba's cache); the batch runs in parallel on ``numba.get_num_threads()``
+    threads.
+    """
+
+    backend = "numba"
+
+    def __init__(self, spec, **static_params):
+        super().__init__(spec, **static_params)
+        from .numpy_reference import Program as Reference
+        self.reference = Reference(spec, **static_params)   # valid masks and enumeration
+        gen = _Codegen(self.ir, self.types)
+        self.source = gen.module()
+        self._codes = gen.codes
+        self._module = load(self.source)
+
+    def _valid_mask(self, params, dims):
+        return self.reference.instance(dims).valid
+
+    def _enumerate(self, inst, weights, exact, max_traces):
+        return self.reference._enumerate(self.reference.instance(inst.atom_shape), weights, exact, max_traces)
+
+    def _args(self, inst):
+        args = []
+        for p in self.ir.params:
+            v = inst.params[p]
+            args.append(v if isinstance(v, np.ndarray) else np.int64(v))
+        return args
+
+    def _outputs(self, inst, lead):
+        out = []
+        for name in self.ir.outputs:
+            t = inst.types.outputs[name]
+            out.append(np.zeros((lead,) + tuple(d.value for d in t.shape),
+                                dtype=bool if t.dtype == "bool" else np.int64))
+        return out
+
+    def _raise(self, st):
+        bad = np.flatnonzero(st[:, 0] > 0)
+        if bad.size:
+            lane = int(bad[0])
+            cls, line, message = self._codes[int(st[lane, 0]) - 1]
+            raise getattr(errors, cls)(message, self.ir.file, line, lane)
+
+    def _solve(self, inst, weights, log_space):
+        B, A = weights.shape
+        alive = (weights < np.inf) & inst.valid.reshape(-1)
+        res = np.ascontiguousarray(weights, dtype=np.float64).copy()
+        tr = np.full((B, inst.max_races), -1, dtype=np.int64)
+        st = np.zeros((B, 4), dtype=np.int64)
+        st[:, 2] = 1 if self.ir.nested else 0
+        outs = self._outputs(inst, B)
+        self._module.solve_all(*self._args(inst), alive, res, tr, st, np.bool_(log_space), *outs)
+        self._raise(st)
+        return tr, outs
+
+    def _score(self, inst, traces, logits, want_grad, uniforms):
+        from .numba_kernels import IMPOSSIBLE, WANT_GRAD, WANT_NOISE
+        B, A = logits.shape
+        R = inst.max_races
+        alive = inst.valid.reshape(-1) & ~np.isneginf(logits)
+        tr = np.ascontiguousarray(traces, dtype=np.int64).copy()
+        st = np.zeros((B, 4), dtype=np.int64)
+        st[:, 2] = 1 if self.ir.nested else 0
+        fs = np.zeros((B, 1))
+        grad = np.zeros((B, A) if want_grad else (B, 0))
+        noisy = uniforms is not None
+        lsum = np.full((B, A) if noisy else (B, 0), -np.inf)
+        noise = np.zeros((B, A) if noisy else (B, 0))
+        u = np.array(uniforms, dtype=np.float64) if noisy else np.full((B, R + A), 0.5)
+        flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0)
+        outs = [o[:1] for o in self._outputs(inst, 1)]
+        self._module.score_all(*self._args(inst), alive, np.array(logits, dtype=np.float64),
+                               tr, st, fs, grad, lsum, u, noise, np.int64(flags), *outs)
+        self._raise(st)
+        logp = np.where(st[:, 0] == IMPOSSIBLE, -np.inf, fs[:, 0])
+        return logp, (grad if want_grad else None), (noise if noisy and not np.isneginf(logp).any() else None)

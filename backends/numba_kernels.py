@@ -1,0 +1,305 @@
+"""Hand-written Numba kernels shared by every generated spec: race handlers and the checked
+helpers the generated code calls.
+
+Errors never raise inside compiled code (an exception inside a ``prange`` loop is lost, and
+the process must never crash): a helper that finds an error writes its *code* into the
+lane's status ``st[0]`` (first error wins) and returns a safe value; the generated code
+returns at the next check, and Python raises the structdsl error the code stands for, with
+the spec line and the batch element.  ``st[0] == IMPOSSIBLE`` marks a replayed trace that
+the program cannot produce (probability zero), which is not an error.
+
+Lane state (one row per lane): ``alive`` bool[A] (valid, rate > 0, not yet won); ``res``
+float64[A] (solve: residual noise, in log space when ``log_space``; score: the logits);
+``tr`` int64[R] (the trace: written by solve, read by score); ``st`` int64[4] (status, next
+slot); ``fs`` float64[1] (log p); ``grad`` float64[A]; ``lsum`` float64[A] (log of the summed
+race minima of each atom, for E | T); ``u`` float64[R] (uniforms of the race minima);
+``pkey`` int64[A] (the previous race's group of each atom, -1 outside it: the nesting check).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+SOLVE, SCORE = 0, 1
+IMPOSSIBLE = -1
+WANT_GRAD, WANT_NOISE = 1, 2
+
+
+@njit(cache=True)
+def fail(st, code):
+    if st[0] == 0:
+        st[0] = code
+
+
+@njit(cache=True)
+def ck(i, n, st, code):
+    """A checked index: ``i`` if ``0 <= i < n``, else records ``code`` and returns 0."""
+    if i < 0 or i >= n:
+        fail(st, code)
+        return 0
+    return i
+
+
+@njit(cache=True)
+def nonzero_s(b, st, code):
+    if b == 0:
+        fail(st, code)
+        return 1
+    return b
+
+
+@njit(cache=True)
+def nonzero_a(b, st, code):
+    out = b.copy()
+    flat = out.reshape(-1)
+    for k in range(flat.size):
+        if flat[k] == 0:
+            fail(st, code)
+            flat[k] = 1
+    return out
+
+
+@njit(cache=True)
+def gather1(x, idx, st, code):
+    """``x[idx]`` for a 1-d ``x`` and an int array ``idx`` of any shape, indices checked."""
+    out = np.empty(idx.shape, x.dtype)
+    o = out.reshape(-1)
+    flat = idx.reshape(-1)
+    n = x.shape[0]
+    for k in range(flat.size):
+        o[k] = x[ck(flat[k], n, st, code)]
+    return out
+
+
+@njit(cache=True)
+def mask_set(x, mask, value):
+    """``x[mask] = value`` for a mask of ``x``'s shape and a scalar value."""
+    xf = x.reshape(-1)
+    mf = mask.reshape(-1)
+    for k in range(xf.size):
+        if mf[k]:
+            xf[k] = value
+
+
+@njit(cache=True)
+def reduce_min(x, st, code):
+    f = x.reshape(-1)
+    if f.size == 0:
+        fail(st, code)
+        return np.zeros(1, x.dtype)[0]
+    return f.min()
+
+
+@njit(cache=True)
+def reduce_max(x, st, code):
+    f = x.reshape(-1)
+    if f.size == 0:
+        fail(st, code)
+        return np.zeros(1, x.dtype)[0]
+    return f.max()
+
+
+@njit(cache=True)
+def arg_min(x, st, code):
+    if x.size == 0:
+        fail(st, code)
+        return 0
+    return np.argmin(x)
+
+
+@njit(cache=True)
+def arg_max(x, st, code):
+    if x.size == 0:
+        fail(st, code)
+        return 0
+    return np.argmax(x)
+
+
+@njit(cache=True)
+def total(x):
+    s = 0
+    f = x.reshape(-1)
+    for k in range(f.size):
+        s += np.int64(f[k])
+    return s
+
+
+@njit(cache=True)
+def _logaddexp(a, b):
+    if a == -np.inf:
+        return b
+    if b == -np.inf:
+        return a
+    if a > b:
+        return a + math.log1p(math.exp(b - a))
+    return b + math.log1p(math.exp(a - b))
+
+
+@njit(cache=True)
+def _check_nested(mask, key, present, pkey, st, code):
+    """Every group of this race must lie inside one member set of the previous race."""
+    if st[2] == 0:
+        return
+    first = np.full(present.size, -2, np.int64)
+    for i in range(mask.size):
+        if mask[i]:
+            g = key[i]
+            if pkey[i] < 0:
+                fail(st, code)
+                return
+            if first[g] == -2:
+                first[g] = pkey[i]
+            elif first[g] != pkey[i]:
+                fail(st, code)
+                return
+
+
+@njit(cache=True)
+def _remember(mask, key, pkey):
+    for i in range(mask.size):
+        pkey[i] = key[i] if mask[i] else -1
+
+
+@njit(cache=True)
+def race(mode, members, alive, res, tr, st, fs, grad, lsum, u, pkey, log_space, flags,
+         allow_empty, code_empty, code_nest):
+    """One race over ``members & alive``; returns the flat winner (-1: empty and allowed).
+
+    st[1]: next trace slot; st[2]: 1 when the spec is nested (check), plus 2 after the
+    first race (there is a previous race to compare with)."""
+    A = alive.size
+    count = 0
+    for i in range(A):
+        if members[i] and alive[i]:
+            count += 1
+    if count == 0:
+        if not allow_empty:
+            fail(st, code_empty)
+        return -1
+    key = np.zeros(A, np.int64)
+    mask = np.empty(A, np.bool_)
+    for i in range(A):
+        mask[i] = members[i] and alive[i]
+    if st[2] == 3:
+        _check_nested(mask, key, np.zeros(1, np.bool_), pkey, st, code_nest)
+        if st[0] != 0:
+            return -1
+    w = _pick(mode, mask, alive, res, tr, st, fs, grad, lsum, u, log_space, flags)
+    if st[2] & 1:
+        _remember(mask, key, pkey)
+        st[2] = 3
+    return w
+
+
+@njit(cache=True)
+def _pick(mode, mask, alive, res, tr, st, fs, grad, lsum, u, log_space, flags):
+    A = alive.size
+    slot = st[1]
+    if slot >= tr.size:              # cannot happen: the bound is proven statically
+        fail(st, IMPOSSIBLE)
+        return -1
+    if mode == SOLVE:
+        w = -1
+        best = np.inf
+        for i in range(A):
+            if mask[i] and (w < 0 or res[i] < best):
+                w = i
+                best = res[i]
+        lo = res[w]
+        for i in range(A):
+            if mask[i]:
+                if log_space:
+                    r = res[i]
+                    res[i] = -np.inf if r == lo else r + math.log(-math.expm1(lo - r))
+                else:
+                    res[i] = res[i] - lo
+        tr[slot] = w
+    else:
+        w = tr[slot]
+        if w < 0 or w >= A or not mask[w]:
+            fail(st, IMPOSSIBLE)
+            return -1
+        top = -np.inf
+        for i in range(A):
+            if mask[i] and res[i] > top:
+                top = res[i]
+        s = 0.0
+        for i in range(A):
+            if mask[i]:
+                s += math.exp(res[i] - top)
+        lse = top + math.log(s)
+        fs[0] += res[w] - lse
+        if flags & WANT_GRAD:
+            grad[w] += 1.0
+            for i in range(A):
+                if mask[i]:
+                    grad[i] -= math.exp(res[i] - lse)
+        if flags & WANT_NOISE:
+            lm = math.log(-math.log(u[slot])) - lse
+            for i in range(A):
+                if mask[i]:
+                    lsum[i] = _logaddexp(lsum[i], lm)
+    alive[w] = False
+    st[1] = slot + 1
+    return w
+
+
+@njit(cache=True)
+def race_groups(mode, keys, groups, alive, res, tr, st, fs, grad, lsum, u, pkey, log_space, flags,
+                allow_empty, code_empty, code_nest, code_key):
+    """One race per group (keys in [-1, groups)); returns winners per group (-1: empty)."""
+    A = alive.size
+    out = np.full(max(groups, 0), -1, np.int64)
+    present = np.zeros(max(groups, 0), np.bool_)
+    for i in range(A):
+        if keys[i] < -1 or keys[i] >= groups:
+            fail(st, code_key)
+            return out
+        if alive[i] and keys[i] >= 0:
+            present[keys[i]] = True
+    if not present.any():
+        if not allow_empty:
+            fail(st, code_empty)
+        return out
+    key = np.where(alive, keys, -1)
+    mask = key >= 0
+    if st[2] == 3:
+        _check_nested(mask, key, present, pkey, st, code_nest)
+        if st[0] != 0:
+            return out
+    member = np.empty(A, np.bool_)
+    for g in range(groups):
+        if present[g]:
+            for i in range(A):
+                member[i] = key[i] == g
+            out[g] = _pick(mode, member, alive, res, tr, st, fs, grad, lsum, u, log_space, flags)
+            if st[0] != 0:
+                return out
+    if st[2] & 1:
+        _remember(mask, key, pkey)
+        st[2] = 3
+    return out
+
+
+@njit(cache=True)
+def finish_score(tr, st, lsum, logits, live, u_fresh, noise, flags):
+    """After a replayed run: leftover winners make the trace impossible; E | T adds a fresh
+    Exp(rate) to every live atom that never won (``live`` here is the initial mask)."""
+    for k in range(st[1], tr.size):
+        if tr[k] >= 0:
+            fail(st, IMPOSSIBLE)
+            return
+    if flags & WANT_NOISE:
+        won = np.zeros(live.size, np.bool_)
+        for k in range(st[1]):
+            won[tr[k]] = True
+        for i in range(live.size):
+            if not live[i]:
+                noise[i] = np.inf
+                continue
+            fresh = -np.inf
+            if not won[i]:
+                fresh = math.log(-math.log(u_fresh[i])) - logits[i]
+            noise[i] = math.exp(_logaddexp(lsum[i], fresh))

@@ -1,0 +1,220 @@
+"""The numba backend against the reference: identical traces and structures from identical
+uniforms, log-probabilities, gradients and E | T within 1e-12, the same errors at the same
+lines and lanes, on the built-in specs and on specs that exist only here."""
+import inspect
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import structdsl
+from structdsl import (EmptyRaceError, NestingError, SpecIndexError, SpecZeroDivisionError,
+                       atoms, full, race, spec, zeros)
+from structdsl import specs as builtin
+from structdsl.testing import uniforms as uniforms_st
+
+pytest.importorskip("numba")
+
+SIZES = {"categorical": (1, 7), "top_k": (2, 7), "permutation": (1, 6), "spanning_tree": (1, 6),
+         "arborescence": (1, 5), "binary_tree": (1, 7), "matching": (1, 4), "clustering": (2, 6),
+         "height": (1, 7), "topological": (4, 4)}
+STATICS = {"top_k": {"k": 2}, "clustering": {"c": 2}}
+DAG = np.array([[0, 1, 1, 0], [0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=bool)
+
+
+# ---- specs that exist only here --------------------------------------------------------------
+@spec
+def height(n):
+    """Recursive, with return values: the height of the Cartesian tree and the preorder."""
+    pos = atoms(n)
+    order = full(n, -1)
+    count = zeros(1, int)
+
+    def grow(lo, hi):
+        if lo >= hi:
+            return 0
+        r = race(pos, lambda i: lo <= i < hi)
+        order[count[0]] = r
+        count[0] += 1
+        a = grow(lo, r)
+        b = grow(r + 1, hi)
+        return 1 + max(a, b)
+
+    h = grow(0, n)
+    return h, order
+
+
+@spec
+def topological(n, dag):
+    """A data parameter and a per-atom reduction in the predicate."""
+    item = atoms(n)
+    placed = zeros(n, bool)
+    order = full(n, -1)
+    for j in range(n):
+        w = race(item, lambda i: not placed[i] and not any(dag[:, i] & ~placed))
+        order[j] = w
+        placed[w] = True
+    return order
+
+
+SPECS = {**{name: getattr(builtin, name) for name in builtin.__all__}, "height": height,
+         "topological": topological}
+PROGRAMS = {}
+
+
+def programs(name):
+    """(numba, reference) programs, compiled once per test session."""
+    if name not in PROGRAMS:
+        statics = dict(STATICS.get(name, {}))
+        if name == "topological":
+            statics["dag"] = DAG
+        PROGRAMS[name] = tuple(structdsl.compile(SPECS[name], backend=b, **statics) for b in ("numba", "numpy"))
+    return PROGRAMS[name]
+
+
+def atom_shape(name, n):
+    return (n, n) if name in ("spanning_tree", "arborescence", "matching", "clustering") else (n,)
+
+
+def outcome(fn):
+    try:
+        return fn(), None
+    except structdsl.RaceError as exc:
+        return None, exc
+
+
+def assert_same_error(a, b):
+    assert type(a) is type(b) and a.line == b.line and a.lane == b.lane, (a, b)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), name=st.sampled_from(sorted(SPECS)))
+def test_parity_with_the_reference(data, name):
+    fast, ref = programs(name)
+    lo, hi = SIZES[name]
+    n = data.draw(st.integers(lo, hi), label="n")
+    shape = atom_shape(name, n)
+    batch = data.draw(st.sampled_from([(), (3,), (2, 2)]), label="batch")
+    logits = data.draw(st.lists(st.floats(-4, 4), min_size=int(np.prod(batch + shape)),
+                                max_size=int(np.prod(batch + shape))), label="logits")
+    logits = np.array(logits).reshape(batch + shape)
+    if data.draw(st.booleans(), label="-inf atoms"):
+        drop = data.draw(st.lists(st.booleans(), min_size=logits.size, max_size=logits.size))
+        logits = np.where(np.array(drop).reshape(logits.shape), -np.inf, logits)
+    u = data.draw(uniforms_st(batch + shape), label="uniforms")
+    a, ea = outcome(lambda: fast.sample(logits, uniforms=u))
+    b, eb = outcome(lambda: ref.sample(logits, uniforms=u))
+    if ea or eb:
+        assert_same_error(ea, eb)
+        return
+    assert np.array_equal(a.trace, b.trace)
+    for x, y in zip(a.structure, b.structure):
+        assert np.array_equal(x, y) and x.dtype == y.dtype
+    lp_a, g_a = fast.log_prob_and_grad(a.trace, logits)
+    lp_b, g_b = ref.log_prob_and_grad(b.trace, logits)
+    np.testing.assert_allclose(lp_a, lp_b, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g_a, g_b, rtol=1e-12, atol=1e-12)
+    R, A = fast.max_races(shape), int(np.prod(shape))
+    v = data.draw(uniforms_st(batch + (R + A,)), label="E|T uniforms")
+    na, nb = fast.conditional_noise(a.trace, logits, uniforms=v), ref.conditional_noise(b.trace, logits, uniforms=v)
+    assert np.array_equal(np.isinf(na), np.isinf(nb))
+    fin = np.isfinite(nb)
+    np.testing.assert_allclose(na[fin], nb[fin], rtol=1e-12, atol=1e-300)
+    assert np.array_equal(fast.solve(na).trace, a.trace)
+    # a perturbed trace: the same -inf (impossible) verdicts
+    if R > 1:
+        t = np.array(a.trace)
+        t[..., [0, 1]] = t[..., [1, 0]]
+        np.testing.assert_allclose(fast.log_prob(t, logits), ref.log_prob(t, logits), rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_matches_finite_differences_on_both_backends():
+    rng = np.random.default_rng(3)
+    for name in ("spanning_tree", "arborescence", "binary_tree", "top_k"):
+        for prog in programs(name):
+            shape = atom_shape(name, 5)
+            logits = rng.normal(size=(4,) + shape)
+            trace = prog.sample(logits, seed=1).trace
+            _, grad = prog.log_prob_and_grad(trace, logits)
+            eps = 1e-6
+            fd = np.zeros_like(logits)
+            for idx in np.ndindex(*shape):
+                up, down = logits.copy(), logits.copy()
+                up[(slice(None),) + idx] += eps
+                down[(slice(None),) + idx] -= eps
+                fd[(slice(None),) + idx] = (prog.log_prob(trace, up) - prog.log_prob(trace, down)) / (2 * eps)
+            np.testing.assert_allclose(grad, fd, atol=1e-6)
+
+
+# ---- errors ----------------------------------------------------------------------------------
+@spec
+def careless(n):
+    item = atoms(n)
+    out = zeros(n, int)
+    w = race(item, allow_empty=True)
+    out[w - 1] = 1  # BAD
+    return out
+
+
+@spec
+def divides(n):
+    item = atoms(n)
+    w = race(item)
+    x = 7 // w  # BAD
+    return x
+
+
+@spec(nested=True)
+def false_promise(n):
+    item = atoms(n)
+    first = race(item, lambda i: i < 2)
+    second = race(item, lambda i: i >= 1)  # BAD
+    return first, second
+
+
+@spec
+def empty(n):
+    item = atoms(n)
+    w = race(item, lambda i: i > n)  # BAD
+    return w
+
+
+def bad_line(s):
+    lines, first = inspect.getsourcelines(s.fn)
+    return next(first + i for i, text in enumerate(lines) if "# BAD" in text)
+
+
+@pytest.mark.parametrize("bad, cls, logits", [
+    (careless, SpecIndexError, np.zeros((3, 4))),
+    (divides, SpecZeroDivisionError, np.zeros((3, 4))),
+    (false_promise, NestingError, np.zeros((3, 4))),
+    (empty, EmptyRaceError, np.zeros((3, 4))),
+], ids=["index", "zero-division", "nesting", "empty-race"])
+def test_run_time_errors_name_the_line_and_lane_like_the_reference(bad, cls, logits):
+    fast, ref = (structdsl.compile(bad, backend=b) for b in ("numba", "numpy"))
+    u = np.tile(np.array([0.9, 0.5, 0.4, 0.3]), (3, 1))      # item 0 wins every first race
+    u[2] = [0.1, 0.2, 0.9, 0.3]                               # lane 2: item 2 wins
+    with pytest.raises(cls) as got:
+        fast.sample(logits, uniforms=u)
+    with pytest.raises(cls) as want:
+        ref.sample(logits, uniforms=u)
+    assert got.value.line == want.value.line == bad_line(bad)
+    assert got.value.lane == want.value.lane
+    assert f"{got.value.file}:{got.value.line}:" in str(got.value)
+
+
+def test_bad_input_is_refused_before_the_compiled_code():
+    fast, _ = programs("spanning_tree")
+    with pytest.raises(ValueError, match="NaN"):
+        fast.sample(np.full((4, 4), np.nan), seed=0)
+    with pytest.raises(ValueError, match=r"trace must have shape"):
+        fast.log_prob(np.zeros((2, 7), int), np.zeros((4, 4)))
+
+
+def test_enumerate_delegates_to_the_reference_and_source_is_readable():
+    fast, ref = programs("binary_tree")
+    a = fast.enumerate(rates=np.array([1, 2, 3, 4], dtype=object))
+    b = ref.enumerate(rates=np.array([1, 2, 3, 4], dtype=object))
+    assert np.array_equal(a.traces, b.traces) and list(a.probs) == list(b.probs)
+    assert "def lane(" in fast.source and "prange" in fast.source
