@@ -138,14 +138,13 @@ def _logaddexp(a, b):
 
 
 @njit(cache=True)
-def _check_nested(mask, key, present, pkey, st, code):
-    """Every group of this race must lie inside one member set of the previous race."""
-    if st[2] == 0:
-        return
-    first = np.full(present.size, -2, np.int64)
+def _check_nested(mask, key, single, groups, pkey, st, code):
+    """Every group of this race (``single``: the one member set) must lie inside one member
+    set of the previous race."""
+    first = np.full(max(groups, 1), -2, np.int64)
     for i in range(mask.size):
         if mask[i]:
-            g = key[i]
+            g = 0 if single else key[i]
             if pkey[i] < 0:
                 fail(st, code)
                 return
@@ -157,38 +156,36 @@ def _check_nested(mask, key, present, pkey, st, code):
 
 
 @njit(cache=True)
-def _remember(mask, key, pkey):
+def _remember(mask, key, single, pkey):
     for i in range(mask.size):
-        pkey[i] = key[i] if mask[i] else -1
+        pkey[i] = (0 if single else key[i]) if mask[i] else -1
 
 
 @njit(cache=True)
 def race(mode, members, alive, res, tr, st, fs, grad, lsum, u, pkey, log_space, flags,
          allow_empty, code_empty, code_nest):
-    """One race over ``members & alive``; returns the flat winner (-1: empty and allowed).
+    """One race over ``members & alive`` (``members`` is overwritten with that mask);
+    returns the flat winner (-1: empty and allowed).
 
-    st[1]: next trace slot; st[2]: 1 when the spec is nested (check), plus 2 after the
-    first race (there is a previous race to compare with)."""
+    st[1]: next trace slot; st[2]: 1 when the spec is nested (check), 3 once there is a
+    previous race to compare with."""
     A = alive.size
     count = 0
     for i in range(A):
-        if members[i] and alive[i]:
-            count += 1
+        m = members[i] and alive[i]
+        members[i] = m
+        count += m
     if count == 0:
         if not allow_empty:
             fail(st, code_empty)
         return -1
-    key = np.zeros(A, np.int64)
-    mask = np.empty(A, np.bool_)
-    for i in range(A):
-        mask[i] = members[i] and alive[i]
     if st[2] == 3:
-        _check_nested(mask, key, np.zeros(1, np.bool_), pkey, st, code_nest)
+        _check_nested(members, pkey, True, 1, pkey, st, code_nest)
         if st[0] != 0:
             return -1
-    w = _pick(mode, mask, alive, res, tr, st, fs, grad, lsum, u, log_space, flags)
+    w = _pick(mode, members, alive, res, tr, st, fs, grad, lsum, u, log_space, flags)
     if st[2] & 1:
-        _remember(mask, key, pkey)
+        _remember(members, pkey, True, pkey)
         st[2] = 3
     return w
 
@@ -266,7 +263,7 @@ def race_groups(mode, keys, groups, alive, res, tr, st, fs, grad, lsum, u, pkey,
     key = np.where(alive, keys, -1)
     mask = key >= 0
     if st[2] == 3:
-        _check_nested(mask, key, present, pkey, st, code_nest)
+        _check_nested(mask, key, False, groups, pkey, st, code_nest)
         if st[0] != 0:
             return out
     member = np.empty(A, np.bool_)
@@ -278,7 +275,7 @@ def race_groups(mode, keys, groups, alive, res, tr, st, fs, grad, lsum, u, pkey,
             if st[0] != 0:
                 return out
     if st[2] & 1:
-        _remember(mask, key, pkey)
+        _remember(mask, key, False, pkey)
         st[2] = 3
     return out
 

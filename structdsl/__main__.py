@@ -18,14 +18,15 @@ BUILTIN_CASES = [
 ]
 
 
-def check(samples, seed, out=sys.stdout, progress=None, plot=None):
+def check(samples, seed, out=None, progress=None, plot=None, backend="numpy"):
     """Run :func:`structdsl.testing.check_spec` on each built-in spec; print a table."""
     from . import SpecError, specs
     from .testing import check_spec
+    out = out or sys.stdout          # looked up per call (a test may have replaced it)
 
     header = (f"{'spec':14s} {'atoms':>7s} {'traces':>7s} {'structs':>7s} {'sum of p':>9s} "
               f"{'worst GOF p':>11s} {'worst E|T p':>11s} {'-inf':>5s} {'verifier':>9s} {'battery':>7s} {'time':>6s}")
-    print(f"structdsl check: {samples} samples per scenario, seed {seed}, alpha 1e-3", file=out)
+    print(f"structdsl check ({backend} backend): {samples} samples per scenario, seed {seed}, alpha 1e-3", file=out)
     print(header, file=out)
     print("-" * len(header), file=out)
     failed = 0
@@ -36,7 +37,7 @@ def check(samples, seed, out=sys.stdout, progress=None, plot=None):
             print(f"[{i + 1}/{len(BUILTIN_CASES)}] {name} ...", end="\r", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         try:
-            r = check_spec(getattr(specs, name), shape, samples=samples, seed=seed,
+            r = check_spec(getattr(specs, name), shape, samples=samples, seed=seed, backend=backend,
                            raise_on_failure=False, **statics)
         except SpecError as exc:
             failed += 1
@@ -98,9 +99,10 @@ def main(argv=None):
     c.add_argument("--samples", type=int, default=4000, help="draws per sampling scenario (default 4000)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--plot", metavar="PNG", help="also draw sampled vs exact probabilities (needs matplotlib)")
+    c.add_argument("--backend", default="numpy", help="numpy (reference, default) or numba")
     args = parser.parse_args(argv)
     if args.command == "check":
-        return 1 if check(args.samples, args.seed, plot=args.plot) else 0
+        return 1 if check(args.samples, args.seed, plot=args.plot, backend=args.backend) else 0
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

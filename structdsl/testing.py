@@ -169,24 +169,25 @@ def check_spec(spec, shape=None, *, backend="numpy", reference=None, samples=400
 
 def _default_shape(prog, max_traces=200):
     """The largest all-sizes-equal atoms shape (n <= 6) that enumerates in few traces."""
-    from .errors import EnumerationLimitError
+    from .errors import EnumerationLimitError, SpecError
     from .program import static_eval
     p = prog.ir
-    best = None
+    best, why = None, None
     for n in range(1, 7):
         env = p.static_values({**prog.static_params, **{s: n for s in p.sizes}},
                               lambda e, env: static_eval(e, env, p.file))
         shape = tuple(static_eval(d, env, p.file) for d in p.atoms.dims)
         try:
             prog.enumerate(rates=np.ones(shape, dtype=int).astype(object), max_traces=max_traces)
-        except (ValueError, EmptyRaceError):
-            continue                 # a require() or the structure rules this size out
+        except (ValueError, EmptyRaceError, SpecError) as exc:
+            why = exc                # a require(), the structure or a data shape rules it out
+            continue
         except EnumerationLimitError:
             break
         best = shape
     if best is None:
         raise ValueError(f"check_spec: no size n <= 6 of {p.name} enumerates in at most "
-                         f"{max_traces} traces; pass shape= explicitly")
+                         f"{max_traces} traces; pass shape= explicitly (last problem: {why})")
     return best
 
 

@@ -218,3 +218,18 @@ def test_enumerate_delegates_to_the_reference_and_source_is_readable():
     b = ref.enumerate(rates=np.array([1, 2, 3, 4], dtype=object))
     assert np.array_equal(a.traces, b.traces) and list(a.probs) == list(b.probs)
     assert "def lane(" in fast.source and "prange" in fast.source
+
+
+def test_check_spec_runs_on_the_numba_backend():
+    from structdsl.testing import check_spec
+    report = check_spec(builtin.spanning_tree, backend="numba", samples=1000)
+    assert report.ok and report.total_probability == 1
+    report = check_spec(topological, backend="numba", samples=1000, dag=DAG)
+    assert report.ok and report.traces == 2          # the DAG has two linear extensions
+
+
+def test_the_cli_takes_a_backend(monkeypatch):
+    from structdsl import __main__ as cli
+    seen = {}
+    monkeypatch.setattr(cli, "check", lambda samples, seed, plot=None, backend="numpy": seen.setdefault("b", backend) and 0)
+    assert cli.main(["check", "--backend", "numba"]) == 0 and seen["b"] == "numba"
