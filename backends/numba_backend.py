@@ -74,6 +74,10 @@ class _Codegen:
         self.codes = []                  # error code - 1 -> (error class name, line, message)
         self.rename = {}                 # predicate parameters -> their loop names
         self.count = 0
+        # the nested fast path: every race inside the previous one, so in solve mode one
+        # sort of the lane's noise serves every race (grouped races keep the generic path)
+        self.fast = program.nested and not any(isinstance(s, ir.GroupRace)
+                                               for s in ir.walk_statements(program.body))
 
     # ---- helpers ----------------------------------------------------------------------------
     def code(self, cls, line, message):
@@ -373,11 +377,14 @@ class _Codegen:
         return [_name(x) for x in _STATE[:1] + _STATE[2:]], ast.Constant(s.allow_empty), empty, nest
 
     def race(self, s):
-        out = self.fill(s.members, "__mb", "bool")
+        generic = self.fill(s.members, "__mb", "bool")
         state, allow, empty, nest = self.race_args(s)
         w = self.temp("w")
         call = _call("__race", _name("__mode"), _name("__mb"), *state, allow, empty, nest)
-        out += [ast.Assign([_name(w, ast.Store())], call), self.check()]
+        generic.append(ast.Assign([_name(w, ast.Store())], call))
+        out = [ast.If(ast.Compare(_name("__mode"), [ast.Eq()], [ast.Constant(0)]), self.pop(s, w, allow, empty),
+                      generic)] if self.fast else generic
+        out.append(self.check())
         if len(s.targets) == 1:
             out.append(ast.Assign([_name(s.targets[0], ast.Store())], _name(w)))
             return out
@@ -387,6 +394,34 @@ class _Codegen:
                        [ast.Assign([_name(i, ast.Store())], ast.Constant(-1)) for i in idx])]
         out += [ast.Assign([_name(t, ast.Store())], _name(i)) for t, i in zip(s.targets, idx)]
         return out
+
+    def pop(self, s, w, allow, empty):
+        """The nested fast path: the winner is the first member popped from the lane's heap of
+        live atoms (ordered by raw noise); a popped non-member is never a member again, since
+        every later race lies inside this one.  The predicate is evaluated only for popped
+        atoms, and the nesting promise itself is trusted here (the reference checks it, and
+        so does this backend's score semantics)."""
+        if s.members is None:
+            test = [ast.Assign([_name("__in", ast.Store())], ast.Constant(True))]
+        elif isinstance(s.members, ir.Pred):
+            names = [f"__x{i}" for i in range(len(s.members.params))]
+            self.rename = dict(zip(s.members.params, names))
+            try:
+                value = self.expr(s.members.body)
+            finally:
+                self.rename = {}
+            test = self.unravel(_name("__i"), names) + [ast.Assign([_name("__in", ast.Store())], value)]
+        else:
+            flat = _call(_attr(self.expr(s.members), "reshape"), ast.UnaryOp(ast.USub(), ast.Constant(1)))
+            test = [ast.Assign([_name("__in", ast.Store())], ast.Subscript(flat, _name("__i"), ast.Load()))]
+        found = ast.If(_name("__in"), [ast.Assign([_name(w, ast.Store())], _name("__i")), ast.Break()], [])
+        scan = ast.While(ast.Constant(True), [
+            ast.Assign([_name("__i", ast.Store())], _call("__heap_pop", _name("__h"), _name("__hs"), _name("__res"))),
+            ast.If(ast.Compare(_name("__i"), [ast.Lt()], [ast.Constant(0)]), [ast.Break()], []),
+            ast.If(ast.Subscript(_name("__alive"), _name("__i"), ast.Load()), test + [found], [])], [])
+        take = _call("__take", _name(w), _name("__alive"), _name("__tr"), _name("__st"), allow, empty)
+        return [ast.Assign([_name(w, ast.Store())], ast.UnaryOp(ast.USub(), ast.Constant(1))), scan,
+                ast.Assign([_name(w, ast.Store())], take)]
 
     def race_groups(self, s):
         out = self.fill(s.key, "__kb", "int")
@@ -416,8 +451,15 @@ class _Codegen:
         lane_args = ["__mode", "__b"] + params + _STATE + outs
         body = [ast.Assign([_name(f"__d{i}", ast.Store())], self.static(d)) for i, d in enumerate(p.atoms.dims)]
         body += [ast.Assign([_name("__A", ast.Store())], _attr(_name("__alive"), "size")),
+                 ast.Assign([_name("__hs", ast.Store())], _call(_np("zeros"), ast.Constant(1), _np("int64"))),
+                 ast.Assign([_name("__h", ast.Store())], _call(_np("empty"), _name("__A") if self.fast
+                                                                else ast.Constant(0), _np("int64"))),
                  ast.Assign([_name("__mb", ast.Store())], _call(_np("empty"), _name("__A"), _np("bool_"))),
                  ast.Assign([_name("__kb", ast.Store())], _call(_np("empty"), _name("__A"), _np("int64")))]
+        if self.fast:
+            body.append(ast.If(ast.Compare(_name("__mode"), [ast.Eq()], [ast.Constant(0)]),
+                               [ast.Expr(_call("__heap_init", _name("__alive"), _name("__res"), _name("__h"),
+                                               _name("__hs")))], []))
         body += self.block(p.body)
         body.append(self.check())
         writes = [ast.Assign([ast.Subscript(_name(o), _name("__b"), ast.Store())], _name(f))
@@ -436,7 +478,7 @@ class _Codegen:
             "    ck as __ck, finish_score as __finish_score, gather1 as __gather1, mask_set as __mask_set, \\",
             "    nonzero_a as __nonzero_a, nonzero_s as __nonzero_s, race as __race, \\",
             "    race_groups as __race_groups, reduce_max as __reduce_max, reduce_min as __reduce_min, \\",
-            "    total as __total",
+            "    take as __take, total as __total, heap_init as __heap_init, heap_pop as __heap_pop",
             "__range, __min, __max, __abs = range, min, max, abs",
             "", "",
             ast.unparse(_locate(lane)),

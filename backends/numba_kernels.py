@@ -300,3 +300,68 @@ def finish_score(tr, st, lsum, logits, live, u_fresh, noise, flags):
             if not won[i]:
                 fresh = math.log(-math.log(u_fresh[i])) - logits[i]
             noise[i] = math.exp(_logaddexp(lsum[i], fresh))
+
+
+@njit(cache=True)
+def take(w, alive, tr, st, allow_empty, code_empty):
+    """The nested fast path's race: ``w`` (the first live member in the lane's sorted noise,
+    or -1) is recorded and retired."""
+    if w < 0:
+        if not allow_empty:
+            fail(st, code_empty)
+        return -1
+    slot = st[1]
+    if slot >= tr.size:              # cannot happen: the bound is proven statically
+        fail(st, IMPOSSIBLE)
+        return -1
+    tr[slot] = w
+    st[1] = slot + 1
+    alive[w] = False
+    return w
+
+
+# ---- the nested fast path's heap: atoms ordered by (noise, index) -------------------------------
+@njit(cache=True)
+def _before(res, a, b):
+    return res[a] < res[b] or (res[a] == res[b] and a < b)      # ties: lower index (as argmin)
+
+
+@njit(cache=True)
+def _sift_down(h, n, k, res):
+    while True:
+        child = 2 * k + 1
+        if child >= n:
+            return
+        if child + 1 < n and _before(res, h[child + 1], h[child]):
+            child += 1
+        if not _before(res, h[child], h[k]):
+            return
+        h[child], h[k] = h[k], h[child]
+        k = child
+
+
+@njit(cache=True)
+def heap_init(alive, res, h, size):
+    """A binary heap of the live atoms keyed by their raw noise: O(A) to build, O(log A) a
+    pop, and a nested spec pops only the atoms its races examine."""
+    n = 0
+    for i in range(alive.size):
+        if alive[i]:
+            h[n] = i
+            n += 1
+    size[0] = n
+    for k in range(n // 2 - 1, -1, -1):
+        _sift_down(h, n, k, res)
+
+
+@njit(cache=True)
+def heap_pop(h, size, res):
+    n = size[0]
+    if n == 0:
+        return -1
+    top = h[0]
+    n -= 1
+    h[0] = h[n]
+    size[0] = n
+    _sift_down(h, n, 0, res)
+    return top
