@@ -478,7 +478,8 @@ class _Codegen:
             "    ck as __ck, finish_score as __finish_score, gather1 as __gather1, mask_set as __mask_set, \\",
             "    nonzero_a as __nonzero_a, nonzero_s as __nonzero_s, race as __race, \\",
             "    race_groups as __race_groups, reduce_max as __reduce_max, reduce_min as __reduce_min, \\",
-            "    take as __take, total as __total, heap_init as __heap_init, heap_pop as __heap_pop",
+            "    take as __take, total as __total, heap_init as __heap_init, heap_pop as __heap_pop, \\",
+            "    prepare_sample as __prepare_sample",
             "__range, __min, __max, __abs = range, min, max, abs",
             "", "",
             ast.unparse(_locate(lane)),
@@ -523,11 +524,29 @@ def solve_all({params}__alive, __res, __tr, __st, __log_space{outs_comma}):
 
 
 @njit(parallel=True, cache=True, error_model='numpy')
-def score_all({params}__alive, __logits, __tr, __st, __fs, __grad, __lsum, __u, __noise, __flags{outs_comma}):
+def sample_all({params}__valid, __uni, __logits, __tr, __st, __noise, __log_space{outs_comma}):
+    # (__log_space is an argument: a literal True here meets a Numba parfor bug that merges
+    # the constants 1 and True)
+    __B, __A = __uni.shape
+    __empty = __np.zeros(0)
+    __mode = __np.int64(0)
+    __flags = __np.int64(0)
+    __alive = __np.empty((__B, __A), __np.bool_)
+    __res = __np.empty((__B, __A))
+    for __b in prange(__B):
+        __prepare_sample(__valid, __uni[__b], __logits[__b], __alive[__b], __res[__b], __noise[__b])
+        __live0 = __alive[__b].copy()
+        __pkey = __np.full(__A, -1, __np.int64)
+        __fs = __np.zeros(1)
+        lane(__mode, __np.int64(__b), {params}__alive[__b], __live0, __res[__b], __tr[__b], __st[__b], __fs,
+             __empty, __empty, __empty, __pkey, __log_space, __flags{outs_comma})
+
+
+@njit(parallel=True, cache=True, error_model='numpy')
+def score_all({params}__alive, __logits, __tr, __st, __fs, __grad, __lsum, __u, __noise, __flags, __log_space{outs_comma}):
     __B, __A = __alive.shape
     __R = __tr.shape[1]
     __mode = __np.int64(1)
-    __log_space = __np.bool_(False)
     for __b in prange(__B):
         __live0 = __alive[__b].copy()
         __pkey = __np.full(__A, -1, __np.int64)
@@ -621,6 +640,18 @@ class Program(_BaseProgram):
         self._raise(st)
         return tr, outs
 
+    def _sample(self, inst, u, logits):
+        B, A = u.shape
+        tr = np.full((B, inst.max_races), -1, dtype=np.int64)
+        st = np.zeros((B, 4), dtype=np.int64)
+        st[:, 2] = 1 if self.ir.nested else 0
+        noise = np.empty((B, A))
+        outs = self._outputs(inst, B)
+        self._module.sample_all(*self._args(inst), inst.valid.reshape(-1), np.ascontiguousarray(u, dtype=np.float64),
+                                np.ascontiguousarray(logits, dtype=np.float64), tr, st, noise, np.bool_(True), *outs)
+        self._raise(st)
+        return tr, outs, noise
+
     def _score(self, inst, traces, logits, want_grad, uniforms):
         from .numba_kernels import IMPOSSIBLE, WANT_GRAD, WANT_NOISE
         B, A = logits.shape
@@ -638,7 +669,7 @@ class Program(_BaseProgram):
         flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0)
         outs = [o[:1] for o in self._outputs(inst, 1)]
         self._module.score_all(*self._args(inst), alive, np.array(logits, dtype=np.float64),
-                               tr, st, fs, grad, lsum, u, noise, np.int64(flags), *outs)
+                               tr, st, fs, grad, lsum, u, noise, np.int64(flags), np.bool_(False), *outs)
         self._raise(st)
         logp = np.where(st[:, 0] == IMPOSSIBLE, -np.inf, fs[:, 0])
         return logp, (grad if want_grad else None), (noise if noisy and not np.isneginf(logp).any() else None)

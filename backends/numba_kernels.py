@@ -365,3 +365,17 @@ def heap_pop(h, size, res):
     size[0] = n
     _sift_down(h, n, 0, res)
     return top
+
+
+@njit(cache=True)
+def prepare_sample(valid, uni, logits, alive, res, noise):
+    """One lane's noise: ``log E = log(-log U) - logits`` at the atoms that can race (+inf
+    elsewhere), as the reference computes it; ``noise = exp(log E)``."""
+    for k in range(uni.size):
+        ok = valid[k] and logits[k] > -np.inf
+        alive[k] = ok
+        if ok:
+            res[k] = np.log(-np.log(uni[k])) - logits[k]
+        else:
+            res[k] = np.inf
+        noise[k] = np.exp(res[k])

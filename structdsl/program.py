@@ -247,17 +247,23 @@ class Program:
                                  f"logits of shape {logits.shape}") from None
         u = self._uniforms(uniforms, seed, shape, "uniforms")
         logits = np.broadcast_to(logits, shape)
-        live = inst.valid & ~np.isneginf(logits)
-        # Race on log E = log(-log U) - logits: exact for any spread of the logits, where
-        # E itself would overflow (logits 1e3 apart) and turn live atoms into +inf.
+        lead = shape[:len(shape) - self.atom_ndim]
+        A = inst.num_atoms
+        with self._naming_lanes(lead):
+            traces, fields, noise = self._sample(inst, u.reshape(-1, A), logits.reshape(-1, A))
+        return Sample(traces.reshape(lead + (inst.max_races,)), self._structure(fields, lead),
+                      noise.reshape(shape))
+
+    def _sample(self, inst, u, logits):
+        """Race ``log E = log(-log U) - logits`` (exact for any spread of the logits, where E
+        itself would overflow and turn live atoms into +inf); returns traces, fields and
+        ``E`` (+inf at atoms that cannot race).  ``u``, ``logits``: ``[B, A]``."""
+        live = inst.valid.reshape(-1) & ~np.isneginf(logits)
         with np.errstate(divide="ignore"):
             log_noise = np.where(live, np.log(-np.log(u)) - np.where(live, logits, 0.0), np.inf)
-        with self._naming_lanes(shape[:len(shape) - self.atom_ndim]):
-            traces, fields = self._solve(inst, log_noise.reshape(-1, inst.num_atoms), log_space=True)
+        traces, fields = self._solve(inst, log_noise, log_space=True)
         with np.errstate(over="ignore"):
-            noise = np.exp(log_noise)
-        lead = shape[:len(shape) - self.atom_ndim]
-        return Sample(traces.reshape(lead + (inst.max_races,)), self._structure(fields, lead), noise)
+            return traces, fields, np.exp(log_noise)
 
     def solve(self, weights):
         """Run the deterministic algorithm on raw noise values.

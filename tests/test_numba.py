@@ -109,6 +109,8 @@ def test_parity_with_the_reference(data, name):
         assert_same_error(ea, eb)
         return
     assert np.array_equal(a.trace, b.trace)
+    assert np.array_equal(np.isinf(a.noise), np.isinf(b.noise))
+    np.testing.assert_allclose(a.noise[np.isfinite(b.noise)], b.noise[np.isfinite(b.noise)], rtol=1e-12)
     for x, y in zip(a.structure, b.structure):
         assert np.array_equal(x, y) and x.dtype == y.dtype
     lp_a, g_a = fast.log_prob_and_grad(a.trace, logits)
