@@ -5,6 +5,7 @@ Backends are imported lazily, so the NumPy reference works with numpy alone.  No
 knows any particular structure: they compile whatever spec they are given.
 """
 import importlib
+import importlib.util
 
 _BACKENDS = {"numpy": "structdsl.backends.numpy_reference", "numba": "structdsl.backends.numba_backend"}
 
@@ -13,6 +14,8 @@ def program_class(name):
     """The Program class of backend ``name`` (imported on first use)."""
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}; available: {sorted(_BACKENDS)}")
+    if name == "numba" and importlib.util.find_spec("numba") is None:
+        raise ImportError("backend 'numba' needs the numba package: pip install -e '.[numba]'")
     return importlib.import_module(_BACKENDS[name]).Program
 
 
