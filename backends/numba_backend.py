@@ -381,6 +381,9 @@ class _Codegen:
         state, allow, empty, nest = self.race_args(s)
         w = self.temp("w")
         call = _call("__race", _name("__mode"), _name("__mb"), *state, allow, empty, nest)
+        if self.fast:      # score through exit races: no per-race sums over the members
+            call = _call("__score_nested", _name("__mb"), _name("__alive"), _name("__tr"), _name("__st"),
+                         _name("__ex"), allow, empty, nest)
         generic.append(ast.Assign([_name(w, ast.Store())], call))
         out = [ast.If(ast.Compare(_name("__mode"), [ast.Eq()], [ast.Constant(0)]), self.pop(s, w, allow, empty),
                       generic)] if self.fast else generic
@@ -448,7 +451,7 @@ class _Codegen:
         p = self.p
         params = list(p.params)
         outs = [f"__out_{o}" for o in p.outputs]
-        lane_args = ["__mode", "__b"] + params + _STATE + outs
+        lane_args = ["__mode", "__b"] + params + _STATE + ["__ex"] + outs
         body = [ast.Assign([_name(f"__d{i}", ast.Store())], self.static(d)) for i, d in enumerate(p.atoms.dims)]
         body += [ast.Assign([_name("__A", ast.Store())], _attr(_name("__alive"), "size")),
                  ast.Assign([_name("__hs", ast.Store())], _call(_np("zeros"), ast.Constant(1), _np("int64"))),
@@ -479,13 +482,15 @@ class _Codegen:
             "    nonzero_a as __nonzero_a, nonzero_s as __nonzero_s, race as __race, \\",
             "    race_groups as __race_groups, reduce_max as __reduce_max, reduce_min as __reduce_min, \\",
             "    take as __take, total as __total, heap_init as __heap_init, heap_pop as __heap_pop, \\",
-            "    prepare_sample as __prepare_sample",
+            "    prepare_sample as __prepare_sample, score_nested as __score_nested, \\",
+            "    finish_nested as __finish_nested",
             "__range, __min, __max, __abs = range, min, max, abs",
             "", "",
             ast.unparse(_locate(lane)),
             "", "",
             _DRIVERS.format(params="".join(f"{x}, " for x in params), outs=", ".join(outs) or "",
-                            outs_comma="".join(f", {o}" for o in outs)),
+                            outs_comma="".join(f", {o}" for o in outs),
+                            finish=_FINISH_NESTED if self.fast else _FINISH_GENERIC),
         ]
         return "\n".join(src)
 
@@ -520,7 +525,7 @@ def solve_all({params}__alive, __res, __tr, __st, __log_space{outs_comma}):
         __pkey = __np.full(__A, -1, __np.int64)
         __fs = __np.zeros(1)
         lane(__mode, __np.int64(__b), {params}__alive[__b], __live0, __res[__b], __tr[__b], __st[__b], __fs,
-             __empty, __empty, __empty, __pkey, __log_space, __flags{outs_comma})
+             __empty, __empty, __empty, __pkey, __log_space, __flags, __pkey{outs_comma})
 
 
 @njit(parallel=True, cache=True, error_model='numpy')
@@ -539,7 +544,7 @@ def sample_all({params}__valid, __uni, __logits, __tr, __st, __noise, __log_spac
         __pkey = __np.full(__A, -1, __np.int64)
         __fs = __np.zeros(1)
         lane(__mode, __np.int64(__b), {params}__alive[__b], __live0, __res[__b], __tr[__b], __st[__b], __fs,
-             __empty, __empty, __empty, __pkey, __log_space, __flags{outs_comma})
+             __empty, __empty, __empty, __pkey, __log_space, __flags, __pkey{outs_comma})
 
 
 @njit(parallel=True, cache=True, error_model='numpy')
@@ -550,17 +555,23 @@ def score_all({params}__alive, __logits, __tr, __st, __fs, __grad, __lsum, __u, 
     for __b in prange(__B):
         __live0 = __alive[__b].copy()
         __pkey = __np.full(__A, -1, __np.int64)
+        __ex = __np.full(__A, -1, __np.int64)
         lane(__mode, __np.int64(0), {params}__alive[__b], __live0, __logits[__b], __tr[__b], __st[__b], __fs[__b],
-             __grad[__b], __lsum[__b], __u[__b], __pkey, __log_space, __flags{outs_comma})
+             __grad[__b], __lsum[__b], __u[__b], __pkey, __log_space, __flags, __ex{outs_comma})
         if __st[__b, 0] == 0:
-            __finish_score(__tr[__b], __st[__b], __lsum[__b], __logits[__b], __live0, __u[__b, __R:],
-                           __noise[__b], __flags)
+{finish}
 '''
 
 
 def _kernels_hash():
     path = Path(__file__).with_name("numba_kernels.py")
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+_FINISH_GENERIC = """            __finish_score(__tr[__b], __st[__b], __lsum[__b], __logits[__b], __live0, __u[__b, __R:],
+                           __noise[__b], __flags)"""
+_FINISH_NESTED = """            __finish_nested(__tr[__b], __st[__b], __ex, __logits[__b], __live0, __u[__b], __fs[__b],
+                            __grad[__b], __noise[__b], __flags)"""
 
 
 def load(source):

@@ -379,3 +379,96 @@ def prepare_sample(valid, uni, logits, alive, res, noise):
         else:
             res[k] = np.inf
         noise[k] = np.exp(res[k])
+
+
+# ---- the nested fast path's score: exit races instead of per-race sums ------------------------
+@njit(cache=True)
+def score_nested(members, alive, tr, st, ex, allow_empty, code_empty, code_nest):
+    """A replayed race of a nested spec: record, for every member, that it took part in this
+    race (``ex[i]``: its last race so far) and check the winner.  Every member of race ``r``
+    must have been a member of race ``r - 1`` (the nesting promise, checked here for free).
+    The sums over members are done once per lane, by :func:`finish_nested`."""
+    A = alive.size
+    r = st[1]
+    count = 0
+    for i in range(A):
+        m = members[i] and alive[i]
+        members[i] = m
+        count += m
+    if count == 0:
+        if not allow_empty:
+            fail(st, code_empty)
+        return -1
+    if r >= tr.size:
+        fail(st, IMPOSSIBLE)
+        return -1
+    if r > 0:
+        for i in range(A):
+            if members[i] and ex[i] != r - 1:
+                fail(st, code_nest)
+                return -1
+    w = tr[r]
+    if w < 0 or w >= A or not members[w]:
+        fail(st, IMPOSSIBLE)
+        return -1
+    for i in range(A):
+        if members[i]:
+            ex[i] = r
+    alive[w] = False
+    st[1] = r + 1
+    return w
+
+
+@njit(cache=True)
+def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, flags):
+    """log p, its gradient and E | T of a nested spec from the exit races: atom ``i`` took
+    part in races ``0 .. ex[i]``, so race ``r``'s log-sum of rates is a suffix log-sum over
+    exit races and every per-atom sum over its races is a prefix sum: O(atoms + races)."""
+    R = st[1]
+    for k in range(R, tr.size):
+        if tr[k] >= 0:
+            fail(st, IMPOSSIBLE)
+            return
+    bucket = np.full(R, -np.inf)
+    for i in range(ex.size):
+        if ex[i] >= 0:
+            bucket[ex[i]] = _logaddexp(bucket[ex[i]], logits[i])
+    lse = np.empty(R)
+    acc = -np.inf
+    for r in range(R - 1, -1, -1):
+        acc = _logaddexp(acc, bucket[r])
+        lse[r] = acc
+    total = 0.0
+    for r in range(R):
+        total += logits[tr[r]] - lse[r]
+    fs[0] = total
+    if flags & WANT_GRAD:
+        prefix = np.empty(R)
+        acc = -np.inf
+        for r in range(R):
+            acc = _logaddexp(acc, -lse[r])
+            prefix[r] = acc
+        for i in range(ex.size):
+            if ex[i] >= 0:
+                grad[i] = -math.exp(logits[i] + prefix[ex[i]])
+        for r in range(R):
+            grad[tr[r]] += 1.0
+    if flags & WANT_NOISE:
+        prefix = np.empty(R)
+        acc = -np.inf
+        for r in range(R):
+            acc = _logaddexp(acc, math.log(-math.log(u[r])) - lse[r])
+            prefix[r] = acc
+        won = np.zeros(live.size, np.bool_)
+        for r in range(R):
+            won[tr[r]] = True
+        for i in range(live.size):
+            if not live[i]:
+                noise[i] = np.inf
+                continue
+            total_min = prefix[ex[i]] if ex[i] >= 0 else -np.inf
+            fresh = -np.inf
+            if not won[i]:
+                fresh = math.log(-math.log(u[tr.size + i])) - logits[i]
+            noise[i] = math.exp(_logaddexp(total_min, fresh))
+
