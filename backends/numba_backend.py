@@ -32,11 +32,20 @@ _CACHE_ENV = "STRUCTDSL_CACHE_DIR"
 
 
 def cache_dir():
-    """Where generated sources (and Numba's cache next to them) live."""
+    """Where generated sources (and Numba's cache next to them) live: ``$STRUCTDSL_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/structdsl`` or ``~/.cache/structdsl``; a temporary directory when
+    none of those can be written."""
     root = os.environ.get(_CACHE_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "structdsl")
     path = Path(root) / "numba"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError(path)
+    except OSError:
+        import tempfile
+        path = Path(tempfile.gettempdir()) / f"structdsl-{os.getuid() if hasattr(os, 'getuid') else 0}" / "numba"
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -248,3 +248,33 @@ def test_the_cli_takes_a_backend(monkeypatch):
     seen = {}
     monkeypatch.setattr(cli, "check", lambda samples, seed, plot=None, backend="numpy": seen.setdefault("b", backend) and 0)
     assert cli.main(["check", "--backend", "numba"]) == 0 and seen["b"] == "numba"
+
+
+@spec
+def gathers_rows(n):
+    item = atoms(n)
+    table = zeros((n, n), int)
+    w = race(item)
+    rows = table[zeros(n, int)]  # BAD
+    return rows
+
+
+def test_a_construct_the_numba_backend_cannot_lower_is_refused_at_its_line():
+    structdsl.compile(gathers_rows).sample(np.zeros(3), seed=0)     # the reference lowers it
+    with pytest.raises(structdsl.SpecError) as info:
+        structdsl.compile(gathers_rows, backend="numba")
+    assert info.value.line == bad_line(gathers_rows)
+    assert "numba backend cannot lower" in str(info.value)
+
+
+def test_the_generated_source_lives_in_the_cache_directory(tmp_path, monkeypatch):
+    from structdsl.backends import numba_backend
+    monkeypatch.setenv("STRUCTDSL_CACHE_DIR", str(tmp_path))
+    assert numba_backend.cache_dir() == tmp_path / "numba"
+    fast, _ = programs("categorical")
+    source = fast.source + "\n# a variant only this test writes\n"
+    module = numba_backend.load(source)
+    files = list((tmp_path / "numba").glob("structdsl_gen_*.py"))
+    assert len(files) == 1 and files[0].read_text() == source      # written once, named by its hash
+    assert numba_backend.load(source) is module                     # and imported once
+    assert f"# kernels {numba_backend._kernels_hash()}" in fast.source
