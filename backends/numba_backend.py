@@ -347,23 +347,33 @@ class _Codegen:
             return self.race_groups(s)
         raise TypeError(type(s).__name__)  # pragma: no cover
 
-    def fill(self, members, buffer, dtype):
-        """Statements writing a predicate's (or mask's) value for every atom into ``buffer``."""
+    def fill(self, members, buffer, dtype, nested_score=False):
+        """Statements writing a predicate's (or mask's) value for every atom into ``buffer``.
+
+        ``nested_score``: when replaying a nested spec, only the atoms that took part in the
+        previous race can be members (nesting), so the others are not evaluated."""
+        target = ast.Subscript(_name(buffer), _name("__a"), ast.Store())
         if members is None:
-            return [ast.Assign([ast.Subscript(_name(buffer), ast.Slice(None, None, None), ast.Store())],
-                               ast.Constant(True))]
-        if not isinstance(members, ir.Pred):
+            value, pre = ast.Constant(True), []
+        elif not isinstance(members, ir.Pred):
             flat = _call(_attr(self.expr(members), "reshape"), ast.UnaryOp(ast.USub(), ast.Constant(1)))
-            return [ast.Assign([ast.Subscript(_name(buffer), ast.Slice(None, None, None), ast.Store())], flat)]
-        names = [f"__x{i}" for i in range(len(members.params))]
-        self.rename = dict(zip(members.params, names))
-        try:
-            value = self.expr(members.body)
-        finally:
-            self.rename = {}
-        body = self.unravel(_name("__a"), names) + [
-            ast.Assign([ast.Subscript(_name(buffer), _name("__a"), ast.Store())], value)]
-        return [ast.For(_name("__a", ast.Store()), _call("__range", _name("__A")), body, [])]
+            pre = [ast.Assign([_name("__flat", ast.Store())], flat)]
+            value = ast.Subscript(_name("__flat"), _name("__a"), ast.Load())
+        else:
+            names = [f"__x{i}" for i in range(len(members.params))]
+            self.rename = dict(zip(members.params, names))
+            try:
+                value = self.expr(members.body)
+            finally:
+                self.rename = {}
+            pre = []
+        body = (self.unravel(_name("__a"), names) if isinstance(members, ir.Pred) else []) + \
+            [ast.Assign([target], value)]
+        if nested_score:     # only the atoms of the previous race: __cand[:__st[3]]
+            pick = ast.Assign([_name("__a", ast.Store())], ast.Subscript(_name("__cand"), _name("__k"), ast.Load()))
+            count = ast.Subscript(_name("__st"), ast.Constant(3), ast.Load())
+            return pre + [ast.For(_name("__k", ast.Store()), _call("__range", count), [pick] + body, [])]
+        return pre + [ast.For(_name("__a", ast.Store()), _call("__range", _name("__A")), body, [])]
 
     def unravel(self, flat, names):
         """``names`` = the multi-index of the flat atom index ``flat`` (C order)."""
@@ -391,8 +401,9 @@ class _Codegen:
         w = self.temp("w")
         call = _call("__race", _name("__mode"), _name("__mb"), *state, allow, empty, nest)
         if self.fast:      # score through exit races: no per-race sums over the members
-            call = _call("__score_nested", _name("__mb"), _name("__alive"), _name("__tr"), _name("__st"),
-                         _name("__ex"), allow, empty, nest)
+            generic = self.fill(s.members, "__mb", "bool", nested_score=True)
+            call = _call("__score_nested", _name("__mb"), _name("__cand"), _name("__alive"), _name("__tr"),
+                         _name("__st"), _name("__ex"), allow, empty)
         generic.append(ast.Assign([_name(w, ast.Store())], call))
         out = [ast.If(ast.Compare(_name("__mode"), [ast.Eq()], [ast.Constant(0)]), self.pop(s, w, allow, empty),
                       generic)] if self.fast else generic
@@ -460,7 +471,7 @@ class _Codegen:
         p = self.p
         params = list(p.params)
         outs = [f"__out_{o}" for o in p.outputs]
-        lane_args = ["__mode", "__b"] + params + _STATE + ["__ex"] + outs
+        lane_args = ["__mode", "__b"] + params + _STATE + ["__ex", "__cand"] + outs
         body = [ast.Assign([_name(f"__d{i}", ast.Store())], self.static(d)) for i, d in enumerate(p.atoms.dims)]
         body += [ast.Assign([_name("__A", ast.Store())], _attr(_name("__alive"), "size")),
                  ast.Assign([_name("__hs", ast.Store())], _call(_np("zeros"), ast.Constant(1), _np("int64"))),
@@ -534,7 +545,7 @@ def solve_all({params}__alive, __res, __tr, __st, __log_space{outs_comma}):
         __pkey = __np.full(__A, -1, __np.int64)
         __fs = __np.zeros(1)
         lane(__mode, __np.int64(__b), {params}__alive[__b], __live0, __res[__b], __tr[__b], __st[__b], __fs,
-             __empty, __empty, __empty, __pkey, __log_space, __flags, __pkey{outs_comma})
+             __empty, __empty, __empty, __pkey, __log_space, __flags, __pkey, __pkey{outs_comma})
 
 
 @njit(parallel=True, cache=True, error_model='numpy')
@@ -553,7 +564,7 @@ def sample_all({params}__valid, __uni, __logits, __tr, __st, __noise, __log_spac
         __pkey = __np.full(__A, -1, __np.int64)
         __fs = __np.zeros(1)
         lane(__mode, __np.int64(__b), {params}__alive[__b], __live0, __res[__b], __tr[__b], __st[__b], __fs,
-             __empty, __empty, __empty, __pkey, __log_space, __flags, __pkey{outs_comma})
+             __empty, __empty, __empty, __pkey, __log_space, __flags, __pkey, __pkey{outs_comma})
 
 
 @njit(parallel=True, cache=True, error_model='numpy')
@@ -565,8 +576,10 @@ def score_all({params}__alive, __logits, __tr, __st, __fs, __grad, __lsum, __u, 
         __live0 = __alive[__b].copy()
         __pkey = __np.full(__A, -1, __np.int64)
         __ex = __np.full(__A, -1, __np.int64)
+        __cand = __np.flatnonzero(__live0)          # the nested score's candidates: every live atom
+        __st[__b, 3] = __cand.size
         lane(__mode, __np.int64(0), {params}__alive[__b], __live0, __logits[__b], __tr[__b], __st[__b], __fs[__b],
-             __grad[__b], __lsum[__b], __u[__b], __pkey, __log_space, __flags, __ex{outs_comma})
+             __grad[__b], __lsum[__b], __u[__b], __pkey, __log_space, __flags, __ex, __cand{outs_comma})
         if __st[__b, 0] == 0:
 {finish}
 '''

@@ -383,37 +383,38 @@ def prepare_sample(valid, uni, logits, alive, res, noise):
 
 # ---- the nested fast path's score: exit races instead of per-race sums ------------------------
 @njit(cache=True)
-def score_nested(members, alive, tr, st, ex, allow_empty, code_empty, code_nest):
-    """A replayed race of a nested spec: record, for every member, that it took part in this
-    race (``ex[i]``: its last race so far) and check the winner.  Every member of race ``r``
-    must have been a member of race ``r - 1`` (the nesting promise, checked here for free).
-    The sums over members are done once per lane, by :func:`finish_nested`."""
-    A = alive.size
+def score_nested(members, inlist, alive, tr, st, ex, allow_empty, code_empty):
+    """A replayed race of a nested spec.  ``inlist[:st[3]]`` holds the atoms of the previous
+    race (all live atoms before the first): only they can be members (the nesting promise,
+    which the reference checks), so only they were evaluated into ``members``.  Records
+    ``ex[i] = r`` for every member, keeps the members in the list, checks the winner; the
+    sums over members are done once per lane, by :func:`finish_nested`."""
     r = st[1]
+    n = st[3]
     count = 0
-    for i in range(A):
-        m = members[i] and alive[i]
-        members[i] = m
-        count += m
+    for k in range(n):
+        a = inlist[k]
+        if members[a] and alive[a]:
+            count += 1
     if count == 0:
         if not allow_empty:
             fail(st, code_empty)
-        return -1
+        return -1                    # an empty race changes nothing (no slot, same list)
     if r >= tr.size:
         fail(st, IMPOSSIBLE)
         return -1
-    if r > 0:
-        for i in range(A):
-            if members[i] and ex[i] != r - 1:
-                fail(st, code_nest)
-                return -1
     w = tr[r]
-    if w < 0 or w >= A or not members[w]:
+    if w < 0 or w >= alive.size or not alive[w] or not members[w] or (r > 0 and ex[w] != r - 1):
         fail(st, IMPOSSIBLE)
         return -1
-    for i in range(A):
-        if members[i]:
-            ex[i] = r
+    m = 0
+    for k in range(n):
+        a = inlist[k]
+        if members[a] and alive[a]:
+            ex[a] = r
+            inlist[m] = a
+            m += 1
+    st[3] = m
     alive[w] = False
     st[1] = r + 1
     return w
