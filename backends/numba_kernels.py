@@ -266,18 +266,99 @@ def race_groups(mode, keys, groups, alive, res, tr, st, fs, grad, lsum, u, pkey,
         _check_nested(mask, key, False, groups, pkey, st, code_nest)
         if st[0] != 0:
             return out
-    member = np.empty(A, np.bool_)
-    for g in range(groups):
-        if present[g]:
-            for i in range(A):
-                member[i] = key[i] == g
-            out[g] = _pick(mode, member, alive, res, tr, st, fs, grad, lsum, u, log_space, flags)
-            if st[0] != 0:
-                return out
+    _pick_groups(mode, key, groups, present, alive, res, tr, st, fs, grad, lsum, u, log_space, flags, out)
+    if st[0] != 0:
+        return out
     if st[2] & 1:
         _remember(mask, key, False, pkey)
         st[2] = 3
     return out
+
+
+@njit(cache=True)
+def _pick_groups(mode, key, groups, present, alive, res, tr, st, fs, grad, lsum, u, log_space, flags, out):
+    """Every present group's race in one pass over the atoms (``key``: group, -1 outside),
+    with the reference's arithmetic per group; winners recorded in group order."""
+    A = alive.size
+    slot = st[1]
+    G = groups
+    slot_of = np.full(G, -1, np.int64)
+    k = slot
+    for g in range(G):
+        if present[g]:
+            slot_of[g] = k
+            k += 1
+    if k > tr.size:                  # cannot happen: the bound is proven statically
+        fail(st, IMPOSSIBLE)
+        return
+    if mode == SOLVE:
+        best = np.full(G, -1, np.int64)
+        for i in range(A):
+            g = key[i]
+            if g >= 0 and (best[g] < 0 or res[i] < res[best[g]]):
+                best[g] = i
+        low = np.empty(G)
+        for g in range(G):
+            if best[g] >= 0:
+                low[g] = res[best[g]]
+        for i in range(A):
+            g = key[i]
+            if g >= 0:
+                lo = low[g]
+                if log_space:
+                    r = res[i]
+                    res[i] = -np.inf if r == lo else r + math.log(-math.expm1(lo - r))
+                else:
+                    res[i] = res[i] - lo
+        for g in range(G):
+            if best[g] >= 0:
+                tr[slot_of[g]] = best[g]
+                out[g] = best[g]
+                alive[best[g]] = False
+    else:
+        top = np.full(G, -np.inf)
+        for i in range(A):
+            g = key[i]
+            if g >= 0 and res[i] > top[g]:
+                top[g] = res[i]
+        s = np.zeros(G)
+        for i in range(A):
+            g = key[i]
+            if g >= 0:
+                s[g] += math.exp(res[i] - top[g])
+        lse = np.empty(G)
+        for g in range(G):
+            if present[g]:
+                lse[g] = top[g] + math.log(s[g])
+        for g in range(G):
+            if present[g]:
+                w = tr[slot_of[g]]
+                if w < 0 or w >= A or key[w] != g:
+                    fail(st, IMPOSSIBLE)
+                    return
+                fs[0] += res[w] - lse[g]
+                out[g] = w
+        if flags & WANT_GRAD:
+            for i in range(A):
+                g = key[i]
+                if g >= 0:
+                    grad[i] -= math.exp(res[i] - lse[g])
+            for g in range(G):
+                if present[g]:
+                    grad[out[g]] += 1.0
+        if flags & WANT_NOISE:
+            lm = np.empty(G)
+            for g in range(G):
+                if present[g]:
+                    lm[g] = math.log(-math.log(u[slot_of[g]])) - lse[g]
+            for i in range(A):
+                g = key[i]
+                if g >= 0:
+                    lsum[i] = _logaddexp(lsum[i], lm[g])
+        for g in range(G):
+            if present[g]:
+                alive[out[g]] = False
+    st[1] = k
 
 
 @njit(cache=True)
