@@ -654,6 +654,20 @@ class Program(_BaseProgram):
                                 dtype=bool if t.dtype == "bool" else np.int64))
         return out
 
+    def _run(self, kernel, *args):
+        """Call a compiled driver; a Numba typing failure (a construct this backend lowers
+        into code Numba rejects) becomes a clear error instead of a raw Numba traceback."""
+        try:
+            return getattr(self._module, kernel)(*args)
+        except Exception as exc:
+            if type(exc).__module__.startswith("numba"):
+                first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                raise LoweringError(
+                    f"the numba backend could not compile spec {self.ir.name!r} ({type(exc).__name__}: "
+                    f"{first}); the generated source is in {self._module.__file__} and the "
+                    f"reference backend (backend='numpy') runs the spec", self.ir.file, self.ir.atoms.line) from exc
+            raise
+
     def _raise(self, st):
         bad = np.flatnonzero(st[:, 0] > 0)
         if bad.size:
@@ -669,7 +683,7 @@ class Program(_BaseProgram):
         st = np.zeros((B, 4), dtype=np.int64)
         st[:, 2] = 1 if self.ir.nested else 0
         outs = self._outputs(inst, B)
-        self._module.solve_all(*self._args(inst), alive, res, tr, st, np.bool_(log_space), *outs)
+        self._run("solve_all", *self._args(inst), alive, res, tr, st, np.bool_(log_space), *outs)
         self._raise(st)
         return tr, outs
 
@@ -680,7 +694,7 @@ class Program(_BaseProgram):
         st[:, 2] = 1 if self.ir.nested else 0
         noise = np.empty((B, A))
         outs = self._outputs(inst, B)
-        self._module.sample_all(*self._args(inst), inst.valid.reshape(-1), np.ascontiguousarray(u, dtype=np.float64),
+        self._run("sample_all", *self._args(inst), inst.valid.reshape(-1), np.ascontiguousarray(u, dtype=np.float64),
                                 np.ascontiguousarray(logits, dtype=np.float64), tr, st, noise, np.bool_(True), *outs)
         self._raise(st)
         return tr, outs, noise
@@ -701,7 +715,7 @@ class Program(_BaseProgram):
         u = np.array(uniforms, dtype=np.float64) if noisy else np.full((B, R + A), 0.5)
         flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0)
         outs = [o[:1] for o in self._outputs(inst, 1)]
-        self._module.score_all(*self._args(inst), alive, np.array(logits, dtype=np.float64),
+        self._run("score_all", *self._args(inst), alive, np.array(logits, dtype=np.float64),
                                tr, st, fs, grad, lsum, u, noise, np.int64(flags), np.bool_(False), *outs)
         self._raise(st)
         logp = np.where(st[:, 0] == IMPOSSIBLE, -np.inf, fs[:, 0])

@@ -284,3 +284,16 @@ def test_the_generated_source_lives_in_the_cache_directory(tmp_path, monkeypatch
     assert [f.name for f in files] == [f"structdsl_gen_{digest}.py"]   # written once, named by its hash
     assert numba_backend.load(source) is module                     # and imported once
     assert f"# kernels {numba_backend._kernels_hash()}" in fast.source
+
+
+def test_a_numba_compile_failure_becomes_a_clear_error(monkeypatch):
+    from numba.core.errors import TypingError
+    from structdsl.backends.numba_backend import LoweringError
+    fast = structdsl.compile(builtin.categorical, backend="numba")
+
+    def rejects(*args):
+        raise TypingError("Cannot unify array(int64, 1d, C) and bool for 'x'")
+    monkeypatch.setattr(fast._module, "solve_all", rejects)
+    with pytest.raises(LoweringError, match=r"could not compile spec 'categorical' \(TypingError: Cannot unify") as info:
+        fast.solve(np.ones(3))
+    assert info.value.file.endswith("categorical.py") and "backend='numpy'" in str(info.value)
