@@ -171,8 +171,9 @@ class _Codegen:
             left, right = self.as_int(left, lt), self.as_int(right, rt)
         return ast.BinOp(left, op, right)
 
-    def subscript(self, node, what):
-        """``x[...]`` with every integer index checked (an AST usable as load or store)."""
+    def subscript(self, node, what, lowered=None):
+        """``x[...]`` with every integer index checked (an AST usable as load or store);
+        ``lowered``: the index expressions already lowered (one per index, None for ``:``)."""
         base = node.value
         x = self.expr(base)
         elts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
@@ -181,7 +182,7 @@ class _Codegen:
             if len(elts) != 1 or self.t(base).ndim != 1:
                 self.fail(node, "a gather x[idx] other than a 1-d array indexed by one int array")
             code = self.code("SpecIndexError", node.lineno, f"{what} index out of range")
-            return _call("__gather1", x, self.expr(elts[0]), _name("__st"), code)
+            return _call("__gather1", x, lowered[0] if lowered else self.expr(elts[0]), _name("__st"), code)
         out = []
         for axis, e in enumerate(elts):
             if isinstance(e, ast.Slice):
@@ -190,7 +191,7 @@ class _Codegen:
             code = self.code("SpecIndexError", node.lineno,
                              f"{what} index out of range for axis {axis} (negative or past the end)")
             dim = ast.Subscript(_attr(x, "shape"), ast.Constant(axis), ast.Load())
-            out.append(_call("__ck", self.expr(e), dim, _name("__st"), code))
+            out.append(_call("__ck", lowered[axis] if lowered else self.expr(e), dim, _name("__st"), code))
         index = out[0] if len(out) == 1 else ast.Tuple(out, ast.Load())
         return ast.Subscript(x, index, ast.Load())
 
@@ -246,9 +247,9 @@ class _Codegen:
                 out = _call(_np(fn), out, x) if t.ndim else _call("__" + fn[:3], out, x)
             return out
         if name in ("min", "max", "argmin", "argmax"):
-            helper = {"min": "__reduce_min", "max": "__reduce_max", "argmin": "__arg_min", "argmax": "__arg_max"}[name]
+            helper = "__extreme" if name in ("min", "max") else "__arg_extreme"
             code = self.code("SpecValueError", node.lineno, f"{name}() of an empty array")
-            return _call(helper, xs[0], _name("__st"), code)
+            return _call(helper, xs[0], ast.Constant(name.endswith("max")), _name("__st"), code)
         if name in ("any", "all"):
             return _call(_np(name), xs[0])
         if name == "sum":
@@ -281,14 +282,14 @@ class _Codegen:
             x = _call(_attr(x, "copy"))
         return self.convert(x, t, self.types.locals[name].dtype)
 
-    def store(self, target, value, vtype):
+    def store(self, target, value, vtype, lowered=None):
         """``target[...] = value``."""
         elts = target.slice.elts if isinstance(target.slice, ast.Tuple) else [target.slice]
         sel = self.t(target)
         if sel.shape == ("mask",):
             return [ast.Expr(_call("__mask_set", self.expr(target.value), self.expr(elts[0]), value))]
         value = self.convert(value, vtype, self.types.locals[target.value.id].dtype)
-        return [ast.Assign([self.subscript(target, "write")], value)]
+        return [ast.Assign([self.subscript(target, "write", lowered)], value)]
 
     def statement(self, s):
         if isinstance(s, ir.Assign):
@@ -316,24 +317,19 @@ class _Codegen:
                 return [ast.Assign([_name(target.id, ast.Store())],
                                    self.convert(new, self.t(target), self.types.locals[target.id].dtype))]
             elts = target.slice.elts if isinstance(target.slice, ast.Tuple) else [target.slice]
-            out, fixed = [], []
-            for e in elts:                          # evaluate (and check) each index once
+            out, lowered = [], []
+            for e in elts:                          # evaluate each index once, for read and write
                 if isinstance(e, ast.Slice):
-                    fixed.append(e)
+                    lowered.append(None)
                     continue
                 temp = self.temp("i")
                 out.append(ast.Assign([_name(temp, ast.Store())], self.expr(e)))
-                node = ast.copy_location(_name(temp), e)
-                self.types._exprs[id(node)] = self.t(e)
-                fixed.append(node)
-            sub = ast.copy_location(ast.Subscript(target.value, ast.Tuple(fixed, ast.Load()) if len(fixed) > 1
-                                                  else fixed[0], ast.Load()), target)
-            self.types._exprs[id(sub)] = self.t(target)
-            current = self.subscript(sub, "read")
+                lowered.append(_name(temp))
+            current = self.subscript(target, "read", lowered)
             new = self.binop(s.op, current, self.t(target), self.expr(s.value), self.t(s.value), target)
             both_bool = self.t(target).dtype == self.t(s.value).dtype == "bool"
             result = Type("bool" if both_bool and not isinstance(s.op, _ARITH) else "int", self.t(target).shape)
-            return out + self.store(sub, new, result)
+            return out + self.store(target, new, result, lowered)
         if isinstance(s, ir.If):
             return [ast.If(self.expr(s.test), self.block(s.body) or [ast.Pass()], self.block(s.orelse))]
         if isinstance(s, ir.Loop):
@@ -497,12 +493,13 @@ class _Codegen:
             "# every name the generated code uses starts with '__': spec names never do",
             "import numpy as __np",
             "from numba import njit, prange",
-            "from structdsl.backends.numba_kernels import arg_max as __arg_max, arg_min as __arg_min, \\",
+            "from structdsl.backends.numba_kernels import arg_extreme as __arg_extreme, extreme as __extreme, \\",
             "    ck as __ck, finish_score as __finish_score, gather1 as __gather1, mask_set as __mask_set, \\",
             "    nonzero_a as __nonzero_a, nonzero_s as __nonzero_s, race as __race, \\",
-            "    race_groups as __race_groups, reduce_max as __reduce_max, reduce_min as __reduce_min, \\",
+            "    race_groups as __race_groups, \\",
             "    take as __take, total as __total, heap_init as __heap_init, heap_pop as __heap_pop, \\",
-            "    prepare_sample as __prepare_sample, score_nested as __score_nested, \\",
+            "    prepare_sample as __prepare_sample, prepare_solve as __prepare_solve, \\",
+            "    score_nested as __score_nested, \\",
             "    finish_nested as __finish_nested",
             "__range, __min, __max, __abs = range, min, max, abs",
             "", "",
@@ -535,31 +532,20 @@ def _locate(node):
 
 
 _DRIVERS = '''@njit(parallel=True, cache=True, error_model='numpy')
-def solve_all({params}__alive, __res, __tr, __st, __log_space{outs_comma}):
-    __B, __A = __alive.shape
-    __empty = __np.zeros(0)
-    __mode = __np.int64(0)             # variables, not literals: one compiled lane serves both
-    __flags = __np.int64(0)
-    for __b in prange(__B):
-        __live0 = __alive[__b].copy()
-        __pkey = __np.full(__A, -1, __np.int64)
-        __fs = __np.zeros(1)
-        lane(__mode, __np.int64(__b), {params}__alive[__b], __live0, __res[__b], __tr[__b], __st[__b], __fs,
-             __empty, __empty, __empty, __pkey, __log_space, __flags, __pkey, __pkey{outs_comma})
-
-
-@njit(parallel=True, cache=True, error_model='numpy')
-def sample_all({params}__valid, __uni, __logits, __tr, __st, __noise, __log_space{outs_comma}):
-    # (__log_space is an argument: a literal True here meets a Numba parfor bug that merges
-    # the constants 1 and True)
-    __B, __A = __uni.shape
+def solve_all({params}__valid, __uni, __logits, __res, __tr, __st, __noise, __log_space, __draw{outs_comma}):
+    # sample (__draw: the noise is drawn here from uniforms and logits) and solve (__res holds
+    # given weights).  Flags are arguments, not literals: one compiled lane serves every
+    # semantics, and a literal True meets a Numba parfor bug that merges 1 and True.
+    __B, __A = __res.shape
     __empty = __np.zeros(0)
     __mode = __np.int64(0)
     __flags = __np.int64(0)
     __alive = __np.empty((__B, __A), __np.bool_)
-    __res = __np.empty((__B, __A))
     for __b in prange(__B):
-        __prepare_sample(__valid, __uni[__b], __logits[__b], __alive[__b], __res[__b], __noise[__b])
+        if __draw:
+            __prepare_sample(__valid, __uni[__b], __logits[__b], __alive[__b], __res[__b], __noise[__b])
+        else:
+            __prepare_solve(__valid, __res[__b], __alive[__b])
         __live0 = __alive[__b].copy()
         __pkey = __np.full(__A, -1, __np.int64)
         __fs = __np.zeros(1)
@@ -675,29 +661,30 @@ class Program(_BaseProgram):
             cls, line, message = self._codes[int(st[lane, 0]) - 1]
             raise getattr(errors, cls)(message, self.ir.file, line, lane)
 
-    def _solve(self, inst, weights, log_space):
-        B, A = weights.shape
-        alive = (weights < np.inf) & inst.valid.reshape(-1)
-        res = np.ascontiguousarray(weights, dtype=np.float64).copy()
+    def _solve_all(self, inst, res, uniforms, logits, log_space):
+        """Run the solve driver: on given weights ``res``, or drawing ``res`` (and the
+        returned noise) from ``uniforms`` and ``logits`` when they are given."""
+        B, A = res.shape
+        draw = uniforms is not None
+        none = np.zeros((B, 0))
         tr = np.full((B, inst.max_races), -1, dtype=np.int64)
         st = np.zeros((B, 4), dtype=np.int64)
         st[:, 2] = 1 if self.ir.nested else 0
+        noise = np.empty((B, A)) if draw else none
         outs = self._outputs(inst, B)
-        self._run("solve_all", *self._args(inst), alive, res, tr, st, np.bool_(log_space), *outs)
+        self._run("solve_all", *self._args(inst), inst.valid.reshape(-1),
+                  np.ascontiguousarray(uniforms, dtype=np.float64) if draw else none,
+                  np.ascontiguousarray(logits, dtype=np.float64) if draw else none,
+                  res, tr, st, noise, np.bool_(log_space), np.bool_(draw), *outs)
         self._raise(st)
+        return tr, outs, noise
+
+    def _solve(self, inst, weights, log_space):
+        tr, outs, _ = self._solve_all(inst, np.array(weights, dtype=np.float64), None, None, log_space)
         return tr, outs
 
     def _sample(self, inst, u, logits):
-        B, A = u.shape
-        tr = np.full((B, inst.max_races), -1, dtype=np.int64)
-        st = np.zeros((B, 4), dtype=np.int64)
-        st[:, 2] = 1 if self.ir.nested else 0
-        noise = np.empty((B, A))
-        outs = self._outputs(inst, B)
-        self._run("sample_all", *self._args(inst), inst.valid.reshape(-1), np.ascontiguousarray(u, dtype=np.float64),
-                                np.ascontiguousarray(logits, dtype=np.float64), tr, st, noise, np.bool_(True), *outs)
-        self._raise(st)
-        return tr, outs, noise
+        return self._solve_all(inst, np.empty(u.shape), u, logits, True)
 
     def _score(self, inst, traces, logits, want_grad, uniforms):
         from .numba_kernels import IMPOSSIBLE, WANT_GRAD, WANT_NOISE

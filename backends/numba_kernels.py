@@ -84,37 +84,22 @@ def mask_set(x, mask, value):
 
 
 @njit(cache=True)
-def reduce_min(x, st, code):
+def extreme(x, largest, st, code):
+    """``min(x)`` / ``max(x)``; an empty array records ``code``."""
     f = x.reshape(-1)
     if f.size == 0:
         fail(st, code)
         return np.zeros(1, x.dtype)[0]
-    return f.min()
+    return f.max() if largest else f.min()
 
 
 @njit(cache=True)
-def reduce_max(x, st, code):
-    f = x.reshape(-1)
-    if f.size == 0:
-        fail(st, code)
-        return np.zeros(1, x.dtype)[0]
-    return f.max()
-
-
-@njit(cache=True)
-def arg_min(x, st, code):
+def arg_extreme(x, largest, st, code):
+    """``argmin(x)`` / ``argmax(x)`` (first index); an empty array records ``code``."""
     if x.size == 0:
         fail(st, code)
         return 0
-    return np.argmin(x)
-
-
-@njit(cache=True)
-def arg_max(x, st, code):
-    if x.size == 0:
-        fail(st, code)
-        return 0
-    return np.argmax(x)
+    return np.argmax(x) if largest else np.argmin(x)
 
 
 @njit(cache=True)
@@ -446,6 +431,13 @@ def heap_pop(h, size, res):
     size[0] = n
     _sift_down(h, n, 0, res)
     return top
+
+
+@njit(cache=True)
+def prepare_solve(valid, res, alive):
+    """One lane of ``solve``: the atoms with finite weights can race."""
+    for k in range(res.size):
+        alive[k] = valid[k] and res[k] < np.inf
 
 
 @njit(cache=True)

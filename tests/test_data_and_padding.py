@@ -8,26 +8,14 @@ import numpy as np
 import pytest
 
 import structdsl
-from structdsl import (SpecError, arange, atoms, full, race, spec, where, zeros)
+from structdsl import SpecError, arange, atoms, race, spec, where, zeros
+from shared_specs import topological_order
 from structdsl.specs import arborescence, clustering, spanning_tree, top_k
 
 TRIANGLE = ((0, 1, 1), (1, 0, 1), (1, 1, 0))     # a tuple constant read as an int array
 
 
 # ---- specs that need data ------------------------------------------------------------------
-@spec
-def topological_order(n, dag):
-    """A random linear extension of a DAG: race the items whose predecessors are placed."""
-    item = atoms(n)
-    placed = zeros(n, bool)
-    order = full(n, -1)
-    for j in range(n):
-        w = race(item, lambda i: not placed[i] and not any(dag[:, i] & ~placed))
-        order[j] = w
-        placed[w] = True
-    return order
-
-
 @spec(nested=True)
 def partition_basis(n, group, capacity):
     """A basis of a partition matroid: at most capacity[g] items of each group g."""

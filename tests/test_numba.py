@@ -13,6 +13,7 @@ from structdsl import (EmptyRaceError, NestingError, SpecIndexError, SpecZeroDiv
                        atoms, full, race, spec, zeros)
 from structdsl import specs as builtin
 from structdsl.testing import uniforms as uniforms_st
+from shared_specs import topological_order as topological
 
 pytest.importorskip("numba")
 
@@ -43,19 +44,6 @@ def height(n):
 
     h = grow(0, n)
     return h, order
-
-
-@spec
-def topological(n, dag):
-    """A data parameter and a per-atom reduction in the predicate."""
-    item = atoms(n)
-    placed = zeros(n, bool)
-    order = full(n, -1)
-    for j in range(n):
-        w = race(item, lambda i: not placed[i] and not any(dag[:, i] & ~placed))
-        order[j] = w
-        placed[w] = True
-    return order
 
 
 SPECS = {**{name: getattr(builtin, name) for name in builtin.__all__}, "height": height,
