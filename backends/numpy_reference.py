@@ -774,7 +774,7 @@ class Program(_BaseProgram):
 
     def __init__(self, spec, **static_params):
         super().__init__(spec, **static_params)
-        namespace = {**NAMESPACE, **self._constant_arrays()}
+        namespace = {**NAMESPACE, **self._constant_arrays}
         self.function, self._valid_fn = lower(self.ir, self.types, namespace)
         self._grids = {}
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import collections
 import contextlib
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -134,12 +135,13 @@ class Program:
     def _param_types(self):
         from .typecheck import INT, array_type
         types = {name: INT for name in self.ir.params}
-        for name, value in {**self._constant_arrays(), **self.data}.items():
+        for name, value in {**self._constant_arrays, **self.data}.items():
             types[name] = array_type(value, name)
         return types
 
+    @functools.cached_property
     def _constant_arrays(self):
-        """Tuple constants the spec reads as arrays (read-only int/bool arrays)."""
+        """Tuple constants the spec reads as arrays (read-only int/bool arrays), built once."""
         return {k: _data_array(k, v, self.ir) for k, v in self.ir.constants.items() if type(v) is tuple}
 
     def _typecheck(self, params):
@@ -189,7 +191,7 @@ class Program:
         if any(d <= 0 for d in dims):
             raise ValueError(f"{p.name}: every atoms dimension must be positive, got {dims}")
         types = self._typecheck(params)    # every shape that meets agrees at these sizes
-        valid = self._valid_mask({**params, **self._constant_arrays(), **self.data}, dims)
+        valid = self._valid_mask({**params, **self._constant_arrays, **self.data}, dims)
         bound = min(_race_bound(p, p.body, env, {}), int(valid.sum()))
         return Instance({**params, **self.data}, dims, valid, bound, types)
 

@@ -113,7 +113,6 @@ def array_type(array, name):
     return Type(dtype, tuple(Dim(str(s), int(s)) for s in array.shape))
 
 
-_ARITH = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.LShift, ast.RShift)
 _BITS = (ast.BitAnd, ast.BitOr, ast.BitXor)
 
 
