@@ -343,45 +343,53 @@ class _Codegen:
             return self.race_groups(s)
         raise TypeError(type(s).__name__)  # pragma: no cover
 
-    def fill(self, members, buffer, dtype, nested_score=False):
-        """Statements writing a predicate's (or mask's) value for every atom into ``buffer``.
-
-        ``nested_score``: when replaying a nested spec, only the atoms that took part in the
-        previous race can be members (nesting), so the others are not evaluated."""
-        target = ast.Subscript(_name(buffer), _name("__a"), ast.Store())
+    def member_test(self, members, atom):
+        """``(pre, stmts, value)``: ``pre`` runs once per race, ``stmts`` then ``value`` say
+        whether the flat atom ``atom`` is a member (a predicate, a mask expression or all)."""
         if members is None:
-            value, pre = ast.Constant(True), []
-        elif not isinstance(members, ir.Pred):
+            return [], [], ast.Constant(True)
+        if not isinstance(members, ir.Pred):
             flat = _call(_attr(self.expr(members), "reshape"), ast.UnaryOp(ast.USub(), ast.Constant(1)))
             pre = [ast.Assign([_name("__flat", ast.Store())], flat)]
-            value = ast.Subscript(_name("__flat"), _name("__a"), ast.Load())
-        else:
-            names = [f"__x{i}" for i in range(len(members.params))]
-            self.rename = dict(zip(members.params, names))
-            try:
-                value = self.expr(members.body)
-            finally:
-                self.rename = {}
-            pre = []
-        body = (self.unravel(_name("__a"), names) if isinstance(members, ir.Pred) else []) + \
-            [ast.Assign([target], value)]
-        if nested_score:     # only the atoms of the previous race: __cand[:__st[3]]
-            pick = ast.Assign([_name("__a", ast.Store())], ast.Subscript(_name("__cand"), _name("__k"), ast.Load()))
-            count = ast.Subscript(_name("__st"), ast.Constant(3), ast.Load())
-            return pre + [ast.For(_name("__k", ast.Store()), _call("__range", count), [pick] + body, [])]
+            return pre, [], ast.Subscript(_name("__flat"), _name(atom), ast.Load())
+        names = [f"__x{i}" for i in range(len(members.params))]
+        self.rename = dict(zip(members.params, names))
+        try:
+            value = self.expr(members.body)
+        finally:
+            self.rename = {}
+        return [], self.unravel(_name(atom), names), value
+
+    def fill(self, members, buffer):
+        """Statements writing a predicate's (or mask's) value for every atom into ``buffer``."""
+        pre, stmts, value = self.member_test(members, "__a")
+        body = stmts + [ast.Assign([ast.Subscript(_name(buffer), _name("__a"), ast.Store())], value)]
         return pre + [ast.For(_name("__a", ast.Store()), _call("__range", _name("__A")), body, [])]
+
+    def nested_members(self, members):
+        """Replaying a nested spec: only the live atoms of the previous race's member list
+        ``__cand[:__st[3]]`` can be members (nesting), so only they are tested; the members
+        are compacted in place into ``__cand[:__m]`` and get ``__ex[a] = this race``."""
+        pre, stmts, value = self.member_test(members, "__a")
+        keep = [ast.Assign([ast.Subscript(_name("__cand"), _name("__m"), ast.Store())], _name("__a")),
+                ast.AugAssign(_name("__m", ast.Store()), ast.Add(), ast.Constant(1)),
+                ast.Assign([ast.Subscript(_name("__ex"), _name("__a"), ast.Store())],
+                           ast.Subscript(_name("__st"), ast.Constant(1), ast.Load()))]
+        body = [ast.Assign([_name("__a", ast.Store())], ast.Subscript(_name("__cand"), _name("__k"), ast.Load())),
+                ast.If(ast.Subscript(_name("__alive"), _name("__a"), ast.Load()),
+                       stmts + [ast.If(value, keep, [])], [])]
+        count = ast.Subscript(_name("__st"), ast.Constant(3), ast.Load())
+        return pre + [ast.Assign([_name("__m", ast.Store())], ast.Constant(0)),
+                      ast.For(_name("__k", ast.Store()), _call("__range", count), body, [])]
 
     def unravel(self, flat, names):
         """``names`` = the multi-index of the flat atom index ``flat`` (C order)."""
         if len(names) == 1:
             return [ast.Assign([_name(names[0], ast.Store())], flat)]
-        out, rest = [], _name("__r")
-        out.append(ast.Assign([_name("__r", ast.Store())], flat))
-        for axis in range(len(names) - 1, 0, -1):
-            out.append(ast.Assign([_name(names[axis], ast.Store())], ast.BinOp(rest, ast.Mod(), _name(f"__d{axis}"))))
-            out.append(ast.Assign([_name("__r", ast.Store())], ast.BinOp(rest, ast.FloorDiv(), _name(f"__d{axis}"))))
-        out.append(ast.Assign([_name(names[0], ast.Store())], rest))
-        return out
+        # a table made once per call ([A, ndim]): no integer division in the atom loops
+        return [ast.Assign([_name(x, ast.Store())],
+                           ast.Subscript(_name("__unr"), ast.Tuple([flat, ast.Constant(axis)], ast.Load()), ast.Load()))
+                for axis, x in enumerate(names)]
 
     def race_args(self, s):
         line = s.line
@@ -392,14 +400,15 @@ class _Codegen:
         return [_name(x) for x in _STATE[:1] + _STATE[2:]], ast.Constant(s.allow_empty), empty, nest
 
     def race(self, s):
-        generic = self.fill(s.members, "__mb", "bool")
         state, allow, empty, nest = self.race_args(s)
         w = self.temp("w")
-        call = _call("__race", _name("__mode"), _name("__mb"), *state, allow, empty, nest)
         if self.fast:      # score through exit races: no per-race sums over the members
-            generic = self.fill(s.members, "__mb", "bool", nested_score=True)
-            call = _call("__score_nested", _name("__mb"), _name("__cand"), _name("__alive"), _name("__tr"),
+            generic = self.nested_members(s.members)
+            call = _call("__score_nested", _name("__m"), _name("__alive"), _name("__tr"),
                          _name("__st"), _name("__ex"), allow, empty)
+        else:
+            generic = self.fill(s.members, "__mb")
+            call = _call("__race", _name("__mode"), _name("__mb"), *state, allow, empty, nest)
         generic.append(ast.Assign([_name(w, ast.Store())], call))
         out = [ast.If(ast.Compare(_name("__mode"), [ast.Eq()], [ast.Constant(0)]), self.pop(s, w, allow, empty),
                       generic)] if self.fast else generic
@@ -420,30 +429,19 @@ class _Codegen:
         every later race lies inside this one.  The predicate is evaluated only for popped
         atoms, and the nesting promise itself is trusted here (the reference checks it, and
         so does this backend's score semantics)."""
-        if s.members is None:
-            test = [ast.Assign([_name("__in", ast.Store())], ast.Constant(True))]
-        elif isinstance(s.members, ir.Pred):
-            names = [f"__x{i}" for i in range(len(s.members.params))]
-            self.rename = dict(zip(s.members.params, names))
-            try:
-                value = self.expr(s.members.body)
-            finally:
-                self.rename = {}
-            test = self.unravel(_name("__i"), names) + [ast.Assign([_name("__in", ast.Store())], value)]
-        else:
-            flat = _call(_attr(self.expr(s.members), "reshape"), ast.UnaryOp(ast.USub(), ast.Constant(1)))
-            test = [ast.Assign([_name("__in", ast.Store())], ast.Subscript(flat, _name("__i"), ast.Load()))]
+        pre, stmts, value = self.member_test(s.members, "__i")
+        test = stmts + [ast.Assign([_name("__in", ast.Store())], value)]
         found = ast.If(_name("__in"), [ast.Assign([_name(w, ast.Store())], _name("__i")), ast.Break()], [])
         scan = ast.While(ast.Constant(True), [
-            ast.Assign([_name("__i", ast.Store())], _call("__heap_pop", _name("__h"), _name("__hs"), _name("__res"))),
+            ast.Assign([_name("__i", ast.Store())], _call("__heap_pop", _name("__hk"), _name("__h"), _name("__hs"))),
             ast.If(ast.Compare(_name("__i"), [ast.Lt()], [ast.Constant(0)]), [ast.Break()], []),
             ast.If(ast.Subscript(_name("__alive"), _name("__i"), ast.Load()), test + [found], [])], [])
         take = _call("__take", _name(w), _name("__alive"), _name("__tr"), _name("__st"), allow, empty)
-        return [ast.Assign([_name(w, ast.Store())], ast.UnaryOp(ast.USub(), ast.Constant(1))), scan,
+        return pre + [ast.Assign([_name(w, ast.Store())], ast.UnaryOp(ast.USub(), ast.Constant(1))), scan,
                 ast.Assign([_name(w, ast.Store())], take)]
 
     def race_groups(self, s):
-        out = self.fill(s.key, "__kb", "int")
+        out = self.fill(s.key, "__kb")
         state, allow, empty, nest = self.race_args(s)
         key = self.code("SpecValueError", s.line, "race_groups key outside [-1, groups)")
         g = self.temp("g")
@@ -467,18 +465,20 @@ class _Codegen:
         p = self.p
         params = list(p.params)
         outs = [f"__out_{o}" for o in p.outputs]
-        lane_args = ["__mode", "__b"] + params + _STATE + ["__ex", "__cand"] + outs
+        lane_args = ["__mode", "__b"] + params + _STATE + ["__ex", "__cand", "__unr"] + outs
         body = [ast.Assign([_name(f"__d{i}", ast.Store())], self.static(d)) for i, d in enumerate(p.atoms.dims)]
         body += [ast.Assign([_name("__A", ast.Store())], _attr(_name("__alive"), "size")),
                  ast.Assign([_name("__hs", ast.Store())], _call(_np("zeros"), ast.Constant(1), _np("int64"))),
                  ast.Assign([_name("__h", ast.Store())], _call(_np("empty"), _name("__A") if self.fast
                                                                 else ast.Constant(0), _np("int64"))),
+                 ast.Assign([_name("__hk", ast.Store())], _call(_np("empty"), _name("__A") if self.fast
+                                                                 else ast.Constant(0))),
                  ast.Assign([_name("__mb", ast.Store())], _call(_np("empty"), _name("__A"), _np("bool_"))),
                  ast.Assign([_name("__kb", ast.Store())], _call(_np("empty"), _name("__A"), _np("int64")))]
         if self.fast:
             body.append(ast.If(ast.Compare(_name("__mode"), [ast.Eq()], [ast.Constant(0)]),
-                               [ast.Expr(_call("__heap_init", _name("__alive"), _name("__res"), _name("__h"),
-                                               _name("__hs")))], []))
+                               [ast.Expr(_call("__heap_init", _name("__alive"), _name("__res"), _name("__hk"),
+                                               _name("__h"), _name("__hs")))], []))
         body += self.block(p.body)
         body.append(self.check())
         writes = [ast.Assign([ast.Subscript(_name(o), _name("__b"), ast.Store())], _name(f))
@@ -532,7 +532,7 @@ def _locate(node):
 
 
 _DRIVERS = '''@njit(parallel=True, cache=True, error_model='numpy')
-def solve_all({params}__valid, __uni, __logits, __res, __tr, __st, __noise, __log_space, __draw{outs_comma}):
+def solve_all({params}__valid, __unr, __uni, __logits, __res, __log_noise, __tr, __st, __log_space, __draw{outs_comma}):
     # sample (__draw: the noise is drawn here from uniforms and logits) and solve (__res holds
     # given weights).  Flags are arguments, not literals: one compiled lane serves every
     # semantics, and a literal True meets a Numba parfor bug that merges 1 and True.
@@ -543,18 +543,18 @@ def solve_all({params}__valid, __uni, __logits, __res, __tr, __st, __noise, __lo
     __alive = __np.empty((__B, __A), __np.bool_)
     for __b in prange(__B):
         if __draw:
-            __prepare_sample(__valid, __uni[__b], __logits[__b], __alive[__b], __res[__b], __noise[__b])
+            __prepare_sample(__valid, __uni[__b], __logits[__b], __alive[__b], __res[__b], __log_noise[__b])
         else:
             __prepare_solve(__valid, __res[__b], __alive[__b])
         __live0 = __alive[__b].copy()
         __pkey = __np.full(__A, -1, __np.int64)
         __fs = __np.zeros(1)
         lane(__mode, __np.int64(__b), {params}__alive[__b], __live0, __res[__b], __tr[__b], __st[__b], __fs,
-             __empty, __empty, __empty, __pkey, __log_space, __flags, __pkey, __pkey{outs_comma})
+             __empty, __empty, __empty, __pkey, __log_space, __flags, __pkey, __pkey, __unr{outs_comma})
 
 
 @njit(parallel=True, cache=True, error_model='numpy')
-def score_all({params}__alive, __logits, __tr, __st, __fs, __grad, __lsum, __u, __noise, __flags, __log_space{outs_comma}):
+def score_all({params}__unr, __alive, __logits, __tr, __st, __fs, __grad, __lsum, __u, __noise, __flags, __log_space{outs_comma}):
     __B, __A = __alive.shape
     __R = __tr.shape[1]
     __mode = __np.int64(1)
@@ -565,7 +565,7 @@ def score_all({params}__alive, __logits, __tr, __st, __fs, __grad, __lsum, __u, 
         __cand = __np.flatnonzero(__live0)          # the nested score's candidates: every live atom
         __st[__b, 3] = __cand.size
         lane(__mode, __np.int64(0), {params}__alive[__b], __live0, __logits[__b], __tr[__b], __st[__b], __fs[__b],
-             __grad[__b], __lsum[__b], __u[__b], __pkey, __log_space, __flags, __ex, __cand{outs_comma})
+             __grad[__b], __lsum[__b], __u[__b], __pkey, __log_space, __flags, __ex, __cand, __unr{outs_comma})
         if __st[__b, 0] == 0:
 {finish}
 '''
@@ -617,13 +617,24 @@ class Program(_BaseProgram):
         gen = _Codegen(self.ir, self.types)
         self.source = gen.module()
         self._codes = gen.codes
+        self._fast = gen.fast
         self._module = load(self.source)
+        self._tables = {}
 
     def _valid_mask(self, params, dims):
         return self.reference.instance(dims).valid
 
     def _enumerate(self, inst, weights, exact, max_traces):
         return self.reference._enumerate(self.reference.instance(inst.atom_shape), weights, exact, max_traces)
+
+    def _unravel_table(self, inst):
+        """``[A, ndim]`` int64: the multi-index of every flat atom index (C order)."""
+        table = self._tables.get(inst.atom_shape)
+        if table is None:
+            shape = inst.atom_shape
+            table = np.ascontiguousarray(np.indices(shape).reshape(len(shape), -1).T, dtype=np.int64)
+            self._tables[inst.atom_shape] = table
+        return table
 
     def _args(self, inst):
         args = []
@@ -662,22 +673,23 @@ class Program(_BaseProgram):
             raise getattr(errors, cls)(message, self.ir.file, line, lane)
 
     def _solve_all(self, inst, res, uniforms, logits, log_space):
-        """Run the solve driver: on given weights ``res``, or drawing ``res`` (and the
-        returned noise) from ``uniforms`` and ``logits`` when they are given."""
+        """Run the solve driver: on given weights ``res``, or drawing ``res = log E`` from
+        ``uniforms`` and ``logits`` when they are given.  Returns traces, fields, ``res``."""
         B, A = res.shape
         draw = uniforms is not None
         none = np.zeros((B, 0))
         tr = np.full((B, inst.max_races), -1, dtype=np.int64)
         st = np.zeros((B, 4), dtype=np.int64)
         st[:, 2] = 1 if self.ir.nested else 0
-        noise = np.empty((B, A)) if draw else none
         outs = self._outputs(inst, B)
-        self._run("solve_all", *self._args(inst), inst.valid.reshape(-1),
+        # the nested fast path never writes its residuals: then they are the log noise itself
+        log_noise = res if (self._fast or not draw) else np.empty((B, A))
+        self._run("solve_all", *self._args(inst), inst.valid.reshape(-1), self._unravel_table(inst),
                   np.ascontiguousarray(uniforms, dtype=np.float64) if draw else none,
                   np.ascontiguousarray(logits, dtype=np.float64) if draw else none,
-                  res, tr, st, noise, np.bool_(log_space), np.bool_(draw), *outs)
+                  res, log_noise, tr, st, np.bool_(log_space), np.bool_(draw), *outs)
         self._raise(st)
-        return tr, outs, noise
+        return tr, outs, log_noise
 
     def _solve(self, inst, weights, log_space):
         tr, outs, _ = self._solve_all(inst, np.array(weights, dtype=np.float64), None, None, log_space)
@@ -702,7 +714,7 @@ class Program(_BaseProgram):
         u = np.array(uniforms, dtype=np.float64) if noisy else np.full((B, R + A), 0.5)
         flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0)
         outs = [o[:1] for o in self._outputs(inst, 1)]
-        self._run("score_all", *self._args(inst), alive, np.array(logits, dtype=np.float64),
+        self._run("score_all", *self._args(inst), self._unravel_table(inst), alive, np.array(logits, dtype=np.float64),
                                tr, st, fs, grad, lsum, u, noise, np.int64(flags), np.bool_(False), *outs)
         self._raise(st)
         logp = np.where(st[:, 0] == IMPOSSIBLE, -np.inf, fs[:, 0])

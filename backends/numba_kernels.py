@@ -388,48 +388,69 @@ def take(w, alive, tr, st, allow_empty, code_empty):
 
 # ---- the nested fast path's heap: atoms ordered by (noise, index) -------------------------------
 @njit(cache=True)
-def _before(res, a, b):
-    return res[a] < res[b] or (res[a] == res[b] and a < b)      # ties: lower index (as argmin)
-
-
-@njit(cache=True)
-def _sift_down(h, n, k, res):
+def _sift_down(hk, hi, n, k):
+    # (key, index) pairs, compared lexicographically: ties go to the lower index, as argmin
+    key, idx = hk[k], hi[k]
     while True:
         child = 2 * k + 1
         if child >= n:
-            return
-        if child + 1 < n and _before(res, h[child + 1], h[child]):
-            child += 1
-        if not _before(res, h[child], h[k]):
-            return
-        h[child], h[k] = h[k], h[child]
+            break
+        right = child + 1
+        if right < n and (hk[right] < hk[child] or (hk[right] == hk[child] and hi[right] < hi[child])):
+            child = right
+        if not (hk[child] < key or (hk[child] == key and hi[child] < idx)):
+            break
+        hk[k], hi[k] = hk[child], hi[child]
         k = child
+    hk[k], hi[k] = key, idx
 
 
 @njit(cache=True)
-def heap_init(alive, res, h, size):
-    """A binary heap of the live atoms keyed by their raw noise: O(A) to build, O(log A) a
-    pop, and a nested spec pops only the atoms its races examine."""
+def heap_init(alive, res, hk, hi, size):
+    """A binary heap of the live atoms keyed by their raw noise (keys stored inline, no
+    indirection): O(A) to build, O(log A) a pop, and a nested spec pops only the atoms its
+    races examine."""
     n = 0
     for i in range(alive.size):
         if alive[i]:
-            h[n] = i
+            hk[n] = res[i]
+            hi[n] = i
             n += 1
     size[0] = n
     for k in range(n // 2 - 1, -1, -1):
-        _sift_down(h, n, k, res)
+        _sift_down(hk, hi, n, k)
 
 
 @njit(cache=True)
-def heap_pop(h, size, res):
+def heap_pop(hk, hi, size):
     n = size[0]
     if n == 0:
         return -1
-    top = h[0]
+    top = hi[0]
     n -= 1
-    h[0] = h[n]
     size[0] = n
-    _sift_down(h, n, 0, res)
+    if n == 0:
+        return top
+    # bottom-up (Floyd): walk the hole down to a leaf along the smaller children (one
+    # comparison a level), then sift the last element up from there (usually a step or two)
+    k = 0
+    while True:
+        child = 2 * k + 1
+        if child >= n:
+            break
+        right = child + 1
+        if right < n and (hk[right] < hk[child] or (hk[right] == hk[child] and hi[right] < hi[child])):
+            child = right
+        hk[k], hi[k] = hk[child], hi[child]
+        k = child
+    key, idx = hk[n], hi[n]
+    while k > 0:
+        parent = (k - 1) // 2
+        if not (key < hk[parent] or (key == hk[parent] and idx < hi[parent])):
+            break
+        hk[k], hi[k] = hk[parent], hi[parent]
+        k = parent
+    hk[k], hi[k] = key, idx
     return top
 
 
@@ -441,52 +462,37 @@ def prepare_solve(valid, res, alive):
 
 
 @njit(cache=True)
-def prepare_sample(valid, uni, logits, alive, res, noise):
+def prepare_sample(valid, uni, logits, alive, res, log_noise):
     """One lane's noise: ``log E = log(-log U) - logits`` at the atoms that can race (+inf
-    elsewhere), as the reference computes it; ``noise = exp(log E)``."""
+    elsewhere), as the reference computes it, into ``res`` (the races' residuals) and
+    ``log_noise`` (kept for the caller; the same array when the races leave ``res`` alone)."""
     for k in range(uni.size):
         ok = valid[k] and logits[k] > -np.inf
         alive[k] = ok
-        if ok:
-            res[k] = np.log(-np.log(uni[k])) - logits[k]
-        else:
-            res[k] = np.inf
-        noise[k] = np.exp(res[k])
+        x = math.log(-math.log(uni[k])) - logits[k] if ok else np.inf
+        res[k] = x
+        log_noise[k] = x
 
 
 # ---- the nested fast path's score: exit races instead of per-race sums ------------------------
 @njit(cache=True)
-def score_nested(members, inlist, alive, tr, st, ex, allow_empty, code_empty):
-    """A replayed race of a nested spec.  ``inlist[:st[3]]`` holds the atoms of the previous
-    race (all live atoms before the first): only they can be members (the nesting promise,
-    which the reference checks), so only they were evaluated into ``members``.  Records
-    ``ex[i] = r`` for every member, keeps the members in the list, checks the winner; the
-    sums over members are done once per lane, by :func:`finish_nested`."""
-    r = st[1]
-    n = st[3]
-    count = 0
-    for k in range(n):
-        a = inlist[k]
-        if members[a] and alive[a]:
-            count += 1
-    if count == 0:
+def score_nested(m, alive, tr, st, ex, allow_empty, code_empty):
+    """A replayed race of a nested spec, after the generated loop compacted its ``m`` members
+    into the candidate list and set ``ex[i] = r`` for each (see ``nested_members`` in the
+    code generator).  Checks the winner and retires it; the sums over members are done once
+    per lane, by :func:`finish_nested`."""
+    if m == 0:
         if not allow_empty:
             fail(st, code_empty)
         return -1                    # an empty race changes nothing (no slot, same list)
+    r = st[1]
     if r >= tr.size:
         fail(st, IMPOSSIBLE)
         return -1
     w = tr[r]
-    if w < 0 or w >= alive.size or not alive[w] or not members[w] or (r > 0 and ex[w] != r - 1):
+    if w < 0 or w >= alive.size or not alive[w] or ex[w] != r:
         fail(st, IMPOSSIBLE)
         return -1
-    m = 0
-    for k in range(n):
-        a = inlist[k]
-        if members[a] and alive[a]:
-            ex[a] = r
-            inlist[m] = a
-            m += 1
     st[3] = m
     alive[w] = False
     st[1] = r + 1

@@ -31,12 +31,35 @@ from . import ir
 from .errors import RaceError
 from .ir import static_eval  # noqa: F401  (re-exported: structdsl.testing uses it)
 
-Sample = collections.namedtuple("Sample", "trace structure noise")
-Sample.__doc__ = """Result of ``Program.sample``.
+class Sample:
+    """Result of ``Program.sample``; unpacks as ``trace, structure, noise``.
 
-trace: int64 ``[*batch, max_races]`` winners (flat atom indices, execution order), -1 padded.
-structure: the spec's structure record, each field ``[*batch, *field_shape]``.
-noise: float64 ``[*batch, *atom_shape]`` exponential noise (``+inf`` at invalid atoms)."""
+    trace: int64 ``[*batch, max_races]`` winners (flat atom indices, execution order), -1 padded.
+    structure: the spec's structure record, each field ``[*batch, *field_shape]``.
+    noise: float64 ``[*batch, *atom_shape]`` exponential noise (``+inf`` at invalid atoms),
+    ``exp`` of the ``log E`` the races ran on, computed on first access (it may overflow to
+    ``inf`` or underflow to 0 for atoms ~700 nats from 0; ``log_noise`` is always exact).
+    """
+    __slots__ = ("trace", "structure", "log_noise", "_noise")
+    _fields = ("trace", "structure", "noise")
+
+    def __init__(self, trace, structure, log_noise):
+        self.trace, self.structure, self.log_noise, self._noise = trace, structure, log_noise, None
+
+    @property
+    def noise(self):
+        if self._noise is None:
+            with np.errstate(over="ignore", under="ignore"):
+                self._noise = np.exp(self.log_noise)
+        return self._noise
+
+    def __iter__(self):
+        return iter((self.trace, self.structure, self.noise))
+
+    def __repr__(self):
+        return f"Sample(trace={self.trace!r}, structure={self.structure!r}, noise=...)"
+
+
 Solution = collections.namedtuple("Solution", "trace structure")
 Solution.__doc__ = "Result of ``Program.solve``: trace ``[*batch, max_races]`` and structure."
 
@@ -213,11 +236,11 @@ class Program:
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{what} must be a real array: {exc}") from None
         batch, inst = self._split(a, what)
-        if np.isnan(a).any():
-            idx = tuple(int(i) for i in np.argwhere(np.isnan(a))[0])
-            raise ValueError(f"{what} contain NaN ({int(np.isnan(a).sum())} entries, first at "
-                             f"index {idx})")
-        if np.isposinf(a).any():
+        if a.size and not a.max() < np.inf:     # one reduction: max is NaN or +inf if any is
+            if np.isnan(a).any():
+                idx = tuple(int(i) for i in np.argwhere(np.isnan(a))[0])
+                raise ValueError(f"{what} contain NaN ({int(np.isnan(a).sum())} entries, first at "
+                                 f"index {idx})")
             idx = tuple(int(i) for i in np.argwhere(np.isposinf(a))[0])
             raise ValueError(f"{what} contain +inf (first at index {idx}): a rate of +inf has "
                              f"no race law; use large finite logits")
@@ -252,20 +275,19 @@ class Program:
         lead = shape[:len(shape) - self.atom_ndim]
         A = inst.num_atoms
         with self._naming_lanes(lead):
-            traces, fields, noise = self._sample(inst, u.reshape(-1, A), logits.reshape(-1, A))
+            traces, fields, log_noise = self._sample(inst, u.reshape(-1, A), logits.reshape(-1, A))
         return Sample(traces.reshape(lead + (inst.max_races,)), self._structure(fields, lead),
-                      noise.reshape(shape))
+                      log_noise.reshape(shape))
 
     def _sample(self, inst, u, logits):
         """Race ``log E = log(-log U) - logits`` (exact for any spread of the logits, where E
         itself would overflow and turn live atoms into +inf); returns traces, fields and
-        ``E`` (+inf at atoms that cannot race).  ``u``, ``logits``: ``[B, A]``."""
+        ``log E`` (+inf at atoms that cannot race).  ``u``, ``logits``: ``[B, A]``."""
         live = inst.valid.reshape(-1) & ~np.isneginf(logits)
         with np.errstate(divide="ignore"):
             log_noise = np.where(live, np.log(-np.log(u)) - np.where(live, logits, 0.0), np.inf)
         traces, fields = self._solve(inst, log_noise, log_space=True)
-        with np.errstate(over="ignore"):
-            return traces, fields, np.exp(log_noise)
+        return traces, fields, log_noise
 
     def solve(self, weights):
         """Run the deterministic algorithm on raw noise values.
@@ -396,13 +418,16 @@ class Program:
     def _uniforms(uniforms, seed, shape, what):
         if uniforms is None:
             u = np.random.default_rng(seed).random(shape)     # in [0, 1): keep log(U) finite
-            return np.where(u > 0, u, np.finfo(np.float64).tiny)
+            if u.size and u.min() == 0.0:
+                u = np.where(u > 0, u, np.finfo(np.float64).tiny)
+            return u
         if seed is not None:
             raise TypeError("give either uniforms= or seed=, not both")
         u = np.asarray(uniforms, dtype=np.float64)
         if u.shape != shape:
             raise ValueError(f"{what} must have shape {shape}, got {u.shape}")
-        if not ((u > 0) & (u < 1)).all():
+        # NaN fails both comparisons; two SIMD reductions instead of two temporaries
+        if u.size and not (u.min() > 0 and u.max() < 1):
             raise ValueError(f"{what} must lie strictly inside (0, 1)")
         return u
 
