@@ -7,7 +7,8 @@ knows any particular structure: they compile whatever spec they are given.
 import importlib
 import importlib.util
 
-_BACKENDS = {"numpy": "structdsl.backends.numpy_reference", "numba": "structdsl.backends.numba_backend"}
+_BACKENDS = {"numpy": "structdsl.backends.numpy_reference", "numba": "structdsl.backends.numba_backend",
+             "torch": "structdsl.backends.torch_backend"}
 
 
 def program_class(name):
@@ -16,6 +17,8 @@ def program_class(name):
         raise ValueError(f"unknown backend {name!r}; available: {sorted(_BACKENDS)}")
     if name == "numba" and importlib.util.find_spec("numba") is None:
         raise ImportError("backend 'numba' needs the numba package: pip install -e '.[numba]'")
+    if name == "torch" and importlib.util.find_spec("torch") is None:
+        raise ImportError("backend 'torch' needs the torch package: pip install -e '.[torch]'")
     return importlib.import_module(_BACKENDS[name]).Program
 
 

@@ -49,8 +49,11 @@ class Sample:
     @property
     def noise(self):
         if self._noise is None:
-            with np.errstate(over="ignore", under="ignore"):
-                self._noise = np.exp(self.log_noise)
+            if isinstance(self.log_noise, np.ndarray):
+                with np.errstate(over="ignore", under="ignore"):
+                    self._noise = np.exp(self.log_noise)
+            else:                                  # a tensor (torch backend)
+                self._noise = self.log_noise.exp()
         return self._noise
 
     def __iter__(self):

@@ -1,4 +1,8 @@
 """Specs that several test files use (each defined once, in a file, as specs must be)."""
+import inspect
+
+import numpy as np
+
 from structdsl import atoms, full, race, spec, zeros
 
 
@@ -14,3 +18,76 @@ def topological_order(n, dag):
         order[j] = w
         placed[w] = True
     return order
+
+
+# ---- the backends' parity cases (tests/test_numba.py, tests/test_torch.py) ----------------
+SIZES = {"categorical": (1, 7), "top_k": (2, 7), "permutation": (1, 6), "spanning_tree": (1, 6),
+         "arborescence": (1, 5), "binary_tree": (1, 7), "matching": (1, 4), "clustering": (2, 6),
+         "height": (1, 7), "topological": (4, 4)}
+STATICS = {"top_k": {"k": 2}, "clustering": {"c": 2}}
+DAG = np.array([[0, 1, 1, 0], [0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=bool)
+
+
+@spec
+def height(n):
+    """Recursive, with return values: the height of the Cartesian tree and the preorder."""
+    pos = atoms(n)
+    order = full(n, -1)
+    count = zeros(1, int)
+
+    def grow(lo, hi):
+        if lo >= hi:
+            return 0
+        r = race(pos, lambda i: lo <= i < hi)
+        order[count[0]] = r
+        count[0] += 1
+        a = grow(lo, r)
+        b = grow(r + 1, hi)
+        return 1 + max(a, b)
+
+    h = grow(0, n)
+    return h, order
+
+
+def atom_shape(name, n):
+    return (n, n) if name in ("spanning_tree", "arborescence", "matching", "clustering") else (n,)
+
+
+# ---- errors ----------------------------------------------------------------------------------
+@spec
+def careless(n):
+    item = atoms(n)
+    out = zeros(n, int)
+    w = race(item, allow_empty=True)
+    out[w - 1] = 1  # BAD
+    return out
+
+
+@spec
+def divides(n):
+    item = atoms(n)
+    w = race(item)
+    x = 7 // w  # BAD
+    return x
+
+
+@spec(nested=True)
+def false_promise(n):
+    item = atoms(n)
+    first = race(item, lambda i: i < 2)
+    second = race(item, lambda i: i >= 1)  # BAD
+    return first, second
+
+
+@spec
+def empty(n):
+    item = atoms(n)
+    w = race(item, lambda i: i > n)  # BAD
+    return w
+
+
+def bad_line(s):
+    lines, first = inspect.getsourcelines(s.fn)
+    return next(first + i for i, text in enumerate(lines) if "# BAD" in text)
+
+

@@ -1,8 +1,6 @@
 """The numba backend against the reference: identical traces and structures from identical
 uniforms, log-probabilities, gradients and E | T within 1e-12, the same errors at the same
 lines and lanes, on the built-in specs and on specs that exist only here."""
-import inspect
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,41 +8,14 @@ from hypothesis import strategies as st
 
 import structdsl
 from structdsl import (EmptyRaceError, NestingError, SpecIndexError, SpecZeroDivisionError,
-                       atoms, full, race, spec, zeros)
+                       atoms, race, spec, zeros)
 from structdsl import specs as builtin
 from structdsl.testing import uniforms as uniforms_st
+from shared_specs import (DAG, SIZES, STATICS, atom_shape, bad_line, careless, divides, empty,
+                          false_promise, height)
 from shared_specs import topological_order as topological
 
 pytest.importorskip("numba")
-
-SIZES = {"categorical": (1, 7), "top_k": (2, 7), "permutation": (1, 6), "spanning_tree": (1, 6),
-         "arborescence": (1, 5), "binary_tree": (1, 7), "matching": (1, 4), "clustering": (2, 6),
-         "height": (1, 7), "topological": (4, 4)}
-STATICS = {"top_k": {"k": 2}, "clustering": {"c": 2}}
-DAG = np.array([[0, 1, 1, 0], [0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=bool)
-
-
-# ---- specs that exist only here --------------------------------------------------------------
-@spec
-def height(n):
-    """Recursive, with return values: the height of the Cartesian tree and the preorder."""
-    pos = atoms(n)
-    order = full(n, -1)
-    count = zeros(1, int)
-
-    def grow(lo, hi):
-        if lo >= hi:
-            return 0
-        r = race(pos, lambda i: lo <= i < hi)
-        order[count[0]] = r
-        count[0] += 1
-        a = grow(lo, r)
-        b = grow(r + 1, hi)
-        return 1 + max(a, b)
-
-    h = grow(0, n)
-    return h, order
-
 
 SPECS = {**{name: getattr(builtin, name) for name in builtin.__all__}, "height": height,
          "topological": topological}
@@ -59,10 +30,6 @@ def programs(name):
             statics["dag"] = DAG
         PROGRAMS[name] = tuple(structdsl.compile(SPECS[name], backend=b, **statics) for b in ("numba", "numpy"))
     return PROGRAMS[name]
-
-
-def atom_shape(name, n):
-    return (n, n) if name in ("spanning_tree", "arborescence", "matching", "clustering") else (n,)
 
 
 def outcome(fn):
@@ -135,44 +102,6 @@ def test_gradient_matches_finite_differences_on_both_backends():
                 down[(slice(None),) + idx] -= eps
                 fd[(slice(None),) + idx] = (prog.log_prob(trace, up) - prog.log_prob(trace, down)) / (2 * eps)
             np.testing.assert_allclose(grad, fd, atol=1e-6)
-
-
-# ---- errors ----------------------------------------------------------------------------------
-@spec
-def careless(n):
-    item = atoms(n)
-    out = zeros(n, int)
-    w = race(item, allow_empty=True)
-    out[w - 1] = 1  # BAD
-    return out
-
-
-@spec
-def divides(n):
-    item = atoms(n)
-    w = race(item)
-    x = 7 // w  # BAD
-    return x
-
-
-@spec(nested=True)
-def false_promise(n):
-    item = atoms(n)
-    first = race(item, lambda i: i < 2)
-    second = race(item, lambda i: i >= 1)  # BAD
-    return first, second
-
-
-@spec
-def empty(n):
-    item = atoms(n)
-    w = race(item, lambda i: i > n)  # BAD
-    return w
-
-
-def bad_line(s):
-    lines, first = inspect.getsourcelines(s.fn)
-    return next(first + i for i, text in enumerate(lines) if "# BAD" in text)
 
 
 @pytest.mark.parametrize("bad, cls, logits", [

@@ -1,0 +1,873 @@
+"""PyTorch backend: the IR interpreted on batched tensors, every lane in lock-step.
+
+One interpreter (:class:`_Machine`) walks the IR once per call; each value is a tensor
+``[*lead, *own]`` where ``lead`` is the batch ``[B]`` (inside a predicate, the batch and the
+atoms' index grid ``[B, *atom_shape]``, size-1 where a value does not vary) and ``own`` the
+value's DSL shape from the type pass.  Control flow becomes masks:
+
+* the lanes that execute a statement are ``active & ~dead``; an ``if`` runs both branches,
+  each under its own mask, and a write is ``torch.where(mask, new, old)``;
+* ``break`` clears the lane until its loop ends; a lane that raised a spec error (or whose
+  replayed trace is impossible) is *dead* from then on;
+* ``a and b``, ``a if c else b`` on scalars guard the side they would not evaluate, so an
+  index error counts only where the reference would raise it;
+* a race is a masked argmin over the flattened atoms (first index on ties, as the
+  reference); a grouped race is one masked race per group, in group order.
+
+Errors are flags ``[B]`` (first error per lane, in program order) checked once per call and
+raised as the reference raises them, naming the spec line and the batch element.  Nothing on
+the hot path leaves the device; on CPU a loop stops early once no lane is active (one
+``any()`` per iteration), on CUDA it runs its static bound.
+
+Scores are differentiable by autograd: ``log p(T)`` accumulates ``logits[w] - logsumexp``
+race by race, and ``E | T`` is built from the race minima in log space, so
+``conditional_noise`` is reparameterised in the logits.
+"""
+from __future__ import annotations
+
+import ast
+import math
+
+import numpy as np
+import torch
+
+from structdsl import errors, ir
+from structdsl.errors import RaceError
+from structdsl.program import Program as _BaseProgram
+from structdsl.program import Sample, Solution
+
+_I64_MIN, _I64_MAX = -2**63, 2**63 - 1
+_CMP = {ast.Eq: torch.eq, ast.NotEq: torch.ne, ast.Lt: torch.lt, ast.LtE: torch.le,
+        ast.Gt: torch.gt, ast.GtE: torch.ge}
+
+
+class _Impossible(Exception):
+    pass
+
+
+def _any_lead(x, B):
+    """``[B]``: whether any entry of a lead-shaped bool (``[B or 1, *grid]``) is set."""
+    x = x.reshape(x.shape[0], -1).any(1) if x.dim() > 1 else x
+    return x.expand(B) if x.shape[0] == 1 else x
+
+
+def _safe_logaddexp(a, b):
+    """``logaddexp`` whose gradient is 0, not NaN, where both sides are ``-inf``."""
+    both = torch.isneginf(a) & torch.isneginf(b)
+    out = torch.logaddexp(torch.where(both, 0.0, a), torch.where(both, 0.0, b))
+    return torch.where(both, -math.inf, out)
+
+
+class _Machine:
+    """One call of the program on ``B`` lanes.  ``mode``: ``"solve"`` (residual races on
+    ``res``) or ``"replay"`` (winners from ``trace``, accumulating ``logp`` and E | T)."""
+
+    def __init__(self, prog, inst, mode, live, device):
+        self.prog, self.p, self.inst, self.mode = prog, prog.ir, inst, mode
+        self.types = inst.types
+        self.B, self.A, self.R = live.shape[0], inst.num_atoms, inst.max_races
+        self.device = device
+        self.live0 = live                                   # bool [B, A]
+        self.alive = live.clone()
+        self.dead = torch.zeros(self.B, dtype=torch.bool, device=device)
+        self.active = torch.ones(self.B, dtype=torch.bool, device=device)
+        self.err = torch.zeros(self.B, dtype=torch.int64, device=device)
+        self.impossible = torch.zeros(self.B, dtype=torch.bool, device=device)
+        self.slot = torch.zeros(self.B, dtype=torch.int64, device=device)
+        self.prev_key = torch.full((self.B, self.A), -1, dtype=torch.int64, device=device)
+        self.has_prev = torch.zeros(self.B, dtype=torch.bool, device=device)
+        self.env = {}
+        self.grid = None                                    # index grids inside a predicate
+        self.L = 1
+        self.broken = []                                    # per enclosing loop: lanes that broke
+        self.early_exit = device.type == "cpu"
+        self.atoms_iota = torch.arange(self.A, device=device)
+
+    # ---- errors and masks ----------------------------------------------------------------
+    def on(self):
+        return self.active & ~self.dead
+
+    def flag(self, bad, cls, line, message):
+        """Record error ``cls`` at ``line`` for the executing lanes where ``bad`` (lead-shaped)."""
+        bad = _any_lead(bad, self.B) & self.on()
+        code = self.prog._code(cls, line, message)
+        self.err = torch.where((self.err == 0) & bad, code, self.err)
+        self.dead = self.dead | bad
+
+    # ---- values ---------------------------------------------------------------------------
+    def own(self, node):
+        return self.types.of(node).ndim
+
+    def const(self, value, dtype=None):
+        t = torch.as_tensor(value, device=self.device)
+        if dtype is not None:
+            t = t.to(dtype)
+        elif t.dtype not in (torch.bool, torch.int64):
+            t = t.to(torch.int64)
+        return t.reshape((1,) * self.L + tuple(t.shape))
+
+    def lift(self, x, k_from, k_to):
+        """Insert ``k_to - k_from`` own dims of size 1 in front of ``x``'s own dims."""
+        if k_to == k_from:
+            return x
+        return x.reshape(x.shape[:self.L] + (1,) * (k_to - k_from) + x.shape[self.L:])
+
+    def lead_mask(self, m, k):
+        """A lead-shaped mask broadcastable against a value with ``k`` own dims."""
+        return m.reshape(m.shape + (1,) * k)
+
+    def lookup(self, name, line):
+        if self.grid is not None and name in self.grid:
+            return self.grid[name]
+        if name in self.env:
+            v = self.env[name]
+            if self.L > 1:      # a lane value seen from a predicate: room for the grid dims
+                v = v.reshape(v.shape[:1] + (1,) * (self.L - 1) + v.shape[1:])
+            return v
+        if name in self.static_env:
+            return self.const(self.static_env[name])
+        if name in self.prog._tensors_of(self.inst, self.device):
+            v = self.prog._tensors_of(self.inst, self.device)[name]
+            return v.reshape((1,) * self.L + tuple(v.shape))
+        raise RaceError(f"{name!r} is not bound", self.p.file, line)   # pragma: no cover
+
+    # ---- expressions ----------------------------------------------------------------------
+    def ev(self, node, g=None):
+        """Evaluate ``node``; ``g``: a lead-shaped bool guard (None: everywhere) outside
+        which errors do not count (the reference would not evaluate the node there)."""
+        line = getattr(node, "lineno", None)
+        if isinstance(node, ast.Constant):
+            return self.const(node.value)
+        if isinstance(node, ast.Name):
+            return self.lookup(node.id, line)
+        if isinstance(node, ast.Tuple):      # pragma: no cover - tuples only as indices/targets
+            raise TypeError("tuple value")
+        if isinstance(node, ast.BinOp):
+            return self.binop(node, g)
+        if isinstance(node, ast.UnaryOp):
+            x = self.ev(node.operand, g)
+            t = self.types.of(node.operand)
+            if isinstance(node.op, ast.USub):
+                x = x.long()
+                self.flag(self.guarded(x == _I64_MIN, g, self.own(node.operand)), "SpecOverflowError", line,
+                          "int64 overflow in -")
+                return -x
+            if isinstance(node.op, ast.UAdd):
+                return x.long()
+            if isinstance(node.op, ast.Invert) and t.dtype == "int":
+                return ~x
+            return ~x                        # not / ~ on bools
+        if isinstance(node, ast.BoolOp):
+            return self.boolop(node, g)
+        if isinstance(node, ast.Compare):
+            a, b = node.left, node.comparators[0]
+            k = self.own(node)
+            x, y = self.lift(self.ev(a, g), self.own(a), k), self.lift(self.ev(b, g), self.own(b), k)
+            if x.dtype != y.dtype:
+                x, y = x.long(), y.long()
+            return _CMP[type(node.ops[0])](x, y)
+        if isinstance(node, ast.IfExp):
+            k = self.own(node)
+            test = self.ev(node.test, g)
+            want_int = self.types.of(node).dtype == "int"
+            if self.own(node.test) == 0:       # lazy: each side guarded by its condition
+                body = self.ev(node.body, self.both(g, test))
+                orelse = self.ev(node.orelse, self.both(g, ~test))
+            else:
+                body, orelse = self.ev(node.body, g), self.ev(node.orelse, g)
+            body, orelse = self.lift(body, self.own(node.body), k), self.lift(orelse, self.own(node.orelse), k)
+            if want_int:
+                body, orelse = body.long(), orelse.long()
+            return torch.where(self.lift(test, self.own(node.test), k), body, orelse)
+        if isinstance(node, ast.Subscript):
+            return self.getitem(node, g)
+        if isinstance(node, ast.Call):
+            return self.call(node, g)
+        raise TypeError(f"cannot lower {type(node).__name__}")  # pragma: no cover
+
+    @staticmethod
+    def both(g, m):
+        return m if g is None else g & m
+
+    def guarded(self, bad, g, k):
+        """Reduce an elementwise ``bad`` (with ``k`` own dims) to lead shape, inside ``g``."""
+        if k:
+            bad = bad.reshape(bad.shape[:self.L] + (-1,)).any(-1)
+        return bad if g is None else bad & g
+
+    def binop(self, node, g):
+        k = self.own(node)
+        a = self.lift(self.ev(node.left, g), self.own(node.left), k)
+        b = self.lift(self.ev(node.right, g), self.own(node.right), k)
+        return self.arith(node.op, a, b, k, node.lineno, g)
+
+    def arith(self, op, a, b, k, line, g):
+        """``a op b`` on aligned values with ``k`` own dims, checked as the reference checks."""
+        if isinstance(op, (ast.BitAnd, ast.BitOr, ast.BitXor)):
+            if a.dtype != b.dtype:
+                a, b = a.long(), b.long()
+            return {ast.BitAnd: torch.bitwise_and, ast.BitOr: torch.bitwise_or,
+                    ast.BitXor: torch.bitwise_xor}[type(op)](a, b)
+        a, b = a.long(), b.long()
+        if isinstance(op, ast.Add):
+            r = a + b
+            self.flag(self.guarded(((a ^ r) & (b ^ r)) < 0, g, k), "SpecOverflowError", line, "int64 overflow in +")
+            return r
+        if isinstance(op, ast.Sub):
+            r = a - b
+            self.flag(self.guarded(((a ^ b) & (a ^ r)) < 0, g, k), "SpecOverflowError", line, "int64 overflow in -")
+            return r
+        if isinstance(op, ast.Mult):
+            r = a * b
+            bad = (a != 0) & ((torch.where(a == 0, 1, a) != 0) &
+                              ((torch.div(r, torch.where(a == 0, 1, a), rounding_mode="trunc") != b) |
+                               ((a == -1) & (b == _I64_MIN)) | ((b == -1) & (a == _I64_MIN))))
+            self.flag(self.guarded(bad, g, k), "SpecOverflowError", line, "int64 overflow in *")
+            return r
+        if isinstance(op, (ast.FloorDiv, ast.Mod)):
+            zero = b == 0
+            what = "division" if isinstance(op, ast.FloorDiv) else "modulo"
+            self.flag(self.guarded(zero, g, k), "SpecZeroDivisionError", line, f"integer {what} by zero")
+            bs = torch.where(zero, 1, b)
+            if isinstance(op, ast.FloorDiv):
+                self.flag(self.guarded((a == _I64_MIN) & (bs == -1), g, k), "SpecOverflowError", line,
+                          "int64 overflow in //")
+                return torch.div(a, bs, rounding_mode="floor")
+            return torch.remainder(a, bs)
+        if isinstance(op, (ast.LShift, ast.RShift)):
+            self.flag(self.guarded(b < 0, g, k), "SpecValueError", line, "negative shift count")
+            s = b.clamp(0, 63)
+            if isinstance(op, ast.RShift):
+                return torch.bitwise_right_shift(a, s)
+            r = torch.bitwise_left_shift(a, s)
+            bad = (torch.bitwise_right_shift(r, s) != a) | ((r < 0) != (a < 0)) | ((b > 63) & (a != 0))
+            self.flag(self.guarded(bad, g, k), "SpecOverflowError", line, "int64 overflow in <<")
+            return r
+        raise TypeError(type(op).__name__)  # pragma: no cover
+
+    def boolop(self, node, g):
+        k = self.own(node)
+        is_and = isinstance(node.op, ast.And)
+        if k:                                  # arrays: elementwise, every side evaluated
+            out = None
+            for v in node.values:
+                x = self.lift(self.ev(v, g), self.own(v), k)
+                out = x if out is None else (out & x if is_and else out | x)
+            return out
+        out, guard = None, g                   # scalars: short-circuit, as Python
+        for v in node.values:
+            x = self.ev(v, guard)
+            out = x if out is None else (out & x if is_and else out | x)
+            guard = self.both(g, out if is_and else ~out)
+        return out
+
+    # ---- indexing -------------------------------------------------------------------------
+    def index_nodes(self, node):
+        s = node.slice
+        return s.elts if isinstance(s, ast.Tuple) else [s]
+
+    def getitem(self, node, g):
+        x = self.ev(node.value, g)
+        L, pos, line = self.L, 0, node.lineno
+        for e in self.index_nodes(node):
+            if isinstance(e, ast.Slice):
+                pos += 1
+                continue
+            i = self.ev(e, g).long()
+            ki = self.own(e)
+            d = x.shape[L + pos]
+            self.flag(self.guarded((i < 0) | (i >= d), g, ki), "SpecIndexError", line,
+                      f"read index out of range for axis {pos} of size {d}")
+            i = i.clamp(0, d - 1)
+            x = self.take(x, i, ki, L + pos)
+            pos += ki
+        return x
+
+    def take(self, x, i, ki, dim):
+        """``x`` indexed at own axis ``dim`` by ``i`` (``ki`` own dims): the axis becomes ``i``'s dims."""
+        L = self.L
+        lead = torch.broadcast_shapes(x.shape[:L], i.shape[:L])
+        x = x.expand(lead + x.shape[L:])
+        pre, post = x.shape[L:dim], x.shape[dim + 1:]
+        s = i.shape[L:]
+        S = math.prod(s)
+        idx = i.expand(lead + s).reshape(lead + (1,) * len(pre) + (S,) + (1,) * len(post))
+        idx = idx.expand(lead + pre + (S,) + post)
+        out = torch.gather(x, dim, idx)
+        return out.reshape(lead + pre + s + post)
+
+    def store(self, target, value, vnode_own, line, op=None, g=None):
+        """``target = value`` (``op``: ``target op= value``) for the executing lanes."""
+        if isinstance(target, ast.Name):
+            name = target.id
+            local = self.types.locals[name]
+            new = value
+            if op is not None:
+                new = self.apply_op(op, self.env[name], local.ndim, value, vnode_own, line)
+            new = self.fit(new, local)
+            old = self.env.get(name)
+            if old is None:
+                self.env[name] = new
+            else:
+                m = self.lead_mask(self.on(), local.ndim)
+                self.env[name] = torch.where(m, new, old) if new.dtype == old.dtype else \
+                    torch.where(m, new.to(old.dtype), old)
+            return
+        name = target.value.id
+        x = self.env[name]
+        k = x.dim() - 1
+        own_shape = x.shape[1:]
+        mask = torch.ones((1,) * (1 + k), dtype=torch.bool, device=self.device)
+        keep = []            # own axes that the value spans
+        elts = self.index_nodes(target)
+        if len(elts) == 1 and self.types.of(elts[0]).dtype == "bool" and self.own(elts[0]):
+            mask = self.ev(elts[0])                # x[mask] = scalar
+            v = value
+            if op is not None:                     # pragma: no cover - refused by the type pass
+                raise TypeError("augmented store through a mask")
+            v = v.reshape(v.shape + (1,) * k)
+        else:
+            pos = 0
+            for e in elts:
+                if isinstance(e, ast.Slice):
+                    keep.append(pos)
+                    pos += 1
+                    continue
+                i = self.ev(e).long()
+                d = own_shape[pos]
+                self.flag((i < 0) | (i >= d), "SpecIndexError", line,
+                          f"write index out of range for axis {pos} of size {d}")
+                shape = [1] * k
+                shape[pos] = d
+                iota = torch.arange(d, device=self.device).reshape([1] + shape)
+                mask = mask & (iota == i.reshape(i.shape + (1,) * k))
+                pos += 1
+            keep += list(range(pos, k))
+            sub = len(keep)
+            v = self.lift(value, vnode_own, sub)               # right-aligned to the sub-array
+            shape = list(v.shape[:1])
+            it = iter(v.shape[1:])
+            for ax in range(k):
+                shape.append(next(it) if ax in keep else 1)
+            v = v.reshape(shape)
+            if op is not None:
+                cur = self.getitem_store(x, elts)
+                new_sub = self.apply_op(op, cur, sub, value, vnode_own, line)
+                v = new_sub.reshape(shape) if new_sub.dim() == len(shape) else new_sub.reshape(
+                    new_sub.shape[:1] + tuple(shape[1:]))
+        if x.dtype == torch.int64 and v.dtype == torch.bool:
+            v = v.long()
+        m = mask & self.lead_mask(self.on(), k)
+        self.env[name] = torch.where(m, v, x)
+
+    def getitem_store(self, x, elts):
+        """``x[elts]`` for an augmented store (indices already checked)."""
+        pos = 0
+        for e in elts:
+            if isinstance(e, ast.Slice):
+                pos += 1
+                continue
+            d = x.shape[1 + pos]
+            x = self.take(x, self.ev(e).long().clamp(0, d - 1), 0, 1 + pos)
+        return x
+
+    def apply_op(self, op, cur, kcur, value, kval, line):
+        k = max(kcur, kval)
+        return self.arith(op, self.lift(cur, kcur, k), self.lift(value, kval, k), k, line, None)
+
+    def fit(self, v, local):
+        """A value bound to a local: bools widened for int locals, expanded to its shape."""
+        if local.dtype == "int" and v.dtype == torch.bool:
+            v = v.long()
+        shape = tuple(d.value for d in local.shape)
+        return v.expand((v.shape[0],) + shape) if v.shape[1:] != shape else v
+
+    # ---- DSL functions --------------------------------------------------------------------
+    def call(self, node, g):
+        name = node.func.id
+        t = self.types.of(node)
+        k = t.ndim
+        line = node.lineno
+        if name == "live":
+            return self.live0.reshape((self.B,) + (1,) * (self.L - 1) + self.inst.atom_shape)
+        if name in ("arange", "zeros", "ones", "full"):
+            shape = tuple(d.value for d in t.shape)
+            dtype = torch.bool if t.dtype == "bool" else torch.int64
+            if name == "arange":
+                return torch.arange(shape[0], device=self.device).reshape((1,) * self.L + shape)
+            if name in ("zeros", "ones"):
+                fill = torch.zeros if name == "zeros" else torch.ones
+                return fill((1,) * self.L + shape, dtype=dtype, device=self.device)
+            v = self.ev(node.args[1], g).to(dtype)
+            return v.reshape(v.shape + (1,) * k).expand(v.shape + shape)
+        args = node.args
+        if name == "where":
+            c, a, b = (self.lift(self.ev(x, g), self.own(x), k) for x in args)
+            if t.dtype == "int":
+                a, b = a.long(), b.long()
+            return torch.where(c, a, b)
+        if name in ("minimum", "maximum") or (name in ("min", "max") and len(args) >= 2):
+            fn = torch.minimum if name in ("minimum", "min") else torch.maximum
+            xs = [self.lift(self.ev(x, g), self.own(x), k) for x in args]
+            if t.dtype == "int":
+                xs = [x.long() for x in xs]
+            out = xs[0]
+            for x in xs[1:]:
+                out = fn(out, x)
+            return out
+        if name in ("min", "max", "any", "all", "sum", "argmin", "argmax"):
+            x = self.ev(args[0], g)
+            flat = x.reshape(x.shape[:self.L] + (-1,))
+            if flat.shape[-1] == 0:
+                self.flag(torch.ones((1,) * self.L, dtype=torch.bool, device=self.device) if g is None else g,
+                          "SpecValueError", line, f"{name}() of an empty array")
+                return torch.zeros(flat.shape[:-1], dtype=torch.int64, device=self.device)
+            if name == "any":
+                return flat.any(-1)
+            if name == "all":
+                return flat.all(-1)
+            if name == "sum":
+                return flat.long().sum(-1)
+            if name in ("argmin", "argmax"):
+                return (flat.long().argmin(-1) if name == "argmin" else flat.long().argmax(-1))
+            if flat.dtype == torch.bool:
+                return flat.all(-1) if name == "min" else flat.any(-1)
+            return flat.amin(-1) if name == "min" else flat.amax(-1)
+        if name == "abs":
+            x = self.ev(args[0], g).long()
+            self.flag(self.guarded(x == _I64_MIN, g, k), "SpecOverflowError", line, "int64 overflow in abs")
+            return x.abs()
+        if name == "int":
+            return self.ev(args[0], g).long()
+        if name == "bool":
+            return self.ev(args[0], g) != 0
+        raise TypeError(f"{name}() is not a DSL function")  # pragma: no cover
+
+    # ---- predicates -----------------------------------------------------------------------
+    def members(self, m, dtype):
+        """``[B, A]`` values of a race's members (a predicate, a mask or all atoms)."""
+        shape = (self.B,) + self.inst.atom_shape
+        if m is None:
+            return torch.ones((self.B, self.A), dtype=torch.bool, device=self.device)
+        if not isinstance(m, ir.Pred):
+            v = self.ev(m)
+            return v.expand(shape).reshape(self.B, self.A)
+        k = len(self.inst.atom_shape)
+        self.L = 1 + k
+        self.grid = {}
+        for j, (name, d) in enumerate(zip(m.params, self.inst.atom_shape)):
+            s = [1] * (1 + k)
+            s[1 + j] = d
+            self.grid[name] = torch.arange(d, device=self.device).reshape(s)
+        try:
+            v = self.ev(m.body)
+        finally:
+            self.L, self.grid = 1, None
+        v = v.expand(shape).reshape(self.B, self.A)
+        return v.long() if dtype == "int" and v.dtype == torch.bool else v
+
+    # ---- statements -----------------------------------------------------------------------
+    def run(self, body):
+        for s in body:
+            self.statement(s)
+
+    def statement(self, s):
+        if isinstance(s, ir.Assign):
+            for target in s.targets:
+                if isinstance(target, ast.Tuple):
+                    values = [(self.ev(v), self.own(v)) for v in s.value.elts]
+                    for t, (v, kv) in zip(target.elts, values):
+                        self.store(t, v, kv, s.line)
+                else:
+                    self.store(target, self.ev(s.value), self.own(s.value), s.line)
+        elif isinstance(s, ir.AugAssign):
+            self.store(s.target, self.ev(s.value), self.own(s.value), s.line, op=s.op)
+        elif isinstance(s, ir.If):
+            outer = self.active
+            test = self.ev(s.test)
+            self.active = outer & test
+            self.run(s.body)
+            self.active = self.after_branch(outer) & ~test
+            self.run(s.orelse)
+            self.active = self.after_branch(outer)
+        elif isinstance(s, ir.Loop):
+            self.loop(s)
+        elif isinstance(s, ir.Break):
+            self.broken[-1] = self.broken[-1] | self.on()
+            self.active = self.active & ~self.broken[-1]
+        elif isinstance(s, ir.Race):
+            self.race(s)
+        elif isinstance(s, ir.GroupRace):
+            self.race_groups(s)
+        else:  # pragma: no cover
+            raise TypeError(type(s).__name__)
+
+    def after_branch(self, outer):
+        return outer & ~self.broken[-1] if self.broken else outer
+
+    def loop(self, s):
+        bound_env = {**self.static_env, **self.loop_vars}
+        count = ir.static_eval(s.count, bound_env, self.p.file)
+        outer = self.active
+        self.broken.append(torch.zeros(self.B, dtype=torch.bool, device=self.device))
+        for i in range(max(count, 0)):
+            self.active = outer & ~self.broken[-1]
+            if self.early_exit and not bool(self.on().any()):
+                break
+            self.loop_vars[s.var] = i
+            self.env[s.var] = self.const(i)
+            self.run(s.body)
+        self.broken.pop()
+        self.active = self.after_branch(outer)
+
+    # ---- races ----------------------------------------------------------------------------
+    def race(self, s):
+        on = self.on()
+        m = self.members(s.members, "bool") & self.alive & on[:, None]
+        w = self.compete(s, [m], s.allow_empty)[0]
+        if len(s.targets) == 1:
+            self.store(ast.Name(s.targets[0], ast.Store()), w, 0, s.line)
+            return
+        for t, x in zip(s.targets, self.unravel(w)):
+            self.store(ast.Name(t, ast.Store()), x, 0, s.line)
+
+    def race_groups(self, s):
+        G = ir.static_eval(s.groups, self.static_env, self.p.file)
+        keys = self.members(s.key, "int")
+        bad = ((keys < -1) | (keys >= G)).any(1)
+        self.flag(bad, "SpecValueError", s.line, "race_groups key outside [-1, groups)")
+        keys = torch.where(self.alive & self.on()[:, None], keys, -1)
+        masks = [keys == gi for gi in range(G)]
+        ws = torch.stack(self.compete(s, masks, s.allow_empty, grouped=True), 1) if G else \
+            torch.zeros((self.B, 0), dtype=torch.int64, device=self.device)
+        if len(s.targets) == 1:
+            self.store(ast.Name(s.targets[0], ast.Store()), ws, 1, s.line)
+            return
+        for t, x in zip(s.targets, self.unravel(ws)):
+            self.store(ast.Name(t, ast.Store()), x, 1, s.line)
+
+    def unravel(self, w):
+        out, rest = [], w
+        for d in reversed(self.inst.atom_shape):
+            out.append(torch.where(w >= 0, torch.remainder(rest, d), -1))
+            rest = torch.div(rest, d, rounding_mode="floor")
+        return out[::-1]
+
+    def compete(self, s, masks, allow_empty, grouped=False):
+        """Race every mask ``[B, A]`` in order (one per group); returns the winners ``[B]``
+        (-1 where a mask is empty)."""
+        nonempty = [m.any(1) for m in masks]
+        anyone = torch.stack(nonempty, 0).any(0) if masks else torch.zeros_like(self.dead)
+        if not allow_empty:
+            what = "race_groups has no live member in any group" if grouped else (
+                "race has no live member (every candidate is retired, invalid or at logit -inf; "
+                "race(..., allow_empty=True) returns -1 instead)")
+            self.flag(~anyone, "EmptyRaceError", s.line, what)
+        if self.p.nested:
+            self.check_nested(s, masks, anyone)
+        winners = []
+        key = torch.full((self.B, self.A), -1, dtype=torch.int64, device=self.device)
+        for gi, (m, raced) in enumerate(zip(masks, nonempty)):
+            raced = raced & self.on()
+            w = self.pick(s, m, raced)
+            winners.append(torch.where(raced, w, -1))
+            key = torch.where(m & raced[:, None], gi, key)
+        moved = anyone & self.on()
+        self.prev_key = torch.where(moved[:, None], key, self.prev_key)
+        self.has_prev = self.has_prev | moved
+        return winners
+
+    def check_nested(self, s, masks, anyone):
+        big = self.A + 1
+        for m in masks:
+            pk = torch.where(m, self.prev_key, big)
+            lo = pk.amin(1)
+            hi = torch.where(m, self.prev_key, -big).amax(1)
+            bad = self.has_prev & m.any(1) & ((lo != hi) | (lo < 0))
+            self.flag(bad, "NestingError", s.line,
+                      f"spec {self.p.name!r} declares nested=True, but this race's members are not "
+                      f"inside one member set of the previous race")
+
+    def pick(self, s, m, raced):
+        """One race on mask ``m`` for the lanes ``raced``: the winner ``[B]`` (garbage elsewhere)."""
+        R = self.R
+        pos = self.slot.clamp(max=max(R - 1, 0))[:, None]
+        if self.mode == "solve":
+            x = torch.where(m, self.res, math.inf)
+            w = x.argmin(1)
+            if not self.p.nested:      # nested: every member has the same shift, order kept
+                lo = x.gather(1, w[:, None])
+                upd = m & raced[:, None]
+                if self.log_space:
+                    gap = torch.where(self.res == lo, -math.inf,
+                                      self.res + torch.log(-torch.expm1(lo - self.res)))
+                else:
+                    gap = self.res - lo
+                self.res = torch.where(upd, gap, self.res)
+            if R:
+                self.trace.scatter_(1, pos, torch.where(raced[:, None], w[:, None], self.trace.gather(1, pos)))
+        else:
+            w = self.trace.gather(1, pos)[:, 0] if R else torch.zeros_like(self.slot)
+            full = self.slot >= R
+            ok_index = (w >= 0) & ~full
+            ws = torch.where(ok_index, w, 0)
+            member = m.gather(1, ws[:, None])[:, 0] & ok_index
+            bad = raced & ~member
+            self.impossible = self.impossible | bad
+            self.dead = self.dead | bad
+            raced = raced & ~bad
+            ws = torch.where(member, ws, m.float().argmax(1))
+            x = torch.where(m, self.logits, -math.inf)
+            x = torch.where(raced[:, None], x, 0.0)
+            lse = torch.logsumexp(x, 1)
+            gain = self.logits.gather(1, ws[:, None])[:, 0] - lse
+            self.logp = self.logp + torch.where(raced, gain, 0.0)
+            if self.u is not None:
+                ur = self.u.gather(1, pos)[:, 0]
+                log_min = torch.log(-torch.log(ur)) - lse
+                contrib = torch.where(m & raced[:, None], log_min[:, None], -math.inf)
+                self.log_sum = _safe_logaddexp(self.log_sum, contrib)
+            w = ws
+        self.alive = self.alive & ~((self.atoms_iota == w[:, None]) & raced[:, None])
+        self.slot = self.slot + raced.long()
+        return w
+
+
+class Program(_BaseProgram):
+    """A spec lowered to batched PyTorch (see :class:`structdsl.program.Program`).
+
+    Same semantics as the other backends, on tensors: every argument may be a
+    ``torch.Tensor`` on any device (arrays are converted), results are tensors on the
+    logits' device.  ``log_prob`` and ``conditional_noise`` are differentiable in the logits
+    by autograd.  ``enumerate`` and the atoms' valid masks come from the reference backend.
+    """
+
+    backend = "torch"
+
+    def __init__(self, spec, **static_params):
+        super().__init__(spec, **static_params)
+        from .numpy_reference import Program as Reference
+        self.reference = Reference(spec, **static_params)
+        self._codes, self._code_of, self._tensors = [], {}, {}
+
+    def _valid_mask(self, params, dims):
+        return self.reference.instance(dims).valid
+
+    def _enumerate(self, inst, weights, exact, max_traces):
+        return self.reference._enumerate(self.reference.instance(inst.atom_shape), weights, exact, max_traces)
+
+    def _code(self, cls, line, message):
+        key = (cls, line, message)
+        if key not in self._code_of:
+            self._codes.append(key)
+            self._code_of[key] = len(self._codes)
+        return self._code_of[key]
+
+    def _valid(self, inst, device):
+        """The atoms' valid mask, flat ``[A]``, on ``device`` (made once)."""
+        key = ("__valid", inst.atom_shape, str(device))
+        if key not in self._tensors:
+            self._tensors[key] = torch.as_tensor(np.array(inst.valid.reshape(-1)), device=device)
+        return self._tensors[key]
+
+    def _tensors_of(self, inst, device):
+        """Data parameters and tuple constants as tensors on ``device`` (made once)."""
+        key = (inst.atom_shape, str(device))
+        if key not in self._tensors:
+            arrays = {**self._constant_arrays, **self.data}
+            self._tensors[key] = {k: torch.as_tensor(np.array(v), device=device) for k, v in arrays.items()}
+        return self._tensors[key]
+
+    # ---- argument checks (tensors) -------------------------------------------------------
+    def _logits(self, logits, what="logits"):
+        x = logits if torch.is_tensor(logits) else torch.as_tensor(np.asarray(logits, dtype=np.float64))
+        if not torch.is_floating_point(x):
+            raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
+        k = self.atom_ndim
+        if x.dim() < k:
+            raise ValueError(f"{self.ir.name}: {what} must have shape {self._expected()} (at least {k} "
+                             f"dims), got shape {tuple(x.shape)}")
+        inst = self.instance(tuple(x.shape[x.dim() - k:]))
+        if x.numel():
+            nan, pinf = torch.stack([torch.isnan(x).any(), torch.isposinf(x).any()]).tolist()
+            if nan:
+                raise ValueError(f"{what} contain NaN (first at index {tuple(torch.nonzero(torch.isnan(x))[0].tolist())})")
+            if pinf:
+                raise ValueError(f"{what} contain +inf (first at index "
+                                 f"{tuple(torch.nonzero(torch.isposinf(x))[0].tolist())}): a rate of +inf "
+                                 f"has no race law; use large finite logits")
+        return x, tuple(x.shape[:x.dim() - k]), inst
+
+    def _uniforms_t(self, uniforms, generator, shape, like, what="uniforms"):
+        if uniforms is None:
+            u = torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
+            return u.clamp_min(torch.finfo(like.dtype).tiny)
+        if generator is not None:
+            raise TypeError("give either uniforms= or generator=, not both")
+        u = uniforms if torch.is_tensor(uniforms) else torch.as_tensor(np.asarray(uniforms, dtype=np.float64))
+        u = u.to(device=like.device, dtype=like.dtype)
+        if tuple(u.shape) != tuple(shape):
+            raise ValueError(f"{what} must have shape {tuple(shape)}, got {tuple(u.shape)}")
+        if u.numel() and not bool(((u > 0) & (u < 1)).all()):
+            raise ValueError(f"{what} must lie strictly inside (0, 1)")
+        return u
+
+    def _trace(self, trace, logits):
+        x, lbatch, inst = self._logits(logits)
+        t = trace if torch.is_tensor(trace) else torch.as_tensor(np.asarray(trace))
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise TypeError(f"trace must be an integer tensor, got dtype {t.dtype}")
+        R = inst.max_races
+        if t.dim() < 1 or t.shape[-1] != R:
+            raise ValueError(f"trace must have shape [..., {R}] (max_races of {self.ir.name} for atoms "
+                             f"{inst.atom_shape}), got {tuple(t.shape)}")
+        t = t.to(device=x.device, dtype=torch.int64)
+        if t.numel() and bool(((t < -1) | (t >= inst.num_atoms)).any()):
+            raise ValueError(f"trace entries must be flat atom indices in [0, {inst.num_atoms}) or -1 padding")
+        try:
+            batch = torch.broadcast_shapes(tuple(t.shape[:-1]), lbatch)
+        except RuntimeError:
+            raise ValueError(f"trace batch shape {tuple(t.shape[:-1])} does not broadcast with logits "
+                             f"batch shape {lbatch}") from None
+        B = math.prod(batch)
+        t = t.expand(tuple(batch) + (R,)).reshape(B, R)
+        x = x.expand(tuple(batch) + inst.atom_shape).reshape(B, inst.num_atoms)
+        return t, x, tuple(batch), inst
+
+    # ---- the machine ----------------------------------------------------------------------
+    def _machine(self, inst, mode, live, device):
+        m = _Machine(self, inst, mode, live, device)
+        p = self.ir
+        m.static_env = {k: v for k, v in p.static_values(
+            {k: v for k, v in inst.params.items() if isinstance(v, int)},
+            lambda e, env: ir.static_eval(e, env, p.file)).items()}
+        m.loop_vars = {}
+        return m
+
+    def _finish(self, m, batch):
+        """Raise the first lane's error (one sync per call)."""
+        if m.B and bool((m.err > 0).any()):
+            lane = int(torch.nonzero(m.err > 0)[0, 0])
+            cls, line, message = self._codes[int(m.err[lane]) - 1]
+            lane_index = tuple(int(i) for i in np.unravel_index(lane, batch)) if batch else None
+            raise getattr(errors, cls)(message, self.ir.file, line, lane_index)
+
+    def _outputs(self, m):
+        out = []
+        for name in self.ir.outputs:
+            v = m.env[name]
+            t = m.inst.types.outputs[name]
+            shape = tuple(d.value for d in t.shape)
+            out.append(v.expand((m.B,) + shape))
+        return out
+
+    def _solve_t(self, inst, res, log_space, batch):
+        device = res.device
+        live = self._valid(inst, device) & (res < math.inf)
+        m = self._machine(inst, "solve", live, device)
+        m.res, m.log_space = res, log_space
+        m.trace = torch.full((m.B, inst.max_races), -1, dtype=torch.int64, device=device)
+        with torch.no_grad():
+            m.run(self.ir.body)
+        self._finish(m, batch)
+        return m.trace, self._outputs(m)
+
+    # ---- public API -----------------------------------------------------------------------
+    def sample(self, logits, *, sample_shape=(), uniforms=None, generator=None):
+        """Draw structures: ``log E = log(-log U) - logits`` raced in log space.
+
+        logits: ``[*batch, *atom_shape]`` (float32 or float64, any device); uniforms:
+        ``sample_shape + batch + atom_shape`` in (0, 1), or drawn with ``generator``.
+        Returns :class:`~structdsl.program.Sample` of tensors (trace ``[*lead, max_races]``).
+        """
+        x, batch, inst = self._logits(logits)
+        shape = tuple(sample_shape) + batch + inst.atom_shape
+        u = self._uniforms_t(uniforms, generator, shape, x)
+        lead = shape[:len(shape) - self.atom_ndim]
+        A = inst.num_atoms
+        xb = x.detach().expand(shape).reshape(-1, A)
+        live = self._valid(inst, x.device) & ~torch.isneginf(xb)
+        log_e = torch.where(live, torch.log(-torch.log(u.reshape(-1, A))) - torch.where(live, xb, 0.0), math.inf)
+        trace, fields = self._solve_t(inst, log_e.clone(), True, lead)
+        return Sample(trace.reshape(lead + (inst.max_races,)), self._structure_t(fields, lead),
+                      log_e.reshape(shape))
+
+    def solve(self, weights):
+        """Run the algorithm on raw noise ``weights`` ``[*batch, *atom_shape]`` (+inf excludes)."""
+        w = weights if torch.is_tensor(weights) else torch.as_tensor(np.asarray(weights, dtype=np.float64))
+        if not torch.is_floating_point(w):
+            w = w.double()
+        k = self.atom_ndim
+        if w.dim() < k:
+            raise ValueError(f"{self.ir.name}: weights must have shape {self._expected()}, got {tuple(w.shape)}")
+        batch, inst = tuple(w.shape[:w.dim() - k]), self.instance(tuple(w.shape[w.dim() - k:]))
+        if w.numel() and bool((torch.isnan(w) | torch.isneginf(w)).any()):
+            raise ValueError("weights contain NaN or -inf")
+        w = torch.where(self._valid(inst, w.device), w.reshape(-1, inst.num_atoms), math.inf)
+        trace, fields = self._solve_t(inst, w.clone(), False, batch)
+        return Solution(trace.reshape(batch + (inst.max_races,)), self._structure_t(fields, batch))
+
+    def _structure_t(self, fields, lead):
+        return self.Structure(*(f.reshape(tuple(lead) + tuple(f.shape[1:])) for f in fields))
+
+    def _replay_t(self, t, x, inst, batch, u=None):
+        device = x.device
+        live = self._valid(inst, device) & ~torch.isneginf(x.detach())
+        m = self._machine(inst, "replay", live, device)
+        m.trace, m.logits, m.u = t, x, u
+        m.logp = torch.zeros(m.B, dtype=x.dtype, device=device)
+        m.log_sum = torch.full((m.B, inst.num_atoms), -math.inf, dtype=x.dtype, device=device)
+        m.run(self.ir.body)
+        extra = (m.slot < inst.max_races) & (t.gather(1, m.slot.clamp(max=max(inst.max_races - 1, 0))[:, None])[:, 0] >= 0) \
+            if inst.max_races else torch.zeros_like(m.dead)
+        # winners the program never asked for
+        tail = (torch.arange(inst.max_races, device=device)[None, :] >= m.slot[:, None]) & (t >= 0)
+        m.impossible = m.impossible | ((tail.any(1) | extra) & ~m.dead)
+        self._finish(m, batch)
+        logp = torch.where(m.impossible, -math.inf, m.logp)
+        return logp, m, live
+
+    def log_prob(self, trace, logits):
+        """log p(trace), differentiable in the logits; ``-inf`` for impossible traces.
+        trace ``[*b1, max_races]``, logits ``[*b2, *atom_shape]``; returns ``[*broadcast(b1, b2)]``."""
+        t, x, batch, inst = self._trace(trace, logits)
+        logp, _, _ = self._replay_t(t, x, inst, batch)
+        return logp.reshape(batch)
+
+    def log_prob_and_grad(self, trace, logits):
+        """``(log p [*batch], d log p / d logits [*batch, *atom_shape])``, the gradient by
+        autograd (0 where ``log p`` is ``-inf``); no graph is kept."""
+        t, x, batch, inst = self._trace(trace, logits)
+        with torch.enable_grad():
+            xg = x.detach().clone().requires_grad_(True)
+            logp, _, _ = self._replay_t(t, xg, inst, batch)
+            finite = torch.isfinite(logp)
+            grad = None
+            if logp.requires_grad:              # not when no lane ran a race
+                (grad,) = torch.autograd.grad(torch.where(finite, logp, 0.0).sum(), xg, allow_unused=True)
+        if grad is None:
+            grad = torch.zeros_like(xg)
+        grad = torch.where(finite[:, None], grad, 0.0)
+        return logp.detach().reshape(batch), grad.reshape(batch + inst.atom_shape)
+
+    def conditional_noise(self, trace, logits, *, uniforms=None, generator=None):
+        """``E | T``, reparameterised: differentiable in the logits given the uniforms.
+        uniforms ``[*batch, max_races + A]`` (race minima first, then the fresh noise)."""
+        t, x, batch, inst = self._trace(trace, logits)
+        R, A = inst.max_races, inst.num_atoms
+        u = self._uniforms_t(uniforms, generator, batch + (R + A,), x).reshape(-1, R + A)
+        logp, m, live = self._replay_t(t, x, inst, batch, u)
+        if bool(torch.isneginf(logp).any()):
+            lane = int(torch.nonzero(torch.isneginf(logp))[0, 0])
+            raise ValueError(f"trace (flat batch index {lane}) has probability zero under these "
+                             f"logits: there is no noise that produces it")
+        won = torch.zeros_like(live)
+        used = t >= 0
+        won = won.scatter(1, torch.where(used, t, 0), used) | won
+        won = torch.zeros_like(live).scatter_(1, torch.where(used, t, 0), used) if R else won
+        fresh_ok = live & ~won
+        log_fresh = torch.where(fresh_ok, torch.log(-torch.log(u[:, R:])) - torch.where(fresh_ok, x, 0.0),
+                                -math.inf)
+        log_noise = _safe_logaddexp(m.log_sum, log_fresh)
+        noise = torch.where(live, torch.exp(torch.where(live, log_noise, 0.0)), math.inf)
+        return noise.reshape(batch + inst.atom_shape)

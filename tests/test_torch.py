@@ -1,0 +1,185 @@
+"""The torch backend (lock-step tensors) against the reference: identical traces and
+structures from identical uniforms, log-probabilities within 1e-12 (float64) and 1e-5
+(float32), autograd gradients equal to the analytic trace score, E | T reproducing the trace
+with a reparameterised gradient that matches finite differences, the same errors at the same
+lines and lanes; on the built-in specs and on specs that exist only in the tests."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import structdsl
+from structdsl import EmptyRaceError, NestingError, SpecIndexError, SpecZeroDivisionError, atoms, race, spec
+from structdsl import specs as builtin
+from structdsl.testing import uniforms as uniforms_st
+from shared_specs import (DAG, SIZES, STATICS, atom_shape, bad_line, careless, divides, empty,
+                          false_promise, height)
+from shared_specs import topological_order as topological
+
+torch = pytest.importorskip("torch")
+
+SPECS = {**{name: getattr(builtin, name) for name in builtin.__all__}, "height": height,
+         "topological": topological}
+PROGRAMS = {}
+
+
+def programs(name):
+    """(torch, reference) programs, compiled once per test session."""
+    if name not in PROGRAMS:
+        statics = dict(STATICS.get(name, {}))
+        if name == "topological":
+            statics["dag"] = DAG
+        PROGRAMS[name] = tuple(structdsl.compile(SPECS[name], backend=b, **statics) for b in ("torch", "numpy"))
+    return PROGRAMS[name]
+
+
+def outcome(fn):
+    try:
+        return fn(), None
+    except structdsl.RaceError as exc:
+        return None, exc
+
+
+def T(x):
+    return torch.as_tensor(np.asarray(x, dtype=np.float64))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), name=st.sampled_from(sorted(SPECS)))
+def test_parity_with_the_reference(data, name):
+    fast, ref = programs(name)
+    lo, hi = SIZES[name]
+    n = data.draw(st.integers(lo, hi), label="n")
+    shape = atom_shape(name, n)
+    batch = data.draw(st.sampled_from([(), (3,), (2, 2)]), label="batch")
+    logits = np.array(data.draw(st.lists(st.floats(-4, 4), min_size=int(np.prod(batch + shape)),
+                                         max_size=int(np.prod(batch + shape))), label="logits"))
+    logits = logits.reshape(batch + shape)
+    if data.draw(st.booleans(), label="-inf atoms"):
+        drop = data.draw(st.lists(st.booleans(), min_size=logits.size, max_size=logits.size))
+        logits = np.where(np.array(drop).reshape(logits.shape), -np.inf, logits)
+    u = data.draw(uniforms_st(batch + shape), label="uniforms")
+    a, ea = outcome(lambda: fast.sample(T(logits), uniforms=T(u)))
+    b, eb = outcome(lambda: ref.sample(logits, uniforms=u))
+    if ea or eb:
+        assert type(ea) is type(eb) and ea.line == eb.line and ea.lane == eb.lane, (ea, eb)
+        return
+    assert np.array_equal(a.trace.numpy(), b.trace)
+    np.testing.assert_allclose(a.noise.numpy()[np.isfinite(b.noise)], b.noise[np.isfinite(b.noise)], rtol=1e-12)
+    for x, y in zip(a.structure, b.structure):
+        assert np.array_equal(x.numpy(), y), (x, y)
+    lp_a, g_a = fast.log_prob_and_grad(a.trace, T(logits))
+    lp_b, g_b = ref.log_prob_and_grad(b.trace, logits)
+    np.testing.assert_allclose(lp_a.numpy(), lp_b, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g_a.numpy(), g_b, rtol=1e-12, atol=1e-12)
+    R, A = fast.max_races(shape), int(np.prod(shape))
+    v = data.draw(uniforms_st(batch + (R + A,)), label="E|T uniforms")
+    na = fast.conditional_noise(a.trace, T(logits), uniforms=T(v)).numpy()
+    nb = ref.conditional_noise(b.trace, logits, uniforms=v)
+    assert np.array_equal(np.isinf(na), np.isinf(nb))
+    fin = np.isfinite(nb)
+    np.testing.assert_allclose(na[fin], nb[fin], rtol=1e-12, atol=1e-300)
+    assert np.array_equal(fast.solve(T(na)).trace.numpy(), b.trace)
+    if R > 1:       # a perturbed trace: the same -inf (impossible) verdicts
+        t = np.array(b.trace)
+        t[..., [0, 1]] = t[..., [1, 0]]
+        np.testing.assert_allclose(fast.log_prob(torch.as_tensor(t), T(logits)).numpy(), ref.log_prob(t, logits),
+                                   rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["spanning_tree", "arborescence", "binary_tree", "top_k", "height"])
+def test_autograd_equals_the_analytic_score_and_the_noise_gradient_finite_differences(name):
+    fast, ref = programs(name)
+    shape = atom_shape(name, 4)
+    rng = np.random.default_rng(5)
+    logits = T(rng.normal(size=(3,) + shape)).requires_grad_(True)
+    trace = fast.sample(logits, generator=torch.Generator().manual_seed(2)).trace
+    lp = fast.log_prob(trace, logits)
+    (auto,) = torch.autograd.grad(lp.sum(), logits)
+    _, analytic = ref.log_prob_and_grad(trace.numpy(), logits.detach().numpy())
+    np.testing.assert_allclose(auto.numpy(), analytic, atol=1e-12)
+    # E | T is reparameterised: d sum(E * c) / d logits by autograd vs central differences
+    R, A = fast.max_races(shape), int(np.prod(shape))
+    v = T(rng.uniform(0.05, 0.95, size=(3, R + A)))
+    c = T(rng.normal(size=(3,) + shape))
+    noise = fast.conditional_noise(trace, logits, uniforms=v)
+    fin = torch.isfinite(noise)                       # +inf at invalid atoms
+    (g,) = torch.autograd.grad(torch.where(fin, noise * c, 0.0).sum(), logits)
+    x0, eps = logits.detach().numpy(), 1e-6
+    fd = np.zeros_like(x0)
+    for idx in np.ndindex(*x0.shape):
+        up, down = x0.copy(), x0.copy()
+        up[idx] += eps
+        down[idx] -= eps
+        f = [np.where(fin.numpy(), ref.conditional_noise(trace.numpy(), z, uniforms=v.numpy()) * c.numpy(), 0).sum()
+             for z in (up, down)]
+        fd[idx] = (f[0] - f[1]) / (2 * eps)
+    np.testing.assert_allclose(g.numpy(), fd, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(fast.solve(noise.detach()).trace.numpy(), trace.numpy())
+
+
+def test_float32_log_probs_are_exact_to_1e5_even_100_nats_apart():
+    fast, ref = programs("spanning_tree")
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 6, 6)) * 3
+    logits[:, 0, 1] += 100.0                          # one edge 100 nats above the others
+    s = fast.sample(torch.as_tensor(logits, dtype=torch.float32), generator=torch.Generator().manual_seed(0))
+    assert s.trace.dtype == torch.int64 and s.noise.dtype == torch.float32
+    lp32 = fast.log_prob(s.trace, torch.as_tensor(logits, dtype=torch.float32))
+    lp64 = ref.log_prob(s.trace.numpy(), logits.astype(np.float32).astype(np.float64))
+    assert lp32.dtype == torch.float32
+    np.testing.assert_allclose(lp32.numpy(), lp64, rtol=1e-5, atol=1e-5)
+    # the races ran in log space: the 100-nat edge is in every tree
+    adj = s.structure.adjacency
+    assert bool(adj[:, 0, 1].all())
+
+
+@pytest.mark.parametrize("bad, cls", [(careless, SpecIndexError), (divides, SpecZeroDivisionError),
+                                      (false_promise, NestingError), (empty, EmptyRaceError)],
+                         ids=["index", "zero-division", "nesting", "empty-race"])
+def test_run_time_errors_name_the_line_and_lane_like_the_reference(bad, cls):
+    fast, ref = (structdsl.compile(bad, backend=b) for b in ("torch", "numpy"))
+    logits = np.zeros((3, 4))
+    u = np.tile(np.array([0.9, 0.5, 0.4, 0.3]), (3, 1))      # item 0 wins every first race
+    u[2] = [0.1, 0.2, 0.9, 0.3]                               # lane 2: item 2 wins
+    with pytest.raises(cls) as want:
+        ref.sample(logits, uniforms=u)
+    with pytest.raises(cls) as got:
+        fast.sample(T(logits), uniforms=T(u))
+    assert got.value.line == want.value.line == bad_line(bad)
+    assert got.value.lane == want.value.lane
+    assert f"{got.value.file}:{got.value.line}:" in str(got.value)
+
+
+@spec
+def guarded(n):
+    """Short-circuits that hold atom by atom, not on a whole grid."""
+    item = atoms(n)
+    w = race(item, lambda i: i > 0 and item_ok[i - 1] if i < n else False)
+    v = race(item, lambda i: (i == 0) or (w // i >= 0))
+    return w, v
+
+
+item_ok = (True, True, True, True, True, True)
+
+
+def test_guards_make_grid_evaluation_mean_the_per_atom_definition():
+    fast, ref = (structdsl.compile(guarded, backend=b) for b in ("torch", "numpy"))
+    rng = np.random.default_rng(1)
+    logits, u = rng.normal(size=(8, 5)), rng.uniform(size=(8, 5))
+    a, b = fast.sample(T(logits), uniforms=T(u)), ref.sample(logits, uniforms=u)
+    assert np.array_equal(a.trace.numpy(), b.trace)
+
+
+def test_bad_input_is_refused():
+    fast, _ = programs("spanning_tree")
+    with pytest.raises(ValueError, match="NaN"):
+        fast.sample(torch.full((4, 4), float("nan")))
+    with pytest.raises(ValueError, match=r"\+inf"):
+        fast.log_prob(torch.zeros(3, dtype=torch.int64), torch.full((3, 3), float("inf")))
+    with pytest.raises(ValueError, match="trace must have shape"):
+        fast.log_prob(torch.zeros((2, 7), dtype=torch.int64), torch.zeros((4, 4)))
+    with pytest.raises(TypeError, match="floating-point"):
+        fast.sample(torch.zeros((4, 4), dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        fast.sample(torch.zeros((4, 4)), uniforms=torch.zeros((4, 4)))
