@@ -827,6 +827,18 @@ class Program(_BaseProgram):
         logp = torch.where(m.impossible, -math.inf, m.logp)
         return logp, m, live
 
+    def decode(self, trace, logits):
+        """The structure record of ``trace`` (replayed under ``logits``, which say which atoms
+        are live); fields ``[*batch, *field_shape]``.  Raises ValueError for an impossible trace."""
+        t, x, batch, inst = self._trace(trace, logits)
+        with torch.no_grad():
+            logp, m, _ = self._replay_t(t, x, inst, batch)
+        if bool(torch.isneginf(logp).any()):
+            lane = int(torch.nonzero(torch.isneginf(logp))[0, 0])
+            raise ValueError(f"trace (flat batch index {lane}) is not a trace of {self.ir.name} under "
+                             f"these logits: it has no structure")
+        return self._structure_t(self._outputs(m), batch)
+
     def log_prob(self, trace, logits):
         """log p(trace), differentiable in the logits; ``-inf`` for impossible traces.
         trace ``[*b1, max_races]``, logits ``[*b2, *atom_shape]``; returns ``[*broadcast(b1, b2)]``."""

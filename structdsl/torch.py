@@ -1,0 +1,215 @@
+"""``torch.distributions`` export: a structured latent variable for PyTorch (and Pyro) models.
+
+>>> from structdsl import specs
+>>> from structdsl.torch import RaceDistribution
+>>> dist = RaceDistribution(specs.spanning_tree, logits=torch.zeros(8, 5, 5))
+>>> trace = dist.sample((3,))                  # [3, 8, max_races]
+>>> dist.log_prob(trace).shape                 # [3, 8], differentiable in the logits
+>>> dist.structure(trace).adjacency.shape      # [3, 8, 5, 5]
+
+The event is the padded trace (winners in execution order, ``-1`` after the last race); its
+structure is decoded by replaying it.  When Pyro is installed the class also carries Pyro's
+``TorchDistributionMixin`` (so ``pyro.sample("z", dist)`` works unchanged).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from torch.distributions import Distribution, constraints
+
+from .dsl import Spec
+
+try:        # Pyro's sample sites call the distribution and ask it for score parts
+    from pyro.distributions.torch_distribution import TorchDistributionMixin as _PyroMixin
+except ImportError:          # pragma: no cover - Pyro is an optional extra
+    class _PyroMixin:
+        pass
+
+
+class _LogRates(constraints.Constraint):
+    """Log-rates: real or ``-inf`` (an absent atom), never NaN or ``+inf``."""
+
+    def check(self, value):
+        return ~(torch.isnan(value) | torch.isposinf(value))
+
+    def __repr__(self):
+        return "LogRates()"
+
+
+class _Traces(constraints.Constraint):
+    """The traces this distribution can produce: replaying one gives a finite log-prob."""
+    is_discrete = True
+    event_dim = 1
+
+    def __init__(self, dist):
+        self.dist = dist
+        super().__init__()
+
+    def check(self, value):
+        return torch.isfinite(self.dist._log_prob(value))
+
+
+class _TraceScore(torch.autograd.Function):
+    """log p(trace) on the numba backend, with the analytic trace score as its backward."""
+
+    @staticmethod
+    def forward(ctx, logits, trace, program):
+        lp, grad = program.log_prob_and_grad(trace.numpy(), logits.detach().numpy())
+        ctx.save_for_backward(torch.from_numpy(np.ascontiguousarray(grad)).to(logits.dtype))
+        return torch.from_numpy(np.asarray(lp)).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return g.reshape(g.shape + (1,) * (grad.dim() - g.dim())) * grad, None, None
+
+
+class RaceDistribution(Distribution, _PyroMixin):
+    """The law of a spec's execution traces under exponential races with log-rates ``logits``.
+
+    spec_or_program: a ``@spec`` function (compiled here with ``**static``) or a compiled
+    program of any backend.  logits: ``[*batch_shape, *atom_shape]`` log-rates, ``-inf``
+    masks an atom (ragged sizes).  ``fast_cpu``: on CPU tensors, sample and score through
+    the numba backend (its analytic trace score is the backward) when numba is installed;
+    on other devices the torch backend runs in lock-step on the device.
+
+    Shapes: ``event_shape = (max_races,)``; ``sample(sample_shape)`` returns int64 traces
+    ``sample_shape + batch_shape + (max_races,)``; ``log_prob(trace)`` returns
+    ``sample_shape + batch_shape``.
+
+    ``has_rsample`` is False: a trace is a piecewise-constant function of the logits, so
+    pathwise gradients through it are zero.  Train the logits with the score-function
+    estimators of :mod:`structdsl.estimators` (``log_prob`` is exact and differentiable;
+    ``conditional_noise`` gives the reparameterised ``E | T`` that RELAX needs).
+    """
+
+    has_rsample = False
+    has_enumerate_support = False
+    arg_constraints = {"logits": _LogRates()}
+
+    def __init__(self, spec_or_program, logits, validate_args=None, fast_cpu=True, **static):
+        from . import compile as compile_spec
+        if isinstance(spec_or_program, Spec):
+            self.program = compile_spec(spec_or_program, backend="torch", **static)
+        elif hasattr(spec_or_program, "ir") and hasattr(spec_or_program, "spec"):
+            if static:
+                raise TypeError("static parameters go to compile(); this program is compiled already")
+            prog = spec_or_program
+            self.program = prog if prog.backend == "torch" else compile_spec(
+                prog.spec, backend="torch", **prog.static_params, **prog.data)
+        else:
+            raise TypeError(f"RaceDistribution expects a @spec function or a compiled program, "
+                            f"got {type(spec_or_program).__name__}")
+        if not torch.is_tensor(logits):
+            logits = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+        if not torch.is_floating_point(logits):
+            raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+        k = self.program.atom_ndim
+        if logits.dim() < k:
+            raise ValueError(f"logits must have shape [*batch, {self.program._expected()[5:]}, got "
+                             f"{tuple(logits.shape)}")
+        self.logits = logits
+        self.atom_shape = tuple(logits.shape[logits.dim() - k:])
+        self.instance = self.program.instance(self.atom_shape)
+        self.fast_cpu = fast_cpu
+        super().__init__(batch_shape=logits.shape[:logits.dim() - k],
+                         event_shape=torch.Size((self.instance.max_races,)), validate_args=validate_args)
+
+    # ---- the torch.distributions protocol ------------------------------------------------
+    @constraints.dependent_property(is_discrete=True, event_dim=1)
+    def support(self):
+        return _Traces(self)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(RaceDistribution, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.program, new.atom_shape, new.instance, new.fast_cpu = \
+            self.program, self.atom_shape, self.instance, self.fast_cpu
+        new.logits = self.logits.expand(batch_shape + self.atom_shape)
+        super(RaceDistribution, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @functools.cached_property
+    def _numba(self):
+        """The numba program for the CPU fast path, or None."""
+        if not self.fast_cpu or self.logits.device.type != "cpu":
+            return None
+        import importlib.util
+        if importlib.util.find_spec("numba") is None:
+            return None
+        from . import compile as compile_spec
+        p = self.program
+        return compile_spec(p.spec, backend="numba", **p.static_params, **p.data)
+
+    def _uniforms(self, shape, generator=None):
+        u = torch.rand(shape, generator=generator, dtype=self.logits.dtype, device=self.logits.device)
+        return u.clamp_min(torch.finfo(self.logits.dtype).tiny)
+
+    def sample(self, sample_shape=torch.Size(), generator=None):
+        """Traces ``sample_shape + batch_shape + (max_races,)`` (int64, no gradient)."""
+        return self.sample_with_noise(sample_shape, generator)[0]
+
+    def sample_with_noise(self, sample_shape=torch.Size(), generator=None):
+        """``(trace, noise)``: the trace and the exponential noise ``E`` that produced it
+        (``sample_shape + batch_shape + atom_shape``, ``+inf`` at atoms that cannot race)."""
+        shape = torch.Size(sample_shape) + self.batch_shape + self.atom_shape
+        u = self._uniforms(shape, generator)
+        logits = self.logits.detach()
+        fast = self._numba
+        with torch.no_grad():
+            if fast is not None:
+                s = fast.sample(logits.double().numpy(), uniforms=u.double().numpy())
+                trace = torch.from_numpy(s.trace)
+                noise = torch.from_numpy(np.ascontiguousarray(s.noise)).to(logits.dtype)
+            else:
+                s = self.program.sample(logits.expand(shape), uniforms=u)
+                trace, noise = s.trace, s.noise
+        return trace, noise
+
+    def _log_prob(self, value):
+        fast = self._numba
+        if fast is not None:
+            value = value.to(torch.int64)
+            shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+            t = value.expand(shape + value.shape[-1:]).reshape(-1, value.shape[-1])
+            x = self.logits.expand(shape + self.atom_shape).reshape(-1, *self.atom_shape)
+            return _TraceScore.apply(x.double(), t, fast).to(self.logits.dtype).reshape(shape)
+        return self.program.log_prob(value, self.logits)
+
+    def log_prob(self, value):
+        """Exact ``log p(trace)``, differentiable in the logits (``-inf`` outside the support
+        when validation is off)."""
+        if self._validate_args:
+            self._validate_sample(value)
+        return self._log_prob(value)
+
+    # ---- structured extras ----------------------------------------------------------------
+    def structure(self, trace):
+        """The spec's structure record decoded from ``trace`` (``[*lead, max_races]``): each
+        field ``[*lead, *field_shape]`` as a tensor."""
+        return self.program.decode(trace, self.logits.detach())
+
+    def conditional_noise(self, trace, uniforms=None, generator=None):
+        """``E | T`` (reparameterised: differentiable in the logits given the uniforms);
+        shape ``trace.shape[:-1] + atom_shape`` broadcast with the batch."""
+        return self.program.conditional_noise(trace, self.logits, uniforms=uniforms, generator=generator)
+
+    def noise_log_prob(self, noise):
+        """log density of independent ``Exp(exp(logits))`` noise, summed over the atoms that
+        can race (``[*lead, *atom_shape]`` -> ``[*lead]``): the score E-REINFORCE uses."""
+        valid = self.program._valid(self.instance, self.logits.device).reshape(self.atom_shape)
+        live = valid & ~torch.isneginf(self.logits)
+        x = torch.where(live, self.logits, 0.0)
+        e = torch.where(live, noise, 0.0)
+        dims = tuple(range(-len(self.atom_shape), 0))
+        return torch.where(live, x - torch.exp(x) * e, 0.0).sum(dims)
+
+    def __repr__(self):
+        return (f"RaceDistribution({self.program.ir.name}, batch_shape={tuple(self.batch_shape)}, "
+                f"atom_shape={self.atom_shape}, max_races={self.instance.max_races})")
+
+
+__all__ = ["RaceDistribution"]
