@@ -74,7 +74,8 @@ class _Machine:
         self.err = torch.zeros(self.B, dtype=torch.int64, device=device)
         self.impossible = torch.zeros(self.B, dtype=torch.bool, device=device)
         self.slot = torch.zeros(self.B, dtype=torch.int64, device=device)
-        self.prev_key = torch.full((self.B, self.A), -1, dtype=torch.int64, device=device)
+        self.prev_key = torch.full((self.B, self.A), -1, dtype=torch.int64, device=device)   # grouped races
+        self.prev_in = torch.zeros((self.B, self.A), dtype=torch.bool, device=device)         # plain races
         self.has_prev = torch.zeros(self.B, dtype=torch.bool, device=device)
         self.env = {}
         self.grid = None                                    # index grids inside a predicate
@@ -320,6 +321,9 @@ class _Machine:
         mask = torch.ones((1,) * (1 + k), dtype=torch.bool, device=self.device)
         keep = []            # own axes that the value spans
         elts = self.index_nodes(target)
+        if op is None and vnode_own == 0 and len(elts) == k and not any(
+                isinstance(e, ast.Slice) or self.own(e) for e in elts):
+            return self.store_element(name, x, elts, value, line)
         if len(elts) == 1 and self.types.of(elts[0]).dtype == "bool" and self.own(elts[0]):
             mask = self.ev(elts[0])                # x[mask] = scalar
             v = value
@@ -359,6 +363,23 @@ class _Machine:
             v = v.long()
         m = mask & self.lead_mask(self.on(), k)
         self.env[name] = torch.where(m, v, x)
+
+    def store_element(self, name, x, elts, value, line):
+        """``x[i, j, ...] = scalar``: one scatter per lane, O(B) instead of a masked where."""
+        B, shape = self.B, x.shape[1:]
+        lin = torch.zeros((), dtype=torch.int64, device=self.device)
+        for pos, e in enumerate(elts):
+            i = self.ev(e).long()
+            d = shape[pos]
+            self.flag((i < 0) | (i >= d), "SpecIndexError", line,
+                      f"write index out of range for axis {pos} of size {d}")
+            lin = lin * d + i.clamp(0, d - 1)
+        flat = x.expand((B,) + tuple(shape)).reshape(B, -1).clone()
+        lin = lin.expand(B)[:, None]
+        v = value.reshape(-1).expand(B).to(flat.dtype)[:, None]
+        on = self.on()[:, None]
+        flat.scatter_(1, lin, torch.where(on, v, flat.gather(1, lin)))
+        self.env[name] = flat.reshape((B,) + tuple(shape))
 
     def getitem_store(self, x, elts):
         """``x[elts]`` for an augmented store (indices already checked)."""
@@ -566,18 +587,31 @@ class _Machine:
         if self.p.nested:
             self.check_nested(s, masks, anyone)
         winners = []
-        key = torch.full((self.B, self.A), -1, dtype=torch.int64, device=self.device)
+        track = self.p.nested                 # the member sets the next race must lie in
+        plain = self.prog._plain_races
+        key = None if plain or not track else torch.full((self.B, self.A), -1, dtype=torch.int64, device=self.device)
+        moved = anyone & self.on()
         for gi, (m, raced) in enumerate(zip(masks, nonempty)):
             raced = raced & self.on()
+            if track and plain:
+                self.prev_in = torch.where(moved[:, None], m, self.prev_in)
+            elif track:
+                key = torch.where(m & raced[:, None], gi, key)
             w = self.pick(s, m, raced)
             winners.append(torch.where(raced, w, -1))
-            key = torch.where(m & raced[:, None], gi, key)
-        moved = anyone & self.on()
-        self.prev_key = torch.where(moved[:, None], key, self.prev_key)
+        if key is not None:
+            self.prev_key = torch.where(moved[:, None], key, self.prev_key)
         self.has_prev = self.has_prev | moved
         return winners
 
     def check_nested(self, s, masks, anyone):
+        if self.prog._plain_races:     # one member set per race: a subset test on bool masks
+            (m,) = masks
+            bad = self.has_prev & ((m & ~self.prev_in).any(1))
+            self.flag(bad, "NestingError", s.line,
+                      f"spec {self.p.name!r} declares nested=True, but this race's members are not "
+                      f"inside one member set of the previous race")
+            return
         big = self.A + 1
         for m in masks:
             pk = torch.where(m, self.prev_key, big)
@@ -628,7 +662,8 @@ class _Machine:
                 contrib = torch.where(m & raced[:, None], log_min[:, None], -math.inf)
                 self.log_sum = _safe_logaddexp(self.log_sum, contrib)
             w = ws
-        self.alive = self.alive & ~((self.atoms_iota == w[:, None]) & raced[:, None])
+        w1 = w.clamp(0, self.A - 1)[:, None]
+        self.alive = self.alive.scatter(1, w1, self.alive.gather(1, w1) & ~raced[:, None])
         self.slot = self.slot + raced.long()
         return w
 
@@ -649,6 +684,18 @@ class Program(_BaseProgram):
         from .numpy_reference import Program as Reference
         self.reference = Reference(spec, **static_params)
         self._codes, self._code_of, self._tensors = [], {}, {}
+        self._plain_races = not any(isinstance(s, ir.GroupRace) for s in ir.walk_statements(self.ir.body))
+
+    def numba_twin(self):
+        """The same spec compiled for the numba backend (once), or None without numba: the
+        CPU fast path of :class:`structdsl.torch.RaceDistribution`."""
+        if not hasattr(self, "_numba_twin"):
+            import importlib.util
+            self._numba_twin = None
+            if importlib.util.find_spec("numba") is not None:
+                from .numba_backend import Program as Numba
+                self._numba_twin = Numba(self.spec, **self.static_params, **self.data)
+        return self._numba_twin
 
     def _valid_mask(self, params, dims):
         return self.reference.instance(dims).valid

@@ -122,6 +122,16 @@ class Programs:
 
 
 def call(prog, semantic, logits, trace=None, weights=None):
+    if prog.backend == "torch":          # tensors in, tensors out; log_prob_and_grad = forward + backward
+        import torch
+        x = torch.as_tensor(logits)
+        if semantic == "sample":
+            return prog.sample(x, generator=torch.Generator().manual_seed(1))
+        if semantic == "log_prob_and_grad":
+            return prog.log_prob_and_grad(trace, x)
+        if semantic == "conditional_noise":
+            return prog.conditional_noise(trace, x, generator=torch.Generator().manual_seed(2))
+        return prog.solve(weights)
     if semantic == "sample":
         return prog.sample(logits, seed=1)
     if semantic == "log_prob_and_grad":
@@ -347,10 +357,42 @@ def print_compile_times(name, n, results, markdown):
     print()
 
 
+# ---- one training step through the distribution -------------------------------------------
+def reinforce_steps(sizes, batch, repeat, markdown):
+    """Milliseconds of one T-REINFORCE step (sample, log_prob, backward) on spanning trees
+    through ``structdsl.torch.RaceDistribution``: its CPU fast path (numba, analytic
+    backward) and the lock-step torch path."""
+    import torch
+
+    from structdsl.torch import RaceDistribution
+    rows = []
+    for n in sizes:
+        logits = torch.randn((batch, n, n), generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+                             requires_grad=True)
+        row = [str(n), str(batch)]
+        for fast in (True, False):
+            if fast and not numba_available():
+                row.append("-")
+                continue
+            dist = RaceDistribution(specs.spanning_tree, logits=logits, fast_cpu=fast)
+            loss = torch.randn(batch, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+            def step():
+                trace = dist.sample()
+                (dist.log_prob(trace) * loss).mean().backward()
+            step()
+            t, _ = measure(step, repeat, 5.0)
+            row.append(f"{t * 1e3:.1f}")
+        rows.append(row)
+    return render(f"T-REINFORCE step on spanning_tree, ms per batch (torch {torch.__version__}, "
+                  f"{torch.get_num_threads()} threads)",
+                  [("ms per step", ["fast CPU", "lock-step"])], rows, markdown)
+
+
 # ---- main ---------------------------------------------------------------------------------
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", type=csv(str, ["numpy", "numba"]), default=None,
+    parser.add_argument("--backend", type=csv(str, ["numpy", "numba", "torch"]), default=None,
                         help="comma list (default: numpy,numba if numba is importable, else numpy)")
     parser.add_argument("--specs", type=csv(str, list(SPECS)), default=list(SPECS),
                         help="comma list (default: all 8)")
@@ -405,8 +447,12 @@ def main(argv=None):
                 parser.error(f"--threads must be in [1, {numba.config.NUMBA_NUM_THREADS}] "
                              f"(NUMBA_NUM_THREADS); set NUMBA_NUM_THREADS for more")
             numba.set_num_threads(args.threads)
-    elif args.threads:
-        print("note: --threads only affects the numba backend", file=sys.stderr)
+    if "torch" in backends:
+        import torch
+        if args.threads:
+            torch.set_num_threads(args.threads)
+    if args.threads and "numba" not in backends and "torch" not in backends:
+        print("note: --threads affects the numba and torch backends", file=sys.stderr)
     both = "numpy" in backends and "numba" in backends
     floor_of = "numba" if "numba" in backends else "numpy"
     progress = sys.stderr.isatty()
@@ -547,6 +593,8 @@ def main(argv=None):
         print(render(title, groups, rows, args.markdown))
         sys.stdout.flush()
 
+    if "torch" in backends:
+        print(reinforce_steps(sizes, max(batches), args.repeat, args.markdown))
     if "numba" in backends and not args.no_compile_time:
         n = min(args.compile_size, 8) if args.quick else args.compile_size
         if progress:

@@ -23,7 +23,7 @@ for an atom depends only on that atom's indices, the parameters and the state.
 Lowering rules (one row per construct; ``lane`` is one batch element)
 ---------------------------------------------------------------------
 =================  ===========================  ===============================  ================================
-construct          numpy (reference)            numba (planned)                  torch (planned)
+construct          numpy (reference)            numba                            torch
 =================  ===========================  ===============================  ================================
 Program            one Python function per      one ``@njit`` per semantics,     one function on ``[B, ...]``
                    lane, driven by a Python     ``prange`` over lanes            tensors, all lanes in lock-step

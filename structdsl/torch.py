@@ -137,12 +137,7 @@ class RaceDistribution(Distribution, _PyroMixin):
         """The numba program for the CPU fast path, or None."""
         if not self.fast_cpu or self.logits.device.type != "cpu":
             return None
-        import importlib.util
-        if importlib.util.find_spec("numba") is None:
-            return None
-        from . import compile as compile_spec
-        p = self.program
-        return compile_spec(p.spec, backend="numba", **p.static_params, **p.data)
+        return self.program.numba_twin()
 
     def _uniforms(self, shape, generator=None):
         u = torch.rand(shape, generator=generator, dtype=self.logits.dtype, device=self.logits.device)
