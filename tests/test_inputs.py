@@ -356,7 +356,7 @@ def test_numpy_int_static_parameter_is_accepted():
 def test_compile_rejects_non_spec_and_unknown_backend():
     with pytest.raises(TypeError, match="compile expects a @spec-decorated function, got function"):
         structdsl.compile(lambda n: n)
-    with pytest.raises(ValueError, match=r"unknown backend 'nope'; available: \['numba', 'numpy'\]"):
+    with pytest.raises(ValueError, match=r"unknown backend 'nope'; available: \['numba', 'numpy', 'torch'\]"):
         structdsl.compile(categorical, backend="nope")
 
 
