@@ -44,7 +44,7 @@ def T(x):
     return torch.as_tensor(np.asarray(x, dtype=np.float64))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), name=st.sampled_from(sorted(SPECS)))
 def test_parity_with_the_reference(data, name):
     fast, ref = programs(name)
