@@ -41,10 +41,6 @@ _CMP = {ast.Eq: torch.eq, ast.NotEq: torch.ne, ast.Lt: torch.lt, ast.LtE: torch.
         ast.Gt: torch.gt, ast.GtE: torch.ge}
 
 
-class _Impossible(Exception):
-    pass
-
-
 def _any_lead(x, B):
     """``[B]``: whether any entry of a lead-shaped bool (``[B or 1, *grid]``) is set."""
     x = x.reshape(x.shape[0], -1).any(1) if x.dim() > 1 else x
@@ -374,11 +370,12 @@ class _Machine:
             self.flag((i < 0) | (i >= d), "SpecIndexError", line,
                       f"write index out of range for axis {pos} of size {d}")
             lin = lin * d + i.clamp(0, d - 1)
-        flat = x.expand((B,) + tuple(shape)).reshape(B, -1).clone()
+        flat = x.expand((B,) + tuple(shape)).reshape(B, -1)
         lin = lin.expand(B)[:, None]
         v = value.reshape(-1).expand(B).to(flat.dtype)[:, None]
         on = self.on()[:, None]
-        flat.scatter_(1, lin, torch.where(on, v, flat.gather(1, lin)))
+        # out of place: a tensor subclass's __torch_function__ (e.g. Pyro's provenance) sees it
+        flat = flat.scatter(1, lin, torch.where(on, v, flat.gather(1, lin)))
         self.env[name] = flat.reshape((B,) + tuple(shape))
 
     def getitem_store(self, x, elts):
@@ -920,10 +917,9 @@ class Program(_BaseProgram):
             lane = int(torch.nonzero(torch.isneginf(logp))[0, 0])
             raise ValueError(f"trace (flat batch index {lane}) has probability zero under these "
                              f"logits: there is no noise that produces it")
-        won = torch.zeros_like(live)
-        used = t >= 0
-        won = won.scatter(1, torch.where(used, t, 0), used) | won
-        won = torch.zeros_like(live).scatter_(1, torch.where(used, t, 0), used) if R else won
+        used = t >= 0                  # padding scatters into a spare column, never onto atom 0
+        won = torch.zeros((t.shape[0], A + 1), dtype=torch.bool, device=x.device)
+        won = won.scatter(1, torch.where(used, t, A), True)[:, :A]
         fresh_ok = live & ~won
         log_fresh = torch.where(fresh_ok, torch.log(-torch.log(u[:, R:])) - torch.where(fresh_ok, x, 0.0),
                                 -math.inf)

@@ -166,7 +166,9 @@ class RaceDistribution(Distribution, _PyroMixin):
 
     def _log_prob(self, value):
         fast = self._numba
-        if fast is not None:
+        # a tensor subclass (e.g. Pyro's provenance tracking) takes the lock-step path, whose
+        # every op goes through its __torch_function__; NumPy would drop what it tracks
+        if fast is not None and type(value) is torch.Tensor and type(self.logits) is torch.Tensor:
             value = value.to(torch.int64)
             shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
             t = value.expand(shape + value.shape[-1:]).reshape(-1, value.shape[-1])

@@ -201,3 +201,14 @@ def test_cuda_runs_on_the_device_and_agrees_with_cpu(name):
     (grad,) = torch.autograd.grad(lp.sum(), x)
     assert grad.is_cuda
     torch.testing.assert_close(lp.detach().cpu(), fast.log_prob(cpu.trace, logits), rtol=1e-12, atol=1e-12)
+
+
+def test_a_padded_trace_does_not_give_atom_0_fresh_noise():
+    """E | T: atom 0 won, the trace is padded with -1 after it; padding must not un-win it."""
+    fast, ref = programs("top_k")
+    logits = np.array([[0.3, -np.inf, -np.inf, -np.inf]])
+    trace = np.array([[0, -1]])
+    v = np.full((1, 2 + 4), 0.5)
+    na = fast.conditional_noise(torch.as_tensor(trace), T(logits), uniforms=T(v)).numpy()
+    nb = ref.conditional_noise(trace, logits, uniforms=v)
+    np.testing.assert_allclose(na, nb, rtol=1e-12)
