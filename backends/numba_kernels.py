@@ -388,17 +388,22 @@ def take(w, alive, tr, st, allow_empty, code_empty):
 
 # ---- the nested fast path's heap: atoms ordered by (noise, index) -------------------------------
 @njit(cache=True)
+def _before(ka, ia, kb, ib):
+    """(key, index) pairs compared lexicographically: ties go to the lower index, as argmin."""
+    return ka < kb or (ka == kb and ia < ib)
+
+
+@njit(cache=True)
 def _sift_down(hk, hi, n, k):
-    # (key, index) pairs, compared lexicographically: ties go to the lower index, as argmin
     key, idx = hk[k], hi[k]
     while True:
         child = 2 * k + 1
         if child >= n:
             break
         right = child + 1
-        if right < n and (hk[right] < hk[child] or (hk[right] == hk[child] and hi[right] < hi[child])):
+        if right < n and _before(hk[right], hi[right], hk[child], hi[child]):
             child = right
-        if not (hk[child] < key or (hk[child] == key and hi[child] < idx)):
+        if not _before(hk[child], hi[child], key, idx):
             break
         hk[k], hi[k] = hk[child], hi[child]
         k = child
@@ -439,14 +444,14 @@ def heap_pop(hk, hi, size):
         if child >= n:
             break
         right = child + 1
-        if right < n and (hk[right] < hk[child] or (hk[right] == hk[child] and hi[right] < hi[child])):
+        if right < n and _before(hk[right], hi[right], hk[child], hi[child]):
             child = right
         hk[k], hi[k] = hk[child], hi[child]
         k = child
     key, idx = hk[n], hi[n]
     while k > 0:
         parent = (k - 1) // 2
-        if not (key < hk[parent] or (key == hk[parent] and idx < hi[parent])):
+        if not _before(key, idx, hk[parent], hi[parent]):
             break
         hk[k], hi[k] = hk[parent], hi[parent]
         k = parent

@@ -3,7 +3,9 @@ import inspect
 
 import numpy as np
 
+import structdsl
 from structdsl import atoms, full, race, spec, zeros
+from structdsl import specs as builtin
 
 
 @spec
@@ -47,6 +49,21 @@ def height(n):
 
     h = grow(0, n)
     return h, order
+
+
+SPECS = {**{name: getattr(builtin, name) for name in builtin.__all__}, "height": height,
+         "topological": topological_order}
+_COMPILED = {}
+
+
+def compiled(name, backend):
+    """Spec ``name`` of :data:`SPECS` compiled for ``backend``, once per test session."""
+    if (name, backend) not in _COMPILED:
+        statics = dict(STATICS.get(name, {}))
+        if name == "topological":
+            statics["dag"] = DAG
+        _COMPILED[name, backend] = structdsl.compile(SPECS[name], backend=backend, **statics)
+    return _COMPILED[name, backend]
 
 
 def atom_shape(name, n):

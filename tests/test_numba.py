@@ -11,25 +11,16 @@ from structdsl import (EmptyRaceError, NestingError, SpecIndexError, SpecZeroDiv
                        atoms, race, spec, zeros)
 from structdsl import specs as builtin
 from structdsl.testing import uniforms as uniforms_st
-from shared_specs import (DAG, SIZES, STATICS, atom_shape, bad_line, careless, divides, empty,
-                          false_promise, height)
+from shared_specs import (DAG, SIZES, SPECS, atom_shape, bad_line, careless, compiled, divides, empty,
+                          false_promise)
 from shared_specs import topological_order as topological
 
 pytest.importorskip("numba")
 
-SPECS = {**{name: getattr(builtin, name) for name in builtin.__all__}, "height": height,
-         "topological": topological}
-PROGRAMS = {}
-
 
 def programs(name):
     """(numba, reference) programs, compiled once per test session."""
-    if name not in PROGRAMS:
-        statics = dict(STATICS.get(name, {}))
-        if name == "topological":
-            statics["dag"] = DAG
-        PROGRAMS[name] = tuple(structdsl.compile(SPECS[name], backend=b, **statics) for b in ("numba", "numpy"))
-    return PROGRAMS[name]
+    return compiled(name, "numba"), compiled(name, "numpy")
 
 
 def outcome(fn):

@@ -10,27 +10,16 @@ from hypothesis import strategies as st
 
 import structdsl
 from structdsl import EmptyRaceError, NestingError, SpecIndexError, SpecZeroDivisionError, atoms, race, spec
-from structdsl import specs as builtin
 from structdsl.testing import uniforms as uniforms_st
-from shared_specs import (DAG, SIZES, STATICS, atom_shape, bad_line, careless, divides, empty,
-                          false_promise, height)
-from shared_specs import topological_order as topological
+from shared_specs import (SIZES, SPECS, atom_shape, bad_line, careless, compiled, divides, empty,
+                          false_promise)
 
 torch = pytest.importorskip("torch")
-
-SPECS = {**{name: getattr(builtin, name) for name in builtin.__all__}, "height": height,
-         "topological": topological}
-PROGRAMS = {}
 
 
 def programs(name):
     """(torch, reference) programs, compiled once per test session."""
-    if name not in PROGRAMS:
-        statics = dict(STATICS.get(name, {}))
-        if name == "topological":
-            statics["dag"] = DAG
-        PROGRAMS[name] = tuple(structdsl.compile(SPECS[name], backend=b, **statics) for b in ("torch", "numpy"))
-    return PROGRAMS[name]
+    return compiled(name, "torch"), compiled(name, "numpy")
 
 
 def outcome(fn):
