@@ -293,7 +293,7 @@ class _Machine:
         out = torch.gather(x, dim, idx)
         return out.reshape(lead + pre + s + post)
 
-    def store(self, target, value, vnode_own, line, op=None, g=None):
+    def store(self, target, value, vnode_own, line, op=None):
         """``target = value`` (``op``: ``target op= value``) for the executing lanes."""
         if isinstance(target, ast.Name):
             name = target.id
@@ -344,17 +344,14 @@ class _Machine:
                 pos += 1
             keep += list(range(pos, k))
             sub = len(keep)
-            v = self.lift(value, vnode_own, sub)               # right-aligned to the sub-array
-            shape = list(v.shape[:1])
-            it = iter(v.shape[1:])
+            src = self.lift(value, vnode_own, sub)             # right-aligned to the sub-array
+            if op is not None:
+                src = self.apply_op(op, self.getitem_store(x, elts), sub, value, vnode_own, line)
+            shape = list(src.shape[:1])                        # the sub-array's axes back in place
+            it = iter(src.shape[1:])
             for ax in range(k):
                 shape.append(next(it) if ax in keep else 1)
-            v = v.reshape(shape)
-            if op is not None:
-                cur = self.getitem_store(x, elts)
-                new_sub = self.apply_op(op, cur, sub, value, vnode_own, line)
-                v = new_sub.reshape(shape) if new_sub.dim() == len(shape) else new_sub.reshape(
-                    new_sub.shape[:1] + tuple(shape[1:]))
+            v = src.reshape(shape)
         if x.dtype == torch.int64 and v.dtype == torch.bool:
             v = v.long()
         m = mask & self.lead_mask(self.on(), k)
@@ -862,11 +859,9 @@ class Program(_BaseProgram):
         m.logp = torch.zeros(m.B, dtype=x.dtype, device=device)
         m.log_sum = torch.full((m.B, inst.num_atoms), -math.inf, dtype=x.dtype, device=device)
         m.run(self.ir.body)
-        extra = (m.slot < inst.max_races) & (t.gather(1, m.slot.clamp(max=max(inst.max_races - 1, 0))[:, None])[:, 0] >= 0) \
-            if inst.max_races else torch.zeros_like(m.dead)
         # winners the program never asked for
         tail = (torch.arange(inst.max_races, device=device)[None, :] >= m.slot[:, None]) & (t >= 0)
-        m.impossible = m.impossible | ((tail.any(1) | extra) & ~m.dead)
+        m.impossible = m.impossible | (tail.any(1) & ~m.dead)
         self._finish(m, batch)
         logp = torch.where(m.impossible, -math.inf, m.logp)
         return logp, m, live

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import structdsl
-from structdsl import EmptyRaceError, NestingError, SpecIndexError, SpecZeroDivisionError, atoms, race, spec
+from structdsl import EmptyRaceError, NestingError, SpecIndexError, SpecZeroDivisionError, atoms, race, spec, zeros
 from structdsl.testing import uniforms as uniforms_st
 from shared_specs import (SIZES, SPECS, atom_shape, bad_line, careless, compiled, divides, empty,
                           false_promise)
@@ -201,3 +201,23 @@ def test_a_padded_trace_does_not_give_atom_0_fresh_noise():
     na = fast.conditional_noise(torch.as_tensor(trace), T(logits), uniforms=T(v)).numpy()
     nb = ref.conditional_noise(trace, logits, uniforms=v)
     np.testing.assert_allclose(na, nb, rtol=1e-12)
+
+
+@spec
+def augmented(n):
+    """Augmented stores through slices and scalar indices, values broadcast from lane scalars."""
+    item = atoms(n)
+    x = zeros((2, n), int)
+    w = race(item)
+    x[0, :] += 1
+    x[:, w] += 2
+    x[1] += x[0] * w
+    return x
+
+
+def test_augmented_stores_through_slices_match_the_reference():
+    fast, ref = (structdsl.compile(augmented, backend=b) for b in ("torch", "numpy"))
+    rng = np.random.default_rng(2)
+    logits, u = rng.normal(size=(6, 4)), rng.uniform(size=(6, 4))
+    a, b = fast.sample(T(logits), uniforms=T(u)), ref.sample(logits, uniforms=u)
+    assert np.array_equal(a.structure.x.numpy(), b.structure.x)
