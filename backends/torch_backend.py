@@ -26,6 +26,7 @@ race by race, and ``E | T`` is built from the race minima in log space, so
 from __future__ import annotations
 
 import ast
+import contextlib
 import math
 
 import numpy as np
@@ -52,6 +53,37 @@ def _safe_logaddexp(a, b):
     both = torch.isneginf(a) & torch.isneginf(b)
     out = torch.logaddexp(torch.where(both, 0.0, a), torch.where(both, 0.0, b))
     return torch.where(both, -math.inf, out)
+
+
+def _exit_scores(x, t, used_races, exit_race, u, R):
+    """log p(T) and, with uniforms ``u``, the race-minima part of E | T of a nested spec,
+    differentiable in the logits ``x`` ``[B, A]``: atom ``i`` took part in races
+    ``0 .. exit_race[i]`` (-1: none), so race ``r``'s log-sum of rates is a suffix log-sum
+    over exit races and each atom's sum of race minima is a prefix log-sum.  One pass over
+    the atoms instead of one per race."""
+    B, A = x.shape
+    if R == 0:                                   # no race can run: p = 1, no race minima
+        return x.sum(1) * 0.0, torch.full_like(x, -math.inf)
+    tiny = torch.finfo(x.dtype).min / 4          # finite stand-in for an empty bucket's -inf
+    bucket = torch.where(exit_race >= 0, exit_race, R)                        # R: no race
+    shift = torch.full((B, R + 1), -math.inf, dtype=x.dtype, device=x.device)
+    shift = shift.scatter_reduce(1, bucket, x.detach(), "amax")                 # per-bucket max
+    shift = torch.where(torch.isfinite(shift), shift, 0.0)
+    total = torch.zeros((B, R + 1), dtype=x.dtype, device=x.device).scatter_add(
+        1, bucket, torch.exp(x - shift.gather(1, bucket)))
+    full = total > 0
+    per_race = torch.where(full, torch.log(torch.where(full, total, 1.0)) + shift, tiny)[:, :R]
+    lse = torch.logcumsumexp(per_race.flip(1), 1).flip(1)                      # [B, R] suffix sums
+    used = torch.arange(R, device=x.device)[None, :] < used_races[:, None]
+    gain = x.gather(1, torch.where(used, t, 0)) - lse
+    logp = torch.where(used, gain, 0.0).sum(1)
+    log_sum = None
+    if u is not None:
+        log_min = torch.where(used, torch.log(-torch.log(u[:, :R])) - lse, tiny)
+        prefix = torch.logcumsumexp(log_min, 1)                                  # [B, R]
+        at = prefix.gather(1, exit_race.clamp(min=0))
+        log_sum = torch.where(exit_race >= 0, at, -math.inf)
+    return logp, log_sum
 
 
 class _Machine:
@@ -645,6 +677,12 @@ class _Machine:
             self.dead = self.dead | bad
             raced = raced & ~bad
             ws = torch.where(member, ws, m.float().argmax(1))
+            if self.exit is not None:     # nested: only the exit races are kept (see exit_scores)
+                self.exit = torch.where(m & raced[:, None], self.slot[:, None], self.exit)
+                w1 = ws[:, None]
+                self.alive = self.alive.scatter(1, w1, self.alive.gather(1, w1) & ~raced[:, None])
+                self.slot = self.slot + raced.long()
+                return ws
             x = torch.where(m, self.logits, -math.inf)
             x = torch.where(raced[:, None], x, 0.0)
             lse = torch.logsumexp(x, 1)
@@ -679,6 +717,8 @@ class Program(_BaseProgram):
         self.reference = Reference(spec, **static_params)
         self._codes, self._code_of, self._tensors = [], {}, {}
         self._plain_races = not any(isinstance(s, ir.GroupRace) for s in ir.walk_statements(self.ir.body))
+        # nested and plain: every atom takes part in a prefix of the races, up to its exit race
+        self._exit_races = self.ir.nested and self._plain_races
 
     def numba_twin(self):
         """The same spec compiled for the numba backend (once), or None without numba: the
@@ -858,7 +898,12 @@ class Program(_BaseProgram):
         m.trace, m.logits, m.u = t, x, u
         m.logp = torch.zeros(m.B, dtype=x.dtype, device=device)
         m.log_sum = torch.full((m.B, inst.num_atoms), -math.inf, dtype=x.dtype, device=device)
-        m.run(self.ir.body)
+        m.exit = torch.full((m.B, inst.num_atoms), -1, dtype=torch.int64, device=device) \
+            if self._exit_races else None
+        with torch.no_grad() if self._exit_races else contextlib.nullcontext():
+            m.run(self.ir.body)
+        if m.exit is not None:
+            m.logp, m.log_sum = _exit_scores(x, t, m.slot, m.exit, u, inst.max_races)
         # winners the program never asked for
         tail = (torch.arange(inst.max_races, device=device)[None, :] >= m.slot[:, None]) & (t >= 0)
         m.impossible = m.impossible | (tail.any(1) & ~m.dead)
