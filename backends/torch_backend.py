@@ -603,7 +603,11 @@ class _Machine:
     def compete(self, s, masks, allow_empty, grouped=False):
         """Race every mask ``[B, A]`` in order (one per group); returns the winners ``[B]``
         (-1 where a mask is empty)."""
-        nonempty = [m.any(1) for m in masks]
+        if self.mode == "solve":        # the masked minima, found once: a race is empty iff +inf
+            self.minima = [torch.where(m, self.res, math.inf).min(1) for m in masks]
+            nonempty = [mn.values < math.inf for mn in self.minima]
+        else:
+            nonempty = [m.any(1) for m in masks]
         anyone = torch.stack(nonempty, 0).any(0) if masks else torch.zeros_like(self.dead)
         if not allow_empty:
             what = "race_groups has no live member in any group" if grouped else (
@@ -623,7 +627,7 @@ class _Machine:
                 self.prev_in = torch.where(moved[:, None], m, self.prev_in)
             elif track:
                 key = torch.where(m & raced[:, None], gi, key)
-            w = self.pick(s, m, raced)
+            w = self.pick(s, m, raced, self.minima[gi] if self.mode == "solve" else None)
             winners.append(torch.where(raced, w, -1))
         if key is not None:
             self.prev_key = torch.where(moved[:, None], key, self.prev_key)
@@ -648,15 +652,15 @@ class _Machine:
                       f"spec {self.p.name!r} declares nested=True, but this race's members are not "
                       f"inside one member set of the previous race")
 
-    def pick(self, s, m, raced):
-        """One race on mask ``m`` for the lanes ``raced``: the winner ``[B]`` (garbage elsewhere)."""
+    def pick(self, s, m, raced, minimum=None):
+        """One race on mask ``m`` for the lanes ``raced``: the winner ``[B]`` (garbage elsewhere);
+        ``minimum``: solving, the masked residuals' ``min(1)`` (values and first argmin)."""
         R = self.R
         pos = self.slot.clamp(max=max(R - 1, 0))[:, None]
         if self.mode == "solve":
-            x = torch.where(m, self.res, math.inf)
-            w = x.argmin(1)
+            w = minimum.indices
             if not self.p.nested:      # nested: every member has the same shift, order kept
-                lo = x.gather(1, w[:, None])
+                lo = minimum.values[:, None]
                 upd = m & raced[:, None]
                 if self.log_space:
                     gap = torch.where(self.res == lo, -math.inf,
