@@ -474,7 +474,13 @@ class _Machine:
             if name == "all":
                 return flat.all(-1)
             if name == "sum":
-                return flat.long().sum(-1)
+                x = flat.long()     # exact overflow test: sum the high and low 32-bit halves apart
+                high = torch.bitwise_right_shift(x, 32).sum(-1)
+                low = torch.bitwise_and(x, 0xFFFFFFFF).sum(-1)
+                top = high + torch.bitwise_right_shift(low, 32)
+                self.flag(self.guarded((top < -2**31) | (top >= 2**31), g, 0), "SpecOverflowError", line,
+                          "int64 overflow in sum")
+                return x.sum(-1)
             if name in ("argmin", "argmax"):
                 return (flat.long().argmin(-1) if name == "argmin" else flat.long().argmax(-1))
             if flat.dtype == torch.bool:

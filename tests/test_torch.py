@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import structdsl
-from structdsl import EmptyRaceError, NestingError, SpecIndexError, SpecZeroDivisionError, atoms, race, spec, zeros
+from structdsl import (EmptyRaceError, NestingError, SpecIndexError, SpecOverflowError, SpecZeroDivisionError,
+                       atoms, race, spec, zeros)
 from structdsl.testing import uniforms as uniforms_st
 from shared_specs import (SIZES, SPECS, atom_shape, bad_line, careless, compiled, divides, empty,
                           false_promise)
@@ -221,3 +222,24 @@ def test_augmented_stores_through_slices_match_the_reference():
     logits, u = rng.normal(size=(6, 4)), rng.uniform(size=(6, 4))
     a, b = fast.sample(T(logits), uniforms=T(u)), ref.sample(logits, uniforms=u)
     assert np.array_equal(a.structure.x.numpy(), b.structure.x)
+
+
+HALVES = (2**62, 2**62 - 1, 1)
+
+
+@spec
+def big_sum(n):
+    item = atoms(n)
+    w = race(item)
+    total = sum(HALVES) + w  # BAD
+    return total
+
+
+
+def test_sum_overflow_raises_like_the_reference():
+    fast, ref = (structdsl.compile(big_sum, backend=b) for b in ("torch", "numpy"))
+    with pytest.raises(SpecOverflowError) as want:
+        ref.sample(np.zeros((2, 3)), seed=0)
+    with pytest.raises(SpecOverflowError) as got:
+        fast.sample(torch.zeros(2, 3, dtype=torch.float64))
+    assert got.value.line == want.value.line == bad_line(big_sum)
