@@ -1,4 +1,8 @@
-"""Command line: ``python -m structdsl check`` runs the property battery on every built-in spec."""
+"""Command line.
+
+``python -m structdsl check`` runs the property battery on every built-in spec;
+``python -m structdsl toy`` trains the toy problems with the gradient estimators
+(:mod:`structdsl.toys`)."""
 from __future__ import annotations
 
 import argparse
@@ -100,9 +104,16 @@ def main(argv=None):
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--plot", metavar="PNG", help="also draw sampled vs exact probabilities (needs matplotlib)")
     c.add_argument("--backend", default="numpy", help="numpy (reference, default) or numba")
+    t = sub.add_parser("toy", help="train a toy problem's free logits with the gradient estimators "
+                                   "(objective and gradient std vs step, CSV and PNG)")
+    from .toys import add_arguments as add_toy_arguments      # argparse only; torch loads at run time
+    add_toy_arguments(t)
     args = parser.parse_args(argv)
     if args.command == "check":
         return 1 if check(args.samples, args.seed, plot=args.plot, backend=args.backend) else 0
+    if args.command == "toy":
+        from .toys import run_cli
+        return run_cli(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
