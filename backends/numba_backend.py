@@ -579,7 +579,7 @@ def _kernels_hash():
 _FINISH_GENERIC = """            __finish_score(__tr[__b], __st[__b], __lsum[__b], __logits[__b], __live0, __u[__b, __R:],
                            __noise[__b], __flags)"""
 _FINISH_NESTED = """            __finish_nested(__tr[__b], __st[__b], __ex, __logits[__b], __live0, __u[__b], __fs[__b],
-                            __grad[__b], __noise[__b], __flags)"""
+                            __grad[__b], __noise[__b], __lsum[__b], __flags)"""
 
 
 def load(source):
@@ -697,6 +697,29 @@ class Program(_BaseProgram):
 
     def _sample(self, inst, u, logits):
         return self._solve_all(inst, np.empty(u.shape), u, logits, True)
+
+    def memberships(self, trace, logits):
+        """``(log p, members)``: ``members`` bool ``[*batch, max_races, *atom_shape]``, whether
+        each atom is a member of each replayed race (a grouped race: one slot per group, as
+        in the trace); all False after the last race.  Differentiable scores and ``E | T``
+        follow from it in closed form (:mod:`structdsl.torch` builds them on it)."""
+        from .numba_kernels import IMPOSSIBLE, WANT_MEMBERS
+        t, x, shape, inst = self._check_trace(trace, logits)
+        B, A = x.shape
+        R = inst.max_races
+        alive = inst.valid.reshape(-1) & ~np.isneginf(x)
+        tr = np.ascontiguousarray(t, dtype=np.int64).copy()
+        st = np.zeros((B, 4), dtype=np.int64)
+        st[:, 2] = 1 if self.ir.nested else 0
+        members = np.zeros((B, R * A))
+        outs = [o[:1] for o in self._outputs(inst, 1)]
+        with self._naming_lanes(shape):
+            self._run("score_all", *self._args(inst), self._unravel_table(inst), alive, np.array(x, dtype=np.float64),
+                      tr, st, np.zeros((B, 1)), np.zeros((B, 0)), members, np.full((B, R + A), 0.5),
+                      np.zeros((B, 0)), np.int64(WANT_MEMBERS), np.bool_(False), *outs)
+            self._raise(st)
+        logp = np.where(st[:, 0] == IMPOSSIBLE, -np.inf, 0.0)
+        return logp.reshape(shape), (members > 0).reshape(shape + (R,) + inst.atom_shape)
 
     def _score(self, inst, traces, logits, want_grad, uniforms):
         from .numba_kernels import IMPOSSIBLE, WANT_GRAD, WANT_NOISE

@@ -12,7 +12,8 @@ Lane state (one row per lane): ``alive`` bool[A] (valid, rate > 0, not yet won);
 float64[A] (solve: residual noise, in log space when ``log_space``; score: the logits);
 ``tr`` int64[R] (the trace: written by solve, read by score); ``st`` int64[4] (status, next
 slot); ``fs`` float64[1] (log p); ``grad`` float64[A]; ``lsum`` float64[A] (log of the summed
-race minima of each atom, for E | T); ``u`` float64[R] (uniforms of the race minima);
+race minima of each atom, for E | T; with ``WANT_MEMBERS`` instead float64[R * A], set to 1 at
+``r * A + i`` when atom ``i`` is a member of race ``r``); ``u`` float64[R] (uniforms of the race minima);
 ``pkey`` int64[A] (the previous race's group of each atom, -1 outside it: the nesting check).
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from numba import njit
 
 SOLVE, SCORE = 0, 1
 IMPOSSIBLE = -1
-WANT_GRAD, WANT_NOISE = 1, 2
+WANT_GRAD, WANT_NOISE, WANT_MEMBERS = 1, 2, 4
 
 
 @njit(cache=True)
@@ -223,6 +224,10 @@ def _pick(mode, mask, alive, res, tr, st, fs, grad, lsum, u, log_space, flags):
             for i in range(A):
                 if mask[i]:
                     lsum[i] = _logaddexp(lsum[i], lm)
+        if flags & WANT_MEMBERS:
+            for i in range(A):
+                if mask[i]:
+                    lsum[slot * A + i] = 1.0
     alive[w] = False
     st[1] = slot + 1
     return w
@@ -340,6 +345,11 @@ def _pick_groups(mode, key, groups, present, alive, res, tr, st, fs, grad, lsum,
                 g = key[i]
                 if g >= 0:
                     lsum[i] = _logaddexp(lsum[i], lm[g])
+        if flags & WANT_MEMBERS:
+            for i in range(A):
+                g = key[i]
+                if g >= 0:
+                    lsum[slot_of[g] * A + i] = 1.0
         for g in range(G):
             if present[g]:
                 alive[out[g]] = False
@@ -505,7 +515,7 @@ def score_nested(m, alive, tr, st, ex, allow_empty, code_empty):
 
 
 @njit(cache=True)
-def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, flags):
+def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
     """log p, its gradient and E | T of a nested spec from the exit races: atom ``i`` took
     part in races ``0 .. ex[i]``, so race ``r``'s log-sum of rates is a suffix log-sum over
     exit races and every per-atom sum over its races is a prefix sum: O(atoms + races)."""
@@ -527,6 +537,11 @@ def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, flags):
     for r in range(R):
         total += logits[tr[r]] - lse[r]
     fs[0] = total
+    if flags & WANT_MEMBERS:                 # member of races 0 .. ex[i]
+        A = ex.size
+        for i in range(A):
+            for r in range(ex[i] + 1):
+                lsum[r * A + i] = 1.0
     if flags & WANT_GRAD:
         prefix = np.empty(R)
         acc = -np.inf

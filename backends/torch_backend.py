@@ -55,6 +55,20 @@ def _safe_logaddexp(a, b):
     return torch.where(both, -math.inf, out)
 
 
+def _cumulative_logsumexp(x, reverse=False):
+    """``logcumsumexp`` along dim 1 (``reverse``: suffix sums) by a loop of ``logaddexp``:
+    twice differentiable without NaN (RELAX trains its critic through the gradient), which
+    ``torch.logcumsumexp`` is not where an upstream gradient is exactly 0 (its backward
+    takes ``log|grad|``).  Entries must be finite (callers use a finite stand-in for -inf)."""
+    cols = list(x.unbind(1))
+    order = range(len(cols) - 1, -1, -1) if reverse else range(len(cols))
+    acc, out = None, [None] * len(cols)
+    for r in order:
+        acc = cols[r] if acc is None else torch.logaddexp(acc, cols[r])
+        out[r] = acc
+    return torch.stack(out, 1)
+
+
 def _exit_scores(x, t, used_races, exit_race, u, R):
     """log p(T) and, with uniforms ``u``, the race-minima part of E | T of a nested spec,
     differentiable in the logits ``x`` ``[B, A]``: atom ``i`` took part in races
@@ -73,14 +87,14 @@ def _exit_scores(x, t, used_races, exit_race, u, R):
         1, bucket, torch.exp(x - shift.gather(1, bucket)))
     full = total > 0
     per_race = torch.where(full, torch.log(torch.where(full, total, 1.0)) + shift, tiny)[:, :R]
-    lse = torch.logcumsumexp(per_race.flip(1), 1).flip(1)                      # [B, R] suffix sums
+    lse = _cumulative_logsumexp(per_race, reverse=True)                        # [B, R] suffix sums
     used = torch.arange(R, device=x.device)[None, :] < used_races[:, None]
     gain = x.gather(1, torch.where(used, t, 0)) - lse
     logp = torch.where(used, gain, 0.0).sum(1)
     log_sum = None
     if u is not None:
         log_min = torch.where(used, torch.log(-torch.log(u[:, :R])) - lse, tiny)
-        prefix = torch.logcumsumexp(log_min, 1)                                  # [B, R]
+        prefix = _cumulative_logsumexp(log_min)                                  # [B, R]
         at = prefix.gather(1, exit_race.clamp(min=0))
         log_sum = torch.where(exit_race >= 0, at, -math.inf)
     return logp, log_sum

@@ -14,6 +14,7 @@ structure is decoded by replaying it.  When Pyro is installed the class also car
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -66,6 +67,28 @@ class _TraceScore(torch.autograd.Function):
         return g.reshape(g.shape + (1,) * (grad.dim() - g.dim())) * grad, None, None
 
 
+def _noise_given_members(x, t, members, u, live):
+    """``E | T`` from the races' member sets, differentiable (twice) in the logits ``x``
+    ``[B, A]``: race ``r`` (members ``M_r``, ``[B, R, A]``) has minimum ``-log(u_r) / sum of
+    its members' rates``; an atom's noise is the sum of the minima of the races it ran in,
+    plus a fresh ``Exp(rate)`` (from ``u[:, R + i]``) unless it won.  Log space throughout;
+    finite stand-ins for ``-inf`` keep every derivative free of NaN."""
+    B, R, A = members.shape
+    tiny = torch.finfo(x.dtype).min / 4
+    lse = torch.logsumexp(torch.where(members, x[:, None, :], tiny), -1)             # [B, R]
+    used = t >= 0
+    log_min = torch.where(used, torch.log(-torch.log(u[:, :R])) - lse, tiny)
+    ran = members.any(1)
+    log_sum = torch.logsumexp(torch.where(members, log_min[:, :, None], tiny), 1)     # [B, A]
+    log_sum = torch.where(ran, log_sum, tiny)
+    won = torch.zeros((B, A + 1), dtype=torch.bool, device=x.device)
+    won = won.scatter(1, torch.where(used, t, A), True)[:, :A]
+    fresh = live & ~won
+    log_fresh = torch.where(fresh, torch.log(-torch.log(u[:, R:])) - torch.where(fresh, x, 0.0), tiny)
+    log_noise = torch.logaddexp(log_sum, log_fresh)
+    return torch.where(live, torch.exp(torch.where(live, log_noise, 0.0)), math.inf)
+
+
 class RaceDistribution(Distribution, _PyroMixin):
     """The law of a spec's execution traces under exponential races with log-rates ``logits``.
 
@@ -86,7 +109,7 @@ class RaceDistribution(Distribution, _PyroMixin):
     """
 
     has_rsample = False
-    has_enumerate_support = False
+    has_enumerate_support = True
     arg_constraints = {"logits": _LogRates()}
 
     def __init__(self, spec_or_program, logits, validate_args=None, fast_cpu=True, **static):
@@ -145,11 +168,30 @@ class RaceDistribution(Distribution, _PyroMixin):
 
     def sample(self, sample_shape=torch.Size(), generator=None):
         """Traces ``sample_shape + batch_shape + (max_races,)`` (int64, no gradient)."""
-        return self.sample_with_noise(sample_shape, generator)[0]
+        return self._draw(sample_shape, generator)[0]
 
     def sample_with_noise(self, sample_shape=torch.Size(), generator=None):
         """``(trace, noise)``: the trace and the exponential noise ``E`` that produced it
-        (``sample_shape + batch_shape + atom_shape``, ``+inf`` at atoms that cannot race)."""
+        (``sample_shape + batch_shape + atom_shape``, ``+inf`` at atoms that cannot race).
+        The noise is reparameterised: ``E = E_1 / exp(logits)`` with ``E_1 ~ Exp(1)`` held
+        fixed, so it is differentiable in the logits (``dE/dlogits = -E``), as RELAX needs."""
+        s = self.sample_with_structure(sample_shape, generator)
+        return s.trace, s.noise
+
+    def sample_with_structure(self, sample_shape=torch.Size(), generator=None):
+        """A :class:`structdsl.program.Sample`: ``trace`` ``sample_shape + batch_shape +
+        (max_races,)``, ``structure`` (each field ``sample_shape + batch_shape + field_shape``,
+        no second replay needed) and the reparameterised noise (``log_noise``, ``noise``)."""
+        from .program import Sample
+        trace, structure, log_noise = self._draw(sample_shape, generator)
+        x = self.logits
+        if x.requires_grad:             # value unchanged; d log E / d logits = -1 at live atoms
+            live = torch.isfinite(log_noise) & ~torch.isneginf(x)
+            log_noise = log_noise + torch.where(live, x.detach() - x, 0.0)
+        return Sample(trace, structure, log_noise)
+
+    def _draw(self, sample_shape, generator):
+        """(trace, structure, log noise), nothing differentiable."""
         shape = torch.Size(sample_shape) + self.batch_shape + self.atom_shape
         u = self._uniforms(shape, generator)
         logits = self.logits.detach()
@@ -157,12 +199,46 @@ class RaceDistribution(Distribution, _PyroMixin):
         with torch.no_grad():
             if fast is not None:
                 s = fast.sample(logits.double().numpy(), uniforms=u.double().numpy())
-                trace = torch.from_numpy(s.trace)
-                noise = torch.from_numpy(np.ascontiguousarray(s.noise)).to(logits.dtype)
-            else:
-                s = self.program.sample(logits.expand(shape), uniforms=u)
-                trace, noise = s.trace, s.noise
-        return trace, noise
+                structure = type(s.structure)(*(torch.from_numpy(np.ascontiguousarray(v)) for v in s.structure))
+                return (torch.from_numpy(s.trace), structure,
+                        torch.from_numpy(np.ascontiguousarray(s.log_noise)).to(logits.dtype))
+            s = self.program.sample(logits.expand(shape), uniforms=u)
+            return s.trace, s.structure, s.log_noise
+
+    def enumerate_support(self, expand=True):
+        """Every trace with positive probability: ``[N] + batch_shape + (max_races,)`` (or
+        ``[N] + (1,) * len(batch_shape) + (max_races,)`` with ``expand=False``).
+
+        Small sizes only (the reference enumerates; more than 20000 traces raise
+        :class:`~structdsl.errors.EnumerationLimitError`).  The support depends only on which
+        atoms are at ``-inf``; a batch whose elements differ in that (ragged sizes) has no
+        common support and raises ValueError: enumerate its elements one by one."""
+        patterns = self._live_patterns()
+        if len(patterns) != 1:
+            raise ValueError(f"enumerate_support needs one support for the whole batch; these logits "
+                             f"mask {len(patterns)} different sets of atoms with -inf (ragged sizes): "
+                             f"enumerate the batch elements one by one")
+        traces = self._support_of(next(iter(patterns)))
+        nb = len(self.batch_shape)
+        t = traces.reshape((traces.shape[0],) + (1,) * nb + traces.shape[1:])
+        return t.expand((traces.shape[0],) + self.batch_shape + traces.shape[1:]) if expand else t
+
+    def _live_patterns(self):
+        """``{live mask as bytes: [flat batch indices]}`` over the batch."""
+        live = (~torch.isneginf(self.logits.detach())).reshape(-1, *self.atom_shape).cpu().numpy()
+        patterns = {}
+        for b, m in enumerate(live):
+            patterns.setdefault(m.tobytes(), []).append(b)
+        return patterns
+
+    def _support_of(self, pattern):
+        """The traces (int64 ``[N, max_races]``) of the atoms alive in ``pattern``."""
+        cache = self.__dict__.setdefault("_supports", {})
+        if pattern not in cache:
+            rates = np.frombuffer(pattern, dtype=bool).reshape(self.atom_shape).astype(np.int64)
+            e = self.program.enumerate(rates=rates)
+            cache[pattern] = torch.as_tensor(np.asarray(e.traces), device=self.logits.device)
+        return cache[pattern]
 
     def _log_prob(self, value):
         fast = self._numba
@@ -190,9 +266,30 @@ class RaceDistribution(Distribution, _PyroMixin):
         return self.program.decode(trace, self.logits.detach())
 
     def conditional_noise(self, trace, uniforms=None, generator=None):
-        """``E | T`` (reparameterised: differentiable in the logits given the uniforms);
-        shape ``trace.shape[:-1] + atom_shape`` broadcast with the batch."""
-        return self.program.conditional_noise(trace, self.logits, uniforms=uniforms, generator=generator)
+        """``E | T`` (reparameterised: differentiable, twice, in the logits given the
+        uniforms); shape ``broadcast(trace.shape[:-1], batch_shape) + atom_shape``.
+        ``uniforms``: ``[*that batch, max_races + num_atoms]`` (race minima first, then the
+        fresh noise of each atom), drawn here when None.  On the CPU fast path the races'
+        member sets come from the numba replay and the noise is assembled here in closed form."""
+        fast = self._numba
+        if fast is None or type(trace) is not torch.Tensor or type(self.logits) is not torch.Tensor:
+            return self.program.conditional_noise(trace, self.logits, uniforms=uniforms, generator=generator)
+        R, A = self.instance.max_races, self.instance.num_atoms
+        shape = torch.broadcast_shapes(trace.shape[:-1], self.batch_shape)
+        t = trace.to(torch.int64).expand(shape + trace.shape[-1:]).reshape(-1, trace.shape[-1])
+        x = self.logits.expand(shape + self.atom_shape).reshape(-1, A)
+        logp, members = fast.memberships(t.numpy(), x.detach().double().reshape((-1,) + self.atom_shape).numpy())
+        if np.isneginf(logp).any():
+            lane = int(np.flatnonzero(np.isneginf(logp))[0])
+            raise ValueError(f"trace (flat batch index {lane}) has probability zero under these "
+                             f"logits: there is no noise that produces it")
+        if uniforms is None:
+            u = self._uniforms((t.shape[0], R + A), generator)
+        else:
+            u = torch.as_tensor(uniforms, dtype=x.dtype).expand(shape + (R + A,)).reshape(-1, R + A)
+        live = self.program._valid(self.instance, x.device) & ~torch.isneginf(x)
+        noise = _noise_given_members(x, t, torch.from_numpy(members).reshape(-1, R, A), u, live)
+        return noise.reshape(shape + self.atom_shape)
 
     def noise_log_prob(self, noise):
         """log density of independent ``Exp(exp(logits))`` noise, summed over the atoms that

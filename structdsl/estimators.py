@@ -1,0 +1,246 @@
+"""Gradient estimators for any spec, shaped as surrogate losses.
+
+After any upstream network that outputs the logits of a
+:class:`~structdsl.torch.RaceDistribution`::
+
+    loss = estimators.t_reinforce(dist, f, num_samples=3)   # or e_reinforce, relax(dist, f), ...
+    loss.backward()
+
+``f`` receives the structure record (the spec's fields as tensors with leading dims
+``sample_shape + batch_shape``, ``sample_shape = (num_samples,)``) and returns per-sample
+losses of exactly that shape.  Every estimator returns a scalar whose **value** is the mean
+sampled loss and whose **gradient** is:
+
+* in the logits: an estimate of ``d/d logits mean_batch E[f(structure)]`` (the batch's mean);
+* in ``f``'s own parameters: the pathwise gradient of the mean sampled loss (``f`` may have
+  parameters trained through the same loss);
+* in a RELAX critic's parameters: the gradient of the estimator's variance (see :class:`RELAX`).
+
+Which are unbiased, and why:
+
+* ``e_reinforce`` (score of the noise ``E``) and ``t_reinforce`` (score of the trace ``T``)
+  are unbiased: ``E[f * d log p] = d E[f]`` for any density.  ``t_reinforce`` is the
+  conditional expectation of ``e_reinforce`` given ``T`` (the structure is a function of
+  ``T``, and ``E[d log p(E) | T] = d log p(T)``), so its variance is never larger.
+* ``num_samples=K > 1`` uses the leave-one-out baseline by default: each sample's loss is
+  compared with the mean of the *other* ``K - 1``, which is independent of that sample, so
+  the baseline adds no bias.  The estimate is ``1/K sum_k (f_k - mean_{j!=k} f_j) score_k``
+  ``= 1/(K-1) sum_k (f_k - mean_j f_j) score_k``.  (``leave_one_out=False`` averages ``K``
+  plain estimates instead.)
+* :class:`RELAX` with the reparameterised conditional noise ``E~ ~ E | T`` is unbiased for
+  any critic ``c``: ``E[c(E~) d log p(T)] = E[d c(E)] - E[d c(E~)]`` (the control variate has
+  mean zero), so the critic can be trained freely to cut the variance.
+* :func:`exact_gradient` enumerates every trace (small sizes) and is exact.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["t_reinforce", "e_reinforce", "RELAX", "exact_gradient", "MLPCritic"]
+
+
+def t_reinforce(dist, f, num_samples=1, leave_one_out=None):
+    """Surrogate loss of T-REINFORCE (the score of the trace), "T-REINFORCE+" for
+    ``num_samples > 1`` (leave-one-out baseline unless ``leave_one_out=False``).  Unbiased."""
+    K, loo = _samples(num_samples, leave_one_out)
+    s = dist.sample_with_structure((K,))
+    losses = _losses(f, s.structure, (K,) + dist.batch_shape)
+    return _score_surrogate(losses, dist.log_prob(s.trace), loo)
+
+
+def e_reinforce(dist, f, num_samples=1, leave_one_out=None):
+    """Surrogate loss of E-REINFORCE (the score of the exponential noise
+    ``dist.noise_log_prob(E)``), "E-REINFORCE+" for ``num_samples > 1``.  Unbiased, but its
+    variance is never below T-REINFORCE's: prefer :func:`t_reinforce`."""
+    K, loo = _samples(num_samples, leave_one_out)
+    s = dist.sample_with_structure((K,))
+    losses = _losses(f, s.structure, (K,) + dist.batch_shape)
+    return _score_surrogate(losses, dist.noise_log_prob(s.noise.detach()), loo)
+
+
+class RELAX(nn.Module):
+    """RELAX with the conditional noise ``E~ ~ E | T`` and a learned critic ``c``:
+
+        g = (f(T) - c(E~)) d log p(T) + d c(E) - d c(E~)
+
+    where ``E`` is the reparameterised noise that produced ``T`` and ``E~`` is drawn from
+    ``E | T`` (reparameterised too).  ``c(E~)`` has the same mean derivative as ``c(E)``, so
+    ``g`` is unbiased for every critic; the critic is trained to minimise the variance of
+    ``g``.  **Critic loss**: ``sum over batch and atoms of g**2`` (its gradient in the
+    critic's parameters is that of the variance, since ``E[g]`` does not depend on them);
+    the surrogate carries this gradient to the critic, so one optimiser over the model's and
+    this module's parameters trains both.
+
+    critic: any ``nn.Module`` mapping the Gumbel-perturbed logits ``z = -log E``
+    (``[*lead, *atom_shape]``, 0 at atoms that cannot race) to ``[*lead]`` (or
+    ``[*lead, 1]``).  Default: :class:`MLPCritic` over the flattened atoms, built for
+    ``atom_shape`` here (pass it, so that the optimiser sees the critic's parameters) or
+    lazily at the first call.  Its output layer starts at zero, so RELAX starts as
+    T-REINFORCE.
+
+    Calling it, ``relax(dist, f, num_samples=1)``, returns the surrogate loss (value: the
+    mean sampled loss); ``num_samples`` averages that many independent estimates.  It needs
+    ``dist.logits`` to require grad (it differentiates the estimate in the critic).
+    """
+
+    def __init__(self, critic=None, atom_shape=None, hidden=64):
+        super().__init__()
+        self.hidden = hidden
+        if critic is None and atom_shape is not None:
+            critic = MLPCritic(math.prod(atom_shape), hidden)
+        self.critic = critic
+
+    def forward(self, dist, f, num_samples=1):
+        K, _ = _samples(num_samples, False)
+        x = dist.logits
+        if not x.requires_grad:
+            raise ValueError("RELAX differentiates its estimate in the critic, so dist.logits must "
+                             "require grad (they are what the estimate is for)")
+        if self.critic is None:
+            self.critic = MLPCritic(math.prod(dist.atom_shape), self.hidden).to(x.device, x.dtype)
+        lead = (K,) + dist.batch_shape
+        s = dist.sample_with_structure((K,))
+        losses = _losses(f, s.structure, lead)
+        log_e = s.log_noise                                      # reparameterised in the logits
+        tilde = dist.conditional_noise(s.trace)                  # E | T, reparameterised
+        logp = dist.log_prob(s.trace)
+        c_e = self._critic(_gumbel(log_e, x), lead)
+        c_tilde = self._critic(_gumbel(_log(tilde), x), lead)
+        # the score's coefficient moves with the critic but not with the logits
+        c_coef = self._critic(_gumbel(_log(tilde.detach()), x.detach()), lead)
+        n = losses.numel()
+        theta_part = (((losses.detach() - c_coef) * logp).sum() + c_e.sum() - c_tilde.sum()) / n
+        params = [p for p in self.critic.parameters() if p.requires_grad]
+        (g,) = torch.autograd.grad(theta_part, x, create_graph=bool(params))
+        if not torch.isfinite(g).all():
+            raise FloatingPointError("RELAX produced a non-finite gradient estimate")
+        surrogate = losses.mean() + _inject(x, g)
+        if params:
+            # critic loss: the squared estimate, per batch element (g's scale is 1/n; undo it)
+            variance = (g * n / K).pow(2).sum() / max(1, dist.batch_shape.numel())
+            grads = torch.autograd.grad(variance, params, allow_unused=True)
+            for p, gp in zip(params, grads):
+                if gp is not None:
+                    surrogate = surrogate + _inject(p, gp)
+        return surrogate
+
+    def _critic(self, z, lead):
+        p = next(self.critic.parameters(), None)
+        out = self.critic(z if p is None else z.to(p.dtype))   # a float32 critic on float64 logits
+        if torch.is_tensor(out) and out.dtype != z.dtype:
+            out = out.to(z.dtype)
+        if out.shape == lead + (1,):
+            out = out.squeeze(-1)
+        if out.shape != lead:
+            raise ValueError(f"the RELAX critic must map [*lead, *atom_shape] = {tuple(z.shape)} to "
+                             f"[*lead] = {tuple(lead)} (or [*lead, 1]); it returned {tuple(out.shape)}")
+        return out
+
+
+class MLPCritic(nn.Module):
+    """The default RELAX critic: ``[*lead, *atom_shape] -> [*lead]``, a one-hidden-layer
+    tanh MLP over the flattened atoms; the output layer starts at zero (critic = 0)."""
+
+    def __init__(self, num_atoms, hidden=64):
+        super().__init__()
+        self.num_atoms = num_atoms
+        self.net = nn.Sequential(nn.Linear(num_atoms, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, z):
+        lead = z.shape[:z.dim() - self._atom_dims(z)]
+        return self.net(z.reshape(lead + (self.num_atoms,))).squeeze(-1)
+
+    def _atom_dims(self, z):
+        size = 1
+        for k in range(1, z.dim() + 1):
+            size *= z.shape[-k]
+            if size == self.num_atoms:
+                return k
+        raise ValueError(f"MLPCritic expects trailing atom dims of {self.num_atoms} atoms, got {tuple(z.shape)}")
+
+
+def exact_gradient(dist, f):
+    """Surrogate loss whose value is ``mean_batch E[f]`` computed exactly, by enumerating
+    every trace of every batch element (small sizes only), and whose gradient is therefore
+    the exact gradient (in the logits, and in ``f``'s parameters).  ``f`` is called once on
+    all traces: ``sample_shape = (N,)``, ``N`` the largest support in the batch (smaller
+    supports are padded with zero-probability copies of their first trace)."""
+    x = dist.logits
+    batch = dist.batch_shape
+    flat = batch.numel()
+    patterns = dist._live_patterns()
+    n = max(len(dist._support_of(p)) for p in patterns)
+    R = dist.event_shape[0]
+    traces = torch.empty((n, flat, R), dtype=torch.int64, device=x.device)
+    weight = torch.zeros((n, flat), dtype=x.dtype, device=x.device)
+    for pattern, lanes in patterns.items():
+        t = dist._support_of(pattern)
+        pad = t[:1].expand(n - len(t), R)
+        for b in lanes:
+            traces[:, b] = torch.cat([t, pad])
+            weight[:len(t), b] = 1.0
+    traces = traces.reshape((n,) + batch + (R,))
+    weight = weight.reshape((n,) + batch)
+    logp = dist.log_prob(traces)
+    losses = _losses(f, dist.structure(traces), (n,) + batch)
+    p = torch.where(weight > 0, torch.exp(logp), 0.0)
+    return (p * torch.where(weight > 0, losses, 0.0)).sum(0).mean()
+
+
+# ---- shared pieces ---------------------------------------------------------------------------
+def _samples(num_samples, leave_one_out):
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    loo = num_samples > 1 if leave_one_out is None else bool(leave_one_out)
+    if loo and num_samples < 2:
+        raise ValueError(f"the leave-one-out baseline needs num_samples >= 2 (each sample is compared "
+                         f"with the mean of the others), got num_samples={num_samples}")
+    return num_samples, loo
+
+
+def _losses(f, structure, lead):
+    """Call ``f`` and check it returns finite per-sample losses of shape ``lead``."""
+    out = f(structure)
+    if not torch.is_tensor(out):
+        raise TypeError(f"f must return a tensor of per-sample losses of shape {tuple(lead)} "
+                        f"(sample_shape + batch_shape), got {type(out).__name__}")
+    if out.shape != lead:
+        raise ValueError(f"f must return per-sample losses of shape {tuple(lead)} (sample_shape + "
+                         f"batch_shape), got {tuple(out.shape)}")
+    if not torch.is_floating_point(out):
+        out = out.to(torch.get_default_dtype())
+    bad = ~torch.isfinite(out.detach())
+    if bad.any():
+        i = tuple(int(v) for v in torch.nonzero(bad)[0])
+        raise FloatingPointError(f"f returned a non-finite loss {float(out.detach()[i])} at "
+                                 f"[sample, *batch] index {i}")
+    return out
+
+
+def _score_surrogate(losses, score, loo):
+    """``mean(losses) + mean(adv * (score - stop(score)))``: value the mean loss, gradient
+    the (leave-one-out) score-function estimate of the batch mean's gradient."""
+    fd = losses.detach()
+    K = fd.shape[0]
+    adv = (fd - fd.mean(0)) * (K / (K - 1)) if loo else fd      # f_k - mean_{j != k} f_j
+    return losses.mean() + (adv * (score - score.detach())).mean()
+
+
+def _inject(t, g):
+    """A zero-valued term whose gradient in ``t`` is ``g``."""
+    return (g.detach() * (t - t.detach())).sum()
+
+
+def _log(noise):
+    return torch.log(torch.where(torch.isfinite(noise), noise, 1.0))
+
+
+def _gumbel(log_noise, logits):
+    """Critic input ``z = -log E`` (the Gumbel-perturbed logits), 0 where an atom cannot race."""
+    ok = torch.isfinite(log_noise) & ~torch.isneginf(logits)
+    return torch.where(ok, -torch.where(ok, log_noise, 0.0), 0.0)
