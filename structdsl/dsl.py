@@ -57,15 +57,20 @@ class Spec:
     """A declared structured distribution: the user's function plus its declarations.
 
     Build with the :func:`spec` decorator; compile with :func:`structdsl.compile`.
-    The parsed and verified IR is built lazily (``spec.ir``) and cached.
+    The parsed and verified IR is built lazily (``spec.ir``) and cached.  ``reference`` is
+    the plain Python solver the spec claims to compute (or None); see :func:`spec`.
     """
 
-    def __init__(self, fn, nested=False):
+    def __init__(self, fn, nested=False, reference=None):
         if not inspect.isfunction(fn):
             raise TypeError(f"@spec decorates a function, got {type(fn).__name__}")
+        if reference is not None and not callable(reference):
+            raise TypeError(f"@spec(reference=...) of {fn.__name__!r} must be a function of one "
+                            f"lane's weights, got {type(reference).__name__} {reference!r}")
         self.fn = fn
         self.name = fn.__name__
         self.nested = bool(nested)
+        self.reference = reference
         self.__doc__ = fn.__doc__
         functools.update_wrapper(self, fn, updated=())
 
@@ -84,17 +89,26 @@ class Spec:
         return f"<structdsl spec {self.name}{' (nested)' if self.nested else ''}>"
 
 
-def spec(fn=None, *, nested=False):
-    """Declare a structured distribution.  Use as ``@spec`` or ``@spec(nested=True)``.
+def spec(fn=None, *, nested=False, reference=None):
+    """Declare a structured distribution.  Use as ``@spec``, ``@spec(nested=True)`` or
+    ``@spec(reference=fn)``.
 
     ``nested=True`` promises that every race's members are a subset of the previous race's
     members minus its winner (for ``race_groups``: each group inside one group of the
     previous race).  The reference backend checks the promise on every run; the fast
     backends rely on it to serve all races from one sorted pass over the noise.
+
+    ``reference=fn`` names the plain algorithm the spec is meant to be: ``fn(weights)``
+    takes one lane's weights, a float64 array of the atoms' shape with ``+inf`` at invalid
+    (and excluded) atoms, and returns a dict of some of the spec's structure fields (or a
+    tuple in field order, or one array for the first field).  It must not use the DSL.
+    ``structdsl.check`` and ``python -m structdsl check FILE`` compare ``solve`` with it
+    and, when it depends only on the order of the weights, prove that the spec's law is
+    the law of ``fn`` on exponential noise.
     """
     if fn is None:
-        return lambda f: Spec(f, nested=nested)
-    return Spec(fn, nested=nested)
+        return lambda f: Spec(f, nested=nested, reference=reference)
+    return Spec(fn, nested=nested, reference=reference)
 
 
 _SIGNATURES = {
