@@ -16,7 +16,9 @@
    structure still exists, with some atoms at ``-inf``;
 4. ``conditional_noise`` reproduces every sampled trace when solved, and its per-atom
    marginals are the unconditional ``Exp(rate)`` laws (Kolmogorov-Smirnov, Bonferroni);
-5. optionally, ``solve`` against an independent reference solver on random weights.
+5. ``solve`` against an independent reference solver on random weights
+   (:func:`compare_solve`): the ``reference=`` argument, or the spec's own
+   ``@spec(reference=fn)``.
 
 Randomness is seeded; the thresholds are significance levels, not tuned constants.
 """
@@ -45,6 +47,7 @@ class SpecReport:
     worst_marginal_p: float = 1.0
     neg_inf_checked: bool = False
     reference_checked: int = 0
+    reference_excluded_checked: int = 0
     failures: list = field(default_factory=list)
     #: per sampling scenario: (label, exact trace probabilities, sampled frequencies)
     fits: list = field(default_factory=list)
@@ -107,14 +110,18 @@ def ks_uniform_p(u):
 
 # ---- the battery ------------------------------------------------------------------------
 def check_spec(spec, shape=None, *, backend="numpy", reference=None, samples=4000, seed=0,
-               alpha=1e-3, solve_trials=50, raise_on_failure=True, **static_params):
+               alpha=1e-3, solve_trials=50, excluded_trials=0, raise_on_failure=True, **static_params):
     """Run the property battery on ``spec`` for atoms of shape ``shape``.
 
     shape: the atoms' shape; by default the largest size ``n <= 6`` (every size parameter
     set to ``n``) whose exact enumeration has at most 200 traces.
 
-    reference: optional ``f(weights[*shape]) -> structure`` (a dict of fields, a tuple in
-    field order, or one array) from an independent solver, compared with ``solve``.
+    reference: ``f(weights[*shape]) -> structure`` (a dict of some of the spec's fields, a
+    tuple in field order, or one array) from an independent solver, compared with ``solve``
+    on ``solve_trials`` random weight arrays (``+inf`` at invalid atoms), plus
+    ``excluded_trials`` with some valid atoms excluded (``+inf``); see
+    :func:`compare_solve`.  ``None`` (default) uses the spec's ``@spec(reference=...)`` if
+    it has one; ``False`` skips the comparison.
     samples: draws per goodness-of-fit scenario.  alpha: significance level of every test.
     Returns a :class:`SpecReport`; raises ``AssertionError`` listing the failures unless
     ``raise_on_failure=False``.
@@ -149,34 +156,37 @@ def check_spec(spec, shape=None, *, backend="numpy", reference=None, samples=400
         _check_sampling(prog, inst, label, lg, samples, rng, alpha, report)
 
     # 5. reference solver
-    if reference is not None:
-        for _ in range(solve_trials):
-            w = rng.exponential(size=shape)
-            got = prog.solve(w).structure
-            want = _as_fields(reference(w), prog.Structure._fields)
-            for name in prog.Structure._fields:
-                if name in want and not np.array_equal(np.asarray(getattr(got, name)), np.asarray(want[name])):
-                    fail(f"solve disagrees with the reference solver on field {name!r} for weights\n{w}")
-                    break
-            report.reference_checked += 1
-            if report.failures and report.failures[-1].startswith("solve disagrees"):
-                break
+    if reference is None:
+        reference = getattr(spec, "reference", None)
+    if reference is not None and reference is not False:
+        cmp = compare_solve(prog, reference, shape, rng=rng, trials=solve_trials,
+                            excluded_trials=excluded_trials)
+        report.reference_checked, report.reference_excluded_checked = cmp.checked, cmp.excluded_checked
+        if cmp.failure:
+            fail(cmp.failure)
 
     if raise_on_failure and report.failures:
         raise AssertionError(f"check_spec({spec.name}, {shape}) failed:\n  - " + "\n  - ".join(report.failures))
     return report
 
 
+def atom_shape_at(prog, n):
+    """The atoms' shape of compiled ``prog`` with every size parameter set to ``n`` (static
+    parameters as compiled)."""
+    from .program import static_eval
+    p = prog.ir
+    env = p.static_values({**prog.static_params, **{s: int(n) for s in p.sizes}},
+                          lambda e, env: static_eval(e, env, p.file))
+    return tuple(static_eval(d, env, p.file) for d in p.atoms.dims)
+
+
 def _default_shape(prog, max_traces=200):
     """The largest all-sizes-equal atoms shape (n <= 6) that enumerates in few traces."""
     from .errors import EnumerationLimitError, SpecError
-    from .program import static_eval
     p = prog.ir
     best, why = None, None
     for n in range(1, 7):
-        env = p.static_values({**prog.static_params, **{s: n for s in p.sizes}},
-                              lambda e, env: static_eval(e, env, p.file))
-        shape = tuple(static_eval(d, env, p.file) for d in p.atoms.dims)
+        shape = atom_shape_at(prog, n)
         try:
             prog.enumerate(rates=np.ones(shape, dtype=int).astype(object), max_traces=max_traces)
         except (ValueError, EmptyRaceError, SpecError) as exc:
@@ -240,12 +250,107 @@ def _check_sampling(prog, inst, label, logits, samples, rng, alpha, report):
         fail(f"[{label}] marginals of E | T are not Exp(rate) (KS, Bonferroni p = {worst:.2e})")
 
 
-def _as_fields(value, names):
+# ---- solve against a reference solver ------------------------------------------------------
+@dataclass
+class SolveComparison:
+    """What :func:`compare_solve` found: how many weight arrays agreed (``checked``: all
+    valid atoms finite; ``excluded_checked``: some valid atoms at ``+inf``), and the first
+    disagreement (or a malformed reference output) as a readable message, else None."""
+    checked: int = 0
+    excluded_checked: int = 0
+    failure: str | None = None
+
+
+def reference_fields(value, names):
+    """A reference solver's output as ``{field: array}``: ``value`` is a dict of some of the
+    fields ``names``, a tuple of all of them in order, or one array (the first field).
+    Raises ``ValueError`` naming the fields when the output is not of that form."""
     if isinstance(value, dict):
-        return value
-    if isinstance(value, tuple) and len(value) == len(names):
-        return dict(zip(names, value))
-    return {names[0]: value}
+        out = value
+    elif isinstance(value, tuple) and len(value) == len(names):
+        out = dict(zip(names, value))
+    elif isinstance(value, (np.ndarray, list, int, np.integer, bool, np.bool_)):
+        out = {names[0]: value}
+    else:
+        raise ValueError(f"the reference returned {type(value).__name__} {value!r}; it must return "
+                         f"a dict of some of the fields {list(names)}")
+    unknown = [k for k in out if k not in names]
+    if unknown:
+        raise ValueError(f"the reference returned field(s) {unknown}, which the spec does not have; "
+                         f"its fields are {list(names)}")
+    if not out:
+        raise ValueError(f"the reference returned no field; the spec's fields are {list(names)}")
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _tie_free_weights(rng, valid):
+    """Exponential(1) weights of ``valid``'s shape, pairwise distinct on the valid atoms
+    (redrawn on a tie), ``+inf`` at invalid atoms."""
+    while True:
+        w = rng.exponential(size=valid.shape)
+        if len(np.unique(w[valid])) == int(valid.sum()):
+            return np.where(valid, w, np.inf)
+
+
+def _show(a):
+    return np.array2string(np.asarray(a), max_line_width=100, threshold=400)
+
+
+def compare_solve(prog, reference, shape, *, rng=None, trials=50, excluded_trials=0):
+    """Compare ``prog.solve(w)`` with ``reference(w)`` on random weights.
+
+    prog: a compiled program; reference: ``f(weights) -> fields`` (see
+    :func:`reference_fields`) called with one lane's weights, a float64 array of shape
+    ``shape`` (the atoms') holding tie-free Exponential(1) draws at valid atoms and ``+inf``
+    at invalid ones.  ``trials`` arrays have every valid atom finite; ``excluded_trials``
+    more have about a quarter of the valid atoms at ``+inf`` (excluded: ``solve`` treats them
+    as absent, as logits of ``-inf``), and those on which ``solve`` finds no structure
+    (``RaceError``, e.g. an empty race) are skipped.  Only the fields the reference returns
+    are compared (``np.array_equal``, so bool and 0/1 int agree).  Stops at the first
+    disagreement; the message gives the weights and both outputs.  Returns a
+    :class:`SolveComparison`.
+    """
+    from .errors import RaceError
+    rng = np.random.default_rng(0) if rng is None else rng
+    inst = prog.instance(tuple(shape))
+    names = prog.Structure._fields
+    label = getattr(reference, "__name__", "the reference solver")
+    result = SolveComparison()
+    for trial in range(trials + excluded_trials):
+        excluded = trial >= trials
+        w = _tie_free_weights(rng, inst.valid)
+        if excluded:
+            w[inst.valid & (rng.random(inst.atom_shape) < 0.25)] = np.inf
+            try:
+                got = prog.solve(w).structure
+            except RaceError:
+                continue                   # no structure on these atoms: nothing to compare
+        else:
+            got = prog.solve(w).structure
+        context = " (some valid atoms excluded at +inf, which solve treats as absent)" if excluded else ""
+        try:
+            value = reference(w.copy())
+        except Exception as exc:         # the user's code: report, do not crash the check
+            result.failure = (f"the reference {label} raised on weights{context}\n{_show(w)}\n"
+                              f"{type(exc).__name__}: {exc}")
+            return result
+        try:
+            want = reference_fields(value, names)
+        except ValueError as exc:
+            result.failure = f"the reference {label} returned something unusable on weights{context}\n{_show(w)}\n{exc}"
+            return result
+        for name, value in want.items():
+            mine = np.asarray(getattr(got, name))
+            if not np.array_equal(mine, value):
+                result.failure = (f"solve disagrees with the reference solver on field {name!r} for weights"
+                                  f"{context}\n{_show(w)}\nsolve gives {name} =\n{_show(mine)}\n"
+                                  f"{label} gives {name} =\n{_show(value)}")
+                return result
+        if excluded:
+            result.excluded_checked += 1
+        else:
+            result.checked += 1
+    return result
 
 
 # ---- hypothesis strategies --------------------------------------------------------------
