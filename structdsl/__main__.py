@@ -1,6 +1,9 @@
 """Command line.
 
 ``python -m structdsl check`` runs the property battery on every built-in spec;
+``python -m structdsl check path/to/spec.py [--spec NAME] [--exact N]`` checks the specs of
+your own file (verifier, battery, ``reference=`` solver, symbolic certificates:
+:mod:`structdsl.check`);
 ``python -m structdsl toy`` trains the toy problems with the gradient estimators
 (:mod:`structdsl.toys`)."""
 from __future__ import annotations
@@ -96,10 +99,38 @@ def plot_fits(reports, samples, path):
     fig.savefig(path, dpi=110)
 
 
+def check_path(args, parser):
+    """``check PATH``: :func:`structdsl.check.check_file`, then the plot if asked for."""
+    from .check import check_file
+    params = {}
+    for item in args.param:
+        name, _, value = item.partition("=")
+        try:
+            params[name.strip()] = int(value)
+        except ValueError:
+            parser.error(f"--param wants NAME=INT, got {item!r}")
+    if args.exact is not None and args.exact < 1:
+        parser.error(f"--exact wants a size N >= 1, got {args.exact}")
+    reports = []
+    code = check_file(args.path, args.spec, exact=args.exact, backend=args.backend, samples=args.samples,
+                      seed=args.seed, params=params, reports=reports)
+    if args.plot and reports:
+        plot_fits(reports, args.samples, args.plot)
+        print(f"wrote {args.plot}")
+    return code
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m structdsl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("check", help="verify, enumerate and goodness-of-fit test every built-in spec")
+    c = sub.add_parser("check", help="verify, enumerate and goodness-of-fit test every built-in spec, "
+                                     "or the specs of your own file")
+    c.add_argument("path", nargs="?", help="a Python file with @spec functions (default: the built-in specs)")
+    c.add_argument("--spec", metavar="NAME", help="with PATH: check only this spec of the file")
+    c.add_argument("--exact", metavar="N", type=int, help="with PATH: also prove normalisation and the "
+                   "reference certificate symbolically (sympy) with every size set to N")
+    c.add_argument("--param", metavar="NAME=INT", action="append", default=[],
+                   help="with PATH: a static parameter for compile (repeatable)")
     c.add_argument("--samples", type=int, default=4000, help="draws per sampling scenario (default 4000)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--plot", metavar="PNG", help="also draw sampled vs exact probabilities (needs matplotlib)")
@@ -109,7 +140,11 @@ def main(argv=None):
     from .toys import add_arguments as add_toy_arguments      # argparse only; torch loads at run time
     add_toy_arguments(t)
     args = parser.parse_args(argv)
+    if args.command == "check" and args.path is not None:
+        return check_path(args, parser)
     if args.command == "check":
+        if args.spec or args.exact is not None or args.param:
+            parser.error("--spec, --exact and --param need a spec file: python -m structdsl check PATH ...")
         return 1 if check(args.samples, args.seed, plot=args.plot, backend=args.backend) else 0
     if args.command == "toy":
         from .toys import run_cli

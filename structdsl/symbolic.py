@@ -31,12 +31,14 @@ class SymbolicLaw:
 
     ``rates``: ``{atom index: Symbol}`` for the valid atoms; ``traces``: int64 ``[N, R]``;
     ``structure``: the spec's fields, each ``[N, ...]``; ``factors``: per trace, one
-    ``rate(winner) / sum(members' rates)`` per race; ``probs``: their products.
+    ``rate(winner) / sum(members' rates)`` per race; ``probs``: their products;
+    ``members``: per trace, per race, the frozenset of flat atom indices that raced.
     """
 
-    def __init__(self, program, atom_shape, rates, traces, structure, factors):
+    def __init__(self, program, atom_shape, rates, traces, structure, factors, members=None):
         self.program, self.atom_shape, self.rates = program, atom_shape, rates
         self.traces, self.structure, self.factors = traces, structure, factors
+        self.members = members
         self.probs = [sympy.Mul(*f) for f in factors]
 
     def __len__(self):
@@ -135,11 +137,12 @@ def law(spec_or_program, atom_shape, max_traces=20000, **static):
     index = list(np.ndindex(*atom_shape))
     rates = {index[a]: _symbol(index[a]) for a in range(inst.num_atoms) if valid[a]}
     flat = [rates.get(index[a], sympy.Integer(0)) for a in range(inst.num_atoms)]
-    factors = []
+    factors, raced = [], []
     for t, m in zip(enum.traces, members):
         factors.append([flat[w] / sympy.Add(*(flat[a] for a in np.flatnonzero(m[r])))
                         for r, w in enumerate(t) if w >= 0])
-    return SymbolicLaw(prog, atom_shape, rates, enum.traces, enum.structure, factors)
+        raced.append([frozenset(np.flatnonzero(m[r]).tolist()) for r, w in enumerate(t) if w >= 0])
+    return SymbolicLaw(prog, atom_shape, rates, enum.traces, enum.structure, factors, raced)
 
 
 __all__ = ["law", "SymbolicLaw"]

@@ -1,0 +1,598 @@
+"""Check a spec against the plain algorithm it is meant to be, and check a user's spec file.
+
+Two questions the rest of the battery cannot answer:
+
+* *Does the race program compute the algorithm you meant?*  :func:`compare_solve`
+  (in :mod:`structdsl.testing`) runs ``program.solve`` and your plain reference solver on
+  random weights and reports the first disagreement.
+* *Is its law the law of that algorithm on exponential noise?*  When the reference's output
+  depends only on the order of the weights (:func:`is_order_only`), :func:`reference_certificate`
+  proves it, or refutes it, with sympy: the spec's structure law
+  (:func:`structdsl.symbolic.law`) must equal, structure by structure, the sum over every
+  ordering of the valid atoms that the reference maps to that structure of the ordering's
+  exponential-race probability ``prod_k r_{i_k} / (r_{i_k} + ... + r_{i_m})``.
+
+>>> from structdsl import specs
+>>> from structdsl.check import reference_certificate
+>>> cert = reference_certificate(specs.spanning_tree, (4, 4))   # its @spec(reference=...)
+>>> cert.ok, cert.orderings                                      # (True, 720)
+
+:func:`check_file` is ``python -m structdsl check path/to/spec.py``: it imports the file,
+finds its ``@spec`` objects and runs the verifier, the property battery
+(:func:`structdsl.testing.check_spec`), the reference comparison and, with ``exact=N``, the
+symbolic certificates, printing a report.  Needs ``sympy`` only for ``exact``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dsl import Spec
+from .errors import SpecError
+from .testing import atom_shape_at, check_spec, compare_solve, reference_fields
+
+__all__ = ["is_order_only", "ordering_law", "reference_certificate", "ReferenceCertificate",
+           "load_spec_file", "SpecFileError", "check_file"]
+
+
+# ---- is the reference a function of the order of the weights? ------------------------------
+#: Strictly increasing maps of positive weights to positive weights; ``+inf`` stays ``+inf``.
+_MONOTONE = [
+    ("2w + 1", lambda w: 2 * w + 1),
+    ("w^3", lambda w: w ** 3),
+    ("sqrt(w)", np.sqrt),
+    ("exp(w) - 1 + 1e-3", lambda w: np.expm1(w) + 1e-3),
+]
+
+
+def _ranks(w, valid):
+    """Weights replaced by their ranks ``1, 2, ...`` among the valid atoms (``+inf`` stays)."""
+    out = np.full(w.shape, np.inf)
+    finite = valid & np.isfinite(w)
+    order = np.argsort(w[finite], kind="stable")
+    r = np.empty(len(order))
+    r[order] = np.arange(1, len(order) + 1)
+    out[finite] = r
+    return out
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def is_order_only(reference, program, atom_shape, *, trials=8, rng=None):
+    """Whether ``reference``'s output looks like a function of the order of the weights.
+
+    Tested, not proven: on ``trials`` random tie-free weight arrays (``+inf`` at invalid
+    atoms) the output must not change when the weights go through each of a few strictly
+    increasing maps (``2w + 1``, ``w^3``, ``sqrt``, ``exp(w) - 1``, and the ranks).  Returns
+    ``(True, None)`` or ``(False, why)``; ``why`` names the map and the weights.  Sorting,
+    argmin and comparisons pass; sums of weights (a shortest path, a maximum-weight
+    matching) fail, as they should: their law is not a sum over orderings.
+    """
+    from .testing import _tie_free_weights
+    rng = np.random.default_rng(1) if rng is None else rng
+    inst = program.instance(tuple(atom_shape))
+    names = program.Structure._fields
+    maps = _MONOTONE + [("ranks", lambda w: _ranks(w, inst.valid))]
+    for _ in range(trials):
+        w = _tie_free_weights(rng, inst.valid)
+        base = reference_fields(reference(w.copy()), names)
+        for label, f in maps:
+            if not _same(base, reference_fields(reference(f(w)), names)):
+                return False, (f"its output changes when the weights go through the strictly "
+                               f"increasing map {label}, e.g. for weights\n{w}")
+    return True, None
+
+
+# ---- laws as sums along a tree of prefixes ---------------------------------------------------
+def _key(fields):
+    return tuple((k, fields[k].shape, np.asarray(fields[k]).astype(np.int64).tobytes()) for k in sorted(fields))
+
+
+class _Node:
+    """A prefix of winners: ``members`` (bitmask of the flat atoms that race next),
+    ``children`` {winner: _Node}; a complete path ends at a node with an outcome ``key``.
+    ``keys``: the outcomes below; ``complete``: at this node and every node below, the
+    children are exactly the members (so the paths below carry total probability 1)."""
+    __slots__ = ("members", "children", "key", "keys", "complete")
+
+    def __init__(self):
+        self.members, self.children, self.key, self.keys, self.complete = None, {}, None, None, False
+
+
+def _trie(paths):
+    """The prefix tree of ``paths``: each ``(steps, key)``, steps a sequence of ``(winner,
+    members bitmask)``.  Raises ``ValueError`` if two paths race different members after the
+    same winners, or one path is a prefix of another."""
+    root = _Node()
+    for steps, key in paths:
+        node = root
+        for atom, members in steps:
+            if node.key is not None or (node.members is not None and node.members != members):
+                raise ValueError("two traces race different members after the same winners")
+            node.members = members
+            node = node.children.setdefault(atom, _Node())
+        if node.children or node.key is not None:
+            raise ValueError("one trace is a prefix of another")
+        node.key = key
+    stack = [(root, False)]
+    while stack:                           # post-order, without recursion
+        node, seen = stack.pop()
+        if not node.children:
+            node.keys, node.complete = frozenset([node.key]), True
+        elif not seen:
+            stack.append((node, True))
+            stack.extend((c, False) for c in node.children.values())
+        else:
+            kids = node.children.values()
+            node.keys = frozenset().union(*(c.keys for c in kids))
+            mask = 0
+            for a in node.children:
+                mask |= 1 << a
+            node.complete = mask == node.members and all(c.complete for c in kids)
+    return root
+
+
+def _settled(node):
+    """Every path below ``node`` gives one outcome and the children are the members all
+    the way down: the paths' probabilities (given the prefix) sum to exactly 1."""
+    return len(node.keys) == 1 and node.complete
+
+
+def _members(mask, atoms):
+    return [a for a in atoms if mask >> a & 1]
+
+
+def _field_law(root, gens):
+    """``{key: probability}`` in the rational function field: at each node, the sum over
+    winners ``a`` of ``gens[a] / (sum of the members' gens) * (the law below a)``; a settled
+    node contributes 1 to its one outcome."""
+    K = next(iter(gens.values())).field
+    atoms = sorted(gens)
+
+    def value(node):
+        if _settled(node):
+            return {next(iter(node.keys)): K.one}
+        acc = {}
+        for a, child in node.children.items():
+            for k, v in value(child).items():
+                acc[k] = acc[k] + gens[a] * v if k in acc else gens[a] * v
+        total = sum((gens[a] for a in _members(node.members, atoms)), K.zero)
+        return {k: v / total for k, v in acc.items()}
+    return value(root)
+
+
+def _nested(root, key, symbols):
+    """The probability of outcome ``key`` as a nested sympy expression along the prefix
+    tree (exact, not simplified: far shorter than the canonical form)."""
+    import sympy
+    atoms = sorted(symbols)
+
+    def expr(node):
+        if key not in node.keys:
+            return sympy.Integer(0)
+        if _settled(node):
+            return sympy.Integer(1)
+        below = [symbols[a] * expr(c) for a, c in node.children.items() if key in c.keys]
+        return sympy.Add(*below) / sympy.Add(*(symbols[a] for a in _members(node.members, atoms)))
+    return expr(root)
+
+
+def _race_trie(law, names):
+    """The race program's prefix tree: one path per trace (winners and member sets from
+    the symbolic law), outcome = the fields ``names`` of its structure."""
+    paths = []
+    for i, t in enumerate(law.traces):
+        fields = {k: np.asarray(getattr(law.structure, k)[i]) for k in names}
+        winners = [int(w) for w in t if w >= 0]
+        steps = [(w, sum(1 << a for a in m)) for w, m in zip(winners, law.members[i])]
+        paths.append((steps, _key(fields)))
+    return _trie(paths)
+
+
+def ordering_law(reference, law, names, max_orderings=40320):
+    """The prefix tree of ``reference``'s output over the orderings of the valid atoms.
+
+    Only the order of the weights matters (the caller checks :func:`is_order_only`), so
+    with independent ``Exp(r_i)`` weights each of the ``m!`` orderings ``i_1 < ... < i_m``
+    of the ``m`` valid atoms (those of ``law``, a :class:`structdsl.symbolic.SymbolicLaw`)
+    is one outcome, of probability ``prod_k r_{i_k} / (r_{i_k} + ... + r_{i_m})`` (the
+    first to fire among the rest, again and again).  The reference runs once per ordering,
+    on the weights ``w[i_k] = k`` (``+inf`` at invalid atoms), and its output (the fields it
+    returns, checked against the spec's ``names``) is the path's outcome.
+
+    Returns ``(root, {key: fields}, orderings)``; :func:`_field_law` sums the tree.
+    Raises ``ValueError`` past ``max_orderings`` orderings.
+    """
+    shape = law.atom_shape
+    atoms = [int(np.ravel_multi_index(idx, shape)) for idx in law.rates]
+    m = len(atoms)
+    if math.factorial(m) > max_orderings:
+        raise ValueError(f"{m} valid atoms have {math.factorial(m)} orderings, more than the "
+                         f"{max_orderings} this certificate enumerates; use a smaller size")
+    full = sum(1 << a for a in atoms)
+    records, paths, returned = {}, [], None
+    w = np.full(shape, np.inf)
+    for perm in itertools.permutations(atoms):
+        for rank, a in enumerate(perm):
+            w.flat[a] = rank + 1
+        out = reference_fields(reference(w.copy()), names)
+        if returned is None:
+            returned = set(out)
+        elif set(out) != returned:
+            raise ValueError(f"the reference returned fields {sorted(out)} on one ordering and "
+                             f"{sorted(returned)} on another; it must return the same fields")
+        k = _key(out)
+        records.setdefault(k, out)
+        steps, left = [], full
+        for a in perm:
+            steps.append((a, left))
+            left &= ~(1 << a)
+        paths.append((steps, k))
+    return _trie(paths), records, len(paths)
+
+
+@dataclass
+class ReferenceCertificate:
+    """The outcome of :func:`reference_certificate`.
+
+    ``applies``: the reference is order-only (detected or declared), so the certificate ran;
+    ``ok``: it ran and every structure's probability agrees exactly (True when it does not
+    apply: there is nothing to refute); ``message``: the readable verdict; ``orderings``:
+    how many orderings were enumerated; ``structures``: how many distinct outputs (of the
+    reference's fields) were compared; ``differing``: ``[(fields, P spec, P reference)]`` for
+    every structure whose probabilities differ, as canonical sympy expressions (``p / q``,
+    reduced) of the rate symbols ``law.rates``; ``shown``: the structure the message
+    reports, its two probabilities as nested (exact, unsimplified) expressions, and their
+    values at the rates named in ``where``."""
+    applies: bool
+    ok: bool
+    message: str
+    orderings: int = 0
+    structures: int = 0
+    differing: list = field(default_factory=list)
+    shown: dict = field(default_factory=dict)
+
+
+def describe_fields(fields):
+    """A short text for a structure's fields: bool arrays as their True positions (a
+    symmetric bool matrix as its edges ``u-v``), int arrays as lists."""
+    parts = []
+    for name in sorted(fields):
+        a = np.asarray(fields[name])
+        if a.dtype == bool and a.ndim == 2 and a.shape[0] == a.shape[1] and np.array_equal(a, a.T):
+            text = "edges " + " ".join(f"{u}-{v}" for u, v in zip(*np.nonzero(np.triu(a)))) if a.any() else "no edge"
+        elif a.dtype == bool:
+            text = "True at " + (", ".join(str(tuple(map(int, i)) if a.ndim > 1 else int(i[0]))
+                                           for i in np.argwhere(a)) or "nowhere")
+        else:
+            text = str(a.tolist())
+        parts.append(f"{name} = {text}")
+    return ", ".join(parts)
+
+
+def reference_certificate(spec_or_program, atom_shape, reference=None, *, order_only=None,
+                          max_orderings=40320, law=None, seed=0, **static):
+    """Prove, or refute, that the spec's structure law is the law of ``reference`` on
+    exponential noise, exactly, at atoms of shape ``atom_shape``.
+
+    reference: the plain solver (default: the spec's ``@spec(reference=...)``); it returns
+    some of the spec's fields, and the spec's law is marginalised onto those fields.
+    order_only: ``None`` detects it with :func:`is_order_only`; ``True`` / ``False``
+    declares it (skipping the detection).  When the reference is not order-only the
+    certificate does not apply (``applies`` is False): a function of the weights' values
+    has no law as a sum over orderings.
+    law: a :class:`structdsl.symbolic.SymbolicLaw` already computed at this shape.
+
+    Both laws are summed along their prefix trees (the spec's traces; the orderings) in
+    sympy's field of rational functions of the rates over the rationals, whose elements are
+    kept as reduced ``p / q``: two probabilities are equal exactly when ``cancel(a - b)`` is
+    0.  Below a prefix whose every completion gives one structure, and whose every race
+    branches on all its members, the completions sum to exactly 1; that prefix contributes
+    1 without being expanded.  On a difference the message names the structure that differs
+    with the shortest expressions and gives both probabilities, symbolically (nested along
+    the prefix trees) and at numbers: all rates 1 if they differ there, else random integer
+    rates in [1, 9] (seeded) at which they do.
+    """
+    from sympy import ZZ
+    from sympy.polys.fields import field as rational_field
+
+    from . import symbolic
+    prog = spec_or_program
+    if isinstance(spec_or_program, Spec):
+        from . import compile as compile_spec
+        prog = compile_spec(spec_or_program, **static)
+        reference = spec_or_program.reference if reference is None else reference
+    elif reference is None:
+        reference = prog.spec.reference
+    if reference is None:
+        raise ValueError(f"{prog.ir.name} has no reference: pass reference= or declare @spec(reference=fn)")
+    label = getattr(reference, "__name__", "the reference")
+    atom_shape = tuple(int(d) for d in atom_shape)
+    names = prog.Structure._fields
+
+    if order_only is None:
+        applies, why = is_order_only(reference, prog, atom_shape)
+    else:
+        applies, why = bool(order_only), "declared not order-only"
+    if not applies:
+        return ReferenceCertificate(False, True, f"not applicable: {label} does not depend only on the "
+                                                 f"order of the weights ({why})")
+    law = symbolic.law(prog, atom_shape) if law is None else law
+    ref_root, records, orderings = ordering_law(reference, law, names, max_orderings)
+    fields = sorted({k for k, _, _ in next(iter(records))})
+    race_root = _race_trie(law, fields)
+
+    flat = {int(np.ravel_multi_index(idx, atom_shape)): s for idx, s in law.rates.items()}
+    K, *gens = rational_field(list(flat.values()), ZZ)     # Q(r): fractions of Z[r]
+    gens = dict(zip(flat, gens))
+    race_p, ref_p = _field_law(race_root, gens), _field_law(ref_root, gens)
+    race_records = {}
+    for i in range(len(law)):
+        sub = {k: np.asarray(getattr(law.structure, k)[i]) for k in fields}
+        race_records.setdefault(_key(sub), sub)
+    keys = list(race_p) + [k for k in ref_p if k not in race_p]
+    differing = [k for k in keys if race_p.get(k, K.zero) != ref_p.get(k, K.zero)]
+    what = (f"all {orderings} orderings of the {len(flat)} valid atoms (each weighted by its "
+            f"exponential-race probability) and {len(keys)} structures ({', '.join(fields)})")
+    record = {**records, **race_records}
+    cert = ReferenceCertificate(True, not differing, "", orderings, len(keys))
+    if not differing:
+        cert.message = (f"proved: the spec's law equals the law of {label} on exponential noise, exactly "
+                        f"(as rational functions of the rates), over {what}")
+        return cert
+    cert.differing = [(record[k], race_p.get(k, K.zero).as_expr(), ref_p.get(k, K.zero).as_expr())
+                      for k in differing]
+
+    def at(value, rates):
+        """The exact value of a field element at integer rates (an array of the atoms' shape)."""
+        pairs = [(x, int(rates.flat[a])) for x, a in zip(K.ring.gens, flat)]
+        return K.domain.to_sympy(value.numer.evaluate(pairs)) / K.domain.to_sympy(value.denom.evaluate(pairs))
+
+    rng = np.random.default_rng(seed)
+    tries = [np.ones(atom_shape, dtype=int)] + [rng.integers(1, 10, size=atom_shape) for _ in range(20)]
+    shown = None
+    for t, rates in enumerate(tries):
+        candidates = []
+        for k in differing:
+            va, vb = at(race_p.get(k, K.zero), rates), at(ref_p.get(k, K.zero), rates)
+            if va != vb:
+                a, b = _nested(race_root, k, flat), _nested(ref_root, k, flat)
+                candidates.append((len(str(a)) + len(str(b)), k, a, b, va, vb))
+        if candidates:
+            _, k, a, b, va, vb = min(candidates, key=lambda c: c[0])
+            where = "all rates 1" if t == 0 else "the rates " + ", ".join(
+                f"{flat[i]} = {rates.flat[i]}" for i in flat)
+            shown = dict(structure=record[k], spec=a, reference=b, spec_value=va, reference_value=vb, where=where)
+            break
+    if shown is None:                    # not expected: distinct rational functions differ somewhere
+        k = differing[0]
+        shown = dict(structure=record[k], spec=_nested(race_root, k, flat), reference=_nested(ref_root, k, flat),
+                     spec_value=None, reference_value=None, where=None)
+    cert.shown = shown
+    width = max(len("spec"), len(label))
+    lines = [f"refuted: the spec's law is not the law of {label} on exponential noise: over {what}, "
+             f"{len(differing)} structure(s) have a different probability.",
+             f"For example the structure {describe_fields(shown['structure'])} has",
+             f"  {'P(spec)':{width + 3}s} = {shown['spec']}",
+             f"  {f'P({label})':{width + 3}s} = {shown['reference']}"]
+    if shown["where"]:
+        va, vb = shown["spec_value"], shown["reference_value"]
+        lines.append(f"  at {shown['where']}: P(spec) = {va} = {float(va):.4f}, "
+                     f"P({label}) = {vb} = {float(vb):.4f}")
+    cert.message = "\n".join(lines)
+    return cert
+
+
+# ---- a user's spec file --------------------------------------------------------------------
+class SpecFileError(Exception):
+    """A spec file that cannot be checked at all: missing, unreadable, a syntax error, an
+    exception while importing it, no ``@spec`` in it.  The message names the file and, when
+    known, the line."""
+
+
+def _user_frame(exc, path):
+    """``(line, frame text)`` of the innermost traceback entry inside ``path``, or None."""
+    path = os.path.realpath(path)
+    found = None
+    for fr in traceback.extract_tb(exc.__traceback__):
+        if os.path.realpath(fr.filename) == path:
+            found = (fr.lineno, (fr.line or "").strip())
+    return found
+
+
+def load_spec_file(path):
+    """Import the Python file ``path`` as a module (its folder first on ``sys.path``, as when
+    it runs as a script) and return ``(module, {name: Spec})`` for the specs defined in it
+    (specs it only imports are left out).  Raises :class:`SpecFileError` with ``file:line``."""
+    shown = path
+    if not os.path.exists(path):
+        raise SpecFileError(f"{shown}: no such file")
+    if os.path.isdir(path):
+        raise SpecFileError(f"{shown}: is a folder, not a Python file")
+    real = os.path.realpath(path)
+    name = "_structdsl_user_" + "".join(c if c.isalnum() else "_" for c in os.path.splitext(os.path.basename(path))[0])
+    loader_spec = importlib.util.spec_from_file_location(name, real)
+    if loader_spec is None:
+        raise SpecFileError(f"{shown}: cannot be imported as a Python module (is it a .py file?)")
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module
+    folder = os.path.dirname(real)
+    sys.path.insert(0, folder)
+    try:
+        loader_spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        line = f"{exc.lineno}:" if exc.lineno else ""
+        text = f"\n    {exc.text.rstrip()}" if exc.text else ""
+        raise SpecFileError(f"{shown}:{line} syntax error: {exc.msg}{text}") from None
+    except SpecError as exc:
+        raise SpecFileError(f"{exc} (while importing {shown})") from None
+    except BaseException as exc:          # the user's module code: report, no traceback
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        where = _user_frame(exc, real)
+        loc = f"{shown}:{where[0]}: " if where else f"{shown}: "
+        code = f"\n    {where[1]}" if where and where[1] else ""
+        raise SpecFileError(f"{loc}{type(exc).__name__} while importing the file: {exc}{code}") from None
+    finally:
+        if sys.path and sys.path[0] == folder:
+            sys.path.pop(0)
+    specs = {k: v for k, v in vars(module).items()
+             if isinstance(v, Spec) and os.path.realpath(v.fn.__code__.co_filename) == real}
+    if not specs:
+        imported = sorted(k for k, v in vars(module).items() if isinstance(v, Spec))
+        extra = (f" (it imports {', '.join(imported)}, but only specs defined in the file are checked)"
+                 if imported else "")
+        raise SpecFileError(f"{shown}: no @spec function in this file{extra}; declare one with "
+                            f"`from structdsl import spec` and `@spec` above a function")
+    return module, specs
+
+
+def _indent(text, pad="                 "):
+    return text.replace("\n", "\n" + pad)
+
+
+def _check_one(spec, path, *, exact, backend, samples, seed, params, out, reports):
+    """Check one spec; print its section; return the number of failed checks."""
+    from . import compile as compile_spec
+    line = spec.fn.__code__.co_firstlineno
+    ref = spec.reference
+    ref_name = getattr(ref, "__name__", repr(ref)) if ref is not None else None
+    print(f"\n{spec.name}  ({path}:{line}){f', reference {ref_name}' if ref is not None else ''}", file=out)
+    failed = 0
+
+    def row(what, verdict, text):
+        print(f"  {what:<13s}{verdict:<6s} {_indent(text)}", file=out)
+
+    t0 = time.perf_counter()
+    try:
+        prog = compile_spec(spec, backend=backend, **params)
+    except SpecError as exc:
+        row("verifier", "FAIL", f"rejected: {exc}")
+        return 1
+    except (TypeError, ValueError) as exc:
+        row("verifier", "FAIL", f"cannot compile: {exc}")
+        return 1
+    nested = " (nested=True promised)" if spec.nested else ""
+    row("verifier", "pass", f"accepted: atoms {prog._expected()}, {len(prog.ir.races)} race site(s){nested}, "
+                            f"fields {', '.join(prog.Structure._fields)}")
+    try:
+        report = check_spec(spec, backend=backend, reference=False, samples=samples, seed=seed,
+                            raise_on_failure=False, **params)
+    except Exception as exc:
+        row("battery", "FAIL", f"{type(exc).__name__}: {exc}")
+        return failed + 1
+    reports.append(report)
+    shape = report.atom_shape
+    atoms = "x".join(map(str, shape))
+    summary = (f"atoms {atoms}: {report.traces} traces, {report.structures} structures, exact sum of p "
+               f"= {report.total_probability}, worst GOF p {report.worst_gof_p:.3f}, worst E|T p "
+               f"{report.worst_marginal_p:.3f}, -inf atoms {'yes' if report.neg_inf_checked else 'n/a'}, "
+               f"{samples} samples per scenario ({time.perf_counter() - t0:.1f}s)")
+    if report.ok:
+        row("battery", "pass", summary)
+    else:
+        failed += 1
+        row("battery", "FAIL", summary + "".join(f"\n! {f}" for f in report.failures))
+
+    if ref is not None:
+        try:
+            cmp = compare_solve(prog, ref, shape, rng=np.random.default_rng(seed), trials=50, excluded_trials=20)
+        except Exception as exc:         # solve itself raised (e.g. an empty race)
+            failed += 1
+            row("reference", "FAIL", f"solve raised on random weights: {type(exc).__name__}: {exc}")
+            cmp = None
+        if cmp is None:
+            pass
+        elif cmp.failure:
+            failed += 1
+            row("reference", "FAIL", cmp.failure)
+        else:
+            row("reference", "pass", f"solve == {ref_name} on {cmp.checked} random weight arrays and on "
+                                     f"{cmp.excluded_checked} with excluded (+inf) atoms, atoms {atoms}")
+
+    if exact is not None:
+        if importlib.util.find_spec("sympy") is None:
+            row(f"exact n={exact}", "FAIL", "--exact needs sympy: pip install -e '.[sympy]'")
+            return failed + 1
+        from . import symbolic
+        t0 = time.perf_counter()
+        try:
+            eshape = atom_shape_at(prog, exact)
+            law = symbolic.law(spec, eshape, **params)
+            normalised = law.is_normalised()
+        except Exception as exc:
+            row(f"exact n={exact}", "FAIL", f"{type(exc).__name__}: {exc}")
+            return failed + 1
+        eatoms = "x".join(map(str, eshape))
+        if normalised:
+            row(f"exact n={exact}", "pass", f"atoms {eatoms}: the {len(law)} traces' probabilities sum to exactly 1 "
+                                            f"as rational functions of {len(law.rates)} rate symbols (sympy) "
+                                            f"({time.perf_counter() - t0:.1f}s)")
+        else:
+            failed += 1
+            row(f"exact n={exact}", "FAIL", f"atoms {eatoms}: the {len(law)} traces' probabilities sum to "
+                                            f"{law.total()}, not 1")
+        if ref is not None:
+            t0 = time.perf_counter()
+            try:
+                cert = reference_certificate(prog, eshape, ref, law=law)
+            except Exception as exc:
+                failed += 1
+                row("certificate", "FAIL", f"{type(exc).__name__}: {exc}")
+            else:
+                if not cert.applies:
+                    row("certificate", "n/a", cert.message)
+                else:
+                    failed += not cert.ok
+                    row("certificate", "pass" if cert.ok else "FAIL",
+                        f"{cert.message} ({time.perf_counter() - t0:.1f}s)")
+    return failed
+
+
+def check_file(path, spec_name=None, *, exact=None, backend="numpy", samples=4000, seed=0,
+               params=None, out=None, reports=None):
+    """``python -m structdsl check PATH``: check the specs of a user's file; print a report.
+
+    spec_name: check only this spec (default: every spec defined in the file).  exact: also
+    prove normalisation symbolically, and the reference certificate when the spec names a
+    reference, with every size parameter set to ``exact``.  params: static parameters for
+    ``compile``.  reports: a list that receives each battery's :class:`SpecReport`.  Returns
+    the exit code: 0 when every check passes, 1 when one fails, 2 when the file cannot be
+    checked at all (the message says why, with the file and line).
+    """
+    out = out or sys.stdout
+    params = dict(params or {})
+    reports = [] if reports is None else reports
+    try:
+        _, specs = load_spec_file(path)
+    except SpecFileError as exc:
+        print(f"structdsl check: {exc}", file=out)
+        return 2
+    if spec_name is not None:
+        if spec_name not in specs:
+            print(f"structdsl check: {path}: no spec named {spec_name!r}; the file defines "
+                  f"{', '.join(sorted(specs))}", file=out)
+            return 2
+        specs = {spec_name: specs[spec_name]}
+    print(f"structdsl check {path} ({backend} backend, {samples} samples per scenario, seed {seed}"
+          f"{f', exact at n = {exact}' if exact is not None else ''}): {len(specs)} spec(s)", file=out)
+    failed_specs = []
+    for name, spec in specs.items():
+        if _check_one(spec, path, exact=exact, backend=backend, samples=samples, seed=seed,
+                      params=params, out=out, reports=reports):
+            failed_specs.append(name)
+    if failed_specs:
+        print(f"\nFAIL: {len(failed_specs)} of {len(specs)} spec(s) failed a check: {', '.join(failed_specs)}", file=out)
+        return 1
+    print(f"\npass: {len(specs)} of {len(specs)} spec(s) pass every check", file=out)
+    return 0
