@@ -25,6 +25,7 @@ permutation    Spearman footrule to the identity            0
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -106,9 +107,37 @@ def make_estimator(name, atom_shape, num_samples=3):
 
 
 def train(structure, estimator, steps=15000, n=10, lr=0.01, num_samples=3, eval_every=500,
-          eval_samples=1000, grad_draws=10, seed=0, progress=None):
+          eval_samples=1000, grad_draws=10, seed=0, progress=None, threads=1):
     """Train one toy; returns the log: a list of ``{step, objective, grad_std, seconds}``
-    (seconds: training time so far, evaluations excluded)."""
+    (seconds: training time so far, evaluations excluded).  ``threads``: torch and numba
+    threads during the run (restored after): a batch of 3 gains nothing from more, and
+    separate runs can go in parallel processes."""
+    with _threads(threads):
+        return _train(structure, estimator, steps, n, lr, num_samples, eval_every, eval_samples,
+                      grad_draws, seed, progress)
+
+
+@contextlib.contextmanager
+def _threads(k):
+    import torch
+    try:
+        import numba
+    except ImportError:                      # pragma: no cover - numba is in the toys extra
+        numba = None
+    before = torch.get_num_threads(), numba and numba.get_num_threads()
+    torch.set_num_threads(k)
+    if numba:
+        numba.set_num_threads(min(k, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        if numba:
+            numba.set_num_threads(before[1])
+
+
+def _train(structure, estimator, steps, n, lr, num_samples, eval_every, eval_samples, grad_draws, seed,
+           progress):
     import torch
     from . import compile as compile_spec, specs
     from .torch import RaceDistribution
