@@ -29,6 +29,7 @@ import itertools
 import math
 import os
 import sys
+import textwrap
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -379,12 +380,13 @@ def reference_certificate(spec_or_program, atom_shape, reference=None, *, order_
         shown = dict(structure=record[k], spec=_nested(race_root, k, flat), reference=_nested(ref_root, k, flat),
                      spec_value=None, reference_value=None, where=None)
     cert.shown = shown
-    width = max(len("spec"), len(label))
+    width = max(len("spec"), len(label)) + 3
     lines = [f"refuted: the spec's law is not the law of {label} on exponential noise: over {what}, "
              f"{len(differing)} structure(s) have a different probability.",
-             f"For example the structure {describe_fields(shown['structure'])} has",
-             f"  {'P(spec)':{width + 3}s} = {shown['spec']}",
-             f"  {f'P({label})':{width + 3}s} = {shown['reference']}"]
+             f"For example the structure {describe_fields(shown['structure'])} has"]
+    for name, expr in (("P(spec)", shown["spec"]), (f"P({label})", shown["reference"])):
+        lines += textwrap.wrap(str(expr), width=100, initial_indent=f"  {name:{width}s} = ",
+                               subsequent_indent=" " * (width + 7), break_on_hyphens=False)
     if shown["where"]:
         va, vb = shown["spec_value"], shown["reference_value"]
         lines.append(f"  at {shown['where']}: P(spec) = {va} = {float(va):.4f}, "
@@ -457,8 +459,13 @@ def load_spec_file(path):
     return module, specs
 
 
-def _indent(text, pad="                 "):
-    return text.replace("\n", "\n" + pad)
+def _indent(text, pad=" " * 22, width=100):
+    """``text`` for a report row: lines past ``width`` wrapped at spaces, every line after
+    the first indented by ``pad``."""
+    lines = []
+    for line in text.split("\n"):
+        lines += textwrap.wrap(line, width, break_on_hyphens=False, drop_whitespace=True) if len(line) > width else [line]
+    return ("\n" + pad).join(lines)
 
 
 def _check_one(spec, path, *, exact, backend, samples, seed, params, out, reports):
@@ -496,7 +503,7 @@ def _check_one(spec, path, *, exact, backend, samples, seed, params, out, report
     atoms = "x".join(map(str, shape))
     summary = (f"atoms {atoms}: {report.traces} traces, {report.structures} structures, exact sum of p "
                f"= {report.total_probability}, worst GOF p {report.worst_gof_p:.3f}, worst E|T p "
-               f"{report.worst_marginal_p:.3f}, -inf atoms {'yes' if report.neg_inf_checked else 'n/a'}, "
+               f"{report.worst_marginal_p:.3f}, atoms at -inf {'tested' if report.neg_inf_checked else 'n/a'}, "
                f"{samples} samples per scenario ({time.perf_counter() - t0:.1f}s)")
     if report.ok:
         row("battery", "pass", summary)
@@ -542,7 +549,10 @@ def _check_one(spec, path, *, exact, backend, samples, seed, params, out, report
             failed += 1
             row(f"exact n={exact}", "FAIL", f"atoms {eatoms}: the {len(law)} traces' probabilities sum to "
                                             f"{law.total()}, not 1")
-        if ref is not None:
+        if ref is None:
+            row("certificate", "n/a", "the spec names no reference solver: declare @spec(reference=fn) to "
+                                      "compare its law with the law of fn on exponential noise")
+        else:
             t0 = time.perf_counter()
             try:
                 cert = reference_certificate(prog, eshape, ref, law=law)

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("sympy")
 
 import structdsl  # noqa: E402
-from structdsl import specs  # noqa: E402
+from structdsl import specs, symbolic  # noqa: E402
 from structdsl.check import check_file, is_order_only, load_spec_file, reference_certificate  # noqa: E402
 from structdsl.specs.spanning_tree import mst_by_sorting  # noqa: E402
 from structdsl.testing import compare_solve  # noqa: E402
@@ -34,6 +34,11 @@ EDGES4 = list(itertools.combinations(range(4), 2))
 def cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "structdsl", "check", *map(str, args)],
                           capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def joined(text):
+    """The report with its rows' line wrapping undone (runs of whitespace -> one space)."""
+    return " ".join(text.split())
 
 
 def prim():
@@ -99,7 +104,7 @@ def test_prim_certificate_fails_naming_a_structure_and_both_values():
     assert prim_law[tree] != mst[tree]
     # ... and the symbolic expressions are those laws (evaluated at other rates)
     rates = {e: r for e, r in zip(EDGES4, (2, 3, 5, 7, 11, 13))}
-    subs = {spec_symbol: rates[idx] for idx, spec_symbol in structdsl.symbolic.law(spec, (4, 4)).rates.items()}
+    subs = {spec_symbol: rates[idx] for idx, spec_symbol in symbolic.law(spec, (4, 4)).rates.items()}
     assert Fraction(str(shown["reference"].subs(subs))) == mst_law_by_hand(rates)[tree]
     # the message names the structure and gives both values
     text = " ".join(f"{u}-{v}" for u, v in tree)
@@ -185,10 +190,9 @@ def test_cli_passes_a_good_spec_file(tmp_path):
     path.write_text(GOOD)
     out = cli(path, "--exact", 3, "--samples", 300)
     assert out.returncode == 0, out.stdout + out.stderr
-    text = out.stdout
-    assert f"my_tree  ({path}:18), reference kruskal_plain" in text
-    for row in ("verifier     pass", "battery      pass", "reference    pass", "exact n=3    pass",
-                "certificate  pass"):
+    text = joined(out.stdout)
+    assert f"my_tree ({path}:18), reference kruskal_plain" in text
+    for row in ("verifier pass", "battery pass", "reference pass", "exact n=3 pass", "certificate pass"):
         assert row in text, row
     assert "solve == kruskal_plain on 50 random weight arrays" in text
     assert "over all 6 orderings of the 3 valid atoms" in text
@@ -198,10 +202,10 @@ def test_cli_passes_a_good_spec_file(tmp_path):
 def test_cli_refutes_prim_with_exact():
     out = cli(PRIM.relative_to(ROOT), "--exact", 3, "--samples", 300)
     assert out.returncode == 1
-    text = out.stdout
-    assert "battery      pass" in text                         # a valid distribution ...
-    assert "reference    FAIL   solve disagrees with the reference solver on field 'adjacency'" in text
-    assert "certificate  FAIL   refuted: the spec's law is not the law of mst_by_sorting" in text
+    text = joined(out.stdout)
+    assert "battery pass" in text                              # a valid distribution ...
+    assert "reference FAIL solve disagrees with the reference solver on field 'adjacency'" in text
+    assert "certificate FAIL refuted: the spec's law is not the law of mst_by_sorting" in text
     # K3 at equal rates, by hand: every tree is the MST with probability 1/3 (its missing edge
     # is the heaviest); Prim from node 0 takes 0-1, 0-2 with probability 1/2, each other tree 1/4
     assert "For example the structure adjacency = edges" in text
@@ -261,7 +265,7 @@ def test_cli_reports_a_bad_file_with_its_line_and_no_traceback(tmp_path, source,
     path.write_text(source)
     out = cli(path, "--samples", 100)
     assert out.returncode == code, out.stdout + out.stderr
-    assert message.format(path=path) in out.stdout
+    assert message.format(path=path) in joined(out.stdout)
     assert "Traceback" not in out.stdout + out.stderr
 
 
@@ -278,8 +282,11 @@ def first(n):
     _, found = load_spec_file(str(path))
     assert sorted(found) == ["first", "my_tree"]
     out = io.StringIO()
-    assert check_file(str(path), "first", samples=200, out=out) == 0
-    assert "first  (" in out.getvalue() and "my_tree" not in out.getvalue()
+    assert check_file(str(path), "first", samples=200, exact=3, out=out) == 0
+    text = joined(out.getvalue())
+    assert "first (" in text and "my_tree" not in text
+    assert "exact n=3 pass atoms 3: the 3 traces' probabilities sum to exactly 1" in text
+    assert "certificate n/a the spec names no reference solver" in text
     out = io.StringIO()
     assert check_file(str(path), "nope", out=out) == 2
     assert "no spec named 'nope'; the file defines first, my_tree" in out.getvalue()

@@ -92,3 +92,19 @@ def test_binary_tree_law_is_the_product_over_subtrees():
             lo, hi = span(node, s.left, s.right)
             want *= r[node] / sum(r[lo:hi + 1])
         assert sympy.cancel(sympy.together(p - want)) == 0
+
+
+def test_law_records_the_members_of_every_race():
+    """``law.members``: per trace, per race, the flat atoms that raced; each factor is the
+    winner's rate over their total (Kruskal on K4: 6 edges, then 5, then 3 or 4)."""
+    law = symbolic.law(specs.spanning_tree, (4, 4))
+    symbol = {int(np.ravel_multi_index(idx, (4, 4))): s for idx, s in law.rates.items()}
+    sizes = set()
+    for trace, factors, members in zip(law.traces, law.factors, law.members):
+        winners = [int(w) for w in trace if w >= 0]
+        assert len(winners) == len(factors) == len(members) == 3
+        for w, f, m in zip(winners, factors, members):
+            assert w in m and m <= set(symbol)
+            assert sympy.cancel(f - symbol[w] / sum(symbol[a] for a in m)) == 0
+        sizes.add(tuple(len(m) for m in members))
+    assert sizes == {(6, 5, 3), (6, 5, 4)}
