@@ -1,4 +1,5 @@
-"""Built-in structures, each written in the structdsl DSL and nothing else.
+"""Built-in structures, each written in the structdsl DSL and nothing else (beside
+``spanning_tree``, its plain reference solver ``mst_by_sorting``, which does not use the DSL).
 
 =================  ==========================================  ==============================
 spec               algorithm                                   structure fields
