@@ -255,9 +255,30 @@ class RaceDistribution(Distribution, _PyroMixin):
     def log_prob(self, value):
         """Exact ``log p(trace)``, differentiable in the logits (``-inf`` outside the support
         when validation is off)."""
-        if self._validate_args:
-            self._validate_sample(value)
-        return self._log_prob(value)
+        if not self._validate_args:
+            return self._log_prob(value)
+        # torch's shape checks, then the support from this one replay (not a second one)
+        if not torch.is_tensor(value):
+            raise ValueError("The value argument to log_prob must be a Tensor")
+        if value.shape[-1:] != self.event_shape:
+            raise ValueError(f"The right-most size of value must match event_shape: {tuple(value.shape)} "
+                             f"vs {tuple(self.event_shape)}.")
+        try:
+            torch.broadcast_shapes(value.shape, self.batch_shape + self.event_shape)
+        except RuntimeError:
+            raise ValueError(f"Value is not broadcastable with batch_shape+event_shape: {tuple(value.shape)} "
+                             f"vs {tuple(self.batch_shape + self.event_shape)}.") from None
+        try:
+            lp = self._log_prob(value)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"Expected value argument (trace tensor of shape {tuple(value.shape)}) to be "
+                             f"within the support of {self!r}: {exc}") from None
+        if not torch._is_all_true(torch.isfinite(lp)):
+            bad = torch.nonzero(~torch.isfinite(lp))[0].tolist()
+            raise ValueError(f"Expected value argument (trace tensor of shape {tuple(value.shape)}) to be "
+                             f"within the support of {self!r}, but the trace at index {tuple(bad)} has "
+                             f"probability zero")
+        return lp
 
     # ---- structured extras ----------------------------------------------------------------
     def structure(self, trace):
