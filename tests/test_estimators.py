@@ -209,3 +209,21 @@ def test_toy_optimum_is_the_minimum_over_all_structures(toy):
     losses = t.loss(type(e.structure)(*(torch.as_tensor(v) for v in e.structure)), n)
     assert float(losses.min()) == t.optimum(n)
     assert float(losses.max()) > t.optimum(n)
+
+
+def test_toy_cli_writes_log_and_figure(tmp_path, capsys):
+    """The main job's command on one short toy: a CSV row per evaluation, a summary, a PNG."""
+    from structdsl.__main__ import main
+    from structdsl.toys import read_csv
+    rc = main(["toy", "--structure", "top_k", "--estimator", "t_reinforce+", "--estimator", "relax",
+               "--steps", "40", "--eval-every", "20", "--eval-samples", "50", "--out", str(tmp_path),
+               "--no-progress"])
+    assert rc == 0
+    rows = read_csv(tmp_path / "toys.csv")
+    assert [(r["estimator"], r["step"]) for r in rows] == [
+        (e, s) for e in ("t_reinforce+", "relax") for s in (0.0, 20.0, 40.0)]
+    assert all(math.isfinite(r["objective"]) and r["grad_std"] >= 0 for r in rows)
+    assert (tmp_path / "top_k.png").stat().st_size > 10_000
+    assert "top_k" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--structure"):
+        main(["toy", "--out", str(tmp_path)])
