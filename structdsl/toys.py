@@ -220,24 +220,27 @@ def read_csv(path):
 
 
 def plot(rows, structure, path):
-    """Objective and gradient std against step, one line per estimator, the optimum dashed."""
+    """Three panels against step, one line per estimator: the objective (the optimum
+    dashed), its distance to the optimum (log scale) and the gradient std (log scale)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in rows if r["structure"] == structure]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.6))
     for est in [e for e in ESTIMATORS if any(r["estimator"] == e for r in rows)]:
         rs = sorted((r for r in rows if r["estimator"] == est), key=lambda r: r["step"])
         steps = [r["step"] for r in rs]
-        gap = [max(r["objective"] - r["optimum"], 1e-3) for r in rs]
-        ax1.plot(steps, gap, label=est)
-        ax2.plot(steps, [max(r["grad_std"], 1e-12) for r in rs], label=est)
-    ax1.axhline(1e-3, ls="--", color="k", lw=0.8, label="optimum (floor 1e-3)")
-    ax1.set(yscale="log", xlabel="step", ylabel="objective - optimum", title=f"{structure}: objective")
-    ax2.set(yscale="log", xlabel="step", ylabel="gradient std per coordinate", title=f"{structure}: gradient std")
+        ax1.plot(steps, [r["objective"] for r in rs], label=est)
+        ax2.plot(steps, [max(r["objective"] - r["optimum"], 1e-4) for r in rs], label=est)
+        ax3.plot(steps, [max(r["grad_std"], 1e-8) for r in rs], label=est)
+    optimum = rows[0]["optimum"]
+    ax1.axhline(optimum, ls="--", color="k", lw=1, label=f"optimum {optimum:g}")
+    ax1.set(xlabel="step", ylabel="mean loss (1000 samples)", title=f"{structure}: objective")
+    ax2.set(yscale="log", xlabel="step", ylabel="objective - optimum (floor 1e-4)", title="distance to the optimum")
+    ax3.set(yscale="log", xlabel="step", ylabel="std per coordinate (floor 1e-8)", title="gradient std (10 draws)")
     ax1.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
