@@ -67,6 +67,21 @@ class _TraceScore(torch.autograd.Function):
         return g.reshape(g.shape + (1,) * (grad.dim() - g.dim())) * grad, None, None
 
 
+def _broadcast(a, b):
+    """``torch.broadcast_shapes`` for two shapes, without its overhead on the hot path."""
+    if a == b:
+        return torch.Size(a)
+    a, b = tuple(a), tuple(b)
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    out = []
+    for i, j in zip(a, b):
+        if i != j and i != 1 and j != 1:
+            raise ValueError(f"shapes {a} and {b} do not broadcast")
+        out.append(j if i == 1 else i)
+    return torch.Size(out)
+
+
 def _noise_given_members(x, t, members, u, live):
     """``E | T`` from the races' member sets, differentiable (twice) in the logits ``x``
     ``[B, A]``: race ``r`` (members ``M_r``, ``[B, R, A]``) has minimum ``-log(u_r) / sum of
@@ -156,6 +171,12 @@ class RaceDistribution(Distribution, _PyroMixin):
         return new
 
     @functools.cached_property
+    def _live(self):
+        """``[*batch_shape, *atom_shape]`` bool: the atoms that can race (valid, logit above -inf)."""
+        valid = self.program._valid(self.instance, self.logits.device).reshape(self.atom_shape)
+        return valid & ~torch.isneginf(self.logits.detach())
+
+    @functools.cached_property
     def _numba(self):
         """The numba program for the CPU fast path, or None."""
         if not self.fast_cpu or self.logits.device.type != "cpu":
@@ -186,8 +207,7 @@ class RaceDistribution(Distribution, _PyroMixin):
         trace, structure, log_noise = self._draw(sample_shape, generator)
         x = self.logits
         if x.requires_grad:             # value unchanged; d log E / d logits = -1 at live atoms
-            live = torch.isfinite(log_noise) & ~torch.isneginf(x)
-            log_noise = log_noise + torch.where(live, x.detach() - x, 0.0)
+            log_noise = log_noise + torch.where(self._live, x.detach() - x, 0.0)
         return Sample(trace, structure, log_noise)
 
     def _draw(self, sample_shape, generator):
@@ -246,7 +266,7 @@ class RaceDistribution(Distribution, _PyroMixin):
         # every op goes through its __torch_function__; NumPy would drop what it tracks
         if fast is not None and type(value) is torch.Tensor and type(self.logits) is torch.Tensor:
             value = value.to(torch.int64)
-            shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+            shape = _broadcast(value.shape[:-1], self.batch_shape)
             t = value.expand(shape + value.shape[-1:]).reshape(-1, value.shape[-1])
             x = self.logits.expand(shape + self.atom_shape).reshape(-1, *self.atom_shape)
             return _TraceScore.apply(x.double(), t, fast).to(self.logits.dtype).reshape(shape)
@@ -264,8 +284,8 @@ class RaceDistribution(Distribution, _PyroMixin):
             raise ValueError(f"The right-most size of value must match event_shape: {tuple(value.shape)} "
                              f"vs {tuple(self.event_shape)}.")
         try:
-            torch.broadcast_shapes(value.shape, self.batch_shape + self.event_shape)
-        except RuntimeError:
+            _broadcast(value.shape, self.batch_shape + self.event_shape)
+        except ValueError:
             raise ValueError(f"Value is not broadcastable with batch_shape+event_shape: {tuple(value.shape)} "
                              f"vs {tuple(self.batch_shape + self.event_shape)}.") from None
         try:
@@ -273,7 +293,7 @@ class RaceDistribution(Distribution, _PyroMixin):
         except (ValueError, TypeError) as exc:
             raise ValueError(f"Expected value argument (trace tensor of shape {tuple(value.shape)}) to be "
                              f"within the support of {self!r}: {exc}") from None
-        if not torch._is_all_true(torch.isfinite(lp)):
+        if not bool(lp.detach().min() > -math.inf):       # one reduction (NaN fails too)
             bad = torch.nonzero(~torch.isfinite(lp))[0].tolist()
             raise ValueError(f"Expected value argument (trace tensor of shape {tuple(value.shape)}) to be "
                              f"within the support of {self!r}, but the trace at index {tuple(bad)} has "
@@ -296,7 +316,7 @@ class RaceDistribution(Distribution, _PyroMixin):
         if fast is None or type(trace) is not torch.Tensor or type(self.logits) is not torch.Tensor:
             return self.program.conditional_noise(trace, self.logits, uniforms=uniforms, generator=generator)
         R, A = self.instance.max_races, self.instance.num_atoms
-        shape = torch.broadcast_shapes(trace.shape[:-1], self.batch_shape)
+        shape = _broadcast(trace.shape[:-1], self.batch_shape)
         t = trace.to(torch.int64).expand(shape + trace.shape[-1:]).reshape(-1, trace.shape[-1])
         x = self.logits.expand(shape + self.atom_shape).reshape(-1, A)
         logp, members = fast.memberships(t.numpy(), x.detach().double().reshape((-1,) + self.atom_shape).numpy())
@@ -308,15 +328,14 @@ class RaceDistribution(Distribution, _PyroMixin):
             u = self._uniforms((t.shape[0], R + A), generator)
         else:
             u = torch.as_tensor(uniforms, dtype=x.dtype).expand(shape + (R + A,)).reshape(-1, R + A)
-        live = self.program._valid(self.instance, x.device) & ~torch.isneginf(x)
+        live = self._live.expand(shape + self.atom_shape).reshape(-1, A)
         noise = _noise_given_members(x, t, torch.from_numpy(members).reshape(-1, R, A), u, live)
         return noise.reshape(shape + self.atom_shape)
 
     def noise_log_prob(self, noise):
         """log density of independent ``Exp(exp(logits))`` noise, summed over the atoms that
         can race (``[*lead, *atom_shape]`` -> ``[*lead]``): the score E-REINFORCE uses."""
-        valid = self.program._valid(self.instance, self.logits.device).reshape(self.atom_shape)
-        live = valid & ~torch.isneginf(self.logits)
+        live = self._live
         x = torch.where(live, self.logits, 0.0)
         e = torch.where(live, noise, 0.0)
         dims = tuple(range(-len(self.atom_shape), 0))
