@@ -124,7 +124,8 @@ def main(argv=None):
         labels = ["E-REINFORCE", "T-REINFORCE", "E-REINFORCE+", "T-REINFORCE+", "RELAX"]
         out = [[r["spec"], r["atoms"]] + [f"{r[k]:.4g}" for k in labels] + [f"{r['T-REINFORCE'] / r['E-REINFORCE']:.2f}"]
                for r in rows]
-        print("\nGradient variance per coordinate (mean over valid atoms; fixed logits and loss, seed 0)")
+        print("\nGradient variance per coordinate (mean over valid atoms; fixed logits and loss, seed 0; "
+              "one sample per estimate, '+' = one leave-one-out group of 3)")
         print(table(["spec", "atoms"] + labels + ["T / E"], out, args.markdown))
     return 0
 
