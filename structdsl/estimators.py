@@ -46,9 +46,9 @@ def t_reinforce(dist, f, num_samples=1, leave_one_out=None):
     """Surrogate loss of T-REINFORCE (the score of the trace), "T-REINFORCE+" for
     ``num_samples > 1`` (leave-one-out baseline unless ``leave_one_out=False``).  Unbiased."""
     K, loo = _samples(num_samples, leave_one_out)
-    s = dist.sample_with_structure((K,))
-    losses = _losses(f, s.structure, (K,) + dist.batch_shape)
-    return _score_surrogate(losses, dist.log_prob(s.trace), loo)
+    trace, structure, _ = dist._draw((K,), None)       # no reparameterised noise needed
+    losses = _losses(f, structure, (K,) + dist.batch_shape)
+    return _score_surrogate(losses, dist._log_prob(trace), loo)   # its own traces: no validation
 
 
 def e_reinforce(dist, f, num_samples=1, leave_one_out=None):
@@ -56,9 +56,9 @@ def e_reinforce(dist, f, num_samples=1, leave_one_out=None):
     ``dist.noise_log_prob(E)``), "E-REINFORCE+" for ``num_samples > 1``.  Unbiased, but its
     variance is never below T-REINFORCE's: prefer :func:`t_reinforce`."""
     K, loo = _samples(num_samples, leave_one_out)
-    s = dist.sample_with_structure((K,))
-    losses = _losses(f, s.structure, (K,) + dist.batch_shape)
-    return _score_surrogate(losses, dist.noise_log_prob(s.noise.detach()), loo)
+    trace, structure, log_noise = dist._draw((K,), None)
+    losses = _losses(f, structure, (K,) + dist.batch_shape)
+    return _score_surrogate(losses, dist.noise_log_prob(log_noise.exp()), loo)
 
 
 class RELAX(nn.Module):

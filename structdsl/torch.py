@@ -57,9 +57,14 @@ class _TraceScore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, trace, program):
-        lp, grad = program.log_prob_and_grad(trace.numpy(), logits.detach().numpy())
-        ctx.save_for_backward(torch.from_numpy(np.ascontiguousarray(grad)).to(logits.dtype))
-        return torch.from_numpy(np.asarray(lp)).to(logits.dtype)
+        x = logits.detach()
+        t = np.ascontiguousarray(trace.numpy(), dtype=np.int64)
+        A = math.prod(x.shape[1:])
+        if t.size and not (t.min() >= -1 and t.max() < A):
+            raise ValueError(f"trace entries must be flat atom indices in [0, {A}) or -1 padding")
+        lp, grad = program.score_flat(t, np.ascontiguousarray(x.numpy(), dtype=np.float64))
+        ctx.save_for_backward(torch.from_numpy(grad.reshape(x.shape)).to(x.dtype))
+        return torch.from_numpy(lp).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -217,11 +222,16 @@ class RaceDistribution(Distribution, _PyroMixin):
         logits = self.logits.detach()
         fast = self._numba
         with torch.no_grad():
-            if fast is not None:
-                s = fast.sample(logits.double().numpy(), uniforms=u.double().numpy())
-                structure = type(s.structure)(*(torch.from_numpy(np.ascontiguousarray(v)) for v in s.structure))
-                return (torch.from_numpy(s.trace), structure,
-                        torch.from_numpy(np.ascontiguousarray(s.log_noise)).to(logits.dtype))
+            if fast is not None:            # NumPy from here: a torch op costs ~5 us at these sizes
+                xn = logits.double().numpy()
+                if xn.size and not xn.max() < math.inf:         # validate_args may be off
+                    self.program._check_logits(xn)                # raises, naming the entry
+                lead, flat = shape[:len(shape) - len(self.atom_shape)], (-1,) + self.atom_shape
+                trace, fields, log_noise = fast.sample_flat(
+                    u.double().numpy().reshape(flat), np.broadcast_to(xn, shape).reshape(flat), lead)
+                structure = self.program.Structure(*(torch.from_numpy(f.reshape(lead + f.shape[1:])) for f in fields))
+                return (torch.from_numpy(trace.reshape(lead + trace.shape[1:])), structure,
+                        torch.from_numpy(log_noise.reshape(shape)).to(logits.dtype))
             s = self.program.sample(logits.expand(shape), uniforms=u)
             return s.trace, s.structure, s.log_noise
 
@@ -265,11 +275,14 @@ class RaceDistribution(Distribution, _PyroMixin):
         # a tensor subclass (e.g. Pyro's provenance tracking) takes the lock-step path, whose
         # every op goes through its __torch_function__; NumPy would drop what it tracks
         if fast is not None and type(value) is torch.Tensor and type(self.logits) is torch.Tensor:
-            value = value.to(torch.int64)
+            R = self.instance.max_races
+            if value.dim() < 1 or value.shape[-1] != R:
+                raise ValueError(f"trace must have shape [..., {R}] (max_races of {self.program.ir.name} for "
+                                 f"atoms {self.atom_shape}), got {tuple(value.shape)}")
             shape = _broadcast(value.shape[:-1], self.batch_shape)
-            t = value.expand(shape + value.shape[-1:]).reshape(-1, value.shape[-1])
-            x = self.logits.expand(shape + self.atom_shape).reshape(-1, *self.atom_shape)
-            return _TraceScore.apply(x.double(), t, fast).to(self.logits.dtype).reshape(shape)
+            t = value.expand(shape + (R,)).reshape(-1, R)
+            x = self.logits.expand(shape + self.atom_shape).reshape((-1,) + self.atom_shape)
+            return _TraceScore.apply(x, t, fast).reshape(shape)
         return self.program.log_prob(value, self.logits)
 
     def log_prob(self, value):

@@ -121,3 +121,20 @@ def test_pyro_fits_a_guide_that_samples_this_distribution():
     q = RaceDistribution(specs.spanning_tree, logits=pyro.param("logits").detach())
     has_edge = q.structure(q.sample((2000,), generator=gen(11))).adjacency[:, 0, 1].double().mean()
     assert has_edge > 0.9          # the prior gives the edge (0, 1) probability 1/2
+
+
+def test_fast_path_checks_its_inputs_without_validation():
+    """With validate_args=False the CPU fast path still refuses NaN logits and traces whose
+    entries are not atoms, with the same messages as the public API."""
+    x = torch.zeros(4, 4, dtype=torch.float64)
+    x[1, 2] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        RaceDistribution(specs.spanning_tree, x, validate_args=False).sample()
+    d = RaceDistribution(specs.spanning_tree, torch.zeros(4, 4, dtype=torch.float64), validate_args=False)
+    assert d._numba is not None                       # the fast path is the one under test
+    bad = d.sample().clone()
+    bad[0] = 16
+    with pytest.raises(ValueError, match=r"flat atom indices in \[0, 16\)"):
+        d.log_prob(bad)
+    with pytest.raises(ValueError, match=r"shape \[\.\.\., 3\]"):
+        d.log_prob(bad[:2])
