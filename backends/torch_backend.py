@@ -127,6 +127,11 @@ class _Machine:
         self.atoms_iota = torch.arange(self.A, device=device)
 
     # ---- errors and masks ----------------------------------------------------------------
+    def all_lanes(self, mask):
+        """Whether ``mask`` ``[B]`` holds for every lane, asked only where a sync is cheap
+        (CPU): then a masked ``[B, A]`` update can be skipped (on CUDA: always False)."""
+        return self.early_exit and bool(mask.all())
+
     def on(self):
         return self.active & ~self.dead
 
@@ -589,8 +594,10 @@ class _Machine:
 
     # ---- races ----------------------------------------------------------------------------
     def race(self, s):
+        m = self.members(s.members, "bool") & self.alive
         on = self.on()
-        m = self.members(s.members, "bool") & self.alive & on[:, None]
+        if not self.all_lanes(on):          # a [B, A] pass saved when every lane runs
+            m = m & on[:, None]
         w = self.compete(s, [m], s.allow_empty)[0]
         if len(s.targets) == 1:
             self.store(ast.Name(s.targets[0], ast.Store()), w, 0, s.line)
@@ -644,7 +651,7 @@ class _Machine:
         for gi, (m, raced) in enumerate(zip(masks, nonempty)):
             raced = raced & self.on()
             if track and plain:
-                self.prev_in = torch.where(moved[:, None], m, self.prev_in)
+                self.prev_in = m if self.all_lanes(moved) else torch.where(moved[:, None], m, self.prev_in)
             elif track:
                 key = torch.where(m & raced[:, None], gi, key)
             w = self.pick(s, m, raced, self.minima[gi] if self.mode == "solve" else None)
@@ -657,7 +664,7 @@ class _Machine:
     def check_nested(self, s, masks, anyone):
         if self.prog._plain_races:     # one member set per race: a subset test on bool masks
             (m,) = masks
-            bad = self.has_prev & ((m & ~self.prev_in).any(1))
+            bad = self.has_prev & (m > self.prev_in).any(1)          # a member outside
             self.flag(bad, "NestingError", s.line,
                       f"spec {self.p.name!r} declares nested=True, but this race's members are not "
                       f"inside one member set of the previous race")
@@ -700,9 +707,11 @@ class _Machine:
             self.impossible = self.impossible | bad
             self.dead = self.dead | bad
             raced = raced & ~bad
-            ws = torch.where(member, ws, m.float().argmax(1))
+            if not self.all_lanes(member):
+                ws = torch.where(member, ws, m.float().argmax(1))
             if self.exit is not None:     # nested: only the exit races are kept (see exit_scores)
-                self.exit = torch.where(m & raced[:, None], self.slot[:, None], self.exit)
+                took_part = m if self.all_lanes(raced) else m & raced[:, None]
+                self.exit = torch.where(took_part, self.slot[:, None], self.exit)
                 w1 = ws[:, None]
                 self.alive = self.alive.scatter(1, w1, self.alive.gather(1, w1) & ~raced[:, None])
                 self.slot = self.slot + raced.long()
