@@ -90,7 +90,7 @@ class RELAX(nn.Module):
         super().__init__()
         self.hidden = hidden
         if critic is None and atom_shape is not None:
-            critic = MLPCritic(math.prod(atom_shape), hidden)
+            critic = MLPCritic(atom_shape, hidden)
         self.critic = critic
 
     def forward(self, dist, f, num_samples=1):
@@ -100,7 +100,7 @@ class RELAX(nn.Module):
             raise ValueError("RELAX differentiates its estimate in the critic, so dist.logits must "
                              "require grad (they are what the estimate is for)")
         if self.critic is None:
-            self.critic = MLPCritic(math.prod(dist.atom_shape), self.hidden).to(x.device, x.dtype)
+            self.critic = MLPCritic(dist.atom_shape, self.hidden).to(x.device, x.dtype)
         lead = (K,) + dist.batch_shape
         s = dist.sample_with_structure((K,))
         losses = _losses(f, s.structure, lead)
@@ -144,24 +144,19 @@ class MLPCritic(nn.Module):
     """The default RELAX critic: ``[*lead, *atom_shape] -> [*lead]``, a one-hidden-layer
     tanh MLP over the flattened atoms; the output layer starts at zero (critic = 0)."""
 
-    def __init__(self, num_atoms, hidden=64):
+    def __init__(self, atom_shape, hidden=64):
         super().__init__()
-        self.num_atoms = num_atoms
-        self.net = nn.Sequential(nn.Linear(num_atoms, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.atom_shape = tuple(atom_shape)
+        self.net = nn.Sequential(nn.Linear(math.prod(self.atom_shape), hidden), nn.Tanh(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, z):
-        lead = z.shape[:z.dim() - self._atom_dims(z)]
-        return self.net(z.reshape(lead + (self.num_atoms,))).squeeze(-1)
-
-    def _atom_dims(self, z):
-        size = 1
-        for k in range(1, z.dim() + 1):
-            size *= z.shape[-k]
-            if size == self.num_atoms:
-                return k
-        raise ValueError(f"MLPCritic expects trailing atom dims of {self.num_atoms} atoms, got {tuple(z.shape)}")
+        k = len(self.atom_shape)
+        if tuple(z.shape[z.dim() - k:]) != self.atom_shape:
+            raise ValueError(f"MLPCritic expects [*lead, {', '.join(map(str, self.atom_shape))}], "
+                             f"got {tuple(z.shape)}")
+        return self.net(z.reshape(z.shape[:z.dim() - k] + (-1,))).squeeze(-1)
 
 
 def exact_gradient(dist, f):
