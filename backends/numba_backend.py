@@ -727,26 +727,15 @@ class Program(_BaseProgram):
         each atom is a member of each replayed race (a grouped race: one slot per group, as
         in the trace); all False after the last race.  Differentiable scores and ``E | T``
         follow from it in closed form (:mod:`structdsl.torch` builds them on it)."""
-        from .numba_kernels import IMPOSSIBLE, WANT_MEMBERS
         t, x, shape, inst = self._check_trace(trace, logits)
-        B, A = x.shape
-        R = inst.max_races
-        alive = inst.valid.reshape(-1) & ~np.isneginf(x)
-        tr = np.ascontiguousarray(t, dtype=np.int64).copy()
-        st = np.zeros((B, 4), dtype=np.int64)
-        st[:, 2] = 1 if self.ir.nested else 0
-        members = np.zeros((B, R * A))
-        outs = [o[:1] for o in self._outputs(inst, 1)]
         with self._naming_lanes(shape):
-            self._run("score_all", *self._args(inst), self._unravel_table(inst), alive, np.array(x, dtype=np.float64),
-                      tr, st, np.zeros((B, 1)), np.zeros((B, 0)), members, np.full((B, R + A), 0.5),
-                      np.zeros((B, 0)), np.int64(WANT_MEMBERS), np.bool_(False), *outs)
-            self._raise(st)
-        logp = np.where(st[:, 0] == IMPOSSIBLE, -np.inf, 0.0)
-        return logp.reshape(shape), (members > 0).reshape(shape + (R,) + inst.atom_shape)
+            logp, _, members = self._score(inst, t, x, False, None, want_members=True)
+        return logp.reshape(shape), members.reshape(shape + (inst.max_races,) + inst.atom_shape)
 
-    def _score(self, inst, traces, logits, want_grad, uniforms):
-        from .numba_kernels import IMPOSSIBLE, WANT_GRAD, WANT_NOISE
+    def _score(self, inst, traces, logits, want_grad, uniforms, want_members=False):
+        """``(log p, grad or None, E | T noise or None)``; with ``want_members`` the third is
+        the races' member sets, bool ``[B, R, A]`` (written where E | T's buffer would be)."""
+        from .numba_kernels import IMPOSSIBLE, WANT_GRAD, WANT_MEMBERS, WANT_NOISE
         B, A = logits.shape
         R = inst.max_races
         alive = inst.valid.reshape(-1) & ~np.isneginf(logits)
@@ -756,13 +745,15 @@ class Program(_BaseProgram):
         fs = np.zeros((B, 1))
         grad = np.zeros((B, A) if want_grad else (B, 0))
         noisy = uniforms is not None
-        lsum = np.full((B, A) if noisy else (B, 0), -np.inf)
+        lsum = np.zeros((B, R * A)) if want_members else np.full((B, A) if noisy else (B, 0), -np.inf)
         noise = np.zeros((B, A) if noisy else (B, 0))
         u = np.array(uniforms, dtype=np.float64) if noisy else np.full((B, R + A), 0.5)
-        flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0)
+        flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0) | (WANT_MEMBERS if want_members else 0)
         outs = [o[:1] for o in self._outputs(inst, 1)]
         self._run("score_all", *self._args(inst), self._unravel_table(inst), alive, np.array(logits, dtype=np.float64),
                                tr, st, fs, grad, lsum, u, noise, np.int64(flags), np.bool_(False), *outs)
         self._raise(st)
         logp = np.where(st[:, 0] == IMPOSSIBLE, -np.inf, fs[:, 0])
+        if want_members:
+            return logp, (grad if want_grad else None), (lsum > 0).reshape(B, R, A)
         return logp, (grad if want_grad else None), (noise if noisy and not np.isneginf(logp).any() else None)

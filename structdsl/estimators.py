@@ -105,12 +105,12 @@ class RELAX(nn.Module):
         s = dist.sample_with_structure((K,))
         losses = _losses(f, s.structure, lead)
         log_e = s.log_noise                                      # reparameterised in the logits
-        tilde = dist.conditional_noise(s.trace)                  # E | T, reparameterised
-        logp = dist.log_prob(s.trace)
+        log_tilde = _log(dist.conditional_noise(s.trace))        # E | T, reparameterised
+        logp = dist._log_prob(s.trace)                           # its own traces: no validation
         c_e = self._critic(_gumbel(log_e, x), lead)
-        c_tilde = self._critic(_gumbel(_log(tilde), x), lead)
+        c_tilde = self._critic(_gumbel(log_tilde, x), lead)
         # the score's coefficient moves with the critic but not with the logits
-        c_coef = self._critic(_gumbel(_log(tilde.detach()), x.detach()), lead)
+        c_coef = self._critic(_gumbel(log_tilde.detach(), x.detach()), lead)
         n = losses.numel()
         theta_part = (((losses.detach() - c_coef) * logp).sum() + c_e.sum() - c_tilde.sum()) / n
         params = [p for p in self.critic.parameters() if p.requires_grad]

@@ -255,7 +255,7 @@ class RaceDistribution(Distribution, _PyroMixin):
 
     def _live_patterns(self):
         """``{live mask as bytes: [flat batch indices]}`` over the batch."""
-        live = (~torch.isneginf(self.logits.detach())).reshape(-1, *self.atom_shape).cpu().numpy()
+        live = self._live.expand(self.batch_shape + self.atom_shape).reshape(-1, *self.atom_shape).cpu().numpy()
         patterns = {}
         for b, m in enumerate(live):
             patterns.setdefault(m.tobytes(), []).append(b)
