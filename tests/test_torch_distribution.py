@@ -82,6 +82,16 @@ def test_cpu_fast_path_equals_the_lock_step_path(name, atom):
     (g1,) = torch.autograd.grad((lp1 * w).sum(), logits)
     (g2,) = torch.autograd.grad((lp2 * w).sum(), logits)
     torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+    # E | T: member sets from the numba replay, closed form in torch = the lock-step replay
+    u = torch.rand(t1.shape[:-1] + (fast.instance.max_races + fast.instance.num_atoms,), generator=gen(8),
+                   dtype=torch.float64)
+    e1, e2 = fast.conditional_noise(t1, uniforms=u), slow.conditional_noise(t1, uniforms=u)
+    torch.testing.assert_close(e1, e2, rtol=1e-12, atol=1e-12)
+    finite = torch.isfinite(e2)
+    v = torch.randn(e1.shape, generator=gen(9), dtype=torch.float64)
+    (h1,) = torch.autograd.grad(torch.where(finite, e1 * v, 0.0).sum(), logits)
+    (h2,) = torch.autograd.grad(torch.where(finite, e2 * v, 0.0).sum(), logits)
+    torch.testing.assert_close(h1, h2, rtol=1e-10, atol=1e-12)
 
 
 def test_noise_density_and_conditional_noise():
