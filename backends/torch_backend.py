@@ -77,7 +77,7 @@ def _exit_scores(x, t, used_races, exit_race, u, R):
     the atoms instead of one per race."""
     B, A = x.shape
     if R == 0:                                   # no race can run: p = 1, no race minima
-        return x.sum(1) * 0.0, torch.full_like(x, -math.inf)
+        return torch.where(torch.isneginf(x), 0.0, x).sum(1) * 0.0, torch.full_like(x, -math.inf)  # 0, not -inf * 0
     tiny = torch.finfo(x.dtype).min / 4          # finite stand-in for an empty bucket's -inf
     bucket = torch.where(exit_race >= 0, exit_race, R)                        # R: no race
     shift = torch.full((B, R + 1), -math.inf, dtype=x.dtype, device=x.device)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import structdsl
 from structdsl import (EmptyRaceError, NestingError, SpecIndexError, SpecOverflowError, SpecZeroDivisionError,
-                       atoms, race, spec, zeros)
+                       atoms, race, spec, specs, zeros)
 from structdsl.testing import uniforms as uniforms_st
 from shared_specs import (SIZES, SPECS, atom_shape, bad_line, careless, compiled, divides, empty,
                           false_promise)
@@ -243,3 +243,15 @@ def test_sum_overflow_raises_like_the_reference():
     with pytest.raises(SpecOverflowError) as got:
         fast.sample(torch.zeros(2, 3, dtype=torch.float64))
     assert got.value.line == want.value.line == bad_line(big_sum)
+
+
+def test_a_program_without_races_scores_zero_even_with_absent_atoms():
+    """Clustering 2 nodes into 2 clusters runs no race: log p = 0 (not NaN from -inf * 0)
+    with an atom at -inf, as the reference says (hypothesis found it)."""
+    x = np.zeros((2, 2))
+    x[1, 1] = -np.inf
+    fast, ref = (structdsl.compile(specs.clustering, backend=b, c=2) for b in ("torch", "numpy"))
+    trace = ref.sample(x, seed=0).trace
+    lp, grad = fast.log_prob_and_grad(torch.as_tensor(trace), T(x))
+    assert float(lp) == float(ref.log_prob(trace, x)) == 0.0
+    assert not bool(grad.isnan().any())
