@@ -555,6 +555,38 @@ def solve_all({params}__valid, __unr, __uni, __logits, __res, __log_noise, __tr,
 
 
 @njit(parallel=True, cache=True, error_model='numpy')
+def sample_score_all({params}__valid, __unr, __uni, __logits, __res, __log_noise, __tr, __st, __fs, __grad, __lsum, __u, __noise, __flags, __log_space, __no_log_space{outs_comma}):
+    # draw a trace and score it at once (one dispatch for a training step): each lane samples
+    # as solve_all does, then replays its own trace as score_all does
+    __B, __A = __res.shape
+    __R = __tr.shape[1]
+    __empty = __np.zeros(0)
+    __flags0 = __np.int64(0)
+    __alive = __np.empty((__B, __A), __np.bool_)
+    for __b in prange(__B):
+        __nested = __st[__b, 2]
+        __prepare_sample(__valid, __uni[__b], __logits[__b], __alive[__b], __res[__b], __log_noise[__b])
+        __live0 = __alive[__b].copy()
+        __pkey = __np.full(__A, -1, __np.int64)
+        __fs0 = __np.zeros(1)
+        lane(__np.int64(0), __np.int64(__b), {params}__alive[__b], __live0, __res[__b], __tr[__b], __st[__b], __fs0,
+             __empty, __empty, __empty, __pkey, __log_space, __flags0, __pkey, __pkey, __unr{outs_comma})
+        if __st[__b, 0] != 0:
+            continue
+        __st[__b, 1] = 0
+        __st[__b, 2] = __nested
+        __alive[__b] = __live0
+        __pkey = __np.full(__A, -1, __np.int64)
+        __ex = __np.full(__A, -1, __np.int64)
+        __cand = __np.flatnonzero(__live0)
+        __st[__b, 3] = __cand.size
+        lane(__np.int64(1), __np.int64(__b), {params}__alive[__b], __live0, __logits[__b], __tr[__b], __st[__b], __fs[__b],
+             __grad[__b], __lsum[__b], __u[__b], __pkey, __no_log_space, __flags, __ex, __cand, __unr{outs_comma})
+        if __st[__b, 0] == 0:
+{finish}
+
+
+@njit(parallel=True, cache=True, error_model='numpy')
 def score_all({params}__unr, __alive, __logits, __tr, __st, __fs, __grad, __lsum, __u, __noise, __flags, __log_space{outs_comma}):
     __B, __A = __alive.shape
     __R = __tr.shape[1]
@@ -581,6 +613,14 @@ _FINISH_GENERIC = """            __finish_score(__tr[__b], __st[__b], __lsum[__b
                            __noise[__b], __flags)"""
 _FINISH_NESTED = """            __finish_nested(__tr[__b], __st[__b], __ex, __logits[__b], __live0, __u[__b], __fs[__b],
                             __grad[__b], __noise[__b], __lsum[__b], __flags)"""
+
+
+def _writable_c64(a):
+    """``a`` as a writable C-contiguous float64 array, copied only when it is not one (a
+    read-only or strided array types as another Numba signature: a new compilation)."""
+    if a.dtype == np.float64 and a.flags.c_contiguous and a.flags.writeable:
+        return a
+    return np.array(a, dtype=np.float64, order="C")
 
 
 def load(source):
@@ -721,6 +761,34 @@ class Program(_BaseProgram):
             logp, grad, _ = self._score(inst, trace, logits.reshape(B, -1), True, None)
         grad[np.isneginf(logp)] = 0.0
         return logp, grad
+
+    def sample_score_flat(self, uniforms, logits, lead=None, want_members=False):
+        """:meth:`sample_flat` and :meth:`score_flat` of the drawn traces in one native call
+        (a training step's sampling and trace score).  Returns ``(trace, fields, log_noise,
+        logp [B], grad [B, A], members)``; ``members`` (bool ``[B, R, A]``, as
+        :meth:`memberships`) only with ``want_members``, else None."""
+        from .numba_kernels import WANT_GRAD, WANT_MEMBERS
+        B = uniforms.shape[0]
+        inst = self.instance(uniforms.shape[1:])
+        R, A = inst.max_races, inst.num_atoms
+        u, x = _writable_c64(uniforms.reshape(B, A)), _writable_c64(logits.reshape(B, A))
+        res = np.empty((B, A))
+        log_noise = res if self._fast else np.empty((B, A))
+        tr = np.full((B, R), -1, dtype=np.int64)
+        st = np.zeros((B, 4), dtype=np.int64)
+        st[:, 2] = 1 if self.ir.nested else 0
+        fs = np.zeros((B, 1))
+        grad = np.zeros((B, A))
+        lsum = np.zeros((B, R * A)) if want_members else np.zeros((B, 0))
+        outs = self._outputs(inst, B)
+        flags = WANT_GRAD | (WANT_MEMBERS if want_members else 0)
+        with self._naming_lanes(tuple(lead) if lead is not None else (B,)):
+            self._run("sample_score_all", *self._args(inst), inst.valid.reshape(-1), self._unravel_table(inst),
+                      u, x, res, log_noise, tr, st, fs, grad, lsum, np.full((B, R + A), 0.5), np.zeros((B, 0)),
+                      np.int64(flags), np.bool_(True), np.bool_(False), *outs)
+            self._raise(st)
+        # a drawn trace always has positive probability: fs holds its log p
+        return tr, outs, log_noise, fs[:, 0], grad, ((lsum > 0).reshape(B, R, A) if want_members else None)
 
     def memberships(self, trace, logits):
         """``(log p, members)``: ``members`` bool ``[*batch, max_races, *atom_shape]``, whether

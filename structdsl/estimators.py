@@ -46,8 +46,12 @@ def t_reinforce(dist, f, num_samples=1, leave_one_out=None):
     """Surrogate loss of T-REINFORCE (the score of the trace), "T-REINFORCE+" for
     ``num_samples > 1`` (leave-one-out baseline unless ``leave_one_out=False``).  Unbiased."""
     K, loo = _samples(num_samples, leave_one_out)
+    lead = (K,) + dist.batch_shape
+    if _native(dist):            # CPU fast path: one native call draws and scores the traces
+        d = dist._draw_native((K,), None, score=True)
+        return _NativeScoreSurrogate.apply(_losses(f, d.structure, lead), dist.logits, d.grad, loo)
     trace, structure, _ = dist._draw((K,), None)       # no reparameterised noise needed
-    losses = _losses(f, structure, (K,) + dist.batch_shape)
+    losses = _losses(f, structure, lead)
     return _score_surrogate(losses, dist._log_prob(trace), loo)   # its own traces: no validation
 
 
@@ -209,7 +213,10 @@ def _losses(f, structure, lead):
                          f"batch_shape), got {tuple(out.shape)}")
     if not torch.is_floating_point(out):
         out = out.to(torch.get_default_dtype())
-    bad = ~torch.isfinite(out.detach())
+    d = out.detach()
+    if d.numel() and math.isfinite(float(d.sum())):   # one reduction screens every entry
+        return out
+    bad = ~torch.isfinite(d)
     if bad.any():
         i = tuple(int(v) for v in torch.nonzero(bad)[0])
         raise FloatingPointError(f"f returned a non-finite loss {float(out.detach()[i])} at "
@@ -224,6 +231,33 @@ def _score_surrogate(losses, score, loo):
     K = fd.shape[0]
     adv = (fd - fd.mean(0)) * (K / (K - 1)) if loo else fd      # f_k - mean_{j != k} f_j
     return losses.mean() + (adv * (score - score.detach())).mean()
+
+
+def _native(dist):
+    """Whether ``dist`` takes the CPU fast path (a tensor subclass, e.g. Pyro's provenance
+    tracking, goes through torch ops, which see it)."""
+    return dist._numba is not None and type(dist.logits) is torch.Tensor
+
+
+class _NativeScoreSurrogate(torch.autograd.Function):
+    """:func:`_score_surrogate` in one autograd node, from the analytic trace scores ``grad``
+    (``[K, *batch, *atom]``, no graph): value ``mean(losses)``; gradient ``1/n`` in the
+    losses and ``mean_k,batch adv * grad`` in the logits ``[*batch, *atom]``."""
+
+    @staticmethod
+    def forward(ctx, losses, logits, grad, loo):
+        fd = losses.detach().double().numpy()
+        K = fd.shape[0]
+        adv = (fd - fd.mean(0)) * (K / (K - 1)) if loo else fd
+        g = (adv.reshape(adv.shape + (1,) * (grad.dim() - adv.ndim)) * grad.double().numpy()).sum(0) / fd.size
+        ctx.g = torch.from_numpy(g).to(logits.dtype)
+        ctx.losses_shape = losses.shape
+        return losses.detach().mean()
+
+    @staticmethod
+    def backward(ctx, gout):
+        dl = (gout / math.prod(ctx.losses_shape)).expand(ctx.losses_shape) if ctx.needs_input_grad[0] else None
+        return dl, (gout * ctx.g if ctx.needs_input_grad[1] else None), None, None
 
 
 def _inject(t, g):

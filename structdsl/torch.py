@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ class _LogRates(constraints.Constraint):
     """Log-rates: real or ``-inf`` (an absent atom), never NaN or ``+inf``."""
 
     def check(self, value):
-        return ~(torch.isnan(value) | torch.isposinf(value))
+        return value < math.inf                    # one op: NaN and +inf both fail
 
     def __repr__(self):
         return "LogRates()"
@@ -107,6 +108,15 @@ def _noise_given_members(x, t, members, u, live):
     log_fresh = torch.where(fresh, torch.log(-torch.log(u[:, R:])) - torch.where(fresh, x, 0.0), tiny)
     log_noise = torch.logaddexp(log_sum, log_fresh)
     return torch.where(live, torch.exp(torch.where(live, log_noise, 0.0)), math.inf)
+
+
+class _Draw(NamedTuple):
+    trace: torch.Tensor
+    structure: tuple
+    log_noise: torch.Tensor
+    logp: Optional[torch.Tensor]
+    grad: Optional[torch.Tensor]
+    members: Optional[torch.Tensor]        # bool [flat lead, R, A]
 
 
 class RaceDistribution(Distribution, _PyroMixin):
@@ -217,23 +227,40 @@ class RaceDistribution(Distribution, _PyroMixin):
 
     def _draw(self, sample_shape, generator):
         """(trace, structure, log noise), nothing differentiable."""
+        if self._numba is not None:
+            d = self._draw_native(sample_shape, generator)
+            return d.trace, d.structure, d.log_noise
         shape = torch.Size(sample_shape) + self.batch_shape + self.atom_shape
-        u = self._uniforms(shape, generator)
-        logits = self.logits.detach()
-        fast = self._numba
         with torch.no_grad():
-            if fast is not None:            # NumPy from here: a torch op costs ~5 us at these sizes
-                xn = logits.double().numpy()
-                if xn.size and not xn.max() < math.inf:         # validate_args may be off
-                    self.program._check_logits(xn)                # raises, naming the entry
-                lead, flat = shape[:len(shape) - len(self.atom_shape)], (-1,) + self.atom_shape
-                trace, fields, log_noise = fast.sample_flat(
-                    u.double().numpy().reshape(flat), np.broadcast_to(xn, shape).reshape(flat), lead)
-                structure = self.program.Structure(*(torch.from_numpy(f.reshape(lead + f.shape[1:])) for f in fields))
-                return (torch.from_numpy(trace.reshape(lead + trace.shape[1:])), structure,
-                        torch.from_numpy(log_noise.reshape(shape)).to(logits.dtype))
-            s = self.program.sample(logits.expand(shape), uniforms=u)
-            return s.trace, s.structure, s.log_noise
+            s = self.program.sample(self.logits.detach().expand(shape), uniforms=self._uniforms(shape, generator))
+        return s.trace, s.structure, s.log_noise
+
+    def _draw_native(self, sample_shape, generator, score=False, members=False):
+        """The CPU fast path's draw (requires ``self._numba``): a :class:`_Draw` whose
+        ``logp`` (``sample_shape + batch_shape``) and ``grad`` (its gradient in the logits,
+        ``... + atom_shape``) are filled with ``score``, and ``members`` (the races' member
+        sets, as ``memberships``) with ``members``; plain tensors, nothing differentiable.
+        NumPy from here on: a torch op costs ~5 us at a training step's sizes."""
+        shape = torch.Size(sample_shape) + self.batch_shape + self.atom_shape
+        lead = shape[:len(shape) - len(self.atom_shape)]
+        flat = (-1,) + self.atom_shape
+        u = torch.rand(shape, generator=generator, dtype=self.logits.dtype).numpy()   # torch's RNG stream
+        un = np.maximum(u, np.finfo(u.dtype).tiny, out=u if u.dtype == np.float64 else None).astype(np.float64, copy=False)
+        xn = self.logits.detach().double().numpy()
+        if xn.size and not xn.max() < math.inf:              # validate_args may be off
+            self.program._check_logits(xn)                     # raises, naming the entry
+        xb = np.broadcast_to(xn, shape).reshape(flat)
+        fast, dtype = self._numba, self.logits.dtype
+        if score or members:
+            trace, fields, log_noise, logp, grad, mem = fast.sample_score_flat(un.reshape(flat), xb, lead, members)
+        else:
+            (trace, fields, log_noise), logp, grad, mem = fast.sample_flat(un.reshape(flat), xb, lead), None, None, None
+        structure = self.program.Structure(*(torch.from_numpy(f.reshape(lead + f.shape[1:])) for f in fields))
+        return _Draw(torch.from_numpy(trace.reshape(lead + trace.shape[1:])), structure,
+                     torch.from_numpy(log_noise.reshape(shape)).to(dtype),
+                     None if logp is None else torch.from_numpy(logp.reshape(lead)).to(dtype),
+                     None if grad is None else torch.from_numpy(grad.reshape(shape)).to(dtype),
+                     None if mem is None else torch.from_numpy(mem.reshape(lead.numel(), -1, mem.shape[-1])))
 
     def enumerate_support(self, expand=True):
         """Every trace with positive probability: ``[N] + batch_shape + (max_races,)`` (or

@@ -53,10 +53,12 @@ def _minus_max_out_degree(s, n):
 def _minus_height(s, n):
     import torch
     p = s.parent
-    depth = torch.ones_like(p)
-    for _ in range(n):                       # depth[v] = depth[parent[v]] + 1 after n sweeps
-        depth = torch.where(p >= 0, depth.gather(-1, p.clamp(min=0)) + 1, 1)
-    return -depth.max(-1).values
+    up = torch.where(p >= 0, p, torch.arange(n, device=p.device))   # a root points to itself
+    edges = (p >= 0).long()                  # edges from v towards the root, 2^k steps at a time
+    for _ in range(max(1, (n - 1).bit_length())):                    # pointer jumping: 2^k >= n - 1
+        edges = edges + edges.gather(-1, up)
+        up = up.gather(-1, up)
+    return -(edges.max(-1).values + 1)
 
 
 def _minus_diagonal(s, n):
@@ -149,7 +151,7 @@ def _train(structure, estimator, steps, n, lr, num_samples, eval_every, eval_sam
     logits = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
     surrogate, modules = make_estimator(estimator, shape, num_samples)
     params = [logits] + [p for m in modules for p in m.parameters()]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=lr, fused=True)     # one native kernel per step
 
     def f(s):
         return toy.loss(s, n).to(torch.float64)
@@ -174,7 +176,8 @@ def _train(structure, estimator, steps, n, lr, num_samples, eval_every, eval_sam
     bar = _bar(steps, f"{structure} {estimator}", progress)
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
         loss = surrogate(RaceDistribution(prog, logits), f)
         loss.backward()
         opt.step()

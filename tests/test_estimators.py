@@ -126,6 +126,28 @@ def test_every_estimator_is_unbiased(name):
         assert z.abs().max() < 4, (est, z.abs().max().item(), mean, truth)
 
 
+@pytest.mark.parametrize("name", BUILTIN)
+def test_t_reinforce_fast_path_equals_the_lock_step_path(name):
+    """On CPU, t_reinforce draws and scores in one numba call and injects the analytic score
+    (one autograd node); from the same torch seed it must give the lock-step torch path's
+    value and gradients, in the logits and in f's own parameters."""
+    x0 = logits_for(name, 6).expand((5,) + tuple(logits_for(name, 6).shape))
+    f0 = loss_for(name, 7)
+    out = []
+    for fast in (True, False):
+        x = x0.clone().requires_grad_(True)
+        scale = torch.ones((), dtype=torch.float64, requires_grad=True)
+        d = RaceDistribution(compiled(name, "torch"), x, fast_cpu=fast)
+        assert (d._numba is not None) == fast
+        torch.manual_seed(8)
+        value = estimators.t_reinforce(d, lambda s: scale * f0(s), num_samples=3)
+        value.backward()
+        out.append((value.detach(), x.grad, scale.grad))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert out[0][1].abs().max() > 1e-6                  # the comparison has something to compare
+
+
 def test_t_reinforce_has_less_variance_than_e_reinforce():
     """Rao-Blackwellisation: at a spanning tree of 6 nodes the trace score's variance is a
     fraction of the noise score's (per coordinate, summed)."""

@@ -64,6 +64,17 @@ def test_parity_with_the_reference(data, name):
     np.testing.assert_allclose(lp_a, lp_b, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(g_a, g_b, rtol=1e-12, atol=1e-12)
     R, A = fast.max_races(shape), int(np.prod(shape))
+    # the training step's driver: draw and score in one call = sample, then score its traces
+    flat = (-1,) + shape
+    t2, f2, ln2, lp2, g2, m2 = fast.sample_score_flat(np.asarray(u, dtype=float).reshape(flat),
+                                                      logits.reshape(flat), want_members=True)
+    assert np.array_equal(t2, a.trace.reshape(t2.shape))
+    for x, y in zip(f2, a.structure):
+        assert np.array_equal(x, y.reshape(x.shape))
+    np.testing.assert_array_equal(ln2, a.log_noise.reshape(ln2.shape))
+    np.testing.assert_allclose(lp2, lp_a.reshape(-1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g2, g_a.reshape(g2.shape), rtol=1e-12, atol=1e-12)
+    assert np.array_equal(m2, fast.memberships(a.trace, logits)[1].reshape(m2.shape))
     v = data.draw(uniforms_st(batch + (R + A,)), label="E|T uniforms")
     na, nb = fast.conditional_noise(a.trace, logits, uniforms=v), ref.conditional_noise(b.trace, logits, uniforms=v)
     assert np.array_equal(np.isinf(na), np.isinf(nb))
