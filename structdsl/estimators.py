@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 from torch import nn
 
@@ -106,6 +108,8 @@ class RELAX(nn.Module):
         if self.critic is None:
             self.critic = MLPCritic(dist.atom_shape, self.hidden).to(x.device, x.dtype)
         lead = (K,) + dist.batch_shape
+        if _native(dist) and type(self.critic) is MLPCritic and not self.critic.training_hooks():
+            return _NativeRelax.surrogate(self.critic, dist, f, K)
         s = dist.sample_with_structure((K,))
         losses = _losses(f, s.structure, lead)
         log_e = s.log_noise                                      # reparameterised in the logits
@@ -154,6 +158,13 @@ class MLPCritic(nn.Module):
         self.net = nn.Sequential(nn.Linear(math.prod(self.atom_shape), hidden), nn.Tanh(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
+
+    def training_hooks(self):
+        """Whether anything would see this module's forward pass (hooks, a subclass, weights
+        not on the CPU): then RELAX runs it through autograd instead of in closed form."""
+        mods = list(self.modules())
+        return (any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in mods)
+                or any(p.device.type != "cpu" or type(p) is not nn.Parameter for p in self.parameters()))
 
     def forward(self, z):
         k = len(self.atom_shape)
@@ -260,9 +271,76 @@ class _NativeScoreSurrogate(torch.autograd.Function):
         return dl, (gout * ctx.g if ctx.needs_input_grad[1] else None), None, None
 
 
+class _NativeRelax(torch.autograd.Function):
+    """RELAX with the default critic on the CPU fast path, in closed form: one native call
+    draws, scores and reports the races' member sets; ``E | T``, its Jacobian in the logits,
+    the critic's input gradients and the critic-loss gradient follow analytically, in one
+    Numba kernel (``backends/numba_estimators.py``), and one autograd node injects them.
+    Equal (from the same random numbers) to the autograd path, which tests hold it to; a
+    step's hundreds of small torch ops and its double backward are what it saves.
+
+    Notation, per lane (one sample of one batch element): ``z = -log E`` (``= logits -
+    log E_1``, so ``dz/dx = I`` at live atoms), ``z~ = -log E~``; race ``r`` has members
+    ``M_r``, softmax ``P[r, b] = exp(x_b - lse_r)`` on them and minimum ``m_r = -log u_r /
+    sum_{M_r} exp(x)``; ``E~_a = sum_{r: a in M_r} m_r + F_a`` (``F_a`` the fresh
+    ``Exp(rate)`` of a non-winner), hence ``dz~_a/dx_b = sum_r rho[r, a] P[r, b] + phi_a
+    [a = b]`` with ``rho[r, a] = m_r / E~_a`` and ``phi_a = F_a / E~_a``.  The critic
+    ``c(z) = w2 . tanh(W1 z + b1) + b2``; ``D(z, d) = grad_z c(z) . d`` and its parameter
+    gradient give the critic loss's gradient without a double backward."""
+
+    @staticmethod
+    def surrogate(critic, dist, f, K):
+        from .backends.numba_estimators import relax_mlp
+        x = dist.logits
+        d = dist._draw_native((K,), None, score=True, members=True)
+        losses = _losses(f, d.structure, (K,) + dist.batch_shape)
+        shape = d.log_noise.shape                                   # [K, *batch, *atom]
+        L, (R, A) = losses.numel(), (dist.instance.max_races, dist.instance.num_atoms)
+        u = dist._uniforms((L, R + A)).double().numpy()          # as conditional_noise draws them
+        lanes = (L, A)
+        xb = np.ascontiguousarray(np.broadcast_to(x.detach().double().numpy(), shape).reshape(lanes))
+        live = np.ascontiguousarray(np.broadcast_to(dist._live.numpy(), shape).reshape(lanes))
+        W1, b1, w2, b2 = (p.detach().double().numpy() for p in
+                          (critic.net[0].weight, critic.net[0].bias, critic.net[2].weight, critic.net[2].bias))
+        G, *grad_p = relax_mlp(xb, live, d.members.numpy(), d.trace.numpy().reshape(L, R),
+                               d.grad.double().numpy().reshape(lanes), losses.detach().double().numpy().reshape(L),
+                               d.log_noise.double().numpy().reshape(lanes), u, np.ascontiguousarray(W1), b1,
+                               np.ascontiguousarray(w2[0]), float(b2[0]), K)
+        if not np.isfinite(G).all():
+            raise FloatingPointError("RELAX produced a non-finite gradient estimate")
+        grad_p[1:] = [grad_p[1], grad_p[2][None], np.array([grad_p[3]])]
+        return _NativeRelax.apply(losses, x, (G.reshape(x.shape) / (L // K), grad_p), *critic.parameters())
+
+    @staticmethod
+    def forward(ctx, losses, logits, grads, *params):
+        grad_x, grad_p = grads
+        ctx.g = [torch.from_numpy(np.ascontiguousarray(grad_x)).to(logits.dtype)] + \
+                [torch.from_numpy(np.ascontiguousarray(gp)).to(p.dtype) for gp, p in zip(grad_p, params)]
+        ctx.losses_shape = losses.shape
+        return losses.detach().mean()
+
+    @staticmethod
+    def backward(ctx, gout):
+        dl = (gout / math.prod(ctx.losses_shape)).expand(ctx.losses_shape) if ctx.needs_input_grad[0] else None
+        return (dl, gout * ctx.g[0], None) + tuple(gout * g for g in ctx.g[1:])
+
+
 def _inject(t, g):
-    """A zero-valued term whose gradient in ``t`` is ``g``."""
-    return (g.detach() * (t - t.detach())).sum()
+    """A zero-valued term whose gradient in ``t`` is ``g`` (``t`` may hold ``-inf``: masked
+    logits, where ``g`` is 0; ``g * (t - t.detach())`` would be NaN there)."""
+    return _Inject.apply(t, g.detach())
+
+
+class _Inject(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, g):
+        ctx.save_for_backward(g)
+        return torch.zeros((), dtype=t.dtype, device=t.device)
+
+    @staticmethod
+    def backward(ctx, gout):
+        (g,) = ctx.saved_tensors
+        return gout * g, None
 
 
 def _log(noise):

@@ -148,6 +148,39 @@ def test_t_reinforce_fast_path_equals_the_lock_step_path(name):
     assert out[0][1].abs().max() > 1e-6                  # the comparison has something to compare
 
 
+@pytest.mark.parametrize("name", BUILTIN)
+def test_relax_closed_form_equals_the_autograd_path(name):
+    """With the default critic on CPU, RELAX runs in closed form (one numba kernel, no double
+    backward); from the same seeds it must equal the autograd path: value, logits gradient
+    and every critic parameter's gradient, with -inf atoms and K = 2 samples per element."""
+    x0 = logits_for(name, 9).expand((3,) + tuple(logits_for(name, 9).shape)).clone()
+    if name in ("categorical", "top_k", "spanning_tree", "clustering"):
+        x0[0].view(-1)[-1] = -math.inf                # an absent atom in one element
+    f = loss_for(name, 10)
+    out = []
+    for fast in (True, False):
+        relax = _relax_with_random_critic(name, seed=11)
+        x = x0.clone().requires_grad_(True)
+        d = RaceDistribution(compiled(name, "torch"), x, fast_cpu=fast)
+        torch.manual_seed(12)
+        value = relax(d, f, num_samples=2)
+        value.backward()
+        out.append([value.detach(), x.grad] + [p.grad for p in relax.parameters()])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(out[0][0]) and out[0][1].abs().max() > 1e-6 and out[0][2].abs().max() > 1e-6
+
+
+def test_relax_runs_a_hooked_critic_through_autograd():
+    """A forward hook on the default critic must see its calls: the closed form steps aside."""
+    relax = _relax_with_random_critic("matching")
+    calls = []
+    relax.critic.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    x = logits_for("matching", 1).requires_grad_(True)
+    relax(RaceDistribution(compiled("matching", "torch"), x), loss_for("matching", 2)).backward()
+    assert calls and torch.isfinite(x.grad).all()
+
+
 def test_t_reinforce_has_less_variance_than_e_reinforce():
     """Rao-Blackwellisation: at a spanning tree of 6 nodes the trace score's variance is a
     fraction of the noise score's (per coordinate, summed)."""
