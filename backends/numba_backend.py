@@ -70,9 +70,13 @@ def _np(attr):
     return _attr(_name("__np"), attr)
 
 
-_STATE = ["__alive", "__live0", "__res", "__tr", "__st", "__fs", "__grad", "__lsum", "__u", "__pkey",
+_STATE = ["__alive", "__live0", "__res", "__x", "__tr", "__st", "__fs", "__grad", "__lsum", "__u", "__pkey",
           "__log_space", "__flags"]
 _ARITH = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.LShift, ast.RShift)
+
+
+class _NotFusable(Exception):
+    """An expression the loop fusion leaves to the NumPy lowering."""
 
 
 class _Codegen:
@@ -125,26 +129,26 @@ class _Codegen:
         if isinstance(node, ast.Tuple):
             return ast.Tuple([self.expr(e) for e in node.elts], ast.Load())
         if isinstance(node, ast.BinOp):
-            return self.binop(node.op, self.expr(node.left), self.t(node.left),
-                              self.expr(node.right), self.t(node.right), node)
+            return self.binop(node.op, self.operand(node.left), self.t(node.left),
+                              self.operand(node.right), self.t(node.right), node)
         if isinstance(node, ast.UnaryOp):
-            x, t = self.expr(node.operand), self.t(node.operand)
+            x, t = self.operand(node.operand), self.t(node.operand)
             if isinstance(node.op, (ast.USub, ast.UAdd)):
                 return ast.UnaryOp(node.op, self.as_int(x, t))
             if isinstance(node.op, ast.Not) or (isinstance(node.op, ast.Invert) and t.dtype == "bool" and not t.ndim):
                 return ast.UnaryOp(ast.Not(), x)
             return ast.UnaryOp(ast.Invert(), x)           # bool arrays: logical; ints: bitwise
         if isinstance(node, ast.BoolOp):
-            values = [self.expr(v) for v in node.values]
             if any(self.t(v).ndim for v in node.values):
+                values = [self.operand(v) for v in node.values]
                 fn = _np("logical_and" if isinstance(node.op, ast.And) else "logical_or")
                 out = values[0]
                 for v in values[1:]:
                     out = _call(fn, out, v)
                 return out
-            return ast.BoolOp(node.op, values)              # scalars: short-circuit
+            return ast.BoolOp(node.op, [self.expr(v) for v in node.values])   # scalars: short-circuit
         if isinstance(node, ast.Compare):
-            return ast.Compare(self.expr(node.left), node.ops, [self.expr(node.comparators[0])])
+            return ast.Compare(self.operand(node.left), node.ops, [self.operand(node.comparators[0])])
         if isinstance(node, ast.IfExp):
             dtype = self.t(node).dtype
             body = self.convert(self.expr(node.body), self.t(node.body), dtype)
@@ -158,6 +162,13 @@ class _Codegen:
         if isinstance(node, ast.Call):
             return self.call(node)
         self.fail(node, type(node).__name__)
+
+    def operand(self, node):
+        """``node`` as the operand of an operation that builds a new array or a scalar: a
+        subscript may stay a view (no copy: nothing keeps it)."""
+        if isinstance(node, ast.Subscript) and self.t(node).ndim:
+            return ast.copy_location(self.subscript(node, "read"), node)
+        return self.expr(node)
 
     def binop(self, op, left, lt, right, rt, where):
         if isinstance(op, _ARITH):
@@ -232,8 +243,10 @@ class _Codegen:
         if name == "full":
             dtype = _np("bool_" if t.dtype == "bool" else "int64")
             return _call(_np("full"), self.shape(args[0]), self.convert(self.expr(args[1]), self.t(args[1]), t.dtype), dtype)
-        xs = [self.expr(a) for a in args]
         ts = [self.t(a) for a in args]
+        # every call below builds a new array or a scalar, except where() on a scalar test
+        view = not (name == "where" and not t.ndim) and name not in ("int", "bool")
+        xs = [self.operand(a) if view else self.expr(a) for a in args]
         if name == "where":
             a, b = self.convert(xs[1], ts[1], t.dtype), self.convert(xs[2], ts[2], t.dtype)
             if not t.ndim:
@@ -306,7 +319,8 @@ class _Codegen:
                         else:
                             out += self.store(t, _name(temp), self.t(v))
                 elif isinstance(target, ast.Name):
-                    out.append(ast.Assign([_name(target.id, ast.Store())], self.value_for(target.id, s.value)))
+                    out += (self.fused(target.id, s.value)
+                            or [ast.Assign([_name(target.id, ast.Store())], self.value_for(target.id, s.value))])
                 else:
                     out += self.store(target, self.expr(s.value), self.t(s.value))
             return out
@@ -342,6 +356,144 @@ class _Codegen:
         if isinstance(s, ir.GroupRace):
             return self.race_groups(s)
         raise TypeError(type(s).__name__)  # pragma: no cover
+
+    # ---- loop fusion: a 1-d elementwise assignment as one loop, no temporary arrays ----------
+    def fused(self, name, node):
+        """``name = <1-d elementwise expression>`` as one loop writing a fresh array (NumPy
+        would allocate an array per operation: most of a vectorised spec's time).  Scalar
+        subexpressions are hoisted before the loop, gathers become per-element reads; the
+        result equals the NumPy lowering's, errors included: fusion is refused unless every
+        checked site runs in the same order (all hoisted, or a single gather).  Returns the
+        statements, or None when the expression does not fuse."""
+        t = self.t(node)
+        if t.ndim != 1 or isinstance(node, (ast.Name, ast.Constant)):
+            return None
+        i = self.temp("e")
+        fusion = {"pre": [], "body": [], "length": None, "gathers": 0, "hoisted_checks": 0,
+                  "leaves": set(), "gathered": set()}
+        codes, count = len(self.codes), self.count
+        try:
+            value = self.element(node, i, fusion)
+        except _NotFusable:
+            del self.codes[codes:]
+            self.count = count
+            return None
+        if fusion["length"] is None or (fusion["gathers"] and (fusion["gathers"] > 1 or fusion["hoisted_checks"])):
+            del self.codes[codes:]
+            self.count = count
+            return None
+        dtype = self.types.locals[name].dtype
+        if dtype == "int" and t.dtype == "bool":
+            value = _call(_np("int64"), value)
+        out = self.temp("f")
+        n = _name(f"{out}n")
+        fresh = _call(_np("empty"), n, _np("bool_" if dtype == "bool" else "int64"))
+        if name in fusion["leaves"] and name not in fusion["gathered"]:
+            # the target is read only at the element being written: overwrite its buffer
+            # (every array local owns its buffer; the size test guards a rebinding)
+            x = _name(name)
+            size = ast.Subscript(_attr(x, "shape"), ast.Constant(0), ast.Load())
+            fresh = ast.IfExp(ast.Compare(size, [ast.Eq()], [n]), x, fresh)
+        loop = ast.For(_name(i, ast.Store()), _call("__range", _name(f"{out}n")),
+                       fusion["body"] + [ast.Assign([ast.Subscript(_name(out), _name(i), ast.Store())], value)], [])
+        return fusion["pre"] + [
+            ast.Assign([_name(f"{out}n", ast.Store())], fusion["length"]),
+            ast.Assign([_name(out, ast.Store())], fresh),
+            loop,
+            ast.Assign([_name(name, ast.Store())], _name(out))]
+
+    def element(self, node, i, fusion):
+        """Element ``i`` of a fusable expression (raises :class:`_NotFusable`)."""
+        t = self.t(node)
+        if not t.ndim:
+            if isinstance(node, (ast.Constant, ast.Name)):
+                return self.expr(node)
+            codes = len(self.codes)
+            temp = self.temp("h")                           # loop-invariant: evaluated once
+            fusion["pre"].append(ast.Assign([_name(temp, ast.Store())], self.expr(node)))
+            fusion["hoisted_checks"] += len(self.codes) - codes
+            return _name(temp)
+        if t.ndim != 1:
+            raise _NotFusable
+        if isinstance(node, ast.Name):
+            fusion["leaves"].add(node.id)
+            x = _name(self.rename.get(node.id, node.id))
+            if fusion["length"] is None:
+                fusion["length"] = ast.Subscript(_attr(x, "shape"), ast.Constant(0), ast.Load())
+            return ast.Subscript(x, _name(i), ast.Load())
+        if isinstance(node, ast.BinOp):
+            if isinstance(node.op, (ast.FloorDiv, ast.Mod)):
+                raise _NotFusable                            # a second kind of error site
+            left, right = self.element(node.left, i, fusion), self.element(node.right, i, fusion)
+            lt, rt = self.t(node.left), self.t(node.right)
+            if isinstance(node.op, _ARITH) or not (lt.dtype == rt.dtype == "bool"):
+                left, right = self.scalar_int(left, lt), self.scalar_int(right, rt)
+            return ast.BinOp(left, node.op, right)
+        if isinstance(node, ast.Compare):
+            return ast.Compare(self.element(node.left, i, fusion), node.ops,
+                               [self.element(node.comparators[0], i, fusion)])
+        if isinstance(node, ast.UnaryOp):
+            x, xt = self.element(node.operand, i, fusion), self.t(node.operand)
+            if isinstance(node.op, (ast.USub, ast.UAdd)):
+                return ast.UnaryOp(node.op, self.scalar_int(x, xt))
+            if isinstance(node.op, ast.Not) or xt.dtype == "bool":
+                return ast.UnaryOp(ast.Not(), x)
+            return ast.UnaryOp(ast.Invert(), x)
+        if isinstance(node, ast.BoolOp):                     # arrays: elementwise, no short cut
+            values = [self.element(v, i, fusion) for v in node.values]
+            op = ast.BitAnd() if isinstance(node.op, ast.And) else ast.BitOr()
+            out = values[0]
+            for v in values[1:]:
+                out = ast.BinOp(out, op, v)
+            return out
+        if isinstance(node, ast.IfExp):
+            return self.select(t, node.test, node.body, node.orelse, i, fusion)
+        if isinstance(node, ast.Subscript):
+            elts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            base = node.value
+            if (len(elts) != 1 or isinstance(elts[0], ast.Slice) or not isinstance(base, ast.Name)
+                    or self.t(base).ndim != 1 or self.t(elts[0]).ndim != 1):
+                raise _NotFusable
+            idx = self.element(elts[0], i, fusion)
+            fusion["gathered"].add(base.id)
+            x = _name(self.rename.get(base.id, base.id))
+            code = self.code("SpecIndexError", node.lineno, "read index out of range")
+            temp = self.temp("g")
+            fusion["body"].append(ast.Assign([_name(temp, ast.Store())], ast.Subscript(x, _call(
+                "__ck", idx, ast.Subscript(_attr(x, "shape"), ast.Constant(0), ast.Load()), _name("__st"), code),
+                ast.Load())))
+            fusion["gathers"] += 1
+            return _name(temp)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            name, args = node.func.id, node.args
+            if name == "arange" and len(args) == 1:
+                if fusion["length"] is None:
+                    fusion["length"] = self.static(args[0])
+                return _name(i)
+            if name == "where" and len(args) == 3:
+                return self.select(t, *args, i, fusion)
+            if name in ("minimum", "maximum") or (name in ("min", "max") and len(args) >= 2):
+                fn = "__min" if name in ("minimum", "min") else "__max"
+                xs = [self.element(a, i, fusion) for a in args]
+                xs = [self.scalar_int(x, self.t(a)) if t.dtype == "int" else x for x, a in zip(xs, args)]
+                out = xs[0]
+                for x in xs[1:]:
+                    out = _call(fn, out, x)
+                return out
+            if name == "abs" and len(args) == 1:
+                return _call("__abs", self.scalar_int(self.element(args[0], i, fusion), self.t(args[0])))
+        raise _NotFusable
+
+    def select(self, t, test, body, orelse, i, fusion):
+        c = self.element(test, i, fusion)
+        a, b = self.element(body, i, fusion), self.element(orelse, i, fusion)
+        if t.dtype == "int":
+            a, b = self.scalar_int(a, self.t(body)), self.scalar_int(b, self.t(orelse))
+        return ast.IfExp(c, a, b)
+
+    @staticmethod
+    def scalar_int(x, t):
+        return _call(_np("int64"), x) if t.dtype == "bool" else x
 
     def member_test(self, members, atom):
         """``(pre, stmts, value)``: ``pre`` runs once per race, ``stmts`` then ``value`` say
@@ -483,11 +635,13 @@ class _Codegen:
         body.append(self.check())
         writes = [ast.Assign([ast.Subscript(_name(o), _name("__b"), ast.Store())], _name(f))
                   for o, f in zip(outs, p.outputs)]
-        body.append(ast.If(ast.Compare(_name("__mode"), [ast.Eq()], [ast.Constant(0)]), writes, []))
+        body.append(ast.If(ast.Compare(_name("__mode"), [ast.NotEq()], [ast.Constant(1)]), writes, []))   # solve, sample
         lane = _function("lane", lane_args, body, "@njit(cache=True, error_model='numpy')")
-        drivers = _DRIVERS.format(params="".join(f"{x}, " for x in params), outs=", ".join(outs) or "",
-                                  outs_comma="".join(f", {o}" for o in outs),
-                                  finish=_FINISH_NESTED if self.fast else _FINISH_GENERIC)
+        fmt = dict(params="".join(f"{x}, " for x in params), outs=", ".join(outs) or "",
+                   outs_comma="".join(f", {o}" for o in outs),
+                   finish=_FINISH_NESTED if self.fast else _FINISH_GENERIC)
+        body = _SAMPLE_SCORE_TWO_PASS if self.fast else _SAMPLE_SCORE_ONE_PASS
+        drivers = _DRIVERS.format(sample_score=body.format(**fmt), **fmt)
         src = [
             f"# generated by structdsl from spec {p.name!r} ({p.file}); do not edit",
             # Numba's cache does not see changes in the modules a cached function calls: the
@@ -550,40 +704,22 @@ def solve_all({params}__valid, __unr, __uni, __logits, __res, __log_noise, __tr,
         __live0 = __alive[__b].copy()
         __pkey = __np.full(__A, -1, __np.int64)
         __fs = __np.zeros(1)
-        lane(__mode, __np.int64(__b), {params}__alive[__b], __live0, __res[__b], __tr[__b], __st[__b], __fs,
+        lane(__mode, __np.int64(__b), {params}__alive[__b], __live0, __res[__b], __empty, __tr[__b], __st[__b], __fs,
              __empty, __empty, __empty, __pkey, __log_space, __flags, __pkey, __pkey, __unr{outs_comma})
 
 
 @njit(parallel=True, cache=True, error_model='numpy')
 def sample_score_all({params}__valid, __unr, __uni, __logits, __res, __log_noise, __tr, __st, __fs, __grad, __lsum, __u, __noise, __flags, __log_space, __no_log_space{outs_comma}):
-    # draw a trace and score it at once (one dispatch for a training step): each lane samples
-    # as solve_all does, then replays its own trace as score_all does
+    # draw a trace and score it at once (one dispatch for a training step): each race is
+    # scored against the logits as it is run (mode 2), or, on the nested fast path (whose
+    # score needs every atom's exit race), the lane replays its own trace as score_all does
     __B, __A = __res.shape
     __R = __tr.shape[1]
     __empty = __np.zeros(0)
     __flags0 = __np.int64(0)
     __alive = __np.empty((__B, __A), __np.bool_)
     for __b in prange(__B):
-        __nested = __st[__b, 2]
-        __prepare_sample(__valid, __uni[__b], __logits[__b], __alive[__b], __res[__b], __log_noise[__b])
-        __live0 = __alive[__b].copy()
-        __pkey = __np.full(__A, -1, __np.int64)
-        __fs0 = __np.zeros(1)
-        lane(__np.int64(0), __np.int64(__b), {params}__alive[__b], __live0, __res[__b], __tr[__b], __st[__b], __fs0,
-             __empty, __empty, __empty, __pkey, __log_space, __flags0, __pkey, __pkey, __unr{outs_comma})
-        if __st[__b, 0] != 0:
-            continue
-        __st[__b, 1] = 0
-        __st[__b, 2] = __nested
-        __alive[__b] = __live0
-        __pkey = __np.full(__A, -1, __np.int64)
-        __ex = __np.full(__A, -1, __np.int64)
-        __cand = __np.flatnonzero(__live0)
-        __st[__b, 3] = __cand.size
-        lane(__np.int64(1), __np.int64(__b), {params}__alive[__b], __live0, __logits[__b], __tr[__b], __st[__b], __fs[__b],
-             __grad[__b], __lsum[__b], __u[__b], __pkey, __no_log_space, __flags, __ex, __cand, __unr{outs_comma})
-        if __st[__b, 0] == 0:
-{finish}
+{sample_score}
 
 
 @njit(parallel=True, cache=True, error_model='numpy')
@@ -597,11 +733,38 @@ def score_all({params}__unr, __alive, __logits, __tr, __st, __fs, __grad, __lsum
         __ex = __np.full(__A, -1, __np.int64)
         __cand = __np.flatnonzero(__live0)          # the nested score's candidates: every live atom
         __st[__b, 3] = __cand.size
-        lane(__mode, __np.int64(0), {params}__alive[__b], __live0, __logits[__b], __tr[__b], __st[__b], __fs[__b],
+        lane(__mode, __np.int64(0), {params}__alive[__b], __live0, __logits[__b], __logits[__b], __tr[__b], __st[__b], __fs[__b],
              __grad[__b], __lsum[__b], __u[__b], __pkey, __log_space, __flags, __ex, __cand, __unr{outs_comma})
         if __st[__b, 0] == 0:
 {finish}
 '''
+
+
+_SAMPLE_SCORE_ONE_PASS = """        __prepare_sample(__valid, __uni[__b], __logits[__b], __alive[__b], __res[__b], __log_noise[__b])
+        __live0 = __alive[__b].copy()
+        __pkey = __np.full(__A, -1, __np.int64)
+        lane(__np.int64(2), __np.int64(__b), {params}__alive[__b], __live0, __res[__b], __logits[__b], __tr[__b], __st[__b], __fs[__b],
+             __grad[__b], __lsum[__b], __u[__b], __pkey, __log_space, __flags, __pkey, __pkey, __unr{outs_comma})"""
+_SAMPLE_SCORE_TWO_PASS = """        __nested = __st[__b, 2]
+        __prepare_sample(__valid, __uni[__b], __logits[__b], __alive[__b], __res[__b], __log_noise[__b])
+        __live0 = __alive[__b].copy()
+        __pkey = __np.full(__A, -1, __np.int64)
+        __fs0 = __np.zeros(1)
+        lane(__np.int64(0), __np.int64(__b), {params}__alive[__b], __live0, __res[__b], __empty, __tr[__b], __st[__b], __fs0,
+             __empty, __empty, __empty, __pkey, __log_space, __flags0, __pkey, __pkey, __unr{outs_comma})
+        if __st[__b, 0] != 0:
+            continue
+        __st[__b, 1] = 0
+        __st[__b, 2] = __nested
+        __alive[__b] = __live0
+        __pkey = __np.full(__A, -1, __np.int64)
+        __ex = __np.full(__A, -1, __np.int64)
+        __cand = __np.flatnonzero(__live0)
+        __st[__b, 3] = __cand.size
+        lane(__np.int64(1), __np.int64(__b), {params}__alive[__b], __live0, __logits[__b], __logits[__b], __tr[__b], __st[__b], __fs[__b],
+             __grad[__b], __lsum[__b], __u[__b], __pkey, __no_log_space, __flags, __ex, __cand, __unr{outs_comma})
+        if __st[__b, 0] == 0:
+{finish}"""
 
 
 def _kernels_hash():

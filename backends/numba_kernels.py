@@ -23,7 +23,7 @@ import math
 import numpy as np
 from numba import njit
 
-SOLVE, SCORE = 0, 1
+SOLVE, SCORE, SAMPLE_SCORE = 0, 1, 2     # SAMPLE_SCORE: solve on the residuals, score on the logits
 IMPOSSIBLE = -1
 WANT_GRAD, WANT_NOISE, WANT_MEMBERS = 1, 2, 4
 
@@ -148,7 +148,7 @@ def _remember(mask, key, single, pkey):
 
 
 @njit(cache=True)
-def race(mode, members, alive, res, tr, st, fs, grad, lsum, u, pkey, log_space, flags,
+def race(mode, members, alive, res, x, tr, st, fs, grad, lsum, u, pkey, log_space, flags,
          allow_empty, code_empty, code_nest):
     """One race over ``members & alive`` (``members`` is overwritten with that mask);
     returns the flat winner (-1: empty and allowed).
@@ -169,7 +169,7 @@ def race(mode, members, alive, res, tr, st, fs, grad, lsum, u, pkey, log_space, 
         _check_nested(members, pkey, True, 1, pkey, st, code_nest)
         if st[0] != 0:
             return -1
-    w = _pick(mode, members, alive, res, tr, st, fs, grad, lsum, u, log_space, flags)
+    w = _pick(mode, members, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags)
     if st[2] & 1:
         _remember(members, pkey, True, pkey)
         st[2] = 3
@@ -177,13 +177,15 @@ def race(mode, members, alive, res, tr, st, fs, grad, lsum, u, pkey, log_space, 
 
 
 @njit(cache=True)
-def _pick(mode, mask, alive, res, tr, st, fs, grad, lsum, u, log_space, flags):
+def _pick(mode, mask, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags):
+    """SOLVE: the winner from the residuals ``res`` (updated); SCORE: the trace's winner
+    scored against the logits (``res`` holds them); SAMPLE_SCORE: both, logits in ``x``."""
     A = alive.size
     slot = st[1]
     if slot >= tr.size:              # cannot happen: the bound is proven statically
         fail(st, IMPOSSIBLE)
         return -1
-    if mode == SOLVE:
+    if mode != SCORE:
         w = -1
         best = np.inf
         for i in range(A):
@@ -199,42 +201,51 @@ def _pick(mode, mask, alive, res, tr, st, fs, grad, lsum, u, log_space, flags):
                 else:
                     res[i] = res[i] - lo
         tr[slot] = w
+        if mode == SAMPLE_SCORE:
+            _score_race(mask, x, w, slot, fs, grad, lsum, u, flags)
     else:
         w = tr[slot]
         if w < 0 or w >= A or not mask[w]:
             fail(st, IMPOSSIBLE)
             return -1
-        top = -np.inf
-        for i in range(A):
-            if mask[i] and res[i] > top:
-                top = res[i]
-        s = 0.0
-        for i in range(A):
-            if mask[i]:
-                s += math.exp(res[i] - top)
-        lse = top + math.log(s)
-        fs[0] += res[w] - lse
-        if flags & WANT_GRAD:
-            grad[w] += 1.0
-            for i in range(A):
-                if mask[i]:
-                    grad[i] -= math.exp(res[i] - lse)
-        if flags & WANT_NOISE:
-            lm = math.log(-math.log(u[slot])) - lse
-            for i in range(A):
-                if mask[i]:
-                    lsum[i] = _logaddexp(lsum[i], lm)
-        if flags & WANT_MEMBERS:
-            for i in range(A):
-                if mask[i]:
-                    lsum[slot * A + i] = 1.0
+        _score_race(mask, res, w, slot, fs, grad, lsum, u, flags)
     alive[w] = False
     st[1] = slot + 1
     return w
 
 
 @njit(cache=True)
-def race_groups(mode, keys, groups, alive, res, tr, st, fs, grad, lsum, u, pkey, log_space, flags,
+def _score_race(mask, res, w, slot, fs, grad, lsum, u, flags):
+    """Race ``slot`` (members ``mask``, winner ``w``) scored against the logits ``res``."""
+    A = mask.size
+    top = -np.inf
+    for i in range(A):
+        if mask[i] and res[i] > top:
+            top = res[i]
+    s = 0.0
+    for i in range(A):
+        if mask[i]:
+            s += math.exp(res[i] - top)
+    lse = top + math.log(s)
+    fs[0] += res[w] - lse
+    if flags & WANT_GRAD:
+        grad[w] += 1.0
+        for i in range(A):
+            if mask[i]:
+                grad[i] -= math.exp(res[i] - lse)
+    if flags & WANT_NOISE:
+        lm = math.log(-math.log(u[slot])) - lse
+        for i in range(A):
+            if mask[i]:
+                lsum[i] = _logaddexp(lsum[i], lm)
+    if flags & WANT_MEMBERS:
+        for i in range(A):
+            if mask[i]:
+                lsum[slot * A + i] = 1.0
+
+
+@njit(cache=True)
+def race_groups(mode, keys, groups, alive, res, x, tr, st, fs, grad, lsum, u, pkey, log_space, flags,
                 allow_empty, code_empty, code_nest, code_key):
     """One race per group (keys in [-1, groups)); returns winners per group (-1: empty)."""
     A = alive.size
@@ -256,7 +267,7 @@ def race_groups(mode, keys, groups, alive, res, tr, st, fs, grad, lsum, u, pkey,
         _check_nested(mask, key, False, groups, pkey, st, code_nest)
         if st[0] != 0:
             return out
-    _pick_groups(mode, key, groups, present, alive, res, tr, st, fs, grad, lsum, u, log_space, flags, out)
+    _pick_groups(mode, key, groups, present, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags, out)
     if st[0] != 0:
         return out
     if st[2] & 1:
@@ -266,7 +277,7 @@ def race_groups(mode, keys, groups, alive, res, tr, st, fs, grad, lsum, u, pkey,
 
 
 @njit(cache=True)
-def _pick_groups(mode, key, groups, present, alive, res, tr, st, fs, grad, lsum, u, log_space, flags, out):
+def _pick_groups(mode, key, groups, present, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags, out):
     """Every present group's race in one pass over the atoms (``key``: group, -1 outside),
     with the reference's arithmetic per group; winners recorded in group order."""
     A = alive.size
@@ -281,7 +292,7 @@ def _pick_groups(mode, key, groups, present, alive, res, tr, st, fs, grad, lsum,
     if k > tr.size:                  # cannot happen: the bound is proven statically
         fail(st, IMPOSSIBLE)
         return
-    if mode == SOLVE:
+    if mode != SCORE:
         best = np.full(G, -1, np.int64)
         for i in range(A):
             g = key[i]
@@ -303,57 +314,71 @@ def _pick_groups(mode, key, groups, present, alive, res, tr, st, fs, grad, lsum,
         for g in range(G):
             if best[g] >= 0:
                 tr[slot_of[g]] = best[g]
+        if mode == SAMPLE_SCORE:
+            _score_groups(key, G, present, x, tr, slot_of, st, fs, grad, lsum, u, flags, out)
+        for g in range(G):
+            if best[g] >= 0:
                 out[g] = best[g]
                 alive[best[g]] = False
     else:
-        top = np.full(G, -np.inf)
-        for i in range(A):
-            g = key[i]
-            if g >= 0 and res[i] > top[g]:
-                top[g] = res[i]
-        s = np.zeros(G)
-        for i in range(A):
-            g = key[i]
-            if g >= 0:
-                s[g] += math.exp(res[i] - top[g])
-        lse = np.empty(G)
-        for g in range(G):
-            if present[g]:
-                lse[g] = top[g] + math.log(s[g])
-        for g in range(G):
-            if present[g]:
-                w = tr[slot_of[g]]
-                if w < 0 or w >= A or key[w] != g:
-                    fail(st, IMPOSSIBLE)
-                    return
-                fs[0] += res[w] - lse[g]
-                out[g] = w
-        if flags & WANT_GRAD:
-            for i in range(A):
-                g = key[i]
-                if g >= 0:
-                    grad[i] -= math.exp(res[i] - lse[g])
-            for g in range(G):
-                if present[g]:
-                    grad[out[g]] += 1.0
-        if flags & WANT_NOISE:
-            lm = np.empty(G)
-            for g in range(G):
-                if present[g]:
-                    lm[g] = math.log(-math.log(u[slot_of[g]])) - lse[g]
-            for i in range(A):
-                g = key[i]
-                if g >= 0:
-                    lsum[i] = _logaddexp(lsum[i], lm[g])
-        if flags & WANT_MEMBERS:
-            for i in range(A):
-                g = key[i]
-                if g >= 0:
-                    lsum[slot_of[g] * A + i] = 1.0
+        _score_groups(key, G, present, res, tr, slot_of, st, fs, grad, lsum, u, flags, out)
+        if st[0] != 0:
+            return
         for g in range(G):
             if present[g]:
                 alive[out[g]] = False
     st[1] = k
+
+
+@njit(cache=True)
+def _score_groups(key, G, present, res, tr, slot_of, st, fs, grad, lsum, u, flags, out):
+    """Every present group's race (winners from the trace, written to ``out``) scored
+    against the logits ``res``."""
+    A = key.size
+    top = np.full(G, -np.inf)
+    for i in range(A):
+        g = key[i]
+        if g >= 0 and res[i] > top[g]:
+            top[g] = res[i]
+    s = np.zeros(G)
+    for i in range(A):
+        g = key[i]
+        if g >= 0:
+            s[g] += math.exp(res[i] - top[g])
+    lse = np.empty(G)
+    for g in range(G):
+        if present[g]:
+            lse[g] = top[g] + math.log(s[g])
+    for g in range(G):
+        if present[g]:
+            w = tr[slot_of[g]]
+            if w < 0 or w >= A or key[w] != g:
+                fail(st, IMPOSSIBLE)
+                return
+            fs[0] += res[w] - lse[g]
+            out[g] = w
+    if flags & WANT_GRAD:
+        for i in range(A):
+            g = key[i]
+            if g >= 0:
+                grad[i] -= math.exp(res[i] - lse[g])
+        for g in range(G):
+            if present[g]:
+                grad[out[g]] += 1.0
+    if flags & WANT_NOISE:
+        lm = np.empty(G)
+        for g in range(G):
+            if present[g]:
+                lm[g] = math.log(-math.log(u[slot_of[g]])) - lse[g]
+        for i in range(A):
+            g = key[i]
+            if g >= 0:
+                lsum[i] = _logaddexp(lsum[i], lm[g])
+    if flags & WANT_MEMBERS:
+        for i in range(A):
+            g = key[i]
+            if g >= 0:
+                lsum[slot_of[g] * A + i] = 1.0
 
 
 @njit(cache=True)

@@ -225,7 +225,8 @@ def _losses(f, structure, lead):
     if not torch.is_floating_point(out):
         out = out.to(torch.get_default_dtype())
     d = out.detach()
-    if d.numel() and math.isfinite(float(d.sum())):   # one reduction screens every entry
+    total = d.numpy().sum() if d.device.type == "cpu" else float(d.sum())
+    if d.numel() and math.isfinite(total):            # one reduction screens every entry
         return out
     bad = ~torch.isfinite(d)
     if bad.any():
@@ -252,18 +253,18 @@ def _native(dist):
 
 class _NativeScoreSurrogate(torch.autograd.Function):
     """:func:`_score_surrogate` in one autograd node, from the analytic trace scores ``grad``
-    (``[K, *batch, *atom]``, no graph): value ``mean(losses)``; gradient ``1/n`` in the
-    losses and ``mean_k,batch adv * grad`` in the logits ``[*batch, *atom]``."""
+    (NumPy ``[K * batch, A]``): value ``mean(losses)``; gradient ``1/n`` in the losses and
+    ``mean_k,batch adv * grad`` in the logits ``[*batch, *atom]``."""
 
     @staticmethod
     def forward(ctx, losses, logits, grad, loo):
-        fd = losses.detach().double().numpy()
+        fd = losses.detach().numpy().astype(np.float64, copy=False)
         K = fd.shape[0]
         adv = (fd - fd.mean(0)) * (K / (K - 1)) if loo else fd
-        g = (adv.reshape(adv.shape + (1,) * (grad.dim() - adv.ndim)) * grad.double().numpy()).sum(0) / fd.size
-        ctx.g = torch.from_numpy(g).to(logits.dtype)
+        g = adv.reshape(K, -1, 1) * grad.reshape(K, adv.size // K if K else 0, -1)
+        ctx.g = torch.from_numpy(g.sum(0).reshape(logits.shape) / fd.size).to(logits.dtype)
         ctx.losses_shape = losses.shape
-        return losses.detach().mean()
+        return torch.as_tensor(fd.mean(), dtype=losses.dtype)
 
     @staticmethod
     def backward(ctx, gout):
@@ -302,8 +303,8 @@ class _NativeRelax(torch.autograd.Function):
         live = np.ascontiguousarray(np.broadcast_to(dist._live.numpy(), shape).reshape(lanes))
         W1, b1, w2, b2 = (p.detach().double().numpy() for p in
                           (critic.net[0].weight, critic.net[0].bias, critic.net[2].weight, critic.net[2].bias))
-        G, *grad_p = relax_mlp(xb, live, d.members.numpy(), d.trace.numpy().reshape(L, R),
-                               d.grad.double().numpy().reshape(lanes), losses.detach().double().numpy().reshape(L),
+        G, *grad_p = relax_mlp(xb, live, d.members, d.trace.numpy().reshape(L, R),
+                               d.grad, losses.detach().double().numpy().reshape(L),
                                d.log_noise.double().numpy().reshape(lanes), u, np.ascontiguousarray(W1), b1,
                                np.ascontiguousarray(w2[0]), float(b2[0]), K)
         if not np.isfinite(G).all():

@@ -78,7 +78,7 @@ class Instance:
 
     @property
     def num_atoms(self):
-        return int(np.prod(self.atom_shape, dtype=np.int64))
+        return self.valid.size
 
 
 class Enumeration:

@@ -111,12 +111,12 @@ def _noise_given_members(x, t, members, u, live):
 
 
 class _Draw(NamedTuple):
-    trace: torch.Tensor
-    structure: tuple
-    log_noise: torch.Tensor
-    logp: Optional[torch.Tensor]
-    grad: Optional[torch.Tensor]
-    members: Optional[torch.Tensor]        # bool [flat lead, R, A]
+    trace: torch.Tensor                    # [*lead, R]
+    structure: tuple                       # fields [*lead, ...]
+    log_noise: torch.Tensor                # [*lead, *atom_shape]
+    logp: Optional[np.ndarray]             # float64 [L]  (L = flat lead)
+    grad: Optional[np.ndarray]             # float64 [L, A]
+    members: Optional[np.ndarray]          # bool [L, R, A]
 
 
 class RaceDistribution(Distribution, _PyroMixin):
@@ -236,31 +236,32 @@ class RaceDistribution(Distribution, _PyroMixin):
         return s.trace, s.structure, s.log_noise
 
     def _draw_native(self, sample_shape, generator, score=False, members=False):
-        """The CPU fast path's draw (requires ``self._numba``): a :class:`_Draw` whose
-        ``logp`` (``sample_shape + batch_shape``) and ``grad`` (its gradient in the logits,
-        ``... + atom_shape``) are filled with ``score``, and ``members`` (the races' member
-        sets, as ``memberships``) with ``members``; plain tensors, nothing differentiable.
-        NumPy from here on: a torch op costs ~5 us at a training step's sizes."""
+        """The CPU fast path's draw (requires ``self._numba``): a :class:`_Draw`; with
+        ``score`` its ``logp`` (``[L]``, ``L`` the flat ``sample_shape + batch_shape``) and
+        ``grad`` (its gradient in the logits, ``[L, A]``), with ``members`` the races' member
+        sets (``[L, R, A]``, as ``memberships``): float64 / bool NumPy arrays, for the
+        estimators' native paths.  NumPy from here on: a torch op costs ~5 us at a training
+        step's sizes."""
         shape = torch.Size(sample_shape) + self.batch_shape + self.atom_shape
-        lead = shape[:len(shape) - len(self.atom_shape)]
-        flat = (-1,) + self.atom_shape
+        k = len(self.atom_shape)
+        lead = shape[:len(shape) - k]
         u = torch.rand(shape, generator=generator, dtype=self.logits.dtype).numpy()   # torch's RNG stream
         un = np.maximum(u, np.finfo(u.dtype).tiny, out=u if u.dtype == np.float64 else None).astype(np.float64, copy=False)
-        xn = self.logits.detach().double().numpy()
+        xn = self.logits.detach().numpy()
         if xn.size and not xn.max() < math.inf:              # validate_args may be off
             self.program._check_logits(xn)                     # raises, naming the entry
-        xb = np.broadcast_to(xn, shape).reshape(flat)
+        A = self.instance.num_atoms
+        xb = np.empty((un.size // A if A else lead.numel(), A))
+        xb.reshape(shape)[...] = xn                            # the batch's logits, once per sample
         fast, dtype = self._numba, self.logits.dtype
+        flat = (-1,) + self.atom_shape
         if score or members:
             trace, fields, log_noise, logp, grad, mem = fast.sample_score_flat(un.reshape(flat), xb, lead, members)
         else:
             (trace, fields, log_noise), logp, grad, mem = fast.sample_flat(un.reshape(flat), xb, lead), None, None, None
         structure = self.program.Structure(*(torch.from_numpy(f.reshape(lead + f.shape[1:])) for f in fields))
         return _Draw(torch.from_numpy(trace.reshape(lead + trace.shape[1:])), structure,
-                     torch.from_numpy(log_noise.reshape(shape)).to(dtype),
-                     None if logp is None else torch.from_numpy(logp.reshape(lead)).to(dtype),
-                     None if grad is None else torch.from_numpy(grad.reshape(shape)).to(dtype),
-                     None if mem is None else torch.from_numpy(mem.reshape(lead.numel(), -1, mem.shape[-1])))
+                     torch.from_numpy(log_noise.reshape(shape)).to(dtype), logp, grad, mem)
 
     def enumerate_support(self, expand=True):
         """Every trace with positive probability: ``[N] + batch_shape + (max_races,)`` (or
