@@ -4,7 +4,7 @@ import inspect
 import numpy as np
 
 import structdsl
-from structdsl import atoms, full, race, spec, zeros
+from structdsl import arange, atoms, full, race, spec, where, zeros
 from structdsl import specs as builtin
 
 
@@ -25,7 +25,7 @@ def topological_order(n, dag):
 # ---- the backends' parity cases (tests/test_numba.py, tests/test_torch.py) ----------------
 SIZES = {"categorical": (1, 7), "top_k": (2, 7), "permutation": (1, 6), "spanning_tree": (1, 6),
          "arborescence": (1, 5), "binary_tree": (1, 7), "matching": (1, 4), "clustering": (2, 6),
-         "height": (1, 7), "topological": (4, 4)}
+         "height": (1, 7), "topological": (4, 4), "pointer_jumps": (1, 5)}
 STATICS = {"top_k": {"k": 2}, "clustering": {"c": 2}}
 DAG = np.array([[0, 1, 1, 0], [0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=bool)
 
@@ -51,8 +51,27 @@ def height(n):
     return h, order
 
 
+@spec
+def pointer_jumps(n):
+    """Whole-array statements the numba backend fuses into loops: a gather from the very
+    array being assigned (never done in place), an in-place update, a hoisted scalar read,
+    arange and bool/int mixing, on a successor function drawn by one race per row."""
+    succ = atoms(n, n)
+    nxt = full(n, -1)
+    for i in range(n):
+        u, v = race(succ, lambda a, b: a == i)
+        nxt[i] = v
+    reach = nxt
+    moved = zeros(n, int)
+    for _ in range(n):
+        moved = moved + (reach != arange(n))
+        reach = reach[reach]
+    mixed = where(reach == reach[0], moved * 2, -moved) + (nxt > reach[0])
+    return nxt, reach, mixed
+
+
 SPECS = {**{name: getattr(builtin, name) for name in builtin.__all__}, "height": height,
-         "topological": topological_order}
+         "topological": topological_order, "pointer_jumps": pointer_jumps}
 _COMPILED = {}
 
 
@@ -67,7 +86,7 @@ def compiled(name, backend):
 
 
 def atom_shape(name, n):
-    return (n, n) if name in ("spanning_tree", "arborescence", "matching", "clustering") else (n,)
+    return (n, n) if name in ("spanning_tree", "arborescence", "matching", "clustering", "pointer_jumps") else (n,)
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -77,6 +96,16 @@ def careless(n):
     out = zeros(n, int)
     w = race(item, allow_empty=True)
     out[w - 1] = 1  # BAD
+    return out
+
+
+@spec
+def careless_vector(n):
+    item = atoms(n)
+    order = full(n, -1)
+    w = race(item)
+    order[w] = w
+    out = order[order]  # BAD
     return out
 
 
