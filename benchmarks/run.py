@@ -359,34 +359,44 @@ def print_compile_times(name, n, results, markdown):
 
 # ---- one training step through the distribution -------------------------------------------
 def reinforce_steps(sizes, batch, repeat, markdown):
-    """Milliseconds of one T-REINFORCE step (sample, log_prob, backward) on spanning trees
-    through ``structdsl.torch.RaceDistribution``: its CPU fast path (numba, analytic
-    backward) and the lock-step torch path."""
+    """Milliseconds of one T-REINFORCE step on spanning trees through
+    ``structdsl.torch.RaceDistribution``: ``estimators.t_reinforce`` on the CPU fast path
+    (one native call draws and scores, one autograd node injects the analytic score), the
+    same step written by hand (sample, log_prob, backward) on the fast path, and the
+    lock-step torch path."""
     import torch
 
+    from structdsl import estimators
     from structdsl.torch import RaceDistribution
     rows = []
     for n in sizes:
         logits = torch.randn((batch, n, n), generator=torch.Generator().manual_seed(0), dtype=torch.float64,
                              requires_grad=True)
+        weights = torch.randn((n, n), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         row = [str(n), str(batch)]
-        for fast in (True, False):
-            if fast and not numba_available():
+        for how in ("estimator", "by hand", "lock-step"):
+            if how != "lock-step" and not numba_available():
                 row.append("-")
                 continue
-            dist = RaceDistribution(specs.spanning_tree, logits=logits, fast_cpu=fast)
-            loss = torch.randn(batch, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            dist = RaceDistribution(specs.spanning_tree, logits=logits, fast_cpu=how != "lock-step")
+
+            def f(s):
+                return (s.adjacency * weights).sum((-1, -2))
 
             def step():
-                trace = dist.sample()
-                (dist.log_prob(trace) * loss).mean().backward()
+                logits.grad = None
+                if how == "estimator":
+                    estimators.t_reinforce(dist, f).backward()
+                else:
+                    s = dist.sample_with_structure()
+                    (dist.log_prob(s.trace) * f(s.structure)).mean().backward()
             step()
             t, _ = measure(step, repeat, 5.0)
             row.append(f"{t * 1e3:.1f}")
         rows.append(row)
     return render(f"T-REINFORCE step on spanning_tree, ms per batch (torch {torch.__version__}, "
                   f"{torch.get_num_threads()} threads)",
-                  [("ms per step", ["fast CPU", "lock-step"])], rows, markdown)
+                  [("ms per step", ["t_reinforce", "by hand (fast)", "lock-step"])], rows, markdown)
 
 
 # ---- main ---------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ class RELAX(nn.Module):
         if self.critic is None:
             self.critic = MLPCritic(dist.atom_shape, self.hidden).to(x.device, x.dtype)
         lead = (K,) + dist.batch_shape
-        if _native(dist) and type(self.critic) is MLPCritic and not self.critic.training_hooks():
+        if _native(dist) and type(self.critic) is MLPCritic and self.critic._plain_cpu():
             return _NativeRelax.surrogate(self.critic, dist, f, K)
         s = dist.sample_with_structure((K,))
         losses = _losses(f, s.structure, lead)
@@ -159,18 +159,26 @@ class MLPCritic(nn.Module):
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
-    def training_hooks(self):
-        """Whether anything would see this module's forward pass (hooks, a subclass, weights
-        not on the CPU): then RELAX runs it through autograd instead of in closed form."""
+    def _plain_cpu(self):
+        """No hooks (nothing must see a forward pass) and plain parameters on the CPU: then
+        RELAX may evaluate this critic in closed form instead of calling it."""
         mods = list(self.modules())
-        return (any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in mods)
-                or any(p.device.type != "cpu" or type(p) is not nn.Parameter for p in self.parameters()))
+        net = self.net
+        standard = (len(net) == 3 and type(net[0]) is nn.Linear and type(net[1]) is nn.Tanh
+                    and type(net[2]) is nn.Linear and net[0].bias is not None and net[2].bias is not None)
+        return standard and not (
+            any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in mods)
+            or any(p.device.type != "cpu" or type(p) is not nn.Parameter for p in self.parameters()))
+
+    def _check(self, z_shape):
+        k = len(self.atom_shape)
+        if tuple(z_shape[len(z_shape) - k:]) != self.atom_shape:
+            raise ValueError(f"MLPCritic expects [*lead, {', '.join(map(str, self.atom_shape))}], "
+                             f"got {tuple(z_shape)}")
 
     def forward(self, z):
+        self._check(z.shape)
         k = len(self.atom_shape)
-        if tuple(z.shape[z.dim() - k:]) != self.atom_shape:
-            raise ValueError(f"MLPCritic expects [*lead, {', '.join(map(str, self.atom_shape))}], "
-                             f"got {tuple(z.shape)}")
         return self.net(z.reshape(z.shape[:z.dim() - k] + (-1,))).squeeze(-1)
 
 
@@ -293,6 +301,7 @@ class _NativeRelax(torch.autograd.Function):
     def surrogate(critic, dist, f, K):
         from .backends.numba_estimators import relax_mlp
         x = dist.logits
+        critic._check(torch.Size((K,)) + dist.batch_shape + dist.atom_shape)
         d = dist._draw_native((K,), None, score=True, members=True)
         losses = _losses(f, d.structure, (K,) + dist.batch_shape)
         shape = d.log_noise.shape                                   # [K, *batch, *atom]

@@ -250,6 +250,9 @@ def test_bad_input_is_named():
     bad_critic = estimators.RELAX(critic=torch.nn.Sequential(torch.nn.Flatten(-2), torch.nn.Linear(16, 3)).double())
     with pytest.raises(ValueError, match=r"critic must map .* returned \(1, 3\)"):
         bad_critic(d, lambda s: s.adjacency.sum((-1, -2)).double())
+    wrong_size = estimators.RELAX(atom_shape=(5, 5)).double()      # the closed form checks it too
+    with pytest.raises(ValueError, match=r"MLPCritic expects \[\*lead, 5, 5\], got \(1, 4, 4\)"):
+        wrong_size(d, lambda s: s.adjacency.sum((-1, -2)).double())
     frozen = RaceDistribution(specs.spanning_tree, torch.zeros(4, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="require grad"):
         estimators.RELAX(atom_shape=(4, 4))(frozen, lambda s: s.adjacency.sum((-1, -2)).double())
