@@ -155,6 +155,9 @@ class _Codegen:
             orelse = self.convert(self.expr(node.orelse), self.t(node.orelse), dtype)
             if self.t(node.test).ndim:
                 return _call(_np("where"), self.expr(node.test), body, orelse)
+            if self.t(node).ndim:            # an array chosen by a scalar test: a copy, never an alias
+                body, orelse = (_call(_attr(x, "copy")) if isinstance(n, ast.Name) else x
+                                for x, n in ((body, node.body), (orelse, node.orelse)))
             return ast.IfExp(self.expr(node.test), body, orelse)
         if isinstance(node, ast.Subscript):
             out = self.subscript(node, "read")

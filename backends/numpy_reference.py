@@ -359,6 +359,9 @@ class _Lowering:
             test, body, orelse = self.expr(node.test), self.as_type(node.body, node), self.as_type(node.orelse, node)
             if self.elementwise(node.test):
                 return _call("__where", test, body, orelse)
+            if self.types.of(node).ndim:      # an array chosen by a scalar test: a value, not an alias
+                body, orelse = (_call("__copy", x) if isinstance(n, ast.Name) else x
+                                for x, n in ((body, node.body), (orelse, node.orelse)))
             return ast.IfExp(test, body, orelse)                   # scalar condition: lazy
         if isinstance(node, ast.Subscript):
             return _call("__get", self.expr(node.value), self.index(node.slice))

@@ -372,6 +372,37 @@ def test_operators_have_one_meaning():
     assert int(r.floor) == (1 - 7) // 2 == -3 and int(r.rem) == (1 - 7) % 3 == 0
 
 
+@spec
+def chosen_arrays_are_values(n):
+    item = atoms(n, n)
+    grid = zeros((n, n), int)
+    other = zeros((n, n), int)
+    u, v = race(item)
+    picked = grid if u >= 0 else other    # an array chosen by a scalar test is a copy...
+    picked[0, 0] = 7                      # ...so this never writes `grid`
+    flags = zeros(n, bool)
+    chosen = flags if u >= 0 else flags | True
+    chosen[0] = True
+    chosen = chosen & True                # a fused, in-place update must not reach `flags` either
+    return grid, picked, flags, chosen
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "torch"])
+def test_an_array_chosen_by_a_scalar_test_is_a_value(backend):
+    """`a = b if c else d` binds a copy, as `a = b` does (section 3.2), on every backend."""
+    if backend != "numpy":
+        pytest.importorskip(backend)
+    prog = structdsl.compile(chosen_arrays_are_values, backend=backend)
+    logits, u = np.zeros((2, 3, 3)), np.full((2, 3, 3), 0.5)
+    if backend == "torch":
+        import torch
+        logits, u = torch.as_tensor(logits), torch.as_tensor(u)
+    r = prog.sample(logits, uniforms=u).structure
+    grid, picked, flags, chosen = (np.asarray(f) for f in r)
+    assert (grid == 0).all() and (picked[:, 0, 0] == 7).all()
+    assert not flags.any() and chosen[:, 0].all()
+
+
 def test_types_are_visible():
     from structdsl.specs import arborescence
     prog = structdsl.compile(arborescence)
