@@ -378,11 +378,10 @@ class _Codegen:
         try:
             value = self.element(node, i, fusion)
         except _NotFusable:
-            del self.codes[codes:]
-            self.count = count
-            return None
-        if fusion["length"] is None or (fusion["gathers"] and (fusion["gathers"] > 1 or fusion["hoisted_checks"])):
-            del self.codes[codes:]
+            value = None
+        if value is None or fusion["length"] is None or (
+                fusion["gathers"] and (fusion["gathers"] > 1 or fusion["hoisted_checks"])):
+            del self.codes[codes:]                   # as if never tried: the NumPy lowering follows
             self.count = count
             return None
         dtype = self.types.locals[name].dtype

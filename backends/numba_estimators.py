@@ -10,15 +10,30 @@ import math
 import numpy as np
 from numba import njit
 
+from .numba_kernels import _logaddexp
+
 
 @njit(cache=True)
-def _logaddexp(a, b):
-    if a == -np.inf:
-        return b
-    if b == -np.inf:
-        return a
-    m = max(a, b)
-    return m + math.log(math.exp(a - m) + math.exp(b - m))
+def _jt(P, rho, phi, v, y, out):
+    """``out = J^T v`` for one lane's ``J = rho^T P + diag(phi)`` (``y``: scratch ``[R]``)."""
+    R, A = P.shape
+    for r in range(R):
+        acc = 0.0
+        for a in range(A):
+            acc += rho[r, a] * v[a]
+        y[r] = acc
+    for b in range(A):
+        acc = phi[b] * v[b]
+        for r in range(R):
+            acc += P[r, b] * y[r]
+        out[b] = acc
+
+
+@njit(cache=True)
+def _jv(P, rho, phi, v, y, out):
+    """``out = J v`` for one lane's ``J = rho^T P + diag(phi)``: :func:`_jt` with the roles
+    of ``rho`` and ``P`` exchanged."""
+    _jt(rho, P, phi, v, y, out)
 
 
 @njit(cache=True)
@@ -49,6 +64,7 @@ def relax_mlp(x, live, members, trace, score, losses, log_noise, u, W1, b1, w2, 
     gz_e = np.empty(A)
     gz_t = np.empty(A)
     y = np.empty(R)
+    jt = np.empty(A)
     for l in range(L):
         # E | T: race r's minimum m_r = -log u_r / sum of its members' rates (log space)
         for r in range(R):
@@ -109,16 +125,9 @@ def relax_mlp(x, live, members, trace, score, losses, log_noise, u, W1, b1, w2, 
                 gz_e[a] += ke * W1[j, a]
                 gz_t[a] += kt * W1[j, a]
         # g = (f - c(z~)) score + d c(z) - J^T grad c(z~)
-        for r in range(R):
-            acc = 0.0
-            for a in range(A):
-                acc += rho[l, r, a] * gz_t[a]
-            y[r] = acc
+        _jt(P[l], rho[l], phi[l], gz_t, y, jt)
         for b in range(A):
-            jt = phi[l, b] * gz_t[b]
-            for r in range(R):
-                jt += P[l, r, b] * y[r]
-            g[l, b] = (losses[l] - c_t) * score[l, b] + (gz_e[b] if live[l, b] else 0.0) - jt
+            g[l, b] = (losses[l] - c_t) * score[l, b] + (gz_e[b] if live[l, b] else 0.0) - jt[b]
     G = np.zeros((nb, A))
     for l in range(L):
         for a in range(A):
@@ -137,17 +146,7 @@ def relax_mlp(x, live, members, trace, score, losses, log_noise, u, W1, b1, w2, 
             beta += v[a] * score[l, a]
         beta *= -alpha                                  # coefficient of d c(z~)
         gb2 += beta
-        # d_t = J v (the direction z~ moves in), d_e = v at live atoms
-        for r in range(R):
-            acc = 0.0
-            for b in range(A):
-                acc += P[l, r, b] * v[b]
-            y[r] = acc
-        for a in range(A):
-            acc = phi[l, a] * v[a]
-            for r in range(R):
-                acc += rho[l, r, a] * y[r]
-            d_t[a] = acc
+        _jv(P[l], rho[l], phi[l], v, y, d_t)            # the direction z~ moves in; z moves by v
         for j in range(H):
             qe = 0.0
             qt = 0.0

@@ -276,8 +276,14 @@ class _NativeScoreSurrogate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout):
-        dl = (gout / math.prod(ctx.losses_shape)).expand(ctx.losses_shape) if ctx.needs_input_grad[0] else None
-        return dl, (gout * ctx.g if ctx.needs_input_grad[1] else None), None, None
+        return _mean_grad(ctx, gout), (gout * ctx.g if ctx.needs_input_grad[1] else None), None, None
+
+
+def _mean_grad(ctx, gout):
+    """The gradient of ``mean(losses)`` in the losses (the native surrogates' first input)."""
+    if not ctx.needs_input_grad[0]:
+        return None
+    return (gout / math.prod(ctx.losses_shape)).expand(ctx.losses_shape)
 
 
 class _NativeRelax(torch.autograd.Function):
@@ -318,21 +324,19 @@ class _NativeRelax(torch.autograd.Function):
                                np.ascontiguousarray(w2[0]), float(b2[0]), K)
         if not np.isfinite(G).all():
             raise FloatingPointError("RELAX produced a non-finite gradient estimate")
-        grad_p[1:] = [grad_p[1], grad_p[2][None], np.array([grad_p[3]])]
         return _NativeRelax.apply(losses, x, (G.reshape(x.shape) / (L // K), grad_p), *critic.parameters())
 
     @staticmethod
     def forward(ctx, losses, logits, grads, *params):
         grad_x, grad_p = grads
         ctx.g = [torch.from_numpy(np.ascontiguousarray(grad_x)).to(logits.dtype)] + \
-                [torch.from_numpy(np.ascontiguousarray(gp)).to(p.dtype) for gp, p in zip(grad_p, params)]
+                [torch.as_tensor(np.reshape(gp, p.shape), dtype=p.dtype) for gp, p in zip(grad_p, params)]
         ctx.losses_shape = losses.shape
         return losses.detach().mean()
 
     @staticmethod
     def backward(ctx, gout):
-        dl = (gout / math.prod(ctx.losses_shape)).expand(ctx.losses_shape) if ctx.needs_input_grad[0] else None
-        return (dl, gout * ctx.g[0], None) + tuple(gout * g for g in ctx.g[1:])
+        return (_mean_grad(ctx, gout), gout * ctx.g[0], None) + tuple(gout * g for g in ctx.g[1:])
 
 
 def _inject(t, g):

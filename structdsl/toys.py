@@ -176,7 +176,7 @@ def _train(structure, estimator, steps, n, lr, num_samples, eval_every, eval_sam
     bar = _bar(steps, f"{structure} {estimator}", progress)
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        for p in params:
+        for p in params:                     # zero_grad(set_to_none=True) without its profiler hook
             p.grad = None
         loss = surrogate(RaceDistribution(prog, logits), f)
         loss.backward()
