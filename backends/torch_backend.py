@@ -147,11 +147,17 @@ class _Machine:
         return self.types.of(node).ndim
 
     def const(self, value, dtype=None):
-        t = torch.as_tensor(value, device=self.device)
-        if dtype is not None:
-            t = t.to(dtype)
-        elif t.dtype not in (torch.bool, torch.int64):
-            t = t.to(torch.int64)
+        """A Python constant as a tensor on the device, made once per program and device:
+        building it per use would be a host-to-device copy, which synchronises on CUDA."""
+        key = ("__const", str(self.device), type(value).__name__, repr(value), dtype)
+        t = self.prog._tensors.get(key)
+        if t is None:
+            t = torch.as_tensor(value, device=self.device)
+            if dtype is not None:
+                t = t.to(dtype)
+            elif t.dtype not in (torch.bool, torch.int64):
+                t = t.to(torch.int64)
+            self.prog._tensors[key] = t          # never written: every store is out of place
         return t.reshape((1,) * self.L + tuple(t.shape))
 
     def lift(self, x, k_from, k_to):

@@ -112,26 +112,45 @@ class Programs:
         self.name, self.cache, self.setup = name, {}, {}
 
     def get(self, backend, n):
-        key = (backend, tuple(sorted(statics(self.name, n).items())))
+        key = (compiled_as(backend), tuple(sorted(statics(self.name, n).items())))
         if key not in self.cache:
             t0 = time.perf_counter()
-            self.cache[key] = structdsl.compile(getattr(specs, self.name), backend=backend,
+            self.cache[key] = structdsl.compile(getattr(specs, self.name), backend=compiled_as(backend),
                                                 **statics(self.name, n))
             self.setup[backend] = self.setup.get(backend, 0.0) + time.perf_counter() - t0
         return self.cache[key]
+
+
+def compiled_as(backend):
+    """The compile() backend of a benchmark column: 'cuda' is the torch backend on CUDA tensors."""
+    return "torch" if backend == "cuda" else backend
+
+
+def on_device(backend, logits):
+    """The logits as the column takes them: NumPy, or a torch tensor on its device (moved
+    once per cell, outside the timed calls)."""
+    if compiled_as(backend) != "torch":
+        return logits
+    import torch
+    return torch.as_tensor(logits, device="cuda" if backend == "cuda" else "cpu")
 
 
 def call(prog, semantic, logits, trace=None, weights=None):
     if prog.backend == "torch":          # tensors in, tensors out; log_prob_and_grad = forward + backward
         import torch
         x = torch.as_tensor(logits)
+        gen = torch.Generator(device=x.device)
         if semantic == "sample":
-            return prog.sample(x, generator=torch.Generator().manual_seed(1))
-        if semantic == "log_prob_and_grad":
-            return prog.log_prob_and_grad(trace, x)
-        if semantic == "conditional_noise":
-            return prog.conditional_noise(trace, x, generator=torch.Generator().manual_seed(2))
-        return prog.solve(weights)
+            out = prog.sample(x, generator=gen.manual_seed(1))
+        elif semantic == "log_prob_and_grad":
+            out = prog.log_prob_and_grad(trace, x)
+        elif semantic == "conditional_noise":
+            out = prog.conditional_noise(trace, x, generator=gen.manual_seed(2))
+        else:
+            out = prog.solve(weights)
+        if x.is_cuda:                    # the work is done when the device is done
+            torch.cuda.synchronize(x.device)
+        return out
     if semantic == "sample":
         return prog.sample(logits, seed=1)
     if semantic == "log_prob_and_grad":
@@ -358,26 +377,32 @@ def print_compile_times(name, n, results, markdown):
 
 
 # ---- one training step through the distribution -------------------------------------------
-def reinforce_steps(sizes, batch, repeat, markdown):
+def reinforce_steps(sizes, batch, repeat, markdown, fast=True, cpu=True, cuda=False):
     """Milliseconds of one T-REINFORCE step on spanning trees through
-    ``structdsl.torch.RaceDistribution``: ``estimators.t_reinforce`` on the CPU fast path
-    (one native call draws and scores, one autograd node injects the analytic score), the
-    same step written by hand (sample, log_prob, backward) on the fast path, and the
-    lock-step torch path."""
+    ``structdsl.torch.RaceDistribution``.  With ``fast`` (the numba backend is timed):
+    ``estimators.t_reinforce`` on the CPU fast path (one native call draws and scores, one
+    autograd node injects the analytic score) and the same step written by hand (sample,
+    log_prob, backward) on the fast path; with ``cpu``: t_reinforce on the lock-step torch
+    path; with ``cuda``: t_reinforce on CUDA tensors (lock-step on the device), timed up to
+    ``torch.cuda.synchronize``."""
     import torch
 
     from structdsl import estimators
     from structdsl.torch import RaceDistribution
+    hows = (["estimator", "by hand"] if fast else []) + (["lock-step"] if cpu else []) + (["cuda"] if cuda else [])
+    names = {"estimator": "t_reinforce", "by hand": "by hand (fast)", "lock-step": "lock-step",
+             "cuda": "t_reinforce (cuda)"}
     rows = []
     for n in sizes:
-        logits = torch.randn((batch, n, n), generator=torch.Generator().manual_seed(0), dtype=torch.float64,
-                             requires_grad=True)
-        weights = torch.randn((n, n), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         row = [str(n), str(batch)]
-        for how in ("estimator", "by hand", "lock-step"):
-            if how != "lock-step" and not numba_available():
+        for how in hows:
+            if how in ("estimator", "by hand") and not numba_available():
                 row.append("-")
                 continue
+            device = "cuda" if how == "cuda" else "cpu"
+            logits = torch.randn((batch, n, n), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            logits = logits.to(device).requires_grad_(True)
+            weights = torch.randn((n, n), generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
             dist = RaceDistribution(specs.spanning_tree, logits=logits, fast_cpu=how != "lock-step")
 
             def f(s):
@@ -385,24 +410,26 @@ def reinforce_steps(sizes, batch, repeat, markdown):
 
             def step():
                 logits.grad = None
-                if how == "estimator":
-                    estimators.t_reinforce(dist, f).backward()
-                else:
+                if how == "by hand":
                     s = dist.sample_with_structure()
                     (dist.log_prob(s.trace) * f(s.structure)).mean().backward()
+                else:
+                    estimators.t_reinforce(dist, f).backward()
+                if how == "cuda":
+                    torch.cuda.synchronize()
             step()
             t, _ = measure(step, repeat, 5.0)
             row.append(f"{t * 1e3:.1f}")
         rows.append(row)
-    return render(f"T-REINFORCE step on spanning_tree, ms per batch (torch {torch.__version__}, "
-                  f"{torch.get_num_threads()} threads)",
-                  [("ms per step", ["t_reinforce", "by hand (fast)", "lock-step"])], rows, markdown)
+    where = f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if cuda else "")
+    return render(f"T-REINFORCE step on spanning_tree, ms per batch (torch {torch.__version__}, {where})",
+                  [("ms per step", [names[h] for h in hows])], rows, markdown)
 
 
 # ---- main ---------------------------------------------------------------------------------
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", type=csv(str, ["numpy", "numba", "torch"]), default=None,
+    parser.add_argument("--backend", type=csv(str, ["numpy", "numba", "torch", "cuda"]), default=None,
                         help="comma list (default: numpy,numba if numba is importable, else numpy)")
     parser.add_argument("--specs", type=csv(str, list(SPECS)), default=list(SPECS),
                         help="comma list (default: all 8)")
@@ -426,6 +453,8 @@ def main(argv=None):
     parser.add_argument("--compile-spec", default="spanning_tree", choices=list(SPECS),
                         help="spec whose numba compile time is measured (default spanning_tree)")
     parser.add_argument("--compile-size", type=int, default=8, help="n for the compile-time runs (8)")
+    parser.add_argument("--no-steps", action="store_true",
+                        help="skip the T-REINFORCE step table (printed when torch or cuda is timed)")
     parser.add_argument("--no-compile-time", action="store_true", help="skip the compile-time subprocesses")
     parser.add_argument("--omp-wait-policy", choices=["active", "passive"], default=None,
                         help="set OMP_WAIT_POLICY before numba loads (see benchmarks/README.md)")
@@ -457,13 +486,16 @@ def main(argv=None):
                 parser.error(f"--threads must be in [1, {numba.config.NUMBA_NUM_THREADS}] "
                              f"(NUMBA_NUM_THREADS); set NUMBA_NUM_THREADS for more")
             numba.set_num_threads(args.threads)
-    if "torch" in backends:
+    if "torch" in backends or "cuda" in backends:
         import torch
         if args.threads:
             torch.set_num_threads(args.threads)
+        if "cuda" in backends and not torch.cuda.is_available():
+            parser.error("--backend cuda: torch sees no CUDA device")
     if args.threads and "numba" not in backends and "torch" not in backends:
         print("note: --threads affects the numba and torch backends", file=sys.stderr)
     both = "numpy" in backends and "numba" in backends
+    ratios = [(a, b) for a, b in (("numba", "numpy"), ("cuda", "torch")) if a in backends and b in backends]
     floor_of = "numba" if "numba" in backends else "numpy"
     progress = sys.stderr.isatty()
 
@@ -493,8 +525,14 @@ def main(argv=None):
             lines.append(f"numpy: timed on min(batch, {args.numpy_lanes}, what fits ~{args.numpy_budget:g} s "
                          f"per cell) lanes and extrapolated (column 'np lanes'); 'skip': one lane took "
                          f"> {args.numpy_skip_ms:g} ms.")
-        if both:
-            lines.append("ratio: numba lanes/s / numpy lanes/s, same run.")
+        if "torch" in backends or "cuda" in backends:
+            import torch
+            lines.append(f"torch {torch.__version__}: {torch.get_num_threads()} CPU threads"
+                         + (f"; cuda: the torch backend on {torch.cuda.get_device_name()} (timed up to "
+                            f"torch.cuda.synchronize)" if "cuda" in backends else ""))
+        for fast, slow in ratios:
+            label = f"{fast}/{slow}" if len(ratios) > 1 else "ratio"
+            lines.append(f"{label}: {fast} lanes/s / {slow} lanes/s, same run.")
         lines.append(f"floor: lanes/s of -log(rng.random((batch, *atoms))) alone (numpy Generator); "
                      f"smp/floor: {floor_of} sample rate as a fraction of it.")
         for line in lines:
@@ -537,7 +575,7 @@ def main(argv=None):
                                 probe[s] = None
                                 skipped.setdefault((name, s), n)
                     else:
-                        warm_up(prog, semantics, one)
+                        warm_up(prog, semantics, on_device(b, one))
                         progs.setup[b] = progs.setup.get(b, 0.0) + time.perf_counter() - t0
                 except Exception as exc:
                     print(f"{name} n={n} {b}: first call failed: {_brief(exc)}", file=sys.stderr)
@@ -564,7 +602,8 @@ def main(argv=None):
                         if b == "numpy":
                             res[b], lanes = bench_cell_numpy(prog_np, semantics, logits, probe, args, race_atoms)
                         else:
-                            t = run_semantics(progs.get(b, n), semantics, logits, args.repeat, args.numba_budget)
+                            t = run_semantics(progs.get(b, n), semantics, on_device(b, logits), args.repeat,
+                                              args.numba_budget)
                             res[b] = {s: batch / t[s] for s in semantics}
                     except Exception as exc:
                         print(f"{name} n={n} batch={batch} {b}: {_brief(exc)}", file=sys.stderr)
@@ -574,8 +613,8 @@ def main(argv=None):
                 for s in semantics:
                     for b in backends:
                         row.append(fmt_rate(res[b][s]))
-                    if both:
-                        a, c = res["numpy"][s], res["numba"][s]
+                    for fast, slow in ratios:
+                        a, c = res[slow][s], res[fast][s]
                         row.append(fmt_ratio(c / a if a and c and not math.isnan(a + c) else None))
                 if "numpy" in backends:
                     ls = [lanes.get(s) for s in semantics]
@@ -588,7 +627,8 @@ def main(argv=None):
             print(" " * 70, end="\r", file=sys.stderr, flush=True)
         if not rows:
             continue
-        groups = [(SEMANTICS[s], backends + (["ratio"] if both else [])) for s in semantics]
+        groups = [(SEMANTICS[s], backends + [f"{fast}/{slow}" if len(ratios) > 1 else "ratio"
+                                             for fast, slow in ratios]) for s in semantics]
         if "numpy" in backends:
             groups.append(("", ["np lanes"]))
         groups.append(("noise", ["floor", "smp/floor"]))
@@ -603,8 +643,9 @@ def main(argv=None):
         print(render(title, groups, rows, args.markdown))
         sys.stdout.flush()
 
-    if "torch" in backends:
-        print(reinforce_steps(sizes, max(batches), args.repeat, args.markdown))
+    if ("torch" in backends or "cuda" in backends) and not args.no_steps:
+        print(reinforce_steps(sizes, max(batches), args.repeat, args.markdown, fast="numba" in backends,
+                              cpu="torch" in backends, cuda="cuda" in backends))
     if "numba" in backends and not args.no_compile_time:
         n = min(args.compile_size, 8) if args.quick else args.compile_size
         if progress:

@@ -175,24 +175,6 @@ def test_bad_input_is_refused():
         fast.sample(torch.zeros((4, 4)), uniforms=torch.zeros((4, 4)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", ["spanning_tree", "binary_tree", "arborescence", "matching", "height"])
-def test_cuda_runs_on_the_device_and_agrees_with_cpu(name):
-    fast, _ = programs(name)
-    shape = atom_shape(name, 5)
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn((16,) + shape, generator=g, dtype=torch.float64)
-    u = torch.rand((16,) + shape, generator=g, dtype=torch.float64)
-    cpu = fast.sample(logits, uniforms=u)
-    gpu = fast.sample(logits.cuda(), uniforms=u.cuda())
-    assert gpu.trace.is_cuda and torch.equal(gpu.trace.cpu(), cpu.trace)
-    x = logits.cuda().requires_grad_(True)
-    lp = fast.log_prob(gpu.trace, x)
-    (grad,) = torch.autograd.grad(lp.sum(), x)
-    assert grad.is_cuda
-    torch.testing.assert_close(lp.detach().cpu(), fast.log_prob(cpu.trace, logits), rtol=1e-12, atol=1e-12)
-
-
 def test_a_padded_trace_does_not_give_atom_0_fresh_noise():
     """E | T: atom 0 won, the trace is padded with -1 after it; padding must not un-win it."""
     fast, ref = programs("top_k")
