@@ -26,6 +26,7 @@ race by race, and ``E | T`` is built from the race minima in log space, so
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
 import math
 
@@ -38,6 +39,46 @@ from structdsl.program import Program as _BaseProgram
 from structdsl.program import Sample, Solution
 
 _I64_MIN, _I64_MAX = -2**63, 2**63 - 1
+_GRAPH_LIMIT = 8            # CUDA graphs kept per program
+
+
+def _capture(fn, inputs):
+    """(static inputs, graph, static outputs): ``fn`` captured as a CUDA graph on copies of
+    ``inputs``, after one warm-up run on a side stream (it fills the program's caches of
+    device constants, whose host-to-device copies a capture must not make)."""
+    device = inputs[0].device
+    static_in = tuple(t.detach().clone() for t in inputs)
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn(*static_in)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(*static_in)
+    return static_in, graph, static_out
+
+
+class _GraphedScore(torch.autograd.Function):
+    """log p from a graph replay whose backward is the replayed analytic gradient.  A
+    backward that must itself be differentiable (``create_graph=True``, e.g. RELAX's critic
+    gradient) recomputes log p eagerly and differentiates that instead."""
+
+    @staticmethod
+    def forward(ctx, x, logp, grad, eager):
+        ctx.save_for_backward(x, grad)
+        ctx.eager = eager
+        return logp.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, grad = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                lp = ctx.eager(x)
+                (gx,) = torch.autograd.grad(torch.where(torch.isfinite(lp), lp, 0.0), x, g, create_graph=True)
+            return gx, None, None, None
+        return g[:, None] * grad, None, None, None
 _CMP = {ast.Eq: torch.eq, ast.NotEq: torch.ne, ast.Lt: torch.lt, ast.LtE: torch.le,
         ast.Gt: torch.gt, ast.GtE: torch.ge}
 
@@ -749,12 +790,16 @@ class Program(_BaseProgram):
     """
 
     backend = "torch"
+    #: replay CUDA graphs of repeated calls on CUDA tensors (see ``_graphed``); set False on
+    #: a program to run every call eagerly
+    cuda_graphs = True
 
     def __init__(self, spec, **static_params):
         super().__init__(spec, **static_params)
         from .numpy_reference import Program as Reference
         self.reference = Reference(spec, **static_params)
         self._codes, self._code_of, self._tensors = [], {}, {}
+        self._graph_cache = collections.OrderedDict()
         self._plain_races = not any(isinstance(s, ir.GroupRace) for s in ir.walk_statements(self.ir.body))
         # nested and plain: every atom takes part in a prefix of the races, up to its exit race
         self._exit_races = self.ir.nested and self._plain_races
@@ -864,13 +909,45 @@ class Program(_BaseProgram):
         m.loop_vars = {}
         return m
 
-    def _finish(self, m, batch):
-        """Raise the first lane's error (one sync per call)."""
-        if m.B and bool((m.err > 0).any()):
-            lane = int(torch.nonzero(m.err > 0)[0, 0])
-            cls, line, message = self._codes[int(m.err[lane]) - 1]
+    def _finish(self, err, batch):
+        """Raise the first lane's error, ``err`` ``[B]`` the lanes' error codes (one sync per call)."""
+        if err.numel() and bool((err > 0).any()):
+            lane = int(torch.nonzero(err > 0)[0, 0])
+            cls, line, message = self._codes[int(err[lane]) - 1]
             lane_index = tuple(int(i) for i in np.unravel_index(lane, batch)) if batch else None
             raise getattr(errors, cls)(message, self.ir.file, line, lane_index)
+
+    # ---- CUDA graphs ----------------------------------------------------------------------
+    def _graphs_apply(self, *tensors):
+        """Whether a call on these tensors may replay a CUDA graph: plain tensors on a CUDA
+        device (a subclass, e.g. Pyro's provenance tracking, must see every op), outside
+        another capture, and ``cuda_graphs`` on."""
+        return (self.cuda_graphs and tensors[0].is_cuda and all(type(t) is torch.Tensor for t in tensors)
+                and not torch.cuda.is_current_stream_capturing())
+
+    def _graphed(self, key, fn, inputs):
+        """``fn(*inputs)``: a tuple of tensors computed without autograd state leaking out.
+        The first call with a given key and input shapes runs eagerly, the second captures
+        a CUDA graph of ``fn`` (after a warm-up run on a side stream), later ones copy the
+        inputs into the graph's buffers and replay it: the lock-step interpreter's Python
+        and kernel launches are paid once.  Outputs are fresh tensors (clones of the
+        graph's).  At most ``_GRAPH_LIMIT`` graphs per program, least recently used first
+        out (each holds the memory of one call)."""
+        key = key + tuple((tuple(t.shape), t.dtype) for t in inputs) + (str(inputs[0].device),)
+        entry = self._graph_cache.get(key)
+        if entry is None:
+            self._graph_cache[key] = "seen"
+            while len(self._graph_cache) > _GRAPH_LIMIT:
+                self._graph_cache.popitem(last=False)
+            return fn(*inputs)
+        self._graph_cache.move_to_end(key)
+        if entry == "seen":
+            entry = self._graph_cache[key] = _capture(fn, inputs)
+        static_in, graph, static_out = entry
+        for buf, t in zip(static_in, inputs):
+            buf.copy_(t)
+        graph.replay()
+        return tuple(o.clone() for o in static_out)
 
     def _outputs(self, m):
         out = []
@@ -882,15 +959,23 @@ class Program(_BaseProgram):
         return out
 
     def _solve_t(self, inst, res, log_space, batch):
-        device = res.device
-        live = self._valid(inst, device) & (res < math.inf)
-        m = self._machine(inst, "solve", live, device)
-        m.res, m.log_space = res, log_space
-        m.trace = torch.full((m.B, inst.max_races), -1, dtype=torch.int64, device=device)
-        with torch.no_grad():
-            m.run(self.ir.body)
-        self._finish(m, batch)
-        return m.trace, self._outputs(m)
+        """(trace ``[B, R]``, fields) of the algorithm on residuals ``res`` ``[B, A]``."""
+        def body(res):
+            device = res.device
+            live = self._valid(inst, device) & (res < math.inf)
+            m = self._machine(inst, "solve", live, device)
+            m.res, m.log_space = res.clone(), log_space
+            m.trace = torch.full((m.B, inst.max_races), -1, dtype=torch.int64, device=device)
+            with torch.no_grad():
+                m.run(self.ir.body)
+            return (m.err, m.trace, *self._outputs(m))
+        res = res.detach()
+        if self._graphs_apply(res):
+            err, trace, *fields = self._graphed(("solve", inst.atom_shape, log_space), body, (res,))
+        else:
+            err, trace, *fields = body(res)
+        self._finish(err, batch)
+        return trace, fields
 
     # ---- public API -----------------------------------------------------------------------
     def sample(self, logits, *, sample_shape=(), uniforms=None, generator=None):
@@ -908,7 +993,7 @@ class Program(_BaseProgram):
         xb = x.detach().expand(shape).reshape(-1, A)
         live = self._valid(inst, x.device) & ~torch.isneginf(xb)
         log_e = torch.where(live, torch.log(-torch.log(u.reshape(-1, A))) - torch.where(live, xb, 0.0), math.inf)
-        trace, fields = self._solve_t(inst, log_e.clone(), True, lead)
+        trace, fields = self._solve_t(inst, log_e, True, lead)
         return Sample(trace.reshape(lead + (inst.max_races,)), self._structure_t(fields, lead),
                       log_e.reshape(shape))
 
@@ -924,13 +1009,20 @@ class Program(_BaseProgram):
         if w.numel() and bool((torch.isnan(w) | torch.isneginf(w)).any()):
             raise ValueError("weights contain NaN or -inf")
         w = torch.where(self._valid(inst, w.device), w.reshape(-1, inst.num_atoms), math.inf)
-        trace, fields = self._solve_t(inst, w.clone(), False, batch)
+        trace, fields = self._solve_t(inst, w, False, batch)
         return Solution(trace.reshape(batch + (inst.max_races,)), self._structure_t(fields, batch))
 
     def _structure_t(self, fields, lead):
         return self.Structure(*(f.reshape(tuple(lead) + tuple(f.shape[1:])) for f in fields))
 
     def _replay_t(self, t, x, inst, batch, u=None):
+        """(log p ``[B]``, the machine, live atoms) of traces ``t`` ``[B, R]`` under logits
+        ``x`` ``[B, A]``; differentiable in ``x``; raises the lanes' first spec error."""
+        logp, m, live = self._replay_core(t, x, inst, u)
+        self._finish(m.err, batch)
+        return logp, m, live
+
+    def _replay_core(self, t, x, inst, u=None):
         device = x.device
         live = self._valid(inst, device) & ~torch.isneginf(x.detach())
         m = self._machine(inst, "replay", live, device)
@@ -946,14 +1038,40 @@ class Program(_BaseProgram):
         # winners the program never asked for
         tail = (torch.arange(inst.max_races, device=device)[None, :] >= m.slot[:, None]) & (t >= 0)
         m.impossible = m.impossible | (tail.any(1) & ~m.dead)
-        self._finish(m, batch)
         logp = torch.where(m.impossible, -math.inf, m.logp)
         return logp, m, live
+
+    def _score_body(self, inst):
+        """``(t, x) -> (err, log p, d log p / dx)`` for a CUDA graph: the replay and its
+        backward in one capture (0 gradient where log p is -inf)."""
+        def body(t, x):
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                logp, m, _ = self._replay_core(t, xg, inst)
+                finite = torch.isfinite(logp)
+                grad = None
+                if logp.requires_grad:              # not when no lane ran a race
+                    (grad,) = torch.autograd.grad(torch.where(finite, logp, 0.0).sum(), xg, allow_unused=True)
+            grad = torch.zeros_like(x) if grad is None else torch.where(finite[:, None], grad, 0.0)
+            return m.err, logp.detach(), grad
+        return body
 
     def decode(self, trace, logits):
         """The structure record of ``trace`` (replayed under ``logits``, which say which atoms
         are live); fields ``[*batch, *field_shape]``.  Raises ValueError for an impossible trace."""
         t, x, batch, inst = self._trace(trace, logits)
+        if self._graphs_apply(t, x):
+            def body(t, x):
+                with torch.no_grad():
+                    logp, m, _ = self._replay_core(t, x, inst)
+                return (m.err, logp, *self._outputs(m))
+            err, logp, *fields = self._graphed(("decode", inst.atom_shape), body, (t, x.detach()))
+            self._finish(err, batch)
+            if bool(torch.isneginf(logp).any()):
+                lane = int(torch.nonzero(torch.isneginf(logp))[0, 0])
+                raise ValueError(f"trace (flat batch index {lane}) is not a trace of {self.ir.name} under "
+                                 f"these logits: it has no structure")
+            return self._structure_t(fields, batch)
         with torch.no_grad():
             logp, m, _ = self._replay_t(t, x, inst, batch)
         if bool(torch.isneginf(logp).any()):
@@ -966,6 +1084,21 @@ class Program(_BaseProgram):
         """log p(trace), differentiable in the logits; ``-inf`` for impossible traces.
         trace ``[*b1, max_races]``, logits ``[*b2, *atom_shape]``; returns ``[*broadcast(b1, b2)]``."""
         t, x, batch, inst = self._trace(trace, logits)
+        if self._graphs_apply(t, x):
+            if x.requires_grad and torch.is_grad_enabled():
+                # the replay and its backward as one graph; the analytic gradient is the backward
+                err, logp, grad = self._graphed(("score", inst.atom_shape), self._score_body(inst), (t, x.detach()))
+                self._finish(err, batch)
+                eager = lambda x: self._replay_t(t, x, inst, batch)[0]   # noqa: E731
+                return _GraphedScore.apply(x, logp, grad, eager).reshape(batch)
+
+            def body(t, x):
+                with torch.no_grad():
+                    logp, m, _ = self._replay_core(t, x, inst)
+                return m.err, logp
+            err, logp = self._graphed(("log_prob", inst.atom_shape), body, (t, x.detach()))
+            self._finish(err, batch)
+            return logp.reshape(batch)
         logp, _, _ = self._replay_t(t, x, inst, batch)
         return logp.reshape(batch)
 
@@ -973,17 +1106,13 @@ class Program(_BaseProgram):
         """``(log p [*batch], d log p / d logits [*batch, *atom_shape])``, the gradient by
         autograd (0 where ``log p`` is ``-inf``); no graph is kept."""
         t, x, batch, inst = self._trace(trace, logits)
-        with torch.enable_grad():
-            xg = x.detach().clone().requires_grad_(True)
-            logp, _, _ = self._replay_t(t, xg, inst, batch)
-            finite = torch.isfinite(logp)
-            grad = None
-            if logp.requires_grad:              # not when no lane ran a race
-                (grad,) = torch.autograd.grad(torch.where(finite, logp, 0.0).sum(), xg, allow_unused=True)
-        if grad is None:
-            grad = torch.zeros_like(xg)
-        grad = torch.where(finite[:, None], grad, 0.0)
-        return logp.detach().reshape(batch), grad.reshape(batch + inst.atom_shape)
+        body = self._score_body(inst)
+        if self._graphs_apply(t, x):
+            err, logp, grad = self._graphed(("score", inst.atom_shape), body, (t, x.detach()))
+        else:
+            err, logp, grad = body(t, x)
+        self._finish(err, batch)
+        return logp.reshape(batch), grad.reshape(batch + inst.atom_shape)
 
     def conditional_noise(self, trace, logits, *, uniforms=None, generator=None):
         """``E | T``, reparameterised: differentiable in the logits given the uniforms.

@@ -1,7 +1,8 @@
 #!/bin/bash
-# The checks and figures that need a CUDA GPU, in one run: tests/test_cuda.py, a probe of
-# CUDA-graph capture, and benchmarks/run.py with the torch backend on CUDA beside the CPU
-# lock-step path.  Logs go to $OUT (default: the current folder).  Each step has a time cap.
+# The checks and figures that need a CUDA GPU, in one run: tests/test_cuda.py, then
+# benchmarks/run.py with the torch backend on CUDA (replaying CUDA graphs, and eagerly)
+# beside the CPU lock-step path.  Logs go to $OUT (default: the current folder); each step
+# has a time cap.
 set -u
 OUT=${OUT:-.}
 export PYTHONUNBUFFERED=1
@@ -9,9 +10,8 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . || exit 1
 nvidia-smi -L
 python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name())"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
-timeout 60 python3 benchmarks/cuda_graph_probe.py 16 32 2>&1 | tee "$OUT/graph_probe.log"
-timeout 150 python3 benchmarks/run.py --backend torch,cuda --specs spanning_tree,matching --sizes 16,32,64 \
-    --batches 1024 --no-compile-time --markdown 2>&1 | tee "$OUT/bench.md"
-timeout 45 python3 benchmarks/run.py --backend torch,cuda --specs binary_tree --sizes 16,32 --batches 1024 \
-    --no-compile-time --no-steps --markdown 2>&1 | tee "$OUT/bench_binary_tree.md"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
+timeout 200 python3 benchmarks/run.py --backend torch,cuda-eager,cuda --specs spanning_tree,matching \
+    --sizes 16,32,64 --batches 1024 --no-compile-time --markdown 2>&1 | tee "$OUT/bench.md"
+timeout 90 python3 benchmarks/run.py --backend torch,cuda-eager,cuda --specs binary_tree --sizes 16,32 \
+    --batches 1024 --no-compile-time --no-steps --markdown 2>&1 | tee "$OUT/bench_binary_tree.md"

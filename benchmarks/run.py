@@ -112,18 +112,21 @@ class Programs:
         self.name, self.cache, self.setup = name, {}, {}
 
     def get(self, backend, n):
-        key = (compiled_as(backend), tuple(sorted(statics(self.name, n).items())))
+        key = (backend, tuple(sorted(statics(self.name, n).items())))
         if key not in self.cache:
             t0 = time.perf_counter()
             self.cache[key] = structdsl.compile(getattr(specs, self.name), backend=compiled_as(backend),
                                                 **statics(self.name, n))
+            if backend == "cuda-eager":
+                self.cache[key].cuda_graphs = False
             self.setup[backend] = self.setup.get(backend, 0.0) + time.perf_counter() - t0
         return self.cache[key]
 
 
 def compiled_as(backend):
-    """The compile() backend of a benchmark column: 'cuda' is the torch backend on CUDA tensors."""
-    return "torch" if backend == "cuda" else backend
+    """The compile() backend of a benchmark column: 'cuda' is the torch backend on CUDA
+    tensors (replaying CUDA graphs), 'cuda-eager' the same without graphs."""
+    return "torch" if backend.startswith("cuda") else backend
 
 
 def on_device(backend, logits):
@@ -132,7 +135,7 @@ def on_device(backend, logits):
     if compiled_as(backend) != "torch":
         return logits
     import torch
-    return torch.as_tensor(logits, device="cuda" if backend == "cuda" else "cpu")
+    return torch.as_tensor(logits, device="cuda" if backend.startswith("cuda") else "cpu")
 
 
 def call(prog, semantic, logits, trace=None, weights=None):
@@ -162,9 +165,14 @@ def call(prog, semantic, logits, trace=None, weights=None):
 
 def run_semantics(prog, semantics, logits, repeat, budget):
     """{semantic: best seconds} over the whole of ``logits``; the first sample provides the
-    trace (and noise, for solve) of the others."""
+    trace (and noise, for solve) of the others.  A program that replays CUDA graphs makes
+    two untimed calls first (the eager one and the capture)."""
     out, s = {}, None
+    graphs = getattr(prog, "cuda_graphs", False) and getattr(logits, "is_cuda", False)
     for sem in ["sample"] + [x for x in semantics if x != "sample"]:
+        for _ in range(2 if graphs else 0):
+            res = call(prog, sem, logits, s and s.trace, s and s.noise)
+            s = res if sem == "sample" else s
         t, res = measure(lambda: call(prog, sem, logits, s and s.trace, s and s.noise),
                          repeat if sem in semantics else 1, budget)
         if sem == "sample":
@@ -389,9 +397,10 @@ def reinforce_steps(sizes, batch, repeat, markdown, fast=True, cpu=True, cuda=Fa
 
     from structdsl import estimators
     from structdsl.torch import RaceDistribution
-    hows = (["estimator", "by hand"] if fast else []) + (["lock-step"] if cpu else []) + (["cuda"] if cuda else [])
+    hows = ((["estimator", "by hand"] if fast else []) + (["lock-step"] if cpu else [])
+            + (["cuda-eager", "cuda"] if cuda else []))
     names = {"estimator": "t_reinforce", "by hand": "by hand (fast)", "lock-step": "lock-step",
-             "cuda": "t_reinforce (cuda)"}
+             "cuda-eager": "cuda eager", "cuda": "cuda graphs"}
     rows = []
     for n in sizes:
         row = [str(n), str(batch)]
@@ -399,11 +408,13 @@ def reinforce_steps(sizes, batch, repeat, markdown, fast=True, cpu=True, cuda=Fa
             if how in ("estimator", "by hand") and not numba_available():
                 row.append("-")
                 continue
-            device = "cuda" if how == "cuda" else "cpu"
+            device = "cuda" if how.startswith("cuda") else "cpu"
             logits = torch.randn((batch, n, n), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
             logits = logits.to(device).requires_grad_(True)
             weights = torch.randn((n, n), generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
-            dist = RaceDistribution(specs.spanning_tree, logits=logits, fast_cpu=how != "lock-step")
+            prog = structdsl.compile(specs.spanning_tree, backend="torch")
+            prog.cuda_graphs = how == "cuda"
+            dist = RaceDistribution(prog, logits=logits, fast_cpu=how != "lock-step")
 
             def f(s):
                 return (s.adjacency * weights).sum((-1, -2))
@@ -415,9 +426,10 @@ def reinforce_steps(sizes, batch, repeat, markdown, fast=True, cpu=True, cuda=Fa
                     (dist.log_prob(s.trace) * f(s.structure)).mean().backward()
                 else:
                     estimators.t_reinforce(dist, f).backward()
-                if how == "cuda":
+                if device == "cuda":
                     torch.cuda.synchronize()
-            step()
+            for _ in range(2 if how == "cuda" else 1):     # graphs: the eager call, the capture
+                step()
             t, _ = measure(step, repeat, 5.0)
             row.append(f"{t * 1e3:.1f}")
         rows.append(row)
@@ -429,7 +441,7 @@ def reinforce_steps(sizes, batch, repeat, markdown, fast=True, cpu=True, cuda=Fa
 # ---- main ---------------------------------------------------------------------------------
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", type=csv(str, ["numpy", "numba", "torch", "cuda"]), default=None,
+    parser.add_argument("--backend", type=csv(str, ["numpy", "numba", "torch", "cuda", "cuda-eager"]), default=None,
                         help="comma list (default: numpy,numba if numba is importable, else numpy)")
     parser.add_argument("--specs", type=csv(str, list(SPECS)), default=list(SPECS),
                         help="comma list (default: all 8)")
@@ -486,17 +498,18 @@ def main(argv=None):
                 parser.error(f"--threads must be in [1, {numba.config.NUMBA_NUM_THREADS}] "
                              f"(NUMBA_NUM_THREADS); set NUMBA_NUM_THREADS for more")
             numba.set_num_threads(args.threads)
-    if "torch" in backends or "cuda" in backends:
+    gpu = "cuda" in backends or "cuda-eager" in backends
+    if "torch" in backends or gpu:
         import torch
         if args.threads:
             torch.set_num_threads(args.threads)
-        if "cuda" in backends and not torch.cuda.is_available():
+        if gpu and not torch.cuda.is_available():
             parser.error("--backend cuda: torch sees no CUDA device")
     if args.threads and "numba" not in backends and "torch" not in backends:
         print("note: --threads affects the numba and torch backends", file=sys.stderr)
-    both = "numpy" in backends and "numba" in backends
-    ratios = [(a, b) for a, b in (("numba", "numpy"), ("cuda", "torch")) if a in backends and b in backends]
-    floor_of = "numba" if "numba" in backends else "numpy"
+    ratios = [(a, b) for a, b in (("numba", "numpy"), ("cuda", "torch"), ("cuda", "cuda-eager"))
+              if a in backends and b in backends]
+    floor_of = next(b for b in ("numba", "numpy", "torch", "cuda", "cuda-eager") if b in backends)
     progress = sys.stderr.isatty()
 
     header_done = False
@@ -525,11 +538,12 @@ def main(argv=None):
             lines.append(f"numpy: timed on min(batch, {args.numpy_lanes}, what fits ~{args.numpy_budget:g} s "
                          f"per cell) lanes and extrapolated (column 'np lanes'); 'skip': one lane took "
                          f"> {args.numpy_skip_ms:g} ms.")
-        if "torch" in backends or "cuda" in backends:
+        if "torch" in backends or gpu:
             import torch
             lines.append(f"torch {torch.__version__}: {torch.get_num_threads()} CPU threads"
-                         + (f"; cuda: the torch backend on {torch.cuda.get_device_name()} (timed up to "
-                            f"torch.cuda.synchronize)" if "cuda" in backends else ""))
+                         + (f"; cuda: the torch backend on {torch.cuda.get_device_name()}, replaying CUDA "
+                            f"graphs captured in two untimed calls (cuda-eager: without graphs), timed up "
+                            f"to torch.cuda.synchronize" if gpu else ""))
         for fast, slow in ratios:
             label = f"{fast}/{slow}" if len(ratios) > 1 else "ratio"
             lines.append(f"{label}: {fast} lanes/s / {slow} lanes/s, same run.")
@@ -643,7 +657,7 @@ def main(argv=None):
         print(render(title, groups, rows, args.markdown))
         sys.stdout.flush()
 
-    if ("torch" in backends or "cuda" in backends) and not args.no_steps:
+    if ("torch" in backends or gpu) and not args.no_steps:
         print(reinforce_steps(sizes, max(batches), args.repeat, args.markdown, fast="numba" in backends,
                               cpu="torch" in backends, cuda="cuda" in backends))
     if "numba" in backends and not args.no_compile_time:

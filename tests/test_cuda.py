@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import structdsl  # noqa: E402
-from shared_specs import (SIZES, SPECS, atom_shape, bad_line, careless, careless_vector, compiled,  # noqa: E402
+from shared_specs import (SIZES, SPECS, STATICS, atom_shape, bad_line, careless, careless_vector, compiled,  # noqa: E402
                           divides, empty, false_promise)
 from structdsl import EmptyRaceError, NestingError, SpecIndexError, SpecZeroDivisionError, specs  # noqa: E402
 from structdsl import estimators  # noqa: E402
@@ -125,16 +125,16 @@ def count_syncs(fn):
 
 
 @pytest.mark.skipif(DEV.type != "cuda", reason="sync debug mode exists on CUDA only")
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 @pytest.mark.parametrize("name", ["spanning_tree", "binary_tree", "matching"])
-def test_host_syncs_per_call_do_not_grow_with_the_number_of_races(name):
-    """The lock-step program never asks the device per race or per loop step: only its error
-    checks synchronise, a fixed number per call, the same at 8 and at 16 atoms a side."""
-    prog = compiled(name, "torch")
-    counts = []
+def test_host_syncs_per_call_do_not_grow_with_the_number_of_races(name, graphs):
+    """The lock-step program never asks the device per race or per loop step: only its
+    argument and error checks synchronise, at most 4 per call, at 8 and at 16 atoms a side
+    (a per-race or per-constant sync would count in the tens), eagerly and replaying graphs."""
+    prog = fresh(name, graphs)
     for n in (8, 16):
         x = torch.randn((4,) + atom_shape(name, n), device=DEV, dtype=torch.float64).requires_grad_(True)
         gen = torch.Generator(device=DEV).manual_seed(0)
-        prog.sample(x.detach(), generator=gen)                      # first call: allocator, caches
         s = [None]
 
         def sample():
@@ -145,9 +145,11 @@ def test_host_syncs_per_call_do_not_grow_with_the_number_of_races(name):
 
         def noise():
             prog.conditional_noise(s[0].trace, x, generator=gen)
-        counts.append(tuple(count_syncs(fn) for fn in (sample, score, noise)))
-    assert counts[0] == counts[1], counts
-    assert max(counts[0]) <= 4, counts
+        for _ in range(2):                   # first calls: caches, graph capture
+            for fn in (sample, score, noise):
+                fn()
+        counts = tuple(count_syncs(fn) for fn in (sample, score, noise))
+        assert max(counts) <= 4, (n, counts)
 
 
 def test_the_distribution_stays_on_the_device():
@@ -226,3 +228,66 @@ def test_estimators_on_the_device_are_unbiased(name):
         assert z.abs().max() < 4, (est, z.abs().max().item())
         if est == "relax":
             assert all(on_dev(p.grad) and bool(p.grad.abs().sum() > 0) for p in relax.critic.parameters())
+
+
+def fresh(name, graphs):
+    prog = structdsl.compile(SPECS[name], backend="torch", **STATICS.get(name, {}))
+    prog.cuda_graphs = graphs
+    return prog
+
+
+@pytest.mark.parametrize("name", ["spanning_tree", "binary_tree", "top_k", "clustering"])
+def test_graph_replays_equal_eager_calls(name):
+    """Repeated calls replay CUDA graphs (the second call captures, later ones replay): each
+    call's results equal an eager program's, outputs are fresh tensors (not the graph's
+    buffers), and the graphed log_prob's backward, once and twice differentiated, equals
+    autograd through the eager replay."""
+    graphed, eager = fresh(name, True), fresh(name, False)
+    held = []
+    for call in range(4):
+        x, u = case(name, 10 + call, drop=0.0)
+        x, u = x.to(DEV), u.to(DEV)
+        a, b = graphed.sample(x, uniforms=u), eager.sample(x, uniforms=u)
+        assert torch.equal(a.trace, b.trace) and all(torch.equal(p, q) for p, q in zip(a.structure, b.structure))
+        held.append((a.trace, b.trace))
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        la, lb = graphed.log_prob(a.trace, xa), eager.log_prob(b.trace, xb)
+        torch.testing.assert_close(la, lb, rtol=1e-12, atol=1e-12)
+        c = torch.randn(la.shape, device=DEV, dtype=la.dtype)
+        (ga,) = torch.autograd.grad((la * c).sum(), xa, create_graph=True)
+        (gb,) = torch.autograd.grad((lb * c).sum(), xb, create_graph=True)
+        torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-12)
+        if ga.requires_grad:                                 # second order: the eager recomputation
+            (ha,) = torch.autograd.grad((ga ** 2).sum(), xa, allow_unused=True)
+            (hb,) = torch.autograd.grad((gb ** 2).sum(), xb, allow_unused=True)
+            if hb is not None:
+                torch.testing.assert_close(ha, hb, rtol=1e-10, atol=1e-12)
+        xa.grad = None
+        graphed.log_prob(a.trace, xa).sum().backward()      # a plain backward: the replayed gradient
+        _, g_ref = eager.log_prob_and_grad(b.trace, x)
+        torch.testing.assert_close(xa.grad, g_ref, rtol=1e-12, atol=1e-12)
+        lpa, gra = graphed.log_prob_and_grad(a.trace, x)
+        torch.testing.assert_close(gra, g_ref, rtol=1e-12, atol=1e-12)
+        with torch.no_grad():
+            torch.testing.assert_close(graphed.log_prob(a.trace, x), lb.detach(), rtol=1e-12, atol=1e-12)
+        sa, sb = graphed.decode(a.trace, x), eager.decode(b.trace, x)
+        assert all(torch.equal(p, q) for p, q in zip(sa, sb))
+    for ta, tb in held:                                      # no later replay overwrote them
+        assert torch.equal(ta, tb)
+    if DEV.type == "cuda":
+        assert any(v != "seen" for v in graphed._graph_cache.values())
+
+
+def test_a_replayed_graph_still_raises_the_first_lanes_error():
+    graphed, eager = (structdsl.compile(careless, backend="torch") for _ in range(2))
+    eager.cuda_graphs = False
+    logits = torch.zeros((3, 4), device=DEV, dtype=torch.float64)
+    fine = torch.full((3, 4), 0.5, device=DEV, dtype=torch.float64)
+    fine[:, 1] = 0.9                                          # item 1 wins everywhere: no error
+    for _ in range(3):
+        graphed.sample(logits, uniforms=fine)
+    bad = fine.clone()
+    bad[2] = torch.tensor([0.9, 0.2, 0.1, 0.3])               # lane 2: item 0 wins, out[-1]
+    with pytest.raises(SpecIndexError) as got:
+        graphed.sample(logits, uniforms=bad)
+    assert got.value.lane == (2,) and got.value.line == bad_line(careless)
