@@ -53,20 +53,28 @@ def arborescence(n, root=0):
         walk = pred
         for _ in range(m):
             on_cycle = on_cycle | (walk == arange(m))
+            # settled: every walk ended, or reached a cycle already found (then its own
+            # cycle, if it is on one, was found at the same step)
+            if all((walk < 0) | on_cycle[maximum(walk, 0)]):
+                break
             walk = where(walk >= 0, pred[maximum(walk, 0)], -1)
-        label = where(on_cycle, arange(m), m)       # smallest id on each cycle names it
-        for _ in range(m):
-            label = where(on_cycle, minimum(label, label[maximum(pred, 0)]), label)
-        for x in range(m):
-            if on_cycle[x] and label[x] == x:       # contract the cycle named x
-                for y in range(m):
-                    if on_cycle[y] and label[y] == x:
-                        inside[fresh] = inside[fresh] | inside[y]
-                        is_top[y] = False
-                comp = where(inside[fresh], fresh, comp)
-                is_top[fresh] = True
-                is_open[fresh] = True
-                fresh += 1
+        if any(on_cycle):                           # contract the chosen cycles
+            label = where(on_cycle, arange(m), m)       # smallest id on each cycle names it
+            for _ in range(m):
+                nxt = where(on_cycle, minimum(label, label[maximum(pred, 0)]), label)
+                if all(nxt == label):
+                    break
+                label = nxt
+            for x in range(m):
+                if on_cycle[x] and label[x] == x:       # contract the cycle named x
+                    for y in range(m):
+                        if on_cycle[y] and label[y] == x:
+                            inside[fresh] = inside[fresh] | inside[y]
+                            is_top[y] = False
+                    comp = where(inside[fresh], fresh, comp)
+                    is_top[fresh] = True
+                    is_open[fresh] = True
+                    fresh += 1
     # expansion: a supernode keeps its edge unless a later kept edge enters it
     entered = zeros(n, bool)
     parent = full(n, -1)
