@@ -932,8 +932,12 @@ class Program(_BaseProgram):
         inputs into the graph's buffers and replay it: the lock-step interpreter's Python
         and kernel launches are paid once.  Outputs are fresh tensors (clones of the
         graph's).  At most ``_GRAPH_LIMIT`` graphs per program, least recently used first
-        out (each holds the memory of one call)."""
-        key = key + tuple((tuple(t.shape), t.dtype) for t in inputs) + (str(inputs[0].device),)
+        out (each holds the memory of one call).  A graph's buffers belong to its program:
+        one program must not run calls from two threads at once on CUDA (compile one per
+        thread)."""
+        # inference mode makes inference tensors, which a later normal call could not refill
+        key = key + tuple((tuple(t.shape), t.dtype) for t in inputs) + (
+            str(inputs[0].device), torch.is_inference_mode_enabled())
         entry = self._graph_cache.get(key)
         if entry is None:
             self._graph_cache[key] = "seen"
@@ -1120,17 +1124,26 @@ class Program(_BaseProgram):
         t, x, batch, inst = self._trace(trace, logits)
         R, A = inst.max_races, inst.num_atoms
         u = self._uniforms_t(uniforms, generator, batch + (R + A,), x).reshape(-1, R + A)
-        logp, m, live = self._replay_t(t, x, inst, batch, u)
+
+        def body(t, x, u):
+            logp, m, live = self._replay_core(t, x, inst, u)
+            used = t >= 0                  # padding scatters into a spare column, never onto atom 0
+            won = torch.zeros((t.shape[0], A + 1), dtype=torch.bool, device=x.device)
+            won = won.scatter(1, torch.where(used, t, A), True)[:, :A]
+            fresh_ok = live & ~won
+            log_fresh = torch.where(fresh_ok, torch.log(-torch.log(u[:, R:])) - torch.where(fresh_ok, x, 0.0),
+                                    -math.inf)
+            log_noise = _safe_logaddexp(m.log_sum, log_fresh)
+            return m.err, logp, torch.where(live, torch.exp(torch.where(live, log_noise, 0.0)), math.inf)
+        if self._graphs_apply(t, x, u) and not (x.requires_grad and torch.is_grad_enabled()):
+            # without a gradient to carry, E | T is one more replay (differentiable: eager)
+            with torch.no_grad():
+                err, logp, noise = self._graphed(("noise", inst.atom_shape), body, (t, x, u))
+        else:
+            err, logp, noise = body(t, x, u)
+        self._finish(err, batch)
         if bool(torch.isneginf(logp).any()):
             lane = int(torch.nonzero(torch.isneginf(logp))[0, 0])
             raise ValueError(f"trace (flat batch index {lane}) has probability zero under these "
                              f"logits: there is no noise that produces it")
-        used = t >= 0                  # padding scatters into a spare column, never onto atom 0
-        won = torch.zeros((t.shape[0], A + 1), dtype=torch.bool, device=x.device)
-        won = won.scatter(1, torch.where(used, t, A), True)[:, :A]
-        fresh_ok = live & ~won
-        log_fresh = torch.where(fresh_ok, torch.log(-torch.log(u[:, R:])) - torch.where(fresh_ok, x, 0.0),
-                                -math.inf)
-        log_noise = _safe_logaddexp(m.log_sum, log_fresh)
-        noise = torch.where(live, torch.exp(torch.where(live, log_noise, 0.0)), math.inf)
         return noise.reshape(batch + inst.atom_shape)

@@ -272,6 +272,10 @@ def test_graph_replays_equal_eager_calls(name):
             torch.testing.assert_close(graphed.log_prob(a.trace, x), lb.detach(), rtol=1e-12, atol=1e-12)
         sa, sb = graphed.decode(a.trace, x), eager.decode(b.trace, x)
         assert all(torch.equal(p, q) for p, q in zip(sa, sb))
+        v = torch.rand((x.shape[0], graphed.max_races(x.shape[1:]) + math.prod(x.shape[1:])), device=DEV,
+                       dtype=x.dtype)
+        torch.testing.assert_close(graphed.conditional_noise(a.trace, x, uniforms=v),
+                                   eager.conditional_noise(b.trace, x, uniforms=v), rtol=1e-12, atol=0)
     for ta, tb in held:                                      # no later replay overwrote them
         assert torch.equal(ta, tb)
     if DEV.type == "cuda":
@@ -291,3 +295,17 @@ def test_a_replayed_graph_still_raises_the_first_lanes_error():
     with pytest.raises(SpecIndexError) as got:
         graphed.sample(logits, uniforms=bad)
     assert got.value.lane == (2,) and got.value.line == bad_line(careless)
+
+
+def test_graphs_made_in_inference_mode_do_not_serve_normal_calls():
+    """A graph captured under inference mode holds inference tensors, which a normal call
+    could not refill: the two modes keep separate graphs."""
+    prog, eager = fresh("spanning_tree", True), fresh("spanning_tree", False)
+    x, u = case("spanning_tree", 3, drop=0.0)
+    x, u = x.to(DEV), u.to(DEV)
+    with torch.inference_mode():
+        for _ in range(3):
+            a = prog.sample(x, uniforms=u)
+    for _ in range(3):
+        b = prog.sample(x, uniforms=u)
+    assert torch.equal(a.trace, b.trace) and torch.equal(b.trace, eager.sample(x, uniforms=u).trace)
