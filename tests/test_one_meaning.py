@@ -602,3 +602,41 @@ def test_help_shows_the_primitives_own_contract(name):
     text = pydoc.render_doc(getattr(structdsl, name), renderer=pydoc.plaintext)
     assert f"{name}(" in text and "module docstring" not in text
     assert len(getattr(structdsl, name).__doc__) > 40
+
+
+@spec
+def short_table(n):
+    item = atoms(n)
+    seen = zeros(n - 1, bool)
+    w = race(item, lambda i: not seen[i])  # BAD
+    return w
+
+
+@spec
+def long_table(n):
+    item = atoms(n)
+    seen = zeros(n + 1, bool)
+    seen[0] = True
+    w = race(item, lambda i: not seen[i])
+    return w
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "torch"])
+def test_an_atom_coordinate_reads_in_range_only_where_the_array_is_long_enough(backend):
+    """An atom coordinate indexes an array of its own length or longer without a check (the
+    torch backend skips it), and one past a shorter array's end is an index error."""
+    pytest.importorskip({"numpy": "numpy", "numba": "numba", "torch": "torch"}[backend])
+    logits = np.zeros((2, 4))
+    prog = structdsl.compile(short_table, backend=backend)
+    x = logits
+    if backend == "torch":
+        import torch
+        x = torch.as_tensor(logits)
+    with pytest.raises(SpecIndexError) as info:
+        prog.sample(x, uniforms=np.full((2, 4), 0.5) if backend != "torch" else torch.full((2, 4), 0.5, dtype=torch.float64))
+    assert info.value.line == bad_line(short_table) and info.value.lane == (0,)
+    ok = structdsl.compile(long_table, backend=backend)
+    u = np.array([[0.9, 0.5, 0.4, 0.3], [0.1, 0.2, 0.9, 0.3]])
+    w = ok.sample(x, uniforms=u if backend != "torch" else torch.as_tensor(u)).trace
+    want = structdsl.compile(long_table).sample(logits, uniforms=u).trace
+    assert np.array_equal(np.asarray(w), want) and 0 not in want[:, 0]
