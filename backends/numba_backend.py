@@ -91,6 +91,12 @@ class _Codegen:
         # sort of the lane's noise serves every race (grouped races keep the generic path)
         self.fast = program.nested and not any(isinstance(s, ir.GroupRace)
                                                for s in ir.walk_statements(program.body))
+        # ... and its score replays through snapshots when every race has a predicate (or
+        # no condition): each race keeps the lane locals its predicate reads, and each
+        # atom's exit race is then found by binary search over the races (see race())
+        self.snap = self.fast and all(isinstance(s.members, (ir.Pred, type(None)))
+                                      for s in ir.walk_statements(program.body) if isinstance(s, ir.Race))
+        self.sites = []                  # snapshot races: (members, the lane locals it reads)
 
     # ---- helpers ----------------------------------------------------------------------------
     def code(self, cls, line, message):
@@ -497,9 +503,10 @@ class _Codegen:
     def scalar_int(x, t):
         return _call(_np("int64"), x) if t.dtype == "bool" else x
 
-    def member_test(self, members, atom):
+    def member_test(self, members, atom, rename=None):
         """``(pre, stmts, value)``: ``pre`` runs once per race, ``stmts`` then ``value`` say
-        whether the flat atom ``atom`` is a member (a predicate, a mask expression or all)."""
+        whether the flat atom ``atom`` is a member (a predicate, a mask expression or all).
+        ``rename``: lane locals the predicate reads under other names (snapshots)."""
         if members is None:
             return [], [], ast.Constant(True)
         if not isinstance(members, ir.Pred):
@@ -507,7 +514,7 @@ class _Codegen:
             pre = [ast.Assign([_name("__flat", ast.Store())], flat)]
             return pre, [], ast.Subscript(_name("__flat"), _name(atom), ast.Load())
         names = [f"__x{i}" for i in range(len(members.params))]
-        self.rename = dict(zip(members.params, names))
+        self.rename = {**(rename or {}), **dict(zip(members.params, names))}
         try:
             value = self.expr(members.body)
         finally:
@@ -553,10 +560,115 @@ class _Codegen:
                          f"members are not inside one member set of the previous race")
         return [_name(x) for x in _STATE[:1] + _STATE[2:]], ast.Constant(s.allow_empty), empty, nest
 
+    def read_locals(self, members):
+        """The lane locals a race predicate reads (sorted): what its snapshot keeps."""
+        if members is None:
+            return []
+        found = {n.id for n in ast.walk(members.body) if isinstance(n, ast.Name)}
+        return sorted(found.intersection(self.types.locals) - set(members.params))
+
+    def snapshot_race(self, s, allow, empty):
+        """Replaying a race of the nested fast path (mode != 0): keep the locals its predicate
+        reads in this race's slot, check that the trace's winner is a member (scanning every
+        live atom only when it is not, to tell an empty race from an impossible trace) and
+        retire it.  The other atoms' exit races come after the body (:meth:`exit_search`)."""
+        site = len(self.sites)
+        free = self.read_locals(s.members)
+        self.sites.append((s.members, free))
+        slot = ast.Subscript(_name("__st"), ast.Constant(1), ast.Load())
+        fits = ast.Compare(slot, [ast.Lt()], [_attr(_name("__tr"), "size")])
+        keep = [ast.Assign([ast.Subscript(_name(f"__sn{site}_{v}"), slot, ast.Store())], _name(v)) for v in free]
+        keep.append(ast.Assign([ast.Subscript(_name("__site"), slot, ast.Store())], ast.Constant(site)))
+        out = [ast.If(fits, keep + [ast.Assign([_name("__w", ast.Store())], ast.Subscript(_name("__tr"), slot, ast.Load()))],
+                      [ast.Assign([_name("__w", ast.Store())], ast.Constant(-1))]),
+               ast.Assign([_name("__in", ast.Store())], ast.Constant(False))]
+        _, stmts, value = self.member_test(s.members, "__w")
+        valid = ast.BoolOp(ast.And(), [ast.Compare(_name("__w"), [ast.GtE()], [ast.Constant(0)]),
+                                        ast.Compare(_name("__w"), [ast.Lt()], [_name("__A")])])
+        out.append(ast.If(valid, [ast.If(ast.Subscript(_name("__alive"), _name("__w"), ast.Load()),
+                                         stmts + [ast.Assign([_name("__in", ast.Store())], value)], [])], []))
+        _, stmts, value = self.member_test(s.members, "__a")
+        found = ast.If(value, [ast.Assign([_name("__any", ast.Store())], ast.Constant(True)), ast.Break()], [])
+        scan = ast.For(_name("__a", ast.Store()), _call("__range", _name("__A")),
+                       [ast.If(ast.Subscript(_name("__alive"), _name("__a"), ast.Load()), stmts + [found], [])], [])
+        out += [ast.Assign([_name("__any", ast.Store())], _name("__in")),
+                ast.If(ast.UnaryOp(ast.Not(), _name("__in")), [scan], [])]
+        return out, _call("__score_snap", _name("__w"), _name("__in"), _name("__any"), _name("__alive"),
+                          _name("__tr"), _name("__st"), _name("__ex"), allow, empty)
+
+    def exit_search(self):
+        """After a snapshot replay: every live atom that never won left after the last race
+        whose predicate (on that race's snapshot) holds for it.  Nesting makes membership
+        monotone in the race, so a binary search finds it: O(atoms x log races) predicate
+        tests instead of one per member per race."""
+        if not self.sites:
+            return []
+        branches = []
+        for site, (members, free) in enumerate(self.sites):
+            rename = {v: f"__sv{site}_{v}" for v in free}
+            _, stmts, value = self.member_test(members, "__a", rename)
+            stmts = [stmt for stmt in stmts if not (isinstance(stmt, ast.Assign) and
+                                                    stmt.targets[0].id.startswith("__x"))]   # unravelled once
+            bind = [ast.Assign([_name(rename[v], ast.Store())],
+                               ast.Subscript(_name(f"__sn{site}_{v}"), _name("__mid"), ast.Load())) for v in free]
+            branches.append((site, bind + stmts + [ast.Assign([_name("__in", ast.Store())], value)]))
+        dispatch = []
+        for site, body in reversed(branches):
+            test = ast.Compare(ast.Subscript(_name("__site"), _name("__mid"), ast.Load()), [ast.Eq()],
+                               [ast.Constant(site)])
+            dispatch = [ast.If(test, body, dispatch)]
+        members0 = self.sites[0][0]
+        unravel = self.unravel(_name("__a"), [f"__x{i}" for i in range(len(members0.params))]) \
+            if members0 is not None else []
+        params = {len(m.params) for m, _ in self.sites if m is not None}
+        if len(params) > 1:          # pragma: no cover - one atom declaration: one arity
+            self.fail(self.p.body[0], "races with predicates of different arities")
+        search = ast.While(ast.Compare(_name("__lo"), [ast.LtE()], [_name("__hi")]), [
+            ast.Assign([_name("__mid", ast.Store())],
+                       ast.BinOp(ast.BinOp(_name("__lo"), ast.Add(), _name("__hi")), ast.FloorDiv(), ast.Constant(2))),
+            ast.Assign([_name("__in", ast.Store())], ast.Constant(False)),
+            *dispatch,
+            ast.If(_name("__in"), [ast.Assign([_name("__last", ast.Store())], _name("__mid")),
+                                   ast.Assign([_name("__lo", ast.Store())],
+                                              ast.BinOp(_name("__mid"), ast.Add(), ast.Constant(1)))],
+                   [ast.Assign([_name("__hi", ast.Store())],
+                               ast.BinOp(_name("__mid"), ast.Sub(), ast.Constant(1)))])], [])
+        per_atom = [ast.Assign([_name("__a", ast.Store())], ast.Subscript(_name("__cand"), _name("__k"), ast.Load())),
+                    ast.If(ast.Compare(ast.Subscript(_name("__ex"), _name("__a"), ast.Load()), [ast.Lt()],
+                                       [ast.Constant(0)]),
+                           unravel + [ast.Assign([_name("__lo", ast.Store())], ast.Constant(0)),
+                                      ast.Assign([_name("__hi", ast.Store())],
+                                                 ast.BinOp(ast.Subscript(_name("__st"), ast.Constant(1), ast.Load()),
+                                                           ast.Sub(), ast.Constant(1))),
+                                      ast.Assign([_name("__last", ast.Store())], ast.Constant(-1)),
+                                      search,
+                                      ast.Assign([ast.Subscript(_name("__ex"), _name("__a"), ast.Store())],
+                                                 _name("__last"))], [])]
+        loop = ast.For(_name("__k", ast.Store()), _call("__range", _attr(_name("__cand"), "size")), per_atom, [])
+        return [ast.If(ast.BoolOp(ast.And(), [ast.Compare(_name("__mode"), [ast.NotEq()], [ast.Constant(0)]),
+                                               ast.Compare(ast.Subscript(_name("__st"), ast.Constant(0), ast.Load()),
+                                                           [ast.Eq()], [ast.Constant(0)])]), [loop], [])]
+
+    def snapshot_buffers(self):
+        """The snapshot buffers of the lane (empty when sampling): one slot per trace slot."""
+        slots = ast.IfExp(ast.Compare(_name("__mode"), [ast.NotEq()], [ast.Constant(0)]),
+                          _attr(_name("__tr"), "size"), ast.Constant(0))
+        out = [ast.Assign([_name("__site", ast.Store())], _call(_np("empty"), slots, _np("int64")))]
+        for site, (_, free) in enumerate(self.sites):
+            for v in free:
+                t = self.types.locals[v]
+                dims = [self.static(ast.parse(d.text, mode="eval").body) for d in t.shape]
+                out.append(ast.Assign([_name(f"__sn{site}_{v}", ast.Store())],
+                                      _call(_np("empty"), ast.Tuple([slots] + dims, ast.Load()),
+                                            _np("bool_" if t.dtype == "bool" else "int64"))))
+        return out
+
     def race(self, s):
         state, allow, empty, nest = self.race_args(s)
         w = self.temp("w")
-        if self.fast:      # score through exit races: no per-race sums over the members
+        if self.snap:        # score through snapshots and exit races found afterwards
+            generic, call = self.snapshot_race(s, allow, empty)
+        elif self.fast:      # score through exit races: no per-race sums over the members
             generic = self.nested_members(s.members)
             call = _call("__score_nested", _name("__m"), _name("__alive"), _name("__tr"),
                          _name("__st"), _name("__ex"), allow, empty)
@@ -633,8 +745,10 @@ class _Codegen:
             body.append(ast.If(ast.Compare(_name("__mode"), [ast.Eq()], [ast.Constant(0)]),
                                [ast.Expr(_call("__heap_init", _name("__alive"), _name("__res"), _name("__hk"),
                                                _name("__h"), _name("__hs")))], []))
-        body += self.block(p.body)
+        stmts = self.block(p.body)
+        body += self.snapshot_buffers() + stmts       # the races tell which buffers there are
         body.append(self.check())
+        body += self.exit_search()
         writes = [ast.Assign([ast.Subscript(_name(o), _name("__b"), ast.Store())], _name(f))
                   for o, f in zip(outs, p.outputs)]
         body.append(ast.If(ast.Compare(_name("__mode"), [ast.NotEq()], [ast.Constant(1)]), writes, []))   # solve, sample
@@ -657,7 +771,7 @@ class _Codegen:
             "    race_groups as __race_groups, \\",
             "    take as __take, total as __total, heap_init as __heap_init, heap_pop as __heap_pop, \\",
             "    prepare_sample as __prepare_sample, prepare_solve as __prepare_solve, \\",
-            "    score_nested as __score_nested, \\",
+            "    score_nested as __score_nested, score_snap as __score_snap, \\",
             "    finish_nested as __finish_nested",
             "__range, __min, __max, __abs = range, min, max, abs",
             "", "",

@@ -540,6 +540,26 @@ def score_nested(m, alive, tr, st, ex, allow_empty, code_empty):
 
 
 @njit(cache=True)
+def score_snap(w, member, any_member, alive, tr, st, ex, allow_empty, code_empty):
+    """A replayed race of a nested spec scored through snapshots: ``w`` is the trace's entry
+    for this race (-1 past its end), ``member`` whether it is a live member, ``any_member``
+    whether the race has any.  Retires the winner, recording this race as its exit race;
+    an empty race changes nothing (no slot).  The other atoms' exit races are found after
+    the body, by binary search over the snapshots."""
+    if not member:
+        if any_member:
+            fail(st, IMPOSSIBLE)     # the trace names a non-member, or stops while members race
+        elif not allow_empty:
+            fail(st, code_empty)
+        return -1
+    r = st[1]
+    ex[w] = r
+    alive[w] = False
+    st[1] = r + 1
+    return w
+
+
+@njit(cache=True)
 def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
     """log p, its gradient and E | T of a nested spec from the exit races: atom ``i`` took
     part in races ``0 .. ex[i]``, so race ``r``'s log-sum of rates is a suffix log-sum over
