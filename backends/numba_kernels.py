@@ -569,10 +569,19 @@ def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
         if tr[k] >= 0:
             fail(st, IMPOSSIBLE)
             return
-    bucket = np.full(R, -np.inf)
+    # each exit race's log-sum of rates, shifted by its own largest logit: one exp per atom
+    top = np.full(R, -np.inf)
+    for i in range(ex.size):
+        if ex[i] >= 0 and logits[i] > top[ex[i]]:
+            top[ex[i]] = logits[i]
+    acc_exp = np.zeros(R)
     for i in range(ex.size):
         if ex[i] >= 0:
-            bucket[ex[i]] = _logaddexp(bucket[ex[i]], logits[i])
+            acc_exp[ex[i]] += math.exp(logits[i] - top[ex[i]])
+    bucket = np.full(R, -np.inf)
+    for r in range(R):
+        if acc_exp[r] > 0.0:
+            bucket[r] = top[r] + math.log(acc_exp[r])
     lse = np.empty(R)
     acc = -np.inf
     for r in range(R - 1, -1, -1):
