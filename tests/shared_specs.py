@@ -4,7 +4,7 @@ import inspect
 import numpy as np
 
 import structdsl
-from structdsl import arange, atoms, full, race, spec, where, zeros
+from structdsl import arange, atoms, full, ones, race, spec, where, zeros
 from structdsl import specs as builtin
 
 
@@ -25,7 +25,7 @@ def topological_order(n, dag):
 # ---- the backends' parity cases (tests/test_numba.py, tests/test_torch.py) ----------------
 SIZES = {"categorical": (1, 7), "top_k": (2, 7), "permutation": (1, 6), "spanning_tree": (1, 6),
          "arborescence": (1, 5), "binary_tree": (1, 7), "matching": (1, 4), "clustering": (2, 6),
-         "height": (1, 7), "topological": (4, 4), "pointer_jumps": (1, 5)}
+         "height": (1, 7), "topological": (4, 4), "pointer_jumps": (1, 5), "two_sites": (1, 6)}
 STATICS = {"top_k": {"k": 2}, "clustering": {"c": 2}}
 DAG = np.array([[0, 1, 1, 0], [0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=bool)
 
@@ -70,8 +70,34 @@ def pointer_jumps(n):
     return nxt, reach, mixed
 
 
+@spec(nested=True)
+def two_sites(n):
+    """Nested races at two statements whose predicates read different lane locals (a bool
+    array, its complement and a growing scalar): the numba score keeps one snapshot per race
+    and finds exit races by search across both sites; a window that closes ends the trace
+    early through an empty race."""
+    item = atoms(n)
+    taken = zeros(n, bool)
+    avail = ones(n, bool)
+    lo = 0
+    order = full(n, -1)
+    for k in range(n):
+        if k % 2 == 0:
+            w = race(item, lambda i: not taken[i] and i >= lo, allow_empty=True)
+        else:
+            w = race(item, lambda i: i >= lo and avail[i], allow_empty=True)
+        if w < 0:
+            break
+        order[k] = w
+        taken[w] = True
+        avail[w] = False
+        if w <= lo + 1:
+            lo += 1
+    return order
+
+
 SPECS = {**{name: getattr(builtin, name) for name in builtin.__all__}, "height": height,
-         "topological": topological_order, "pointer_jumps": pointer_jumps}
+         "topological": topological_order, "pointer_jumps": pointer_jumps, "two_sites": two_sites}
 _COMPILED = {}
 
 
