@@ -1048,7 +1048,7 @@ class Program(_BaseProgram):
         B, A = logits.shape
         R = inst.max_races
         alive = inst.valid.reshape(-1) & ~np.isneginf(logits)
-        tr = np.ascontiguousarray(traces, dtype=np.int64).copy()
+        tr = np.array(traces, dtype=np.int64)
         st = np.zeros((B, 4), dtype=np.int64)
         st[:, 2] = 1 if self.ir.nested else 0
         fs = np.zeros((B, 1))
@@ -1056,7 +1056,7 @@ class Program(_BaseProgram):
         noisy = uniforms is not None
         lsum = np.zeros((B, R * A)) if want_members else np.full((B, A) if noisy else (B, 0), -np.inf)
         noise = np.zeros((B, A) if noisy else (B, 0))
-        u = np.array(uniforms, dtype=np.float64) if noisy else np.full((B, R + A), 0.5)
+        u = np.array(uniforms, dtype=np.float64) if noisy else np.empty((B, 0))   # read only for E | T
         flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0) | (WANT_MEMBERS if want_members else 0)
         outs = [o[:1] for o in self._outputs(inst, 1)]
         self._run("score_all", *self._args(inst), self._unravel_table(inst), alive, np.array(logits, dtype=np.float64),
