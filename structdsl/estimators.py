@@ -269,8 +269,11 @@ class _NativeScoreSurrogate(torch.autograd.Function):
         fd = losses.detach().numpy().astype(np.float64, copy=False)
         K = fd.shape[0]
         adv = (fd - fd.mean(0)) * (K / (K - 1)) if loo else fd
-        g = adv.reshape(K, -1, 1) * grad.reshape(K, adv.size // K if K else 0, -1)
-        ctx.g = torch.from_numpy(g.sum(0).reshape(logits.shape) / fd.size).to(logits.dtype)
+        g = grad.reshape(K, adv.size // K if K else 0, -1)
+        w = adv.reshape(K, -1, 1) / fd.size
+        # the draw's own scores, consumed here: one sample each is weighted in place
+        g = np.multiply(g[0], w[0], out=g[0]) if K == 1 else (g * w).sum(0)
+        ctx.g = torch.from_numpy(g.reshape(logits.shape)).to(logits.dtype)
         ctx.losses_shape = losses.shape
         return torch.as_tensor(fd.mean(), dtype=losses.dtype)
 
