@@ -97,6 +97,7 @@ class _Codegen:
         self.snap = self.fast and all(isinstance(s.members, (ir.Pred, type(None)))
                                       for s in ir.walk_statements(program.body) if isinstance(s, ir.Race))
         self.sites = []                  # snapshot races: (members, the lane locals it reads)
+        self.site_of = {}                # id(race statement) -> its site
 
     # ---- helpers ----------------------------------------------------------------------------
     def code(self, cls, line, message):
@@ -567,21 +568,30 @@ class _Codegen:
         found = {n.id for n in ast.walk(members.body) if isinstance(n, ast.Name)}
         return sorted(found.intersection(self.types.locals) - set(members.params))
 
+    def snapshot_keep(self, s):
+        """Keep the lane locals race ``s``'s predicate reads in the snapshot of the current
+        slot (once per race statement: the replay and the sampler share the site)."""
+        if id(s) not in self.site_of:
+            self.site_of[id(s)] = len(self.sites)
+            self.sites.append((s.members, self.read_locals(s.members)))
+        site = self.site_of[id(s)]
+        free = self.sites[site][1]
+        slot = ast.Subscript(_name("__st"), ast.Constant(1), ast.Load())
+        keep = [ast.Assign([ast.Subscript(_name(f"__sn{site}_{v}"), slot, ast.Store())], _name(v)) for v in free]
+        keep.append(ast.Assign([ast.Subscript(_name("__site"), slot, ast.Store())], ast.Constant(site)))
+        return [ast.If(ast.Compare(slot, [ast.Lt()], [_attr(_name("__tr"), "size")]), keep, [])]
+
     def snapshot_race(self, s, allow, empty):
         """Replaying a race of the nested fast path (mode != 0): keep the locals its predicate
         reads in this race's slot, check that the trace's winner is a member (scanning every
         live atom only when it is not, to tell an empty race from an impossible trace) and
         retire it.  The other atoms' exit races come after the body (:meth:`exit_search`)."""
-        site = len(self.sites)
-        free = self.read_locals(s.members)
-        self.sites.append((s.members, free))
         slot = ast.Subscript(_name("__st"), ast.Constant(1), ast.Load())
         fits = ast.Compare(slot, [ast.Lt()], [_attr(_name("__tr"), "size")])
-        keep = [ast.Assign([ast.Subscript(_name(f"__sn{site}_{v}"), slot, ast.Store())], _name(v)) for v in free]
-        keep.append(ast.Assign([ast.Subscript(_name("__site"), slot, ast.Store())], ast.Constant(site)))
-        out = [ast.If(fits, keep + [ast.Assign([_name("__w", ast.Store())], ast.Subscript(_name("__tr"), slot, ast.Load()))],
-                      [ast.Assign([_name("__w", ast.Store())], ast.Constant(-1))]),
-               ast.Assign([_name("__in", ast.Store())], ast.Constant(False))]
+        out = self.snapshot_keep(s) + [
+            ast.If(fits, [ast.Assign([_name("__w", ast.Store())], ast.Subscript(_name("__tr"), slot, ast.Load()))],
+                   [ast.Assign([_name("__w", ast.Store())], ast.Constant(-1))]),
+            ast.Assign([_name("__in", ast.Store())], ast.Constant(False))]
         _, stmts, value = self.member_test(s.members, "__w")
         valid = ast.BoolOp(ast.And(), [ast.Compare(_name("__w"), [ast.GtE()], [ast.Constant(0)]),
                                         ast.Compare(_name("__w"), [ast.Lt()], [_name("__A")])])
@@ -676,7 +686,7 @@ class _Codegen:
             generic = self.fill(s.members, "__mb")
             call = _call("__race", _name("__mode"), _name("__mb"), *state, allow, empty, nest)
         generic.append(ast.Assign([_name(w, ast.Store())], call))
-        out = [ast.If(ast.Compare(_name("__mode"), [ast.Eq()], [ast.Constant(0)]), self.pop(s, w, allow, empty),
+        out = [ast.If(ast.Compare(_name("__mode"), [ast.NotEq()], [ast.Constant(1)]), self.pop(s, w, allow, empty),
                       generic)] if self.fast else generic
         out.append(self.check())
         if len(s.targets) == 1:
@@ -703,8 +713,18 @@ class _Codegen:
             ast.If(ast.Compare(_name("__i"), [ast.Lt()], [ast.Constant(0)]), [ast.Break()], []),
             ast.If(ast.Subscript(_name("__alive"), _name("__i"), ast.Load()), test + [found], [])], [])
         take = _call("__take", _name(w), _name("__alive"), _name("__tr"), _name("__st"), allow, empty)
-        return pre + [ast.Assign([_name(w, ast.Store())], ast.UnaryOp(ast.USub(), ast.Constant(1))), scan,
-                ast.Assign([_name(w, ast.Store())], take)]
+        out = pre + [ast.Assign([_name(w, ast.Store())], ast.UnaryOp(ast.USub(), ast.Constant(1))), scan,
+                     ast.Assign([_name(w, ast.Store())], take)]
+        if not self.snap:
+            return out
+        # mode 3 (sample and score): this race's snapshot, and the winner's exit race
+        keep = self.snapshot_keep(s)
+        won = ast.If(ast.Compare(_name(w), [ast.GtE()], [ast.Constant(0)]),
+                     [ast.Assign([ast.Subscript(_name("__ex"), _name(w), ast.Store())],
+                                 ast.BinOp(ast.Subscript(_name("__st"), ast.Constant(1), ast.Load()), ast.Sub(),
+                                           ast.Constant(1)))], [])
+        three = ast.Compare(_name("__mode"), [ast.Eq()], [ast.Constant(3)])
+        return [ast.If(three, keep, [])] + out + [ast.If(three, [won], [])]
 
     def race_groups(self, s):
         out = self.fill(s.key, "__kb")
@@ -742,7 +762,7 @@ class _Codegen:
                  ast.Assign([_name("__mb", ast.Store())], _call(_np("empty"), _name("__A"), _np("bool_"))),
                  ast.Assign([_name("__kb", ast.Store())], _call(_np("empty"), _name("__A"), _np("int64")))]
         if self.fast:
-            body.append(ast.If(ast.Compare(_name("__mode"), [ast.Eq()], [ast.Constant(0)]),
+            body.append(ast.If(ast.Compare(_name("__mode"), [ast.NotEq()], [ast.Constant(1)]),
                                [ast.Expr(_call("__heap_init", _name("__alive"), _name("__res"), _name("__hk"),
                                                _name("__h"), _name("__hs")))], []))
         stmts = self.block(p.body)
@@ -755,7 +775,8 @@ class _Codegen:
         lane = _function("lane", lane_args, body, "@njit(cache=True, error_model='numpy')")
         fmt = dict(params="".join(f"{x}, " for x in params), outs=", ".join(outs) or "",
                    outs_comma="".join(f", {o}" for o in outs),
-                   finish=_FINISH_NESTED if self.fast else _FINISH_GENERIC)
+                   finish=_FINISH_NESTED if self.fast else _FINISH_GENERIC,
+                   sample_finish=_SAMPLE_FINISH_NESTED if self.snap else "")
         drivers = _DRIVERS.format(**fmt)
         src = [
             f"# generated by structdsl from spec {p.name!r} ({p.file}); do not edit",
@@ -806,7 +827,8 @@ def solve_all({params}__valid, __unr, __uni, __logits, __res, __log_noise, __tr,
     # sample (__draw: the noise is drawn here from uniforms and logits) and solve (__res holds
     # given weights).  __mode 2 (with __draw, off the nested fast path) also scores each race
     # against the logits as it runs: log p, its gradient (__flags) and member sets into
-    # __fs, __grad, __lsum, as score_all does.  Flags are arguments, not literals: one
+    # __fs, __grad, __lsum, as score_all does; __mode 3 (the nested fast path) keeps the
+    # races' snapshots as it samples and scores through exit races after the body.  Flags are arguments, not literals: one
     # compiled lane serves every semantics, and a literal True meets a Numba parfor bug that
     # merges 1 and True.
     __B, __A = __res.shape
@@ -819,9 +841,15 @@ def solve_all({params}__valid, __unr, __uni, __logits, __res, __log_noise, __tr,
             __prepare_solve(__valid, __res[__b], __alive[__b])
         __live0 = __alive[__b].copy()
         __pkey = __np.full(__A, -1, __np.int64)
+        if __mode == 3:          # the nested fast path's sample and score: exit races
+            __ex = __np.full(__A, -1, __np.int64)
+            __cand = __np.flatnonzero(__live0)
+        else:
+            __ex = __pkey
+            __cand = __pkey
         lane(__mode, __np.int64(__b), {params}__alive[__b], __live0, __res[__b], __logits[__b], __tr[__b], __st[__b], __fs[__b],
-             __grad[__b], __lsum[__b], __empty, __pkey, __log_space, __flags, __pkey, __pkey, __unr{outs_comma})
-
+             __grad[__b], __lsum[__b], __empty, __pkey, __log_space, __flags, __ex, __cand, __unr{outs_comma})
+{sample_finish}
 
 @njit(parallel=True, cache=True, error_model='numpy')
 def score_all({params}__unr, __alive, __logits, __tr, __st, __fs, __grad, __lsum, __u, __noise, __flags, __log_space{outs_comma}):
@@ -848,6 +876,9 @@ def _kernels_hash():
 
 _FINISH_GENERIC = """            __finish_score(__tr[__b], __st[__b], __lsum[__b], __logits[__b], __live0, __u[__b, __R:],
                            __noise[__b], __flags)"""
+_SAMPLE_FINISH_NESTED = """        if __mode == 3 and __st[__b, 0] == 0:
+            __finish_nested(__tr[__b], __st[__b], __ex, __logits[__b], __live0, __empty, __fs[__b],
+                            __grad[__b], __empty, __lsum[__b], __flags)"""
 _FINISH_NESTED = """            __finish_nested(__tr[__b], __st[__b], __ex, __logits[__b], __live0, __u[__b], __fs[__b],
                             __grad[__b], __noise[__b], __lsum[__b], __flags)"""
 
@@ -895,7 +926,7 @@ class Program(_BaseProgram):
         gen = _Codegen(self.ir, self.types)
         self.source = gen.module()
         self._codes = gen.codes
-        self._fast = gen.fast
+        self._fast, self._snap = gen.fast, gen.snap
         self._module = load(self.source)
         self._tables = {}
 
@@ -1002,9 +1033,10 @@ class Program(_BaseProgram):
 
     def sample_score_flat(self, uniforms, logits, lead=None, want_members=False):
         """:meth:`sample_flat`, then :meth:`score_flat` of the drawn traces (a training step's
-        sampling and trace score), in one native call where it can: a spec off the nested
-        fast path scores each race against the logits as it runs it (lane mode 2); on the
-        nested fast path (whose score needs every atom's exit race) the traces are replayed.
+        sampling and trace score), in one native call: a spec off the nested fast path scores
+        each race against the logits as it runs it (lane mode 2); on the nested fast path the
+        sampler keeps each race's snapshot and the lane then finds every atom's exit race
+        (mode 3; a spec whose races take mask expressions samples, then replays).
         Returns ``(trace, fields, log_noise, logp [B], grad [B, A], members)``; ``members``
         (bool ``[B, R, A]``, as :meth:`memberships`) only with ``want_members``, else None."""
         from .numba_kernels import WANT_GRAD, WANT_MEMBERS
@@ -1013,11 +1045,12 @@ class Program(_BaseProgram):
         R, A = inst.max_races, inst.num_atoms
         u, x = _writable_c64(uniforms.reshape(B, A)), _writable_c64(logits.reshape(B, A))
         with self._naming_lanes(tuple(lead) if lead is not None else (B,)):
-            if self._fast:
+            if self._fast and not self._snap:
                 tr, outs, log_noise = self._sample(inst, u, x)
                 logp, grad, members = self._score(inst, tr, x, True, None, want_members=want_members)
                 return tr, outs, log_noise, logp, grad, members
-            res, log_noise = np.empty((B, A)), np.empty((B, A))
+            res = np.empty((B, A))
+            log_noise = res if self._fast else np.empty((B, A))   # the fast path keeps its noise
             tr = np.full((B, R), -1, dtype=np.int64)
             st = np.zeros((B, 4), dtype=np.int64)
             st[:, 2] = 1 if self.ir.nested else 0
@@ -1025,7 +1058,8 @@ class Program(_BaseProgram):
             lsum = np.zeros((B, R * A)) if want_members else np.zeros((B, 0))
             outs = self._outputs(inst, B)
             self._run("solve_all", *self._args(inst), inst.valid.reshape(-1), self._unravel_table(inst), u, x,
-                      res, log_noise, tr, st, np.bool_(True), np.bool_(True), np.int64(2), fs, grad, lsum,
+                      res, log_noise, tr, st, np.bool_(True), np.bool_(True), np.int64(3 if self._fast else 2),
+                      fs, grad, lsum,
                       np.int64(WANT_GRAD | (WANT_MEMBERS if want_members else 0)), *outs)
             self._raise(st)
         # a drawn trace always has positive probability: fs holds its log p
