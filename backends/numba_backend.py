@@ -836,7 +836,7 @@ def solve_all({params}__valid, __unr, __uni, __logits, __res, __log_noise, __tr,
     __alive = __np.empty((__B, __A), __np.bool_)
     for __b in prange(__B):
         if __draw:
-            __prepare_sample(__valid, __uni[__b], __logits[__b], __alive[__b], __res[__b], __log_noise[__b])
+            __prepare_sample(__valid, __uni[__b], __logits[__b], __alive[__b], __res[__b], __log_noise[__b], __st[__b])
         else:
             __prepare_solve(__valid, __res[__b], __alive[__b])
         __live0 = __alive[__b].copy()
@@ -974,14 +974,20 @@ class Program(_BaseProgram):
                     f"reference backend (backend='numpy') runs the spec", self.ir.file, self.ir.atoms.line) from exc
             raise
 
-    def _raise(self, st):
+    def _raise(self, st, check_logits=None):
+        """Raise the first lane's spec error; ``check_logits``: after a draw, a callable that
+        names a NaN or +inf logit (it raises) if a lane met one."""
+        from .numba_kernels import BAD_LOGIT
+        if check_logits is not None and (st[:, 0] == BAD_LOGIT).any():
+            check_logits()
+            raise ValueError("logits contain NaN or +inf")      # pragma: no cover - it raised
         bad = np.flatnonzero(st[:, 0] > 0)
         if bad.size:
             lane = int(bad[0])
             cls, line, message = self._codes[int(st[lane, 0]) - 1]
             raise getattr(errors, cls)(message, self.ir.file, line, lane)
 
-    def _solve_all(self, inst, res, uniforms, logits, log_space):
+    def _solve_all(self, inst, res, uniforms, logits, log_space, check_logits=None):
         """Run the solve driver: on given weights ``res``, or drawing ``res = log E`` from
         ``uniforms`` and ``logits`` when they are given.  Returns traces, fields, ``res``."""
         B, A = res.shape
@@ -998,27 +1004,28 @@ class Program(_BaseProgram):
                   _writable_c64(logits) if draw else none,       # one lane signature for every caller
                   res, log_noise, tr, st, np.bool_(log_space), np.bool_(draw), np.int64(0),
                   np.zeros((B, 1)), none, none, np.int64(0), *outs)
-        self._raise(st)
+        self._raise(st, (check_logits or (lambda: self._check_logits(logits))) if draw else None)
         return tr, outs, log_noise
 
     def _solve(self, inst, weights, log_space):
         tr, outs, _ = self._solve_all(inst, np.array(weights, dtype=np.float64), None, None, log_space)
         return tr, outs
 
-    def _sample(self, inst, u, logits):
-        return self._solve_all(inst, np.empty(u.shape), u, logits, True)
+    def _sample(self, inst, u, logits, check_logits=None):
+        return self._solve_all(inst, np.empty(u.shape), u, logits, True, check_logits)
 
     # ---- trusted entry points: the torch distribution's CPU fast path --------------------------
-    def sample_flat(self, uniforms, logits, lead=None):
+    def sample_flat(self, uniforms, logits, lead=None, check_logits=None):
         """``sample`` without the public checks, for a caller that made its own inputs:
-        ``uniforms`` in (0, 1) and ``logits`` without NaN or ``+inf``, both float64
-        C-contiguous ``[B, *atom_shape]``.  Returns ``(trace [B, R], fields [B, ...],
+        ``uniforms`` in [0, 1) (0 counts as the smallest normal float) and ``logits``, both
+        float64 C-contiguous ``[B, *atom_shape]``.  Returns ``(trace [B, R], fields [B, ...],
         log_noise [B, A])``; spec errors name the lane in ``lead`` (the batch shape that
-        ``B`` flattens; default ``(B,)``)."""
+        ``B`` flattens; default ``(B,)``); a NaN or +inf logit makes ``check_logits()``
+        (default: the argument check of ``logits``) raise, naming it."""
         B = uniforms.shape[0]
         inst = self.instance(uniforms.shape[1:])
         with self._naming_lanes(tuple(lead) if lead is not None else (B,)):
-            return self._sample(inst, uniforms.reshape(B, -1), logits.reshape(B, -1))
+            return self._sample(inst, uniforms.reshape(B, -1), logits.reshape(B, -1), check_logits)
 
     def score_flat(self, trace, logits):
         """``log_prob_and_grad`` without the public checks: ``trace`` int64 ``[B, R]`` with
@@ -1031,14 +1038,16 @@ class Program(_BaseProgram):
         grad[np.isneginf(logp)] = 0.0
         return logp, grad
 
-    def sample_score_flat(self, uniforms, logits, lead=None, want_members=False):
+    def sample_score_flat(self, uniforms, logits, lead=None, want_members=False, check_logits=None):
         """:meth:`sample_flat`, then :meth:`score_flat` of the drawn traces (a training step's
         sampling and trace score), in one native call: a spec off the nested fast path scores
         each race against the logits as it runs it (lane mode 2); on the nested fast path the
         sampler keeps each race's snapshot and the lane then finds every atom's exit race
         (mode 3; a spec whose races take mask expressions samples, then replays).
         Returns ``(trace, fields, log_noise, logp [B], grad [B, A], members)``; ``members``
-        (bool ``[B, R, A]``, as :meth:`memberships`) only with ``want_members``, else None."""
+        (bool ``[B, R, A]``, as :meth:`memberships`) only with ``want_members``, else None.
+        The logits are checked as the lanes draw: if one is NaN or +inf, ``check_logits()``
+        (default: the argument check of ``logits``) raises, naming it."""
         from .numba_kernels import WANT_GRAD, WANT_MEMBERS
         B = uniforms.shape[0]
         inst = self.instance(uniforms.shape[1:])
@@ -1061,7 +1070,7 @@ class Program(_BaseProgram):
                       res, log_noise, tr, st, np.bool_(True), np.bool_(True), np.int64(3 if self._fast else 2),
                       fs, grad, lsum,
                       np.int64(WANT_GRAD | (WANT_MEMBERS if want_members else 0)), *outs)
-            self._raise(st)
+            self._raise(st, check_logits or (lambda: self._check_logits(logits)))
         # a drawn trace always has positive probability: fs holds its log p
         return tr, outs, log_noise, fs[:, 0], grad, ((lsum > 0).reshape(B, R, A) if want_members else None)
 

@@ -25,6 +25,8 @@ from numba import njit
 
 SOLVE, SCORE, SAMPLE_SCORE = 0, 1, 2     # SAMPLE_SCORE: solve on the residuals, score on the logits
 IMPOSSIBLE = -1
+BAD_LOGIT = -2                   # a NaN or +inf logit met while drawing (trusted entry points)
+_TINY = 2.2250738585072014e-308  # the smallest normal float64
 WANT_GRAD, WANT_NOISE, WANT_MEMBERS = 1, 2, 4
 
 
@@ -502,14 +504,18 @@ def prepare_solve(valid, res, alive):
 
 
 @njit(cache=True)
-def prepare_sample(valid, uni, logits, alive, res, log_noise):
+def prepare_sample(valid, uni, logits, alive, res, log_noise, st):
     """One lane's noise: ``log E = log(-log U) - logits`` at the atoms that can race (+inf
     elsewhere), as the reference computes it, into ``res`` (the races' residuals) and
-    ``log_noise`` (kept for the caller; the same array when the races leave ``res`` alone)."""
+    ``log_noise`` (kept for the caller; the same array when the races leave ``res`` alone).
+    A uniform of 0 counts as the smallest normal float, as torch's draws are clamped; a NaN
+    or +inf logit sets ``st[0] = BAD_LOGIT`` (the caller names the entry)."""
     for k in range(uni.size):
+        if not logits[k] < np.inf:
+            st[0] = BAD_LOGIT
         ok = valid[k] and logits[k] > -np.inf
         alive[k] = ok
-        x = math.log(-math.log(uni[k])) - logits[k] if ok else np.inf
+        x = math.log(-math.log(max(uni[k], _TINY))) - logits[k] if ok else np.inf
         res[k] = x
         log_noise[k] = x
 

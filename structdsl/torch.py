@@ -246,19 +246,25 @@ class RaceDistribution(Distribution, _PyroMixin):
         k = len(self.atom_shape)
         lead = shape[:len(shape) - k]
         u = torch.rand(shape, generator=generator, dtype=self.logits.dtype).numpy()   # torch's RNG stream
-        un = np.maximum(u, np.finfo(u.dtype).tiny, out=u if u.dtype == np.float64 else None).astype(np.float64, copy=False)
+        # a 0 is clamped to the dtype's smallest normal, as the lock-step path does: for
+        # float64 the kernel does it as it draws
+        un = u if u.dtype == np.float64 else np.maximum(u, np.finfo(u.dtype).tiny).astype(np.float64)
         xn = self.logits.detach().numpy()
-        if xn.size and not xn.max() < math.inf:              # validate_args may be off
-            self.program._check_logits(xn)                     # raises, naming the entry
+        check = functools.partial(self.program._check_logits, xn)   # NaN, +inf: the lanes report them
         A = self.instance.num_atoms
-        xb = np.empty((un.size // A if A else lead.numel(), A))
-        xb.reshape(shape)[...] = xn                            # the batch's logits, once per sample
+        if math.prod(sample_shape) == 1 and xn.dtype == np.float64 and xn.flags.c_contiguous:
+            xb = xn.reshape(-1, A)                             # the kernels only read the logits
+        else:
+            xb = np.empty((un.size // A if A else lead.numel(), A))
+            xb.reshape(shape)[...] = xn                        # the batch's logits, once per sample
         fast, dtype = self._numba, self.logits.dtype
         flat = (-1,) + self.atom_shape
         if score or members:
-            trace, fields, log_noise, logp, grad, mem = fast.sample_score_flat(un.reshape(flat), xb, lead, members)
+            trace, fields, log_noise, logp, grad, mem = fast.sample_score_flat(un.reshape(flat), xb, lead, members,
+                                                                               check)
         else:
-            (trace, fields, log_noise), logp, grad, mem = fast.sample_flat(un.reshape(flat), xb, lead), None, None, None
+            (trace, fields, log_noise), logp, grad, mem = fast.sample_flat(un.reshape(flat), xb, lead, check), \
+                None, None, None
         structure = self.program.Structure(*(torch.from_numpy(f.reshape(lead + f.shape[1:])) for f in fields))
         return _Draw(torch.from_numpy(trace.reshape(lead + trace.shape[1:])), structure,
                      torch.from_numpy(log_noise.reshape(shape)).to(dtype), logp, grad, mem)

@@ -217,3 +217,19 @@ def test_a_numba_compile_failure_becomes_a_clear_error(monkeypatch):
     with pytest.raises(LoweringError, match=r"could not compile spec 'categorical' \(TypingError: Cannot unify") as info:
         fast.solve(np.ones(3))
     assert info.value.file.endswith("categorical.py") and "backend='numpy'" in str(info.value)
+
+
+def test_a_zero_uniform_draws_as_the_smallest_normal_float():
+    """torch's uniforms can be exactly 0; the trusted draw counts 0 as the smallest normal
+    float64, as the lock-step path clamps it, on the nested fast path and off it."""
+    for name in ("spanning_tree", "arborescence"):
+        prog = compiled(name, "numba")
+        shape = atom_shape(name, 4)
+        rng = np.random.default_rng(0)
+        u = rng.uniform(size=(3,) + shape)
+        u[:, 0, 1] = 0.0
+        x = rng.normal(size=(3,) + shape)
+        a = prog.sample_flat(u.copy(), x.copy())
+        b = prog.sample_flat(np.maximum(u, np.finfo(np.float64).tiny), x.copy())
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[2], b[2])
+        assert np.isfinite(a[2][:, 1]).all()

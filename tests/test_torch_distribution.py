@@ -136,10 +136,18 @@ def test_pyro_fits_a_guide_that_samples_this_distribution():
 def test_fast_path_checks_its_inputs_without_validation():
     """With validate_args=False the CPU fast path still refuses NaN logits and traces whose
     entries are not atoms, with the same messages as the public API."""
+    from structdsl import estimators
     x = torch.zeros(4, 4, dtype=torch.float64)
     x[1, 2] = math.nan
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match=r"NaN \(1 entries, first at index \(1, 2\)\)"):
         RaceDistribution(specs.spanning_tree, x, validate_args=False).sample()
+    y = torch.zeros(3, 4, 4, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        y[2, 3, 0] = math.inf                         # an invalid atom (u > v) is checked too
+    lax = RaceDistribution(specs.spanning_tree, y, validate_args=False)
+    for draw in (lambda: lax.sample((2,)), lambda: estimators.t_reinforce(lax, lambda s: s.adjacency.sum((-1, -2)))):
+        with pytest.raises(ValueError, match=r"\+inf \(first at index \(2, 3, 0\)\)"):
+            draw()
     d = RaceDistribution(specs.spanning_tree, torch.zeros(4, 4, dtype=torch.float64), validate_args=False)
     assert d._numba is not None                       # the fast path is the one under test
     bad = d.sample().clone()
