@@ -627,12 +627,11 @@ class _Codegen:
             test = ast.Compare(ast.Subscript(_name("__site"), _name("__mid"), ast.Load()), [ast.Eq()],
                                [ast.Constant(site)])
             dispatch = [ast.If(test, body, dispatch)]
-        members0 = self.sites[0][0]
-        unravel = self.unravel(_name("__a"), [f"__x{i}" for i in range(len(members0.params))]) \
-            if members0 is not None else []
-        params = {len(m.params) for m, _ in self.sites if m is not None}
-        if len(params) > 1:          # pragma: no cover - one atom declaration: one arity
+        arity = {len(m.params) for m, _ in self.sites if m is not None}
+        if len(arity) > 1:           # pragma: no cover - one atom declaration: one arity
             self.fail(self.p.body[0], "races with predicates of different arities")
+        # the atom's coordinates, once per atom (a race without a predicate needs none)
+        unravel = self.unravel(_name("__a"), [f"__x{i}" for i in range(arity.pop())]) if arity else []
         search = ast.While(ast.Compare(_name("__lo"), [ast.LtE()], [_name("__hi")]), [
             ast.Assign([_name("__mid", ast.Store())],
                        ast.BinOp(ast.BinOp(_name("__lo"), ast.Add(), _name("__hi")), ast.FloorDiv(), ast.Constant(2))),

@@ -25,7 +25,7 @@ def topological_order(n, dag):
 # ---- the backends' parity cases (tests/test_numba.py, tests/test_torch.py) ----------------
 SIZES = {"categorical": (1, 7), "top_k": (2, 7), "permutation": (1, 6), "spanning_tree": (1, 6),
          "arborescence": (1, 5), "binary_tree": (1, 7), "matching": (1, 4), "clustering": (2, 6),
-         "height": (1, 7), "topological": (4, 4), "pointer_jumps": (1, 5), "two_sites": (1, 6)}
+         "height": (1, 7), "topological": (4, 4), "pointer_jumps": (1, 5), "nested_sites": (1, 6)}
 STATICS = {"top_k": {"k": 2}, "clustering": {"c": 2}}
 DAG = np.array([[0, 1, 1, 0], [0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=bool)
 
@@ -71,24 +71,28 @@ def pointer_jumps(n):
 
 
 @spec(nested=True)
-def two_sites(n):
-    """Nested races at two statements whose predicates read different lane locals (a bool
-    array, its complement and a growing scalar): the numba score keeps one snapshot per race
-    and finds exit races by search across both sites; a window that closes ends the trace
-    early through an empty race."""
+def nested_sites(n):
+    """Nested races at three statements: one without a predicate, then two whose predicates
+    read different lane locals (a bool array, its complement and a growing scalar).  The
+    numba score keeps one snapshot per race and finds exit races by search across the sites;
+    a window that closes ends the trace early through an empty race."""
     item = atoms(n)
     taken = zeros(n, bool)
     avail = ones(n, bool)
-    lo = 0
     order = full(n, -1)
-    for k in range(n):
+    first = race(item)                 # a third site, without a predicate
+    order[0] = first
+    taken[first] = True
+    avail[first] = False
+    lo = 1 if first <= 1 else 0
+    for k in range(n - 1):
         if k % 2 == 0:
             w = race(item, lambda i: not taken[i] and i >= lo, allow_empty=True)
         else:
             w = race(item, lambda i: i >= lo and avail[i], allow_empty=True)
         if w < 0:
             break
-        order[k] = w
+        order[k + 1] = w
         taken[w] = True
         avail[w] = False
         if w <= lo + 1:
@@ -97,7 +101,7 @@ def two_sites(n):
 
 
 SPECS = {**{name: getattr(builtin, name) for name in builtin.__all__}, "height": height,
-         "topological": topological_order, "pointer_jumps": pointer_jumps, "two_sites": two_sites}
+         "topological": topological_order, "pointer_jumps": pointer_jumps, "nested_sites": nested_sites}
 _COMPILED = {}
 
 
