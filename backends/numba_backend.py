@@ -827,9 +827,9 @@ def solve_all({params}__valid, __unr, __uni, __logits, __res, __log_noise, __tr,
     # given weights).  __mode 2 (with __draw, off the nested fast path) also scores each race
     # against the logits as it runs: log p, its gradient (__flags) and member sets into
     # __fs, __grad, __lsum, as score_all does; __mode 3 (the nested fast path) keeps the
-    # races' snapshots as it samples and scores through exit races after the body.  Flags are arguments, not literals: one
-    # compiled lane serves every semantics, and a literal True meets a Numba parfor bug that
-    # merges 1 and True.
+    # races' snapshots as it samples and scores through exit races after the body.  Flags
+    # are arguments, not literals: one compiled lane serves every semantics, and a literal
+    # True meets a Numba parfor bug that merges 1 and True.
     __B, __A = __res.shape
     __empty = __np.zeros(0)
     __alive = __np.empty((__B, __A), __np.bool_)
@@ -986,9 +986,11 @@ class Program(_BaseProgram):
             cls, line, message = self._codes[int(st[lane, 0]) - 1]
             raise getattr(errors, cls)(message, self.ir.file, line, lane)
 
-    def _solve_all(self, inst, res, uniforms, logits, log_space, check_logits=None):
+    def _solve_all(self, inst, res, uniforms, logits, log_space, check_logits=None, score=None):
         """Run the solve driver: on given weights ``res``, or drawing ``res = log E`` from
-        ``uniforms`` and ``logits`` when they are given.  Returns traces, fields, ``res``."""
+        ``uniforms`` and ``logits`` when they are given.  Returns traces, fields, the log
+        noise.  ``score``: ``(fs, grad, lsum, flags)`` buffers, to score the drawn traces in
+        the same lanes (mode 3 on the nested fast path, else mode 2)."""
         B, A = res.shape
         draw = uniforms is not None
         none = np.zeros((B, 0))
@@ -998,11 +1000,13 @@ class Program(_BaseProgram):
         outs = self._outputs(inst, B)
         # the nested fast path never writes its residuals: then they are the log noise itself
         log_noise = res if (self._fast or not draw) else np.empty((B, A))
+        mode = 0 if score is None else 3 if self._fast else 2
+        fs, grad, lsum, flags = score or (np.zeros((B, 1)), none, none, 0)
         self._run("solve_all", *self._args(inst), inst.valid.reshape(-1), self._unravel_table(inst),
                   _writable_c64(uniforms) if draw else none,
                   _writable_c64(logits) if draw else none,       # one lane signature for every caller
-                  res, log_noise, tr, st, np.bool_(log_space), np.bool_(draw), np.int64(0),
-                  np.zeros((B, 1)), none, none, np.int64(0), *outs)
+                  res, log_noise, tr, st, np.bool_(log_space), np.bool_(draw), np.int64(mode),
+                  fs, grad, lsum, np.int64(flags), *outs)
         self._raise(st, (check_logits or (lambda: self._check_logits(logits))) if draw else None)
         return tr, outs, log_noise
 
@@ -1054,22 +1058,15 @@ class Program(_BaseProgram):
         u, x = _writable_c64(uniforms.reshape(B, A)), _writable_c64(logits.reshape(B, A))
         with self._naming_lanes(tuple(lead) if lead is not None else (B,)):
             if self._fast and not self._snap:
-                tr, outs, log_noise = self._sample(inst, u, x)
+                tr, outs, log_noise = self._sample(inst, u, x, check_logits)
                 logp, grad, members = self._score(inst, tr, x, True, None, want_members=want_members)
                 return tr, outs, log_noise, logp, grad, members
-            res = np.empty((B, A))
-            log_noise = res if self._fast else np.empty((B, A))   # the fast path keeps its noise
-            tr = np.full((B, R), -1, dtype=np.int64)
-            st = np.zeros((B, 4), dtype=np.int64)
-            st[:, 2] = 1 if self.ir.nested else 0
             fs, grad = np.zeros((B, 1)), np.zeros((B, A))
             lsum = np.zeros((B, R * A)) if want_members else np.zeros((B, 0))
-            outs = self._outputs(inst, B)
-            self._run("solve_all", *self._args(inst), inst.valid.reshape(-1), self._unravel_table(inst), u, x,
-                      res, log_noise, tr, st, np.bool_(True), np.bool_(True), np.int64(3 if self._fast else 2),
-                      fs, grad, lsum,
-                      np.int64(WANT_GRAD | (WANT_MEMBERS if want_members else 0)), *outs)
-            self._raise(st, check_logits or (lambda: self._check_logits(logits)))
+            flags = WANT_GRAD | (WANT_MEMBERS if want_members else 0)
+            tr, outs, log_noise = self._solve_all(inst, np.empty((B, A)), u, x, True,
+                                                  check_logits or (lambda: self._check_logits(logits)),
+                                                  score=(fs, grad, lsum, flags))
         # a drawn trace always has positive probability: fs holds its log p
         return tr, outs, log_noise, fs[:, 0], grad, ((lsum > 0).reshape(B, R, A) if want_members else None)
 

@@ -79,6 +79,8 @@ class _GraphedScore(torch.autograd.Function):
                 (gx,) = torch.autograd.grad(torch.where(torch.isfinite(lp), lp, 0.0), x, g, create_graph=True)
             return gx, None, None, None
         return g[:, None] * grad, None, None, None
+
+
 _CMP = {ast.Eq: torch.eq, ast.NotEq: torch.ne, ast.Lt: torch.lt, ast.LtE: torch.le,
         ast.Gt: torch.gt, ast.GtE: torch.ge}
 
@@ -961,19 +963,33 @@ class Program(_BaseProgram):
         key = key + tuple((tuple(t.shape), t.dtype) for t in inputs) + (
             str(inputs[0].device), torch.is_inference_mode_enabled())
         entry = self._graph_cache.get(key)
-        if entry is None:
-            self._graph_cache[key] = "seen"
-            while len(self._graph_cache) > _GRAPH_LIMIT:
-                self._graph_cache.popitem(last=False)
-            return fn(*inputs)
-        self._graph_cache.move_to_end(key)
-        if entry == "seen":
-            entry = self._graph_cache[key] = _capture(fn, inputs)
-        static_in, graph, static_out = entry
-        for buf, t in zip(static_in, inputs):
-            buf.copy_(t)
-        graph.replay()
-        return tuple(o.clone() for o in static_out)
+        with torch.no_grad():
+            if entry is None:
+                self._graph_cache[key] = "seen"
+                while len(self._graph_cache) > _GRAPH_LIMIT:
+                    self._graph_cache.popitem(last=False)
+                return fn(*inputs)
+            self._graph_cache.move_to_end(key)
+            if entry == "seen":
+                entry = self._graph_cache[key] = _capture(fn, inputs)
+            static_in, graph, static_out = entry
+            for buf, t in zip(static_in, inputs):
+                buf.copy_(t)
+            graph.replay()
+            return tuple(o.clone() for o in static_out)
+
+    def _run_body(self, key, fn, inputs, graphs=True):
+        """``fn(*inputs)``, through :meth:`_graphed` where a graph may serve (``graphs`` and
+        :meth:`_graphs_apply`), else eagerly (autograd sees it)."""
+        if graphs and self._graphs_apply(*inputs):
+            return self._graphed(key, fn, tuple(t.detach() for t in inputs))
+        return fn(*inputs)
+
+    def _no_trace(self, logp, what):
+        """Raise for the first lane whose trace has probability zero (one sync)."""
+        if bool(torch.isneginf(logp).any()):
+            lane = int(torch.nonzero(torch.isneginf(logp))[0, 0])
+            raise ValueError(f"trace (flat batch index {lane}) {what}")
 
     def _outputs(self, m):
         out = []
@@ -995,11 +1011,7 @@ class Program(_BaseProgram):
             with torch.no_grad():
                 m.run(self.ir.body)
             return (m.err, m.trace, *self._outputs(m))
-        res = res.detach()
-        if self._graphs_apply(res):
-            err, trace, *fields = self._graphed(("solve", inst.atom_shape, log_space), body, (res,))
-        else:
-            err, trace, *fields = body(res)
+        err, trace, *fields = self._run_body(("solve", inst.atom_shape, log_space), body, (res.detach(),))
         self._finish(err, batch)
         return trace, fields
 
@@ -1086,25 +1098,15 @@ class Program(_BaseProgram):
         """The structure record of ``trace`` (replayed under ``logits``, which say which atoms
         are live); fields ``[*batch, *field_shape]``.  Raises ValueError for an impossible trace."""
         t, x, batch, inst = self._trace(trace, logits)
-        if self._graphs_apply(t, x):
-            def body(t, x):
-                with torch.no_grad():
-                    logp, m, _ = self._replay_core(t, x, inst)
-                return (m.err, logp, *self._outputs(m))
-            err, logp, *fields = self._graphed(("decode", inst.atom_shape), body, (t, x.detach()))
-            self._finish(err, batch)
-            if bool(torch.isneginf(logp).any()):
-                lane = int(torch.nonzero(torch.isneginf(logp))[0, 0])
-                raise ValueError(f"trace (flat batch index {lane}) is not a trace of {self.ir.name} under "
-                                 f"these logits: it has no structure")
-            return self._structure_t(fields, batch)
-        with torch.no_grad():
-            logp, m, _ = self._replay_t(t, x, inst, batch)
-        if bool(torch.isneginf(logp).any()):
-            lane = int(torch.nonzero(torch.isneginf(logp))[0, 0])
-            raise ValueError(f"trace (flat batch index {lane}) is not a trace of {self.ir.name} under "
-                             f"these logits: it has no structure")
-        return self._structure_t(self._outputs(m), batch)
+
+        def body(t, x):
+            with torch.no_grad():
+                logp, m, _ = self._replay_core(t, x, inst)
+            return (m.err, logp, *self._outputs(m))
+        err, logp, *fields = self._run_body(("decode", inst.atom_shape), body, (t, x))
+        self._finish(err, batch)
+        self._no_trace(logp, f"is not a trace of {self.ir.name} under these logits: it has no structure")
+        return self._structure_t(fields, batch)
 
     def log_prob(self, trace, logits):
         """log p(trace), differentiable in the logits; ``-inf`` for impossible traces.
@@ -1119,8 +1121,7 @@ class Program(_BaseProgram):
                 return _GraphedScore.apply(x, logp, grad, eager).reshape(batch)
 
             def body(t, x):
-                with torch.no_grad():
-                    logp, m, _ = self._replay_core(t, x, inst)
+                logp, m, _ = self._replay_core(t, x, inst)
                 return m.err, logp
             err, logp = self._graphed(("log_prob", inst.atom_shape), body, (t, x.detach()))
             self._finish(err, batch)
@@ -1132,11 +1133,7 @@ class Program(_BaseProgram):
         """``(log p [*batch], d log p / d logits [*batch, *atom_shape])``, the gradient by
         autograd (0 where ``log p`` is ``-inf``); no graph is kept."""
         t, x, batch, inst = self._trace(trace, logits)
-        body = self._score_body(inst)
-        if self._graphs_apply(t, x):
-            err, logp, grad = self._graphed(("score", inst.atom_shape), body, (t, x.detach()))
-        else:
-            err, logp, grad = body(t, x)
+        err, logp, grad = self._run_body(("score", inst.atom_shape), self._score_body(inst), (t, x))
         self._finish(err, batch)
         return logp.reshape(batch), grad.reshape(batch + inst.atom_shape)
 
@@ -1157,15 +1154,9 @@ class Program(_BaseProgram):
                                     -math.inf)
             log_noise = _safe_logaddexp(m.log_sum, log_fresh)
             return m.err, logp, torch.where(live, torch.exp(torch.where(live, log_noise, 0.0)), math.inf)
-        if self._graphs_apply(t, x, u) and not (x.requires_grad and torch.is_grad_enabled()):
-            # without a gradient to carry, E | T is one more replay (differentiable: eager)
-            with torch.no_grad():
-                err, logp, noise = self._graphed(("noise", inst.atom_shape), body, (t, x, u))
-        else:
-            err, logp, noise = body(t, x, u)
+        # without a gradient to carry, E | T is one more replay (differentiable: eager)
+        err, logp, noise = self._run_body(("noise", inst.atom_shape), body, (t, x, u),
+                                          graphs=not (x.requires_grad and torch.is_grad_enabled()))
         self._finish(err, batch)
-        if bool(torch.isneginf(logp).any()):
-            lane = int(torch.nonzero(torch.isneginf(logp))[0, 0])
-            raise ValueError(f"trace (flat batch index {lane}) has probability zero under these "
-                             f"logits: there is no noise that produces it")
+        self._no_trace(logp, "has probability zero under these logits: there is no noise that produces it")
         return noise.reshape(batch + inst.atom_shape)
