@@ -115,6 +115,24 @@ def compiled(name, backend):
     return _COMPILED[name, backend]
 
 
+def structure_loss(name, n, seed, device="cpu"):
+    """A fixed random function of all the structure's fields (flattened), a stand-in for a
+    random loss table over the structures of spec ``name`` at size ``n``:
+    ``[*lead, *fields] -> [*lead]`` (float64 torch tensors on ``device``)."""
+    import torch
+    prog = compiled(name, "torch")
+    inst = prog.instance(atom_shape(name, n))
+    dims = [len(inst.types.outputs[o].shape) for o in prog.ir.outputs]
+    width = sum(int(np.prod([d.value for d in inst.types.outputs[o].shape])) for o in prog.ir.outputs)
+    w = torch.as_tensor(np.random.default_rng(seed).normal(size=width), device=device)
+
+    def f(s):
+        flat = torch.cat([v.reshape(v.shape[:v.dim() - d] + (-1,)).double() for v, d in zip(s, dims)], -1)
+        z = flat @ w
+        return torch.cos(2.0 * z) + 0.3 * z
+    return f
+
+
 def atom_shape(name, n):
     return (n, n) if name in ("spanning_tree", "arborescence", "matching", "clustering", "pointer_jumps") else (n,)
 

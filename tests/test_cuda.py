@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 import structdsl  # noqa: E402
 from shared_specs import (SIZES, SPECS, STATICS, atom_shape, bad_line, careless, careless_vector, compiled,  # noqa: E402
-                          divides, empty, false_promise)
+                          divides, empty, false_promise, structure_loss)
 from structdsl import EmptyRaceError, NestingError, SpecIndexError, SpecZeroDivisionError, specs  # noqa: E402
 from structdsl import estimators  # noqa: E402
 from structdsl.torch import RaceDistribution  # noqa: E402
@@ -181,21 +181,6 @@ def test_the_distribution_stays_on_the_device():
         RaceDistribution(specs.spanning_tree, logits=torch.full((5, 5), math.nan, device=DEV), validate_args=True)
 
 
-def loss_of(name, seed):
-    """A fixed random function of all the structure's fields (as tests/test_estimators.py)."""
-    prog = compiled(name, "torch")
-    inst = prog.instance(atom_shape(name, 4))
-    dims = [len(inst.types.outputs[o].shape) for o in prog.ir.outputs]
-    width = sum(math.prod(d.value for d in inst.types.outputs[o].shape) for o in prog.ir.outputs)
-    w = torch.as_tensor(np.random.default_rng(seed).normal(size=width), device=DEV)
-
-    def f(s):
-        flat = torch.cat([v.reshape(v.shape[:v.dim() - d] + (-1,)).double() for v, d in zip(s, dims)], -1)
-        z = flat @ w
-        return torch.cos(2.0 * z) + 0.3 * z
-    return f
-
-
 @pytest.mark.parametrize("name", ["spanning_tree", "arborescence", "binary_tree"])
 def test_estimators_on_the_device_are_unbiased(name):
     """Mean of 4000 estimates (one batch element each) within 4 standard errors of the exact
@@ -204,7 +189,7 @@ def test_estimators_on_the_device_are_unbiased(name):
     torch.cuda.manual_seed_all(0) if DEV.type == "cuda" else None
     prog = compiled(name, "torch")
     x0 = torch.as_tensor(np.random.default_rng(4).normal(size=atom_shape(name, 4)), device=DEV)
-    f = loss_of(name, 5)
+    f = structure_loss(name, 4, 5, DEV)
     xe = x0.clone().requires_grad_(True)
     estimators.exact_gradient(RaceDistribution(prog, xe), f).backward()
     truth = xe.grad

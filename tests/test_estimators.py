@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import structdsl
-from shared_specs import atom_shape, compiled
+from shared_specs import atom_shape, compiled, structure_loss
 from structdsl import estimators, specs
 from structdsl.toys import TOYS
 from structdsl.torch import RaceDistribution
@@ -21,19 +21,8 @@ SIZE = {"categorical": 5, "top_k": 5, "permutation": 4, "spanning_tree": 4, "arb
 
 
 def loss_for(name, seed):
-    """A fixed random function of the structure (all fields, flattened): a stand-in for a
-    random loss table over the structures; ``[*lead, *fields] -> [*lead]``."""
-    prog = compiled(name, "torch")
-    inst = prog.instance(atom_shape(name, SIZE[name]))
-    dims = [len(inst.types.outputs[o].shape) for o in prog.ir.outputs]
-    width = sum(math.prod(d.value for d in inst.types.outputs[o].shape) for o in prog.ir.outputs)
-    w = torch.as_tensor(np.random.default_rng(seed).normal(size=width))
-
-    def f(s):
-        flat = torch.cat([v.reshape(v.shape[:v.dim() - d] + (-1,)).double() for v, d in zip(s, dims)], -1)
-        z = flat @ w
-        return torch.cos(2.0 * z) + 0.3 * z
-    return f
+    """A fixed random loss of the structure at the test size (see ``structure_loss``)."""
+    return structure_loss(name, SIZE[name], seed)
 
 
 def logits_for(name, seed):
