@@ -273,7 +273,8 @@ class _NativeScoreSurrogate(torch.autograd.Function):
         w = adv.reshape(K, -1, 1) / fd.size
         # the draw's own scores, consumed here: one sample each is weighted in place
         g = np.multiply(g[0], w[0], out=g[0]) if K == 1 else (g * w).sum(0)
-        ctx.g = torch.from_numpy(g.reshape(logits.shape)).to(logits.dtype)
+        g = torch.from_numpy(g.reshape(logits.shape))
+        ctx.g = g if g.dtype == logits.dtype else g.to(logits.dtype)
         ctx.losses_shape = losses.shape
         return torch.as_tensor(fd.mean(), dtype=losses.dtype)
 

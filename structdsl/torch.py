@@ -266,8 +266,9 @@ class RaceDistribution(Distribution, _PyroMixin):
             (trace, fields, log_noise), logp, grad, mem = fast.sample_flat(un.reshape(flat), xb, lead, check), \
                 None, None, None
         structure = self.program.Structure(*(torch.from_numpy(f.reshape(lead + f.shape[1:])) for f in fields))
+        log_noise = torch.from_numpy(log_noise.reshape(shape))
         return _Draw(torch.from_numpy(trace.reshape(lead + trace.shape[1:])), structure,
-                     torch.from_numpy(log_noise.reshape(shape)).to(dtype), logp, grad, mem)
+                     log_noise if log_noise.dtype == dtype else log_noise.to(dtype), logp, grad, mem)
 
     def enumerate_support(self, expand=True):
         """Every trace with positive probability: ``[N] + batch_shape + (max_races,)`` (or
