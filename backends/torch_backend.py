@@ -12,7 +12,8 @@ value's DSL shape from the type pass.  Control flow becomes masks:
 * ``a and b``, ``a if c else b`` on scalars guard the side they would not evaluate, so an
   index error counts only where the reference would raise it;
 * a race is a masked argmin over the flattened atoms (first index on ties, as the
-  reference); a grouped race is one masked race per group, in group order.
+  reference); a grouped race runs every group at once as segment reductions by key
+  (``scatter_reduce``), its present groups taking trace slots in key order.
 
 Errors are flags ``[B]`` (first error per lane, in program order) checked once per call and
 raised as the reference raises them, naming the spec line and the batch element.  Nothing on
@@ -104,6 +105,10 @@ def _any_lead(x, B):
     """``[B]``: whether any entry of a lead-shaped bool (``[B or 1, *grid]``) is set."""
     x = _any(x.reshape(x.shape[0], -1)) if x.dim() > 1 else x
     return x.expand(B) if x.shape[0] == 1 else x
+
+
+_EMPTY_RACE = ("race has no live member (every candidate is retired, invalid or at logit -inf; "
+               "race(..., allow_empty=True) returns -1 instead)")
 
 
 def _bools(fn, a, b):
@@ -679,7 +684,10 @@ class _Machine:
         on = self.on()
         if not self.all_lanes(on):          # a [B, A] pass saved when every lane runs
             m = _bools(torch.bitwise_and, m, on[:, None])
-        w = self.compete(s, [m], s.allow_empty)[0]
+        if self.prog._plain_races:
+            w = self.compete(s, m)
+        else:                                # beside grouped races: one group (nesting by key)
+            w = self.compete_groups(s, torch.where(m, 0, -1), 1)[:, 0]
         if len(s.targets) == 1:
             self.store(ast.Name(s.targets[0], ast.Store()), w, 0, s.line)
             return
@@ -691,9 +699,8 @@ class _Machine:
         keys = self.members(s.key, "int")
         bad = _any((keys < -1) | (keys >= G))
         self.flag(bad, "SpecValueError", s.line, "race_groups key outside [-1, groups)")
-        keys = torch.where(self.alive & self.on()[:, None], keys, -1)
-        masks = [keys == gi for gi in range(G)]
-        ws = torch.stack(self.compete(s, masks, s.allow_empty, grouped=True), 1) if G else \
+        keys = torch.where(_bools(torch.bitwise_and, self.alive, self.on()[:, None]), keys, -1)
+        ws = self.compete_groups(s, keys, G) if G else \
             torch.zeros((self.B, 0), dtype=torch.int64, device=self.device)
         if len(s.targets) == 1:
             self.store(ast.Name(s.targets[0], ast.Store()), ws, 1, s.line)
@@ -708,42 +715,123 @@ class _Machine:
             rest = torch.div(rest, d, rounding_mode="floor")
         return out[::-1]
 
-    def compete(self, s, masks, allow_empty, grouped=False):
-        """Race every mask ``[B, A]`` in order (one per group); returns the winners ``[B]``
-        (-1 where a mask is empty)."""
-        if self.mode == "solve" and self.prog._exit_races:
-            nonempty = [_any(masks[0])]
-            self.minima = [self.narrow(masks[0], nonempty[0])]
-        elif self.mode == "solve":      # the masked minima, found once: a race is empty iff +inf
-            self.minima = [torch.where(m, self.res, math.inf).min(1) for m in masks]
-            nonempty = [mn.values < math.inf for mn in self.minima]
+    def compete_groups(self, s, keys, G):
+        """Every group's race at once, as segment reductions over the atoms (``scatter_reduce``
+        by key) instead of one masked pass per group: ``keys`` ``[B, A]`` in ``[-1, G)`` (-1:
+        no race; lanes that do not run are all -1).  Returns the winners ``[B, G]`` (-1 for an
+        empty group).  As the reference: the present groups race in key order, taking the
+        next trace slots; each group's winner is its first least residual; every member's
+        residual drops by its own group's minimum; then the winners retire."""
+        B, A, R = self.B, self.A, self.R
+        dev = self.device
+        col = keys + 1                                   # column 0 gathers the atoms of no group
+        member = keys >= 0
+        iota = self.atoms_iota.expand(B, A)
+        if self.mode == "solve":
+            lo = torch.full((B, G + 1), math.inf, dtype=self.res.dtype, device=dev).scatter_reduce_(
+                1, col, self.res, "amin")
+            lo[:, 0] = math.inf
+            present = lo[:, 1:] < math.inf               # live atoms have finite residuals
+            lo_at = lo.gather(1, col)                    # each atom's group minimum (+inf: none)
+            first = torch.where(member & (self.res == lo_at), iota, A)
+            w = torch.full((B, G + 1), A, dtype=torch.int64, device=dev).scatter_reduce_(1, col, first, "amin")[:, 1:]
         else:
-            nonempty = [_any(m) for m in masks]
-        anyone = torch.stack(nonempty, 0).any(0) if masks else torch.zeros_like(self.dead)
-        if not allow_empty:
-            what = "race_groups has no live member in any group" if grouped else (
-                "race has no live member (every candidate is retired, invalid or at logit -inf; "
-                "race(..., allow_empty=True) returns -1 instead)")
-            self.flag(~anyone, "EmptyRaceError", s.line, what)
+            present = torch.zeros((B, G + 1), dtype=torch.int64, device=dev).scatter_add_(
+                1, col, member.long())[:, 1:] > 0
+        anyone = _any(present)
+        if not s.allow_empty:
+            self.flag(~anyone, "EmptyRaceError", s.line, "race_groups has no live member in any group"
+                      if isinstance(s, ir.GroupRace) else _EMPTY_RACE)
         if self.p.nested:
-            self.check_nested(s, masks, anyone)
-        winners = []
-        track = self.p.nested                 # the member sets the next race must lie in
-        plain = self.prog._plain_races
-        key = None if plain or not track else torch.full((self.B, self.A), -1, dtype=torch.int64, device=self.device)
-        moved = anyone & self.on()
-        for gi, (m, raced) in enumerate(zip(masks, nonempty)):
-            raced = raced & self.on()
-            if track and plain:
-                self.prev_in = m if self.all_lanes(moved) else torch.where(moved[:, None], m, self.prev_in)
-            elif track:
-                key = torch.where(m & raced[:, None], gi, key)
-            w = self.pick(s, m, raced, self.minima[gi] if self.mode == "solve" else None)
-            winners.append(torch.where(raced, w, -1))
-        if key is not None:
-            self.prev_key = torch.where(moved[:, None], key, self.prev_key)
+            self.check_nested_groups(s, keys, col, member, G)
+        # the present groups take the next slots, in key order
+        slot_of = self.slot[:, None] + torch.cumsum(present.long(), 1) - 1       # [B, G]
+        at = torch.where(present, slot_of.clamp(max=max(R - 1, 0)), R)           # R: a spare column
+        if self.mode == "solve":
+            if not self.p.nested:
+                upd = member & (lo_at < math.inf)
+                if self.log_space:
+                    gap = torch.where(self.res == lo_at, -math.inf,
+                                      self.res + torch.log(-torch.expm1(lo_at - self.res)))
+                else:
+                    gap = self.res - lo_at
+                self.res = torch.where(upd, gap, self.res)
+            if R:
+                spare = torch.cat([self.trace, self.trace[:, :1]], 1)
+                self.trace = spare.scatter_(1, at, torch.where(present, w, 0))[:, :R]
+        else:
+            w = torch.cat([self.trace, self.trace[:, :1]], 1).gather(1, at) if R else \
+                torch.full((B, G), -1, dtype=torch.int64, device=dev)
+            ok = present & (w >= 0) & (slot_of < R)
+            ws = torch.where(ok, w, 0)
+            won = ok & (keys.gather(1, ws) == torch.arange(G, device=dev))  # the trace's winner is in its group
+            bad = _any(present & ~won)
+            self.impossible = self.impossible | bad
+            self.dead = self.dead | bad
+            present = present & ~bad[:, None]
+            w = ws
+            x = self.logits
+            shift = torch.full((B, G + 1), -math.inf, dtype=x.dtype, device=dev).scatter_reduce_(
+                1, col, torch.where(member, x.detach(), -math.inf), "amax")
+            shift = torch.where(torch.isfinite(shift), shift, 0.0)
+            e = torch.exp(torch.where(member, x - shift.gather(1, col), -math.inf))   # no inf * 0 in backward
+            total = torch.zeros((B, G + 1), dtype=x.dtype, device=dev).scatter_add(1, col, e)[:, 1:]
+            lse = torch.log(torch.where(present, total, 1.0)) + shift[:, 1:]        # [B, G]
+            gain = torch.where(present, x.gather(1, w) - lse, 0.0)
+            self.logp = self.logp + gain.sum(1)
+            if self.u is not None:
+                ur = torch.cat([self.u[:, :R], self.u[:, :1]], 1).gather(1, at)
+                log_min = torch.where(present, torch.log(-torch.log(ur)) - lse, -math.inf)
+                log_min = torch.cat([log_min.new_full((B, 1), -math.inf), log_min], 1)
+                contrib = torch.where(member, log_min.gather(1, col), -math.inf)
+                self.log_sum = _safe_logaddexp(self.log_sum, contrib)
+        if self.p.nested:
+            moved = anyone & self.on()
+            self.prev_key = torch.where(moved[:, None], keys, self.prev_key)
+            self.has_prev = self.has_prev | moved
+        gone = torch.zeros((B, A + 1), dtype=torch.bool, device=dev).scatter_(1, torch.where(present, w, A), True)
+        self.alive = self.alive & ~gone[:, :A]
+        self.slot = self.slot + present.long().sum(1)
+        return torch.where(present, w, -1)
+
+    def check_nested_groups(self, s, keys, col, member, G):
+        """Each group's members lie in one member set of the previous race: their previous
+        keys are all equal and not -1."""
+        B, dev = self.B, self.device
+        big = self.A + 1
+        pk = self.prev_key
+        lo = torch.full((B, G + 1), big, dtype=torch.int64, device=dev).scatter_reduce_(
+            1, col, torch.where(member, pk, big), "amin")[:, 1:]
+        hi = torch.full((B, G + 1), -big, dtype=torch.int64, device=dev).scatter_reduce_(
+            1, col, torch.where(member, pk, -big), "amax")[:, 1:]
+        bad = self.has_prev & _any((lo < big) & ((lo != hi) | (lo < 0)))
+        self.flag(bad, "NestingError", s.line,
+                  f"spec {self.p.name!r} declares nested=True, but this race's members are not "
+                  f"inside one member set of the previous race")
+
+    def compete(self, s, m):
+        """The plain race on mask ``m`` ``[B, A]``; returns the winners ``[B]`` (-1 where
+        ``m`` is empty)."""
+        if self.mode == "solve" and self.prog._exit_races:
+            nonempty = _any(m)
+            minimum = self.narrow(m, nonempty)
+        elif self.mode == "solve":      # the masked minimum: a race is empty iff it is +inf
+            minimum = torch.where(m, self.res, math.inf).min(1)
+            nonempty = minimum.values < math.inf
+        else:
+            nonempty, minimum = _any(m), None
+        if not s.allow_empty:
+            self.flag(~nonempty, "EmptyRaceError", s.line, _EMPTY_RACE)
+        moved = nonempty & self.on()
+        if self.p.nested:             # the member set the next race must lie in
+            bad = self.has_prev & _any(m > self.prev_in)             # a member outside
+            self.flag(bad, "NestingError", s.line,
+                      f"spec {self.p.name!r} declares nested=True, but this race's members are not "
+                      f"inside one member set of the previous race")
+            self.prev_in = m if self.all_lanes(moved) else torch.where(moved[:, None], m, self.prev_in)
+        w = self.pick(s, m, moved, minimum)
         self.has_prev = self.has_prev | moved
-        return winners
+        return torch.where(moved, w, -1)
 
     def narrow(self, m, nonempty):
         """``torch.where(m, res, inf).min(1)`` for a plain race of a nested spec, solving:
@@ -762,24 +850,6 @@ class _Machine:
         if not self.all_lanes(moved):                # a lane whose race did not run keeps its set
             drop = drop & moved[:, None]
         return self.res.masked_fill_(drop, math.inf).min(1)
-
-    def check_nested(self, s, masks, anyone):
-        if self.prog._plain_races:     # one member set per race: a subset test on bool masks
-            (m,) = masks
-            bad = self.has_prev & _any(m > self.prev_in)             # a member outside
-            self.flag(bad, "NestingError", s.line,
-                      f"spec {self.p.name!r} declares nested=True, but this race's members are not "
-                      f"inside one member set of the previous race")
-            return
-        big = self.A + 1
-        for m in masks:
-            pk = torch.where(m, self.prev_key, big)
-            lo = pk.amin(1)
-            hi = torch.where(m, self.prev_key, -big).amax(1)
-            bad = self.has_prev & _any(m) & ((lo != hi) | (lo < 0))
-            self.flag(bad, "NestingError", s.line,
-                      f"spec {self.p.name!r} declares nested=True, but this race's members are not "
-                      f"inside one member set of the previous race")
 
     def pick(self, s, m, raced, minimum=None):
         """One race on mask ``m`` for the lanes ``raced``: the winner ``[B]`` (garbage elsewhere);
