@@ -13,5 +13,8 @@ python3 -c "import torch, numpy; print('torch', torch.__version__, 'numpy', nump
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
 timeout 200 python3 benchmarks/run.py --backend torch,cuda-eager,cuda --specs spanning_tree,matching \
     --sizes 16,32,64 --batches 1024 --no-compile-time --markdown 2>&1 | tee "$OUT/bench.md"
-timeout 90 python3 benchmarks/run.py --backend torch,cuda-eager,cuda --specs binary_tree --sizes 16,32 \
+# specs whose lock-step walk runs long scalar loops: smaller sizes, their own caps
+timeout 75 python3 benchmarks/run.py --backend torch,cuda-eager,cuda --specs binary_tree --sizes 16 \
     --batches 1024 --no-compile-time --no-steps --markdown 2>&1 | tee "$OUT/bench_binary_tree.md"
+timeout 75 python3 benchmarks/run.py --backend torch,cuda-eager,cuda --specs arborescence --sizes 8,16 \
+    --batches 1024 --no-compile-time --no-steps --semantics sample --markdown 2>&1 | tee "$OUT/bench_arborescence.md"
