@@ -67,11 +67,11 @@ def arborescence(n, root=0):
                 label = nxt
             for x in range(m):
                 if on_cycle[x] and label[x] == x:       # contract the cycle named x
-                    for y in range(m):
-                        if on_cycle[y] and label[y] == x:
-                            inside[fresh] = inside[fresh] | inside[y]
-                            is_top[y] = False
-                    comp = where(inside[fresh], fresh, comp)
+                    # its nodes: those whose outermost supernode lies on it
+                    held = on_cycle[comp] & (label[comp] == x)
+                    inside[fresh] = held
+                    is_top = is_top & ~(on_cycle & (label == x))
+                    comp = where(held, fresh, comp)
                     is_top[fresh] = True
                     is_open[fresh] = True
                     fresh += 1
