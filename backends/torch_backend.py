@@ -758,7 +758,7 @@ class _Machine:
                 self.res = torch.where(upd, gap, self.res)
             if R:
                 spare = torch.cat([self.trace, self.trace[:, :1]], 1)
-                self.trace = spare.scatter_(1, at, torch.where(present, w, 0))[:, :R]
+                self.trace = spare.scatter_(1, at, torch.where(present, w, 0))[:, :R].contiguous()
         else:
             w = torch.cat([self.trace, self.trace[:, :1]], 1).gather(1, at) if R else \
                 torch.full((B, G), -1, dtype=torch.int64, device=dev)
