@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from structdsl import errors, ir
-from structdsl.program import Program as _BaseProgram
+from structdsl.errors import RaceError
+from structdsl.program import Program as _BaseProgram, _name_lane
 from structdsl.typecheck import Type
 
 _CACHE_ENV = "STRUCTDSL_CACHE_DIR"
@@ -329,6 +330,11 @@ class _Codegen:
                         else:
                             out += self.store(t, _name(temp), self.t(v))
                 elif isinstance(target, ast.Name):
+                    reduced = self.reduction(s.value)
+                    if reduced is not None:
+                        stmts, value = reduced
+                        out += stmts + [ast.Assign([_name(target.id, ast.Store())], value)]
+                        continue
                     out += (self.fused(target.id, s.value)
                             or [ast.Assign([_name(target.id, ast.Store())], self.value_for(target.id, s.value))])
                 else:
@@ -355,7 +361,7 @@ class _Codegen:
             result = Type("bool" if both_bool and not isinstance(s.op, _ARITH) else "int", self.t(target).shape)
             return out + self.store(target, new, result, lowered)
         if isinstance(s, ir.If):
-            return [ast.If(self.expr(s.test), self.block(s.body) or [ast.Pass()], self.block(s.orelse))]
+            return self.if_statement(s.test, self.block(s.body) or [ast.Pass()], self.block(s.orelse))
         if isinstance(s, ir.Loop):
             return [ast.For(_name(s.var, ast.Store()), _call("__range", self.expr(s.count)),
                             [self.check()] + (self.block(s.body) or [ast.Pass()]), [])]
@@ -368,26 +374,74 @@ class _Codegen:
         raise TypeError(type(s).__name__)  # pragma: no cover
 
     # ---- loop fusion: a 1-d elementwise assignment as one loop, no temporary arrays ----------
+    def if_statement(self, test, body, orelse):
+        """``if test: body else: orelse``, with ``any``/``all`` of an elementwise expression
+        in the test reduced by a fused loop run just before it.  ``a and b`` without an else
+        is ``if a: if b:`` (``b`` only runs when ``a`` holds, as in Python)."""
+        if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And) and not orelse and \
+                not any(self.t(v).ndim for v in test.values):
+            for v in reversed(test.values[1:]):
+                body = self.if_statement(v, body, [])
+            return self.if_statement(test.values[0], body, [])
+        negate = isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
+        reduced = self.reduction(test.operand if negate else test)
+        if reduced is None:
+            return [ast.If(self.expr(test), body, orelse)]
+        stmts, value = reduced
+        return stmts + [ast.If(ast.UnaryOp(ast.Not(), value) if negate else value, body, orelse)]
+
+    def reduction(self, node):
+        """``any(e)`` / ``all(e)`` of a 1-d elementwise expression ``e`` as one loop with no
+        temporary array: ``(statements, result name)``, or None.  The loop evaluates every
+        element (and its index checks, in the NumPy lowering's order) unless ``e`` has no
+        checked site, when it stops at the first decisive element."""
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("any", "all")
+                and len(node.args) == 1 and not node.keywords):
+            return None
+        arg = node.args[0]
+        if self.t(arg).ndim != 1 or isinstance(arg, (ast.Name, ast.Constant)):
+            return None
+        i = self.temp("e")
+        fusion = {"pre": [], "body": [], "length": None, "gathers": 0, "hoisted_checks": 0,
+                  "leaves": set(), "gathered": set(), "gathered_codes": []}
+        codes, count = len(self.codes), self.count
+        try:
+            value = self.element(arg, i, fusion)
+        except _NotFusable:
+            value = None
+        if value is None or not self.fusable(fusion):
+            del self.codes[codes:]
+            self.count = count
+            return None
+        found = node.func.id == "any"             # the value an element decides
+        out = self.temp("r")
+        test = value if found else ast.UnaryOp(ast.Not(), value)
+        decide = [ast.Assign([_name(out, ast.Store())], ast.Constant(found))]
+        if not fusion["gathers"]:
+            decide.append(ast.Break())
+        loop = ast.For(_name(i, ast.Store()), _call("__range", fusion["length"]),
+                       fusion["body"] + [ast.If(test, decide, [])], [])
+        return fusion["pre"] + [ast.Assign([_name(out, ast.Store())], ast.Constant(not found)), loop], _name(out)
+
     def fused(self, name, node):
         """``name = <1-d elementwise expression>`` as one loop writing a fresh array (NumPy
         would allocate an array per operation: most of a vectorised spec's time).  Scalar
         subexpressions are hoisted before the loop, gathers become per-element reads; the
-        result equals the NumPy lowering's, errors included: fusion is refused unless every
-        checked site runs in the same order (all hoisted, or a single gather).  Returns the
-        statements, or None when the expression does not fuse."""
+        result equals the NumPy lowering's, errors included: fusion is refused unless the
+        first error is the same (:meth:`fusable`).  Returns the statements, or None when the
+        expression does not fuse."""
         t = self.t(node)
         if t.ndim != 1 or isinstance(node, (ast.Name, ast.Constant)):
             return None
         i = self.temp("e")
         fusion = {"pre": [], "body": [], "length": None, "gathers": 0, "hoisted_checks": 0,
-                  "leaves": set(), "gathered": set()}
+                  "leaves": set(), "gathered": set(), "gathered_codes": []}
         codes, count = len(self.codes), self.count
         try:
             value = self.element(node, i, fusion)
         except _NotFusable:
             value = None
-        if value is None or fusion["length"] is None or (
-                fusion["gathers"] and (fusion["gathers"] > 1 or fusion["hoisted_checks"])):
+        if value is None or not self.fusable(fusion):
             del self.codes[codes:]                   # as if never tried: the NumPy lowering follows
             self.count = count
             return None
@@ -410,6 +464,13 @@ class _Codegen:
             ast.Assign([_name(out, ast.Store())], fresh),
             loop,
             ast.Assign([_name(name, ast.Store())], _name(out))]
+
+    def fusable(self, fusion):
+        """Whether a fused loop reports the NumPy lowering's first error: its checked sites
+        are all hoisted (they run before the loop, in order), or they are gathers that all
+        raise the same error (per element, the order among them cannot be told apart)."""
+        kinds = {self.codes[c.value - 1] for c in fusion["gathered_codes"]}
+        return fusion["length"] is not None and not (fusion["gathers"] and (len(kinds) > 1 or fusion["hoisted_checks"]))
 
     def element(self, node, i, fusion):
         """Element ``i`` of a fusable expression (raises :class:`_NotFusable`)."""
@@ -460,6 +521,22 @@ class _Codegen:
         if isinstance(node, ast.Subscript):
             elts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
             base = node.value
+            if (len(elts) == 1 and not isinstance(elts[0], ast.Slice) and isinstance(base, ast.Name)
+                    and self.t(base).ndim == 2 and not self.t(elts[0]).ndim):
+                # a row x[k] of a 2-d local: its index checked once, before the loop
+                x = _name(self.rename.get(base.id, base.id))
+                code = self.code("SpecIndexError", node.lineno,
+                                 "read index out of range for axis 0 (negative or past the end)")
+                row = self.temp("h")
+                fusion["pre"].append(ast.Assign([_name(row, ast.Store())], _call(
+                    "__ck", self.expr(elts[0]), ast.Subscript(_attr(x, "shape"), ast.Constant(0), ast.Load()),
+                    _name("__st"), code)))
+                fusion["hoisted_checks"] += 1
+                fusion["leaves"].add(base.id)
+                fusion["gathered"].add(base.id)          # never overwritten in place: a row is not the target
+                if fusion["length"] is None:
+                    fusion["length"] = ast.Subscript(_attr(x, "shape"), ast.Constant(1), ast.Load())
+                return ast.Subscript(x, ast.Tuple([_name(row), _name(i)], ast.Load()), ast.Load())
             if (len(elts) != 1 or isinstance(elts[0], ast.Slice) or not isinstance(base, ast.Name)
                     or self.t(base).ndim != 1 or self.t(elts[0]).ndim != 1):
                 raise _NotFusable
@@ -467,6 +544,7 @@ class _Codegen:
             fusion["gathered"].add(base.id)
             x = _name(self.rename.get(base.id, base.id))
             code = self.code("SpecIndexError", node.lineno, "read index out of range")
+            fusion["gathered_codes"].append(code)
             temp = self.temp("g")
             fusion["body"].append(ast.Assign([_name(temp, ast.Store())], ast.Subscript(x, _call(
                 "__ck", idx, ast.Subscript(_attr(x, "shape"), ast.Constant(0), ast.Load()), _name("__st"), code),
@@ -735,14 +813,24 @@ class _Codegen:
         if len(s.targets) == 1:
             out.append(ast.Assign([_name(s.targets[0], ast.Store())], _name(g)))
             return out
-        rest = _name(g)
-        dims = len(s.targets)
+        # the winners' multi-indices (-1 for an empty group), one loop for every target
+        dims, e, v = len(s.targets), self.temp("e"), self.temp("v")
+        size = ast.Subscript(_attr(_name(g), "shape"), ast.Constant(0), ast.Load())
+        fresh = {t: self.temp("f") for t in s.targets}
+        out += [ast.Assign([_name(fresh[t], ast.Store())], _call(_np("empty"), size, _np("int64"))) for t in s.targets]
+        unravel = [ast.Assign([_name(v, ast.Store())], ast.Subscript(_name(g), _name(e), ast.Load()))]
+        empty = []
         for axis in range(dims - 1, -1, -1):
-            part = rest if axis == 0 else ast.BinOp(rest, ast.Mod(), _name(f"__d{axis}"))
-            out.append(ast.Assign([_name(s.targets[axis], ast.Store())],
-                                  _call(_np("where"), ast.Compare(_name(g), [ast.GtE()], [ast.Constant(0)]),
-                                        part, ast.UnaryOp(ast.USub(), ast.Constant(1)))))
-            rest = ast.BinOp(rest, ast.FloorDiv(), _name(f"__d{axis}"))
+            cell = ast.Subscript(_name(fresh[s.targets[axis]]), _name(e), ast.Store())
+            empty.append(ast.Assign([cell], ast.UnaryOp(ast.USub(), ast.Constant(1))))
+            if axis == 0:
+                unravel.append(ast.Assign([cell], _name(v)))
+            else:
+                unravel += [ast.Assign([cell], ast.BinOp(_name(v), ast.Mod(), _name(f"__d{axis}"))),
+                            ast.Assign([_name(v, ast.Store())], ast.BinOp(_name(v), ast.FloorDiv(), _name(f"__d{axis}")))]
+        test = ast.Compare(ast.Subscript(_name(g), _name(e), ast.Load()), [ast.Lt()], [ast.Constant(0)])
+        out.append(ast.For(_name(e, ast.Store()), _call("__range", size), [ast.If(test, empty, unravel)], []))
+        out += [ast.Assign([_name(t, ast.Store())], _name(fresh[t])) for t in s.targets]
         return out
 
     # ---- the module ------------------------------------------------------------------------------
@@ -928,6 +1016,9 @@ class Program(_BaseProgram):
         self._fast, self._snap = gen.fast, gen.snap
         self._module = load(self.source)
         self._tables = {}
+        self._consts = {}
+        from .numba_kernels import WANT_GRAD, WANT_MEMBERS
+        self._want_grad, self._want_members = WANT_GRAD, WANT_MEMBERS
 
     def _valid_mask(self, params, dims):
         return self.reference.instance(dims).valid
@@ -950,6 +1041,15 @@ class Program(_BaseProgram):
             v = inst.params[p]
             args.append(v if isinstance(v, np.ndarray) else np.int64(v))
         return args
+
+    def _solve_consts(self, inst):
+        """The solve driver's leading arguments for ``inst`` (static parameters, the valid
+        mask, the unravel table): made once per atom shape."""
+        c = self._consts.get(inst.atom_shape)
+        if c is None:
+            c = self._consts[inst.atom_shape] = (*self._args(inst), inst.valid.reshape(-1),
+                                                 self._unravel_table(inst))
+        return c
 
     def _outputs(self, inst, lead):
         out = []
@@ -998,17 +1098,16 @@ class Program(_BaseProgram):
         none = np.zeros((B, 0))
         tr = np.full((B, inst.max_races), -1, dtype=np.int64)
         st = np.zeros((B, 4), dtype=np.int64)
-        st[:, 2] = 1 if self.ir.nested else 0
+        if self.ir.nested:
+            st[:, 2] = 1
         outs = self._outputs(inst, B)
         # the nested fast path never writes its residuals: then they are the log noise itself
         log_noise = res if (self._fast or not draw) else np.empty((B, A))
         mode = 0 if score is None else 3 if self._fast else 2
         fs, grad, lsum, flags = score or (np.zeros((B, 1)), none, none, 0)
-        self._run("solve_all", *self._args(inst), inst.valid.reshape(-1), self._unravel_table(inst),
-                  _writable_c64(uniforms) if draw else none,
-                  _writable_c64(logits) if draw else none,       # one lane signature for every caller
-                  res, log_noise, tr, st, np.bool_(log_space), np.bool_(draw), np.int64(mode),
-                  fs, grad, lsum, np.int64(flags), *outs)
+        # the callers hand over writable C-contiguous float64 arrays: one lane signature
+        self._run("solve_all", *self._solve_consts(inst), uniforms if draw else none, logits if draw else none,
+                  res, log_noise, tr, st, log_space, draw, mode, fs, grad, lsum, flags, *outs)
         self._raise(st, (check_logits or (lambda: self._check_logits(logits))) if draw else None)
         return tr, outs, log_noise
 
@@ -1017,7 +1116,8 @@ class Program(_BaseProgram):
         return tr, outs
 
     def _sample(self, inst, u, logits, check_logits=None):
-        return self._solve_all(inst, np.empty(u.shape), u, logits, True, check_logits)
+        return self._solve_all(inst, np.empty(u.shape), _writable_c64(u), _writable_c64(logits), True,
+                               check_logits)
 
     # ---- trusted entry points: the torch distribution's CPU fast path --------------------------
     def sample_flat(self, uniforms, logits, lead=None, check_logits=None):
@@ -1029,8 +1129,11 @@ class Program(_BaseProgram):
         (default: the argument check of ``logits``) raise, naming it."""
         B = uniforms.shape[0]
         inst = self.instance(uniforms.shape[1:])
-        with self._naming_lanes(tuple(lead) if lead is not None else (B,)):
+        try:                                  # (a try costs nothing until it catches)
             return self._sample(inst, uniforms.reshape(B, -1), logits.reshape(B, -1), check_logits)
+        except RaceError as exc:
+            _name_lane(exc, tuple(lead) if lead is not None else (B,))
+            raise
 
     def score_flat(self, trace, logits):
         """``log_prob_and_grad`` without the public checks: ``trace`` int64 ``[B, R]`` with
@@ -1053,22 +1156,24 @@ class Program(_BaseProgram):
         (bool ``[B, R, A]``, as :meth:`memberships`) only with ``want_members``, else None.
         The logits are checked as the lanes draw: if one is NaN or +inf, ``check_logits()``
         (default: the argument check of ``logits``) raises, naming it."""
-        from .numba_kernels import WANT_GRAD, WANT_MEMBERS
         B = uniforms.shape[0]
         inst = self.instance(uniforms.shape[1:])
         R, A = inst.max_races, inst.num_atoms
         u, x = _writable_c64(uniforms.reshape(B, A)), _writable_c64(logits.reshape(B, A))
-        with self._naming_lanes(tuple(lead) if lead is not None else (B,)):
+        try:
             if self._fast and not self._snap:
                 tr, outs, log_noise = self._sample(inst, u, x, check_logits)
                 logp, grad, members = self._score(inst, tr, x, True, None, want_members=want_members)
                 return tr, outs, log_noise, logp, grad, members
             fs, grad = np.zeros((B, 1)), np.zeros((B, A))
-            lsum = np.zeros((B, R * A)) if want_members else np.zeros((B, 0))
-            flags = WANT_GRAD | (WANT_MEMBERS if want_members else 0)
+            lsum = np.zeros((B, R * A) if want_members else (B, 0))
+            flags = self._want_grad | (self._want_members if want_members else 0)
             tr, outs, log_noise = self._solve_all(inst, np.empty((B, A)), u, x, True,
                                                   check_logits or (lambda: self._check_logits(logits)),
                                                   score=(fs, grad, lsum, flags))
+        except RaceError as exc:
+            _name_lane(exc, tuple(lead) if lead is not None else (B,))
+            raise
         # a drawn trace always has positive probability: fs holds its log p
         return tr, outs, log_noise, fs[:, 0], grad, ((lsum > 0).reshape(B, R, A) if want_members else None)
 

@@ -224,17 +224,20 @@ def _score_race(mask, res, w, slot, fs, grad, lsum, u, flags):
     for i in range(A):
         if mask[i] and res[i] > top:
             top = res[i]
+    e = np.empty(A)                  # the members' exp(x - top): the softmax reuses them
     s = 0.0
     for i in range(A):
         if mask[i]:
-            s += math.exp(res[i] - top)
+            e[i] = math.exp(res[i] - top)
+            s += e[i]
     lse = top + math.log(s)
     fs[0] += res[w] - lse
     if flags & WANT_GRAD:
         grad[w] += 1.0
+        inv = 1.0 / s
         for i in range(A):
             if mask[i]:
-                grad[i] -= math.exp(res[i] - lse)
+                grad[i] -= e[i] * inv
     if flags & WANT_NOISE:
         lm = math.log(-math.log(u[slot])) - lse
         for i in range(A):
@@ -249,31 +252,34 @@ def _score_race(mask, res, w, slot, fs, grad, lsum, u, flags):
 @njit(cache=True)
 def race_groups(mode, keys, groups, alive, res, x, tr, st, fs, grad, lsum, u, pkey, log_space, flags,
                 allow_empty, code_empty, code_nest, code_key):
-    """One race per group (keys in [-1, groups)); returns winners per group (-1: empty)."""
+    """One race per group (keys in [-1, groups)); returns winners per group (-1: empty).
+    ``keys`` is the lane's scratch buffer: its retired atoms' keys become -1 here."""
     A = alive.size
     out = np.full(max(groups, 0), -1, np.int64)
     present = np.zeros(max(groups, 0), np.bool_)
     for i in range(A):
-        if keys[i] < -1 or keys[i] >= groups:
+        k = keys[i]
+        if k < -1 or k >= groups:
             fail(st, code_key)
             return out
-        if alive[i] and keys[i] >= 0:
-            present[keys[i]] = True
+        if not alive[i]:
+            keys[i] = -1
+        elif k >= 0:
+            present[k] = True
     if not present.any():
         if not allow_empty:
             fail(st, code_empty)
         return out
-    key = np.where(alive, keys, -1)
-    mask = key >= 0
+    key = keys
     if st[2] == 3:
-        _check_nested(mask, key, False, groups, pkey, st, code_nest)
+        _check_nested(key >= 0, key, False, groups, pkey, st, code_nest)
         if st[0] != 0:
             return out
     _pick_groups(mode, key, groups, present, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags, out)
     if st[0] != 0:
         return out
     if st[2] & 1:
-        _remember(mask, key, False, pkey)
+        _remember(key >= 0, key, False, pkey)
         st[2] = 3
     return out
 
@@ -342,11 +348,13 @@ def _score_groups(key, G, present, res, tr, slot_of, st, fs, grad, lsum, u, flag
         g = key[i]
         if g >= 0 and res[i] > top[g]:
             top[g] = res[i]
+    e = np.empty(A)                  # the members' exp(x - top): the softmax reuses them
     s = np.zeros(G)
     for i in range(A):
         g = key[i]
         if g >= 0:
-            s[g] += math.exp(res[i] - top[g])
+            e[i] = math.exp(res[i] - top[g])
+            s[g] += e[i]
     lse = np.empty(G)
     for g in range(G):
         if present[g]:
@@ -360,10 +368,13 @@ def _score_groups(key, G, present, res, tr, slot_of, st, fs, grad, lsum, u, flag
             fs[0] += res[w] - lse[g]
             out[g] = w
     if flags & WANT_GRAD:
+        for g in range(G):
+            if present[g]:
+                s[g] = 1.0 / s[g]
         for i in range(A):
             g = key[i]
             if g >= 0:
-                grad[i] -= math.exp(res[i] - lse[g])
+                grad[i] -= e[i] * s[g]
         for g in range(G):
             if present[g]:
                 grad[out[g]] += 1.0

@@ -266,17 +266,20 @@ class _NativeScoreSurrogate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, losses, logits, grad, loo):
-        fd = losses.detach().numpy().astype(np.float64, copy=False)
-        K = fd.shape[0]
-        adv = (fd - fd.mean(0)) * (K / (K - 1)) if loo else fd
-        g = grad.reshape(K, adv.size // K if K else 0, -1)
-        w = adv.reshape(K, -1, 1) / fd.size
-        # the draw's own scores, consumed here: one sample each is weighted in place
-        g = np.multiply(g[0], w[0], out=g[0]) if K == 1 else (g * w).sum(0)
+        fd = losses.detach().numpy()
+        if fd.dtype != np.float64:
+            fd = fd.astype(np.float64)
+        K, n = fd.shape[0], fd.size
+        fk = fd.reshape(K, -1)                                     # [K, nb]
+        scale = 1.0 / n if n else 0.0
+        # weights adv / n, with adv_k = f_k - mean_{j != k} f_j = (K f_k - sum_j f_j) / (K - 1)
+        w = (fk * K - fk.sum(0)) * (scale / (K - 1)) if loo else fk * scale
+        # sum_k w[k, b] grad[k, b]: one batched product, [nb, 1, K] @ [nb, K, A]
+        g = w.T[:, None, :] @ grad.reshape(K, fk.shape[1], -1).transpose(1, 0, 2)
         g = torch.from_numpy(g.reshape(logits.shape))
         ctx.g = g if g.dtype == logits.dtype else g.to(logits.dtype)
         ctx.losses_shape = losses.shape
-        return torch.as_tensor(fd.mean(), dtype=losses.dtype)
+        return torch.full((), float(fd.sum()) / n if n else math.nan, dtype=losses.dtype)   # = fd.mean()
 
     @staticmethod
     def backward(ctx, gout):

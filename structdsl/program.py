@@ -192,6 +192,9 @@ class Program:
 
     def instance(self, atom_shape):
         """The :class:`Instance` for logits whose trailing dims are ``atom_shape``."""
+        inst = self._instances.get(atom_shape) if isinstance(atom_shape, tuple) else None
+        if inst is not None:                  # a shape seen before (NumPy ints hash as ints)
+            return inst
         atom_shape = tuple(int(s) for s in atom_shape)
         inst = self._instances.get(atom_shape)
         if inst is None:
@@ -392,9 +395,7 @@ class Program:
         try:
             yield
         except RaceError as exc:
-            if isinstance(exc.lane, (int, np.integer)):
-                exc.lane = tuple(int(i) for i in np.unravel_index(int(exc.lane), batch)) if batch else None
-                exc.locate()
+            _name_lane(exc, batch)
             raise
 
     def _check_trace(self, trace, logits):
@@ -485,6 +486,13 @@ class Program:
 
     def _enumerate(self, inst, weights, exact, max_traces):
         raise NotImplementedError
+
+
+def _name_lane(exc, batch):
+    """Backends report a run-time error's lane as a flat index: name it in ``batch``."""
+    if isinstance(exc.lane, (int, np.integer)):
+        exc.lane = tuple(int(i) for i in np.unravel_index(int(exc.lane), batch)) if batch else None
+        exc.locate()
 
 
 def _masked_logsumexp(x, mask):

@@ -143,15 +143,17 @@ class RaceDistribution(Distribution, _PyroMixin):
     arg_constraints = {"logits": _LogRates()}
 
     def __init__(self, spec_or_program, logits, validate_args=None, fast_cpu=True, **static):
-        from . import compile as compile_spec
         if isinstance(spec_or_program, Spec):
+            from . import compile as compile_spec
             self.program = compile_spec(spec_or_program, backend="torch", **static)
         elif hasattr(spec_or_program, "ir") and hasattr(spec_or_program, "spec"):
             if static:
                 raise TypeError("static parameters go to compile(); this program is compiled already")
             prog = spec_or_program
-            self.program = prog if prog.backend == "torch" else compile_spec(
-                prog.spec, backend="torch", **prog.static_params, **prog.data)
+            if prog.backend != "torch":
+                from . import compile as compile_spec
+                prog = compile_spec(prog.spec, backend="torch", **prog.static_params, **prog.data)
+            self.program = prog
         else:
             raise TypeError(f"RaceDistribution expects a @spec function or a compiled program, "
                             f"got {type(spec_or_program).__name__}")

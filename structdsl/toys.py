@@ -46,8 +46,8 @@ def _edges_off_root(s, n):
 def _minus_max_out_degree(s, n):
     import torch
     p = s.parent
-    deg = (p[..., None, :] == torch.arange(n, device=p.device)[:, None]).sum(-1)   # [*, n]
-    return -deg.max(-1).values
+    deg = (p[..., None, :] == torch.arange(n, device=p.device)[:, None]).sum(-1, dtype=torch.float64)   # [*, n]
+    return -deg.amax(-1)
 
 
 def _minus_height(s, n):

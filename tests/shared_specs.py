@@ -67,6 +67,21 @@ def pointer_jumps(n):
         moved = moved + (reach != arange(n))
         reach = reach[reach]
     mixed = where(reach == reach[0], moved * 2, -moved) + (nxt > reach[0])
+    # reductions the numba backend fuses into loops: all() through a gather, any() over a
+    # row of a 2-d local inside `a and not any(...)`, two gathers in one expression, and an
+    # any() without checks that stops at its first True
+    fixed = all(reach[reach] == reach)
+    same = zeros((n, n), bool)
+    for i in range(n):
+        same[i] = reach == reach[i]
+    lone = 0
+    for i in range(n):
+        if nxt[i] != i and not any(same[i] & (nxt == i)):
+            lone += 1
+    both = reach[nxt] & (nxt[reach] == reach)
+    if any(moved > 1):
+        lone += 10
+    mixed = mixed + lone + fixed + both
     return nxt, reach, mixed
 
 
@@ -155,6 +170,16 @@ def careless_vector(n):
     order[w] = w
     out = order[order]  # BAD
     return out
+
+
+@spec
+def careless_reduction(n):
+    item = atoms(n)
+    order = full(n, -1)
+    w = race(item)
+    order[w] = w
+    found = any((order[order] >= 0) & (order[order] == w))  # BAD
+    return found
 
 
 @spec

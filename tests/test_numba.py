@@ -11,7 +11,8 @@ from structdsl import (EmptyRaceError, NestingError, SpecIndexError, SpecZeroDiv
                        atoms, race, spec, zeros)
 from structdsl import specs as builtin
 from structdsl.testing import uniforms as uniforms_st
-from shared_specs import (DAG, SIZES, SPECS, atom_shape, bad_line, careless, careless_vector, compiled, divides, empty,
+from shared_specs import (DAG, SIZES, SPECS, atom_shape, bad_line, careless, careless_reduction, careless_vector,
+                          compiled, divides, empty,
                           false_promise)
 from shared_specs import topological_order as topological
 
@@ -109,10 +110,11 @@ def test_gradient_matches_finite_differences_on_both_backends():
 @pytest.mark.parametrize("bad, cls, logits", [
     (careless, SpecIndexError, np.zeros((3, 4))),
     (careless_vector, SpecIndexError, np.zeros((3, 4))),
+    (careless_reduction, SpecIndexError, np.zeros((3, 4))),
     (divides, SpecZeroDivisionError, np.zeros((3, 4))),
     (false_promise, NestingError, np.zeros((3, 4))),
     (empty, EmptyRaceError, np.zeros((3, 4))),
-], ids=["index", "fused-gather-index", "zero-division", "nesting", "empty-race"])
+], ids=["index", "fused-gather-index", "fused-reduction-index", "zero-division", "nesting", "empty-race"])
 def test_run_time_errors_name_the_line_and_lane_like_the_reference(bad, cls, logits):
     fast, ref = (structdsl.compile(bad, backend=b) for b in ("numba", "numpy"))
     u = np.tile(np.array([0.9, 0.5, 0.4, 0.3]), (3, 1))      # item 0 wins every first race
