@@ -1077,7 +1077,7 @@ class Program(_BaseProgram):
         """Raise the first lane's spec error; ``check_logits``: after a draw, a callable that
         names a NaN or +inf logit (it raises) if a lane met one."""
         from .numba_kernels import BAD_LOGIT
-        if not st[:, 0].any():                    # the common case: one reduction
+        if not np.count_nonzero(st[:, 0]):        # the common case: one count
             return
         if check_logits is not None and (st[:, 0] == BAD_LOGIT).any():
             check_logits()

@@ -1,7 +1,8 @@
 """Native kernels of the estimators' CPU fast path (spec-independent: they see a trace only
 through its races' member sets).
 
-``relax_mlp`` is RELAX with the default critic (:class:`structdsl.estimators.MLPCritic`,
+``weigh_scores`` turns a draw's trace scores into T-REINFORCE's estimate; ``relax_mlp`` is
+RELAX with the default critic (:class:`structdsl.estimators.MLPCritic`,
 ``c(z) = w2 . tanh(W1 z + b1) + b2``) in closed form; the derivation is in the docstring of
 ``structdsl.estimators._NativeRelax``, and tests hold it to the autograd path.
 """
@@ -11,6 +12,38 @@ import numpy as np
 from numba import njit
 
 from .numba_kernels import _logaddexp
+
+
+@njit(cache=True)
+def weigh_scores(losses, grad, loo):
+    """T-REINFORCE's estimate from the draw's trace scores: ``losses`` ``[K, nb]`` (sample
+    ``k`` of batch element ``b``), ``grad`` ``[K * nb, A]`` (row ``k * nb + b``: the score
+    of that sample's trace).  Returns ``(G [nb, A], mean loss, finite)``: ``G_b = sum_k
+    w[k, b] grad[k * nb + b] / (K nb)`` with ``w = f`` or, with ``loo``, the leave-one-out
+    advantage ``f_k - mean_{j != k} f_j = (K f_k - sum_j f_j) / (K - 1)``; ``finite`` is
+    False if a loss is NaN or infinite (or their sum overflows)."""
+    K, nb = losses.shape
+    A = grad.shape[1]
+    n = K * nb
+    total = 0.0
+    for k in range(K):
+        for b in range(nb):
+            total += losses[k, b]
+    G = np.zeros((nb, A))
+    if n == 0:
+        return G, np.nan, True
+    finite = math.isfinite(total)
+    for b in range(nb):
+        s = 0.0
+        for k in range(K):
+            s += losses[k, b]
+        for k in range(K):
+            w = (K * losses[k, b] - s) / ((K - 1) * n) if loo else losses[k, b] / n
+            if w != 0.0:
+                row = k * nb + b
+                for a in range(A):
+                    G[b, a] += w * grad[row, a]
+    return G, total / n, finite
 
 
 @njit(cache=True)

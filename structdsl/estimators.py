@@ -51,7 +51,7 @@ def t_reinforce(dist, f, num_samples=1, leave_one_out=None):
     lead = (K,) + dist.batch_shape
     if _native(dist):            # CPU fast path: one native call draws and scores the traces
         d = dist._draw_native((K,), None, score=True)
-        return _NativeScoreSurrogate.apply(_losses(f, d.structure, lead), dist.logits, d.grad, loo)
+        return _NativeScoreSurrogate.apply(_losses(f, d.structure, lead, screen=False), dist.logits, d.grad, loo)
     trace, structure, _ = dist._draw((K,), None)       # no reparameterised noise needed
     losses = _losses(f, structure, lead)
     return _score_surrogate(losses, dist._log_prob(trace), loo)   # its own traces: no validation
@@ -221,8 +221,10 @@ def _samples(num_samples, leave_one_out):
     return num_samples, loo
 
 
-def _losses(f, structure, lead):
-    """Call ``f`` and check it returns finite per-sample losses of shape ``lead``."""
+def _losses(f, structure, lead, screen=True):
+    """Call ``f`` and check it returns finite per-sample losses of shape ``lead``
+    (``screen=False``: the caller screens the values, and calls :func:`_screen` if one is
+    not finite)."""
     out = f(structure)
     if not torch.is_tensor(out):
         raise TypeError(f"f must return a tensor of per-sample losses of shape {tuple(lead)} "
@@ -232,6 +234,11 @@ def _losses(f, structure, lead):
                          f"batch_shape), got {tuple(out.shape)}")
     if not torch.is_floating_point(out):
         out = out.to(torch.get_default_dtype())
+    return _screen(out) if screen else out
+
+
+def _screen(out):
+    """``out`` if every loss is finite, else FloatingPointError naming the first bad one."""
     d = out.detach()
     total = d.numpy().sum() if d.device.type == "cpu" else float(d.sum())
     if d.numel() and math.isfinite(total):            # one reduction screens every entry
@@ -266,20 +273,16 @@ class _NativeScoreSurrogate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, losses, logits, grad, loo):
+        from .backends.numba_estimators import weigh_scores
         fd = losses.detach().numpy()
-        if fd.dtype != np.float64:
-            fd = fd.astype(np.float64)
-        K, n = fd.shape[0], fd.size
-        fk = fd.reshape(K, -1)                                     # [K, nb]
-        scale = 1.0 / n if n else 0.0
-        # weights adv / n, with adv_k = f_k - mean_{j != k} f_j = (K f_k - sum_j f_j) / (K - 1)
-        w = (fk * K - fk.sum(0)) * (scale / (K - 1)) if loo else fk * scale
-        # sum_k w[k, b] grad[k, b]: one batched product, [nb, 1, K] @ [nb, K, A]
-        g = w.T[:, None, :] @ grad.reshape(K, fk.shape[1], -1).transpose(1, 0, 2)
+        K = fd.shape[0]
+        g, mean, finite = weigh_scores(np.ascontiguousarray(fd, dtype=np.float64).reshape(K, -1), grad, loo)
+        if not finite:
+            _screen(losses)                  # names the first NaN or infinite loss (or passes: an overflow)
         g = torch.from_numpy(g.reshape(logits.shape))
         ctx.g = g if g.dtype == logits.dtype else g.to(logits.dtype)
         ctx.losses_shape = losses.shape
-        return torch.full((), float(fd.sum()) / n if n else math.nan, dtype=losses.dtype)   # = fd.mean()
+        return torch.full((), mean, dtype=losses.dtype)
 
     @staticmethod
     def backward(ctx, gout):

@@ -38,47 +38,71 @@ STRUCTURES = ["spanning_tree", "arborescence", "binary_tree", "matching", "top_k
 
 
 # ---- the losses (torch, vectorised over the leading dims) -----------------------------------
-def _edges_off_root(s, n):
-    a = s.adjacency
-    return a[..., 1:, 1:].sum((-1, -2)) / 2
-
-
-def _minus_max_out_degree(s, n):
+# Each is built once per run, for its size and device (its constants made once), and returns
+# float64 per-sample losses: a training step at n = 10 costs a few dozen torch ops in all.
+def _edges_off_root(n, device):
     import torch
-    p = s.parent
-    deg = (p[..., None, :] == torch.arange(n, device=p.device)[:, None]).sum(-1, dtype=torch.float64)   # [*, n]
-    return -deg.amax(-1)
+
+    def loss(s):
+        return s.adjacency[..., 1:, 1:].sum((-1, -2), dtype=torch.float64) / 2
+    return loss
 
 
-def _minus_height(s, n):
+def _minus_max_out_degree(n, device):
     import torch
-    p = s.parent
-    up = torch.where(p >= 0, p, torch.arange(n, device=p.device))   # a root points to itself
-    edges = (p >= 0).long()                  # edges from v towards the root, 2^k steps at a time
-    for _ in range(max(1, (n - 1).bit_length())):                    # pointer jumping: 2^k >= n - 1
-        edges = edges + edges.gather(-1, up)
-        up = up.gather(-1, up)
-    return -(edges.max(-1).values + 1)
+    nodes = torch.arange(n, device=device)[:, None]
+
+    def loss(s):
+        deg = (s.parent[..., None, :] == nodes).sum(-1, dtype=torch.float64)   # [*, n]
+        return -deg.amax(-1)
+    return loss
 
 
-def _minus_diagonal(s, n):
+def _minus_height(n, device):
     import torch
-    return -(s.match == torch.arange(n, device=s.match.device)).sum(-1)
+    nodes = torch.arange(n, device=device)
+
+    def loss(s):
+        p = s.parent
+        up = torch.where(p >= 0, p, nodes)                   # a root points to itself
+        edges = (p >= 0).long()              # edges from v towards the root, 2^k steps at a time
+        for _ in range(max(1, (n - 1).bit_length())):        # pointer jumping: 2^k >= n - 1
+            edges = edges + edges.gather(-1, up)
+            up = up.gather(-1, up)
+        return -(edges.amax(-1) + 1).to(torch.float64)
+    return loss
 
 
-def _outside_first_k(s, n):
-    return s.subset[..., 3:].sum(-1)
-
-
-def _footrule(s, n):
+def _minus_diagonal(n, device):
     import torch
-    return (s.rank - torch.arange(n, device=s.rank.device)).abs().sum(-1)
+    nodes = torch.arange(n, device=device)
+
+    def loss(s):
+        return -(s.match == nodes).sum(-1, dtype=torch.float64)
+    return loss
+
+
+def _outside_first_k(n, device):
+    import torch
+
+    def loss(s):
+        return s.subset[..., 3:].sum(-1, dtype=torch.float64)
+    return loss
+
+
+def _footrule(n, device):
+    import torch
+    nodes = torch.arange(n, device=device)
+
+    def loss(s):
+        return (s.rank - nodes).abs().sum(-1, dtype=torch.float64)
+    return loss
 
 
 @dataclass(frozen=True)
 class Toy:
     spec_name: str
-    loss: object                   # (structure, n) -> per-sample losses
+    make_loss: object              # (n, device) -> (structure -> float64 per-sample losses)
     optimum: object                # n -> the known optimum
     static: tuple = ()             # the spec's static parameters
 
@@ -153,8 +177,7 @@ def _train(structure, estimator, steps, n, lr, num_samples, eval_every, eval_sam
     params = [logits] + [p for m in modules for p in m.parameters()]
     opt = torch.optim.Adam(params, lr=lr, fused=True)     # one native kernel per step
 
-    def f(s):
-        return toy.loss(s, n).to(torch.float64)
+    f = toy.make_loss(n, logits.device)
 
     def evaluate(step, seconds):
         with torch.no_grad():

@@ -275,7 +275,8 @@ def test_toy_optimum_is_the_minimum_over_all_structures(toy):
     n = 4
     prog = structdsl.compile(getattr(specs, t.spec_name), **dict(t.static))
     e = prog.enumerate(logits=np.zeros(t.atom_shape(n)))
-    losses = t.loss(type(e.structure)(*(torch.as_tensor(v) for v in e.structure)), n)
+    losses = t.make_loss(n, torch.device("cpu"))(type(e.structure)(*(torch.as_tensor(v) for v in e.structure)))
+    assert losses.dtype == torch.float64 and losses.shape == (len(e.traces),)
     assert float(losses.min()) == t.optimum(n)
     assert float(losses.max()) > t.optimum(n)
 
