@@ -122,19 +122,20 @@ def test_t_reinforce_fast_path_equals_the_lock_step_path(name):
     value and gradients, in the logits and in f's own parameters."""
     x0 = logits_for(name, 6).expand((5,) + tuple(logits_for(name, 6).shape))
     f0 = loss_for(name, 7)
-    out = []
-    for fast in (True, False):
-        x = x0.clone().requires_grad_(True)
-        scale = torch.ones((), dtype=torch.float64, requires_grad=True)
-        d = RaceDistribution(compiled(name, "torch"), x, fast_cpu=fast)
-        assert (d._numba is not None) == fast
-        torch.manual_seed(8)
-        value = estimators.t_reinforce(d, lambda s: scale * f0(s), num_samples=3)
-        value.backward()
-        out.append((value.detach(), x.grad, scale.grad))
-    for a, b in zip(*out):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert out[0][1].abs().max() > 1e-6                  # the comparison has something to compare
+    for K, loo in ((3, None), (3, False), (1, None)):      # leave-one-out, K plain ones, one
+        out = []
+        for fast in (True, False):
+            x = x0.clone().requires_grad_(True)
+            scale = torch.ones((), dtype=torch.float64, requires_grad=True)
+            d = RaceDistribution(compiled(name, "torch"), x, fast_cpu=fast)
+            assert (d._numba is not None) == fast
+            torch.manual_seed(8)
+            value = estimators.t_reinforce(d, lambda s: scale * f0(s), num_samples=K, leave_one_out=loo)
+            value.backward()
+            out.append((value.detach(), x.grad, scale.grad))
+        for a, b in zip(*out):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert out[0][1].abs().max() > 1e-6              # the comparison has something to compare
 
 
 @pytest.mark.parametrize("name", BUILTIN)
@@ -250,6 +251,10 @@ def test_bad_input_is_named():
         estimators.t_reinforce(d, lambda s: torch.zeros(3, 2), num_samples=3)
     with pytest.raises(FloatingPointError, match="non-finite loss nan"):
         estimators.e_reinforce(d, lambda s: torch.full((2,), math.nan), num_samples=2)
+    # the CPU fast path screens the losses in its native kernel, then names the bad one
+    assert d._numba is not None
+    with pytest.raises(FloatingPointError, match=r"non-finite loss inf at \[sample, \*batch\] index \(1,\)"):
+        estimators.t_reinforce(d, lambda s: torch.tensor([0.0, math.inf, 1.0], dtype=torch.float64), num_samples=3)
     with pytest.raises(ValueError, match="num_samples >= 2"):
         estimators.t_reinforce(d, lambda s: torch.zeros(1), num_samples=1, leave_one_out=True)
     with pytest.raises(ValueError, match="positive int"):
