@@ -333,6 +333,7 @@ class _Codegen:
                     reduced = self.reduction(s.value)
                     if reduced is not None:
                         stmts, value = reduced
+                        value = self.convert(value, Type("bool", ()), self.types.locals[target.id].dtype)
                         out += stmts + [ast.Assign([_name(target.id, ast.Store())], value)]
                         continue
                     out += (self.fused(target.id, s.value)

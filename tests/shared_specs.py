@@ -70,6 +70,7 @@ def pointer_jumps(n):
     # reductions the numba backend fuses into loops: all() through a gather, any() over a
     # row of a 2-d local inside `a and not any(...)`, two gathers in one expression, and an
     # any() without checks that stops at its first True
+    fixed = 0                             # an int local that a reduction then assigns
     fixed = all(reach[reach] == reach)
     same = zeros((n, n), bool)
     for i in range(n):
