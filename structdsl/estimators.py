@@ -62,8 +62,12 @@ def e_reinforce(dist, f, num_samples=1, leave_one_out=None):
     ``dist.noise_log_prob(E)``), "E-REINFORCE+" for ``num_samples > 1``.  Unbiased, but its
     variance is never below T-REINFORCE's: prefer :func:`t_reinforce`."""
     K, loo = _samples(num_samples, leave_one_out)
+    lead = (K,) + dist.batch_shape
+    if _native(dist):            # CPU fast path: the noise's score is 1 - E_1 per live atom
+        d = dist._draw_native((K,), None, noise_score=True)
+        return _NativeScoreSurrogate.apply(_losses(f, d.structure, lead, screen=False), dist.logits, d.grad, loo)
     trace, structure, log_noise = dist._draw((K,), None)
-    losses = _losses(f, structure, (K,) + dist.batch_shape)
+    losses = _losses(f, structure, lead)
     return _score_surrogate(losses, dist.noise_log_prob(log_noise.exp()), loo)
 
 
@@ -267,9 +271,9 @@ def _native(dist):
 
 
 class _NativeScoreSurrogate(torch.autograd.Function):
-    """:func:`_score_surrogate` in one autograd node, from the analytic trace scores ``grad``
-    (NumPy ``[K * batch, A]``): value ``mean(losses)``; gradient ``1/n`` in the losses and
-    ``mean_k,batch adv * grad`` in the logits ``[*batch, *atom]``."""
+    """:func:`_score_surrogate` in one autograd node, from the analytic scores ``grad`` of
+    the traces or of the noise (NumPy ``[K * batch, A]``): value ``mean(losses)``; gradient
+    ``1/n`` in the losses and ``mean_k,batch adv * grad`` in the logits ``[*batch, *atom]``."""
 
     @staticmethod
     def forward(ctx, losses, logits, grad, loo):

@@ -237,13 +237,14 @@ class RaceDistribution(Distribution, _PyroMixin):
             s = self.program.sample(self.logits.detach().expand(shape), uniforms=self._uniforms(shape, generator))
         return s.trace, s.structure, s.log_noise
 
-    def _draw_native(self, sample_shape, generator, score=False, members=False):
+    def _draw_native(self, sample_shape, generator, score=False, members=False, noise_score=False):
         """The CPU fast path's draw (requires ``self._numba``): a :class:`_Draw`; with
         ``score`` its ``logp`` (``[L]``, ``L`` the flat ``sample_shape + batch_shape``) and
         ``grad`` (its gradient in the logits, ``[L, A]``), with ``members`` the races' member
-        sets (``[L, R, A]``, as ``memberships``): float64 / bool NumPy arrays, for the
-        estimators' native paths.  NumPy from here on: a torch op costs ~5 us at a training
-        step's sizes."""
+        sets (``[L, R, A]``, as ``memberships``), with ``noise_score`` (instead of ``score``)
+        ``grad`` = the gradient of :meth:`noise_log_prob` of the drawn noise: float64 / bool
+        NumPy arrays, for the estimators' native paths.  NumPy from here on: a torch op costs
+        ~5 us at a training step's sizes."""
         shape = torch.Size(sample_shape) + self.batch_shape + self.atom_shape
         k = len(self.atom_shape)
         lead = shape[:len(shape) - k]
@@ -267,6 +268,11 @@ class RaceDistribution(Distribution, _PyroMixin):
         else:
             (trace, fields, log_noise), logp, grad, mem = fast.sample_flat(un.reshape(flat), xb, lead, check), \
                 None, None, None
+            if noise_score:
+                # d/dx [x - exp(x) E] = 1 - E_1 with E_1 = exp(x + log E); 0 where nothing races
+                with np.errstate(invalid="ignore"):
+                    grad = -np.expm1(xb + log_noise)
+                grad[~np.isfinite(log_noise)] = 0.0
         structure = self.program.Structure(*(torch.from_numpy(f.reshape(lead + f.shape[1:])) for f in fields))
         log_noise = torch.from_numpy(log_noise.reshape(shape))
         return _Draw(torch.from_numpy(trace.reshape(lead + trace.shape[1:])), structure,

@@ -115,13 +115,18 @@ def test_every_estimator_is_unbiased(name):
         assert z.abs().max() < 4, (est, z.abs().max().item(), mean, truth)
 
 
+@pytest.mark.parametrize("estimator", ["t_reinforce", "e_reinforce"])
 @pytest.mark.parametrize("name", BUILTIN)
-def test_t_reinforce_fast_path_equals_the_lock_step_path(name):
-    """On CPU, t_reinforce draws and scores in one numba call and injects the analytic score
-    (one autograd node); from the same torch seed it must give the lock-step torch path's
-    value and gradients, in the logits and in f's own parameters."""
-    x0 = logits_for(name, 6).expand((5,) + tuple(logits_for(name, 6).shape))
+def test_score_estimators_fast_path_equals_the_lock_step_path(name, estimator):
+    """On CPU, t_reinforce (e_reinforce) draws in one numba call, with the traces' scores
+    (the noise's score, 1 - E_1 per live atom), and injects the estimate through one autograd
+    node; from the same torch seed it must give the lock-step torch path's value and
+    gradients, in the logits and in f's own parameters, with an absent (-inf) atom."""
+    x0 = logits_for(name, 6).expand((5,) + tuple(logits_for(name, 6).shape)).clone()
+    if name in ("categorical", "top_k", "spanning_tree", "clustering"):
+        x0[0].view(-1)[-1] = -math.inf                # an absent atom in one element
     f0 = loss_for(name, 7)
+    est = getattr(estimators, estimator)
     for K, loo in ((3, None), (3, False), (1, None)):      # leave-one-out, K plain ones, one
         out = []
         for fast in (True, False):
@@ -130,7 +135,7 @@ def test_t_reinforce_fast_path_equals_the_lock_step_path(name):
             d = RaceDistribution(compiled(name, "torch"), x, fast_cpu=fast)
             assert (d._numba is not None) == fast
             torch.manual_seed(8)
-            value = estimators.t_reinforce(d, lambda s: scale * f0(s), num_samples=K, leave_one_out=loo)
+            value = est(d, lambda s: scale * f0(s), num_samples=K, leave_one_out=loo)
             value.backward()
             out.append((value.detach(), x.grad, scale.grad))
         for a, b in zip(*out):
