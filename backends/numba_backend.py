@@ -399,21 +399,10 @@ class _Codegen:
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("any", "all")
                 and len(node.args) == 1 and not node.keywords):
             return None
-        arg = node.args[0]
-        if self.t(arg).ndim != 1 or isinstance(arg, (ast.Name, ast.Constant)):
+        attempt = self.fuse(node.args[0])
+        if attempt is None:
             return None
-        i = self.temp("e")
-        fusion = {"pre": [], "body": [], "length": None, "gathers": 0, "hoisted_checks": 0,
-                  "leaves": set(), "gathered": set(), "gathered_codes": []}
-        codes, count = len(self.codes), self.count
-        try:
-            value = self.element(arg, i, fusion)
-        except _NotFusable:
-            value = None
-        if value is None or not self.fusable(fusion):
-            del self.codes[codes:]
-            self.count = count
-            return None
+        i, value, fusion = attempt
         found = node.func.id == "any"             # the value an element decides
         out = self.temp("r")
         test = value if found else ast.UnaryOp(ast.Not(), value)
@@ -431,21 +420,11 @@ class _Codegen:
         result equals the NumPy lowering's, errors included: fusion is refused unless the
         first error is the same (:meth:`fusable`).  Returns the statements, or None when the
         expression does not fuse."""
+        attempt = self.fuse(node)
+        if attempt is None:
+            return None
+        i, value, fusion = attempt
         t = self.t(node)
-        if t.ndim != 1 or isinstance(node, (ast.Name, ast.Constant)):
-            return None
-        i = self.temp("e")
-        fusion = {"pre": [], "body": [], "length": None, "gathers": 0, "hoisted_checks": 0,
-                  "leaves": set(), "gathered": set(), "gathered_codes": []}
-        codes, count = len(self.codes), self.count
-        try:
-            value = self.element(node, i, fusion)
-        except _NotFusable:
-            value = None
-        if value is None or not self.fusable(fusion):
-            del self.codes[codes:]                   # as if never tried: the NumPy lowering follows
-            self.count = count
-            return None
         dtype = self.types.locals[name].dtype
         if dtype == "int" and t.dtype == "bool":
             value = _call(_np("int64"), value)
@@ -465,6 +444,27 @@ class _Codegen:
             ast.Assign([_name(out, ast.Store())], fresh),
             loop,
             ast.Assign([_name(name, ast.Store())], _name(out))]
+
+    def fuse(self, node):
+        """Element ``i`` of the 1-d elementwise expression ``node``: ``(i, value, fusion)``
+        (``fusion``: the statements before the loop and in its body, its length, its checked
+        sites), or None when it does not fuse (then as if never tried: the NumPy lowering
+        follows, with the same error codes)."""
+        if self.t(node).ndim != 1 or isinstance(node, (ast.Name, ast.Constant)):
+            return None
+        i = self.temp("e")
+        fusion = {"pre": [], "body": [], "length": None, "gathers": 0, "hoisted_checks": 0,
+                  "leaves": set(), "gathered": set(), "gathered_codes": []}
+        codes, count = len(self.codes), self.count
+        try:
+            value = self.element(node, i, fusion)
+        except _NotFusable:
+            value = None
+        if value is None or not self.fusable(fusion):
+            del self.codes[codes:]
+            self.count = count
+            return None
+        return i, value, fusion
 
     def fusable(self, fusion):
         """Whether a fused loop reports the NumPy lowering's first error: its checked sites
