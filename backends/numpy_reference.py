@@ -31,7 +31,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from structdsl import ir
+from structdsl import errors, ir
 from structdsl.errors import (EmptyRaceError, EnumerationLimitError, NestingError, RaceError,
                               SpecIndexError, SpecOverflowError, SpecValueError,
                               SpecZeroDivisionError)
@@ -465,6 +465,9 @@ class _Lowering:
                             self.statements(s.body) or [ast.Pass()], [])]
         if isinstance(s, ir.Break):
             return [ast.Break()]
+        if isinstance(s, ir.Fail):
+            return [ast.If(self.expr(s.test), [ast.Expr(self.rt("fail", ast.Constant(s.error),
+                                                                 ast.Constant(s.message)))], [])]
         if isinstance(s, ir.Race):
             call = self.rt("race", ast.Constant(s.race_id), self.members(s.members),
                            ast.Constant(s.allow_empty))
@@ -612,6 +615,11 @@ class _Lane:
     def error(self, cls, rid, message):
         p = self.prog.ir
         return cls(message, p.file, p.races[rid])
+
+    def fail(self, error, message):
+        """A compiler-inserted check failed (:class:`structdsl.ir.Fail`); the lowering
+        locates the error at the check's line."""
+        raise getattr(errors, error)(message)
 
     def live(self):
         """``live(noise)``: valid atoms whose logit is above -inf (a fresh array: a local

@@ -18,6 +18,7 @@ import ast
 import builtins
 import collections
 import inspect
+import re
 import types
 
 from . import ir
@@ -33,6 +34,7 @@ _RANDOM_SOURCES = ("random", "secrets", "torch")   # modules whose use inside a 
 _OK_BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.BitAnd, ast.BitOr,
               ast.BitXor, ast.LShift, ast.RShift)
 _STATIC_FUNCS = {"min", "max", "abs"}
+_DSL_NAMES = frozenset(PRIMITIVES) | frozenset(PY_BUILTINS) | {"spec"}
 # The keywords each DSL function accepts; any other keyword is refused (NumPy's ufunc keywords
 # such as ``out=`` or ``where=`` would otherwise reach the arrays).
 _KEYWORDS = {"zeros": {"dtype"}, "ones": {"dtype"}, "full": {"dtype"}, "atoms": {"valid"},
@@ -75,7 +77,28 @@ def parse_spec(spec) -> ir.Program:
     frontend = _Frontend(spec, fn, fdef, file)
     frontend.check_reserved(fdef)                 # the user's names, before the compiler adds its own
     frontend.fdef = desugar(fdef, file)           # local functions -> stacks and a dispatch loop
-    return frontend.program()
+    try:
+        return frontend.program()
+    except SpecError as exc:
+        reason = _user_names(exc.reason)
+        if reason == exc.reason:
+            raise
+        raise SpecError(reason, exc.file, exc.line) from None
+
+
+_GENERATED = [(re.compile(r"__S_[A-Za-z0-9_]+?__([A-Za-z_][A-Za-z0-9_]*)\[__sp\]"), r"\1"),
+              (re.compile(r"__S_[A-Za-z0-9_]+?__([A-Za-z_][A-Za-z0-9_]*)"), r"\1"),
+              (re.compile(r"__r?w\d+"), "the winner"),
+              (re.compile(r"__a\d+"), "the argument"),
+              (re.compile(r"__ret\b"), "the return value")]
+
+
+def _user_names(message):
+    """A message about desugared code (local functions, section 3.10 of docs/design.md)
+    in the user's own names: ``__S_f__x[__sp]`` is ``x``, ``__w1`` a race's winner."""
+    for pattern, repl in _GENERATED:
+        message = pattern.sub(repl, message)
+    return message
 
 
 def _dedent(lines):
@@ -151,17 +174,28 @@ class _Frontend:
                           end_line=max(getattr(n, "lineno", 0) for n in ast.walk(f)))
 
     def check_reserved(self, fdef):
-        """Names starting with ``__`` belong to the compiler (its race handler and helpers)."""
+        """Names starting with ``__`` belong to the compiler (its race handler and helpers),
+        and the DSL's own names (``race``, ``atoms``, ``range``, ``any`` ...) keep their
+        meaning: a local function, variable or parameter may not shadow them, since every
+        pass (the recursion pass's guards and bounds first) reads them as the primitives."""
         for n in ast.walk(fdef):
             names = []
             if isinstance(n, ast.Name):
-                names = [n.id]
-            elif isinstance(n, ast.arguments):
-                names = [x.arg for x in n.args + n.posonlyargs + n.kwonlyargs]
-            for name in names:
+                names = [(n.id, n, isinstance(n.ctx, ast.Store))]
+            elif isinstance(n, ast.arg):
+                names = [(n.arg, n, True)]
+            elif isinstance(n, ast.FunctionDef) and n is not fdef:
+                names = [(n.name, n, True)]
+            for name, node, binds in names:
                 if name.startswith("__"):
-                    self.fail(n if hasattr(n, "lineno") else fdef,
-                              f"name {name!r}: names starting with '__' are reserved for the compiler")
+                    self.fail(node, f"name {name!r}: names starting with '__' are reserved for "
+                              f"the compiler")
+                if binds and name in _DSL_NAMES:
+                    what = ("a local function" if isinstance(node, ast.FunctionDef) else
+                            "a parameter" if isinstance(node, ast.arg) else "a variable")
+                    self.fail(node, f"{what} named {name!r} would shadow the DSL's {name}(): "
+                              f"every DSL and builtin name the DSL gives meaning to keeps it; "
+                              f"rename it (e.g. {name}_)")
 
     def scan_names(self, body):
         """Collect every bound name before checking statements, so that a parameter
@@ -225,6 +259,11 @@ class _Frontend:
             if not in_loop:
                 self.fail(s, "`break` outside a loop")
             return ir.Break(s.lineno)
+        if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call) \
+                and isinstance(s.value.func, ast.Name) and s.value.func.id == "__fail":
+            # a check the recursion pass inserted (users cannot write '__' names)
+            test, error, message = s.value.args
+            return ir.Fail(test, error.value, message.value, s.lineno)
         if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call) \
                 and isinstance(s.value.func, ast.Name) and s.value.func.id == "require" \
                 and self.resolves_to_dsl("require"):
@@ -428,12 +467,14 @@ class _Frontend:
         if len(params) != ndim:
             self.fail(node, f"the {what} lambda takes {len(params)} index parameter(s) but the "
                       f"atoms have {ndim} dimension(s)")
-        saved = self.locals
+        saved, noise = self.locals, self.noise
         self.locals = (saved if state else set()) | set(params)
+        if noise in params:
+            self.noise = None          # a lambda parameter shadows the noise's name, as in Python
         try:
             body = self.expr(node.body, what)
         finally:
-            self.locals = saved
+            self.locals, self.noise = saved, noise
         return ir.Pred(params, body, node.lineno, state=state)
 
     # ---- expressions --------------------------------------------------------------------

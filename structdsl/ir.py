@@ -131,6 +131,19 @@ class GroupRace:
 
 
 @dataclass
+class Fail:
+    """A run-time check the compiler inserts (users cannot write it): when the scalar bool
+    ``test`` holds, the lane stops with ``errors.<error>(message)`` at ``line``, on every
+    backend.  The recursion pass ends each dispatch loop with one, so that a loop that runs
+    out of steps with frames still on the stack is loud instead of returning a truncated
+    result."""
+    test: ast.expr
+    error: str          # the name of a RaceError subclass in structdsl.errors
+    message: str
+    line: int
+
+
+@dataclass
 class AtomDecl:
     """``name = atoms(*dims, valid=pred)``; dims are static expressions."""
     name: str

@@ -125,8 +125,8 @@ class Program:
     """A spec compiled for one backend.  Create with :func:`structdsl.compile`.
 
     Logits are log-rates of shape ``[*batch, *atom_shape]`` (a larger logit wins more
-    often; ``-inf`` excludes an atom; entries at invalid atoms are ignored but must not be
-    NaN).  Sizes are read from the trailing dimensions.
+    often; ``-inf`` excludes an atom; entries at invalid atoms are ignored, whatever they
+    hold, NaN included).  Sizes are read from the trailing dimensions.
     """
 
     backend = None
@@ -151,6 +151,9 @@ class Program:
             elif isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"static parameter {k!r} must be an int, got {v!r} (or an int/bool "
                                 f"NumPy array, as a data parameter)")
+            elif not -2 ** 63 <= int(v) < 2 ** 63:
+                raise ValueError(f"static parameter {k!r} of {p.name} is {int(v)}, which int64 (the "
+                                 f"DSL's only integer type) cannot hold")
             else:
                 ints[k] = int(v)
         self.static_params = {**{k: v for k, v in p.defaults.items() if k in p.statics}, **ints}
@@ -243,13 +246,18 @@ class Program:
             raise TypeError(f"{what} must be a real array: {exc}") from None
         batch, inst = self._split(a, what)
         if a.size and not a.max() < np.inf:     # one reduction: max is NaN or +inf if any is
-            if np.isnan(a).any():
-                idx = tuple(int(i) for i in np.argwhere(np.isnan(a))[0])
-                raise ValueError(f"{what} contain NaN ({int(np.isnan(a).sum())} entries, first at "
-                                 f"index {idx})")
-            idx = tuple(int(i) for i in np.argwhere(np.isposinf(a))[0])
-            raise ValueError(f"{what} contain +inf (first at index {idx}): a rate of +inf has "
-                             f"no race law; use large finite logits")
+            # entries at invalid atoms are not part of the model: ignored, whatever they hold
+            bad = ~(a < np.inf) & inst.valid
+            if bad.any():
+                nan = np.isnan(a) & inst.valid
+                if nan.any():
+                    idx = tuple(int(i) for i in np.argwhere(nan)[0])
+                    raise ValueError(f"{what} contain NaN ({int(nan.sum())} "
+                                     f"entries, first at index {idx})")
+                idx = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise ValueError(f"{what} contain +inf (first at index {idx}): a rate of +inf "
+                                 f"has no race law; use large finite logits")
+            a = np.where(inst.valid, a, -np.inf)
         return a, batch, inst
 
     # ---- public API ----------------------------------------------------------------------
@@ -540,6 +548,10 @@ def _data_array(name, value, program):
         raise TypeError(f"parameter {name!r} of {program.name} is used as a size, bound or shape "
                         f"at {program.where(program.static_names[name])}: it must be an int, got "
                         f"an array of shape {a.shape}")
+    if a.dtype != bool and a.size and a.dtype.kind == "u" and a.max() > np.iinfo(np.int64).max:
+        idx = tuple(int(i) for i in np.argwhere(a > np.iinfo(np.int64).max)[0])
+        raise ValueError(f"data parameter {name!r} of {program.name} holds {int(a[idx])} at index "
+                         f"{idx}, which int64 (the DSL's only integer type) cannot hold")
     a = np.array(a, dtype=bool if a.dtype == bool else np.int64)
     a.setflags(write=False)
     return a

@@ -84,6 +84,20 @@ def _check_placement(fdef, functions, file):
                 _fail(file, node, "a predicate cannot call a local function")
 
 
+def _free_names(node):
+    """The Names of ``node`` that are not parameters of an enclosing lambda inside it."""
+    def walk(n, hidden):
+        if isinstance(n, ast.Lambda):
+            hidden = hidden | {a.arg for a in n.args.args}
+            yield from walk(n.body, hidden)
+            return
+        if isinstance(n, ast.Name) and n.id not in hidden:
+            yield n
+        for child in ast.iter_child_nodes(n):
+            yield from walk(child, hidden)
+    return list(walk(node, frozenset()))
+
+
 def _is_race(stmt):
     """A race that cannot come back empty (so it retires an atom)."""
     if not (isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Call)
@@ -102,6 +116,9 @@ class _Desugarer:
                            and isinstance(s.value, ast.Call) and isinstance(s.value.func, ast.Name)
                            and s.value.func.id == "atoms" and len(s.targets) == 1
                            and isinstance(s.targets[0], ast.Name)), None)
+        decl = next((s.value for s in fdef.body if isinstance(s, ast.Assign) and isinstance(s.value, ast.Call)
+                     and isinstance(s.value.func, ast.Name) and s.value.func.id == "atoms"), None)
+        self.atom_ndim = len(decl.args) if decl is not None else 1
         self.temps = []                 # scalar temporaries, initialised to 0 at the top
         self.segments = []              # pc -> list of statements
         self.entry = {}
@@ -123,6 +140,17 @@ class _Desugarer:
             self.fail(f, f"local function {f.name!r} takes plain parameters only (no defaults, "
                       f"*args or decorators)")
         params = [x.arg for x in a.args]
+        for n in (n for s in f.body for n in ast.walk(s)):
+            if isinstance(n, (ast.Nonlocal, ast.Global)):
+                word = "nonlocal" if isinstance(n, ast.Nonlocal) else "global"
+                self.fail(n, f"`{word}` is outside the DSL: a local function's names are its own "
+                          f"int scalars. Share state through an array of the spec (`t = zeros(1, "
+                          f"int)` before the function, `t[0] = ...` inside it), or return the value")
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "race_groups":
+                self.fail(n, f"race_groups() inside the local function {f.name}(): its winners are "
+                          f"an array, and a local function's values are int scalars; call "
+                          f"race_groups() in the spec's body, or race() per group here")
+        f.body = self.return_races(f, f.body)
         stored = {n.id for s in f.body for n in ast.walk(s) if isinstance(n, ast.Name)
                   and isinstance(n.ctx, ast.Store)}
         if self.noise in stored or self.noise in params:
@@ -131,12 +159,41 @@ class _Desugarer:
             self.check_statement(f, s, in_loop=False)
         returns_value = any(isinstance(n, ast.Return) and n.value is not None
                             for s in f.body for n in ast.walk(s))
+        if returns_value:
+            bare = next((n for s in f.body for n in ast.walk(s)
+                         if isinstance(n, ast.Return) and n.value is None), None)
+            if bare is not None:
+                self.fail(bare, f"a bare `return` in {f.name}(), which returns a value on another "
+                          f"path: return a value on every path (e.g. `return 0`)")
         if returns_value and not _always_returns(f.body):
             self.fail(f, f"local function {f.name!r} returns a value on some paths but may end "
                       f"without `return value` on others")
         self.locals[f.name] = params + sorted(stored - set(params))
         self.returns[f.name] = returns_value
         self.check_defined(f, set(self.locals[f.name]), set(params), f.body)
+
+    def return_races(self, f, stmts):
+        """``return race(noise, ...)`` returns a winner, not noise: it becomes
+        ``__rw = race(...)`` then ``return __rw`` (a one-dimensional race returns one int)."""
+        out = []
+        for s in stmts:
+            if isinstance(s, ast.If):
+                s.body, s.orelse = self.return_races(f, s.body), self.return_races(f, s.orelse)
+            elif isinstance(s, ast.For):
+                s.body = self.return_races(f, s.body)
+            if not (isinstance(s, ast.Return) and isinstance(s.value, ast.Call)
+                    and isinstance(s.value.func, ast.Name) and s.value.func.id == "race"):
+                out.append(s)
+                continue
+            if self.atom_ndim != 1:
+                self.fail(s, f"{f.name}() returns race(...) over {self.atom_ndim}-dimensional atoms, "
+                          f"whose winner is a tuple of indices; a local function returns one int: "
+                          f"write `u, v = race(...)` and return one of them")
+            self.count += 1
+            name = f"__rw{self.count}"
+            out.append(ast.copy_location(ast.Assign([ast.Name(name, ast.Store())], s.value), s))
+            out.append(ast.copy_location(ast.Return(ast.Name(name, ast.Load())), s))
+        return out
 
     def check_defined(self, f, names, defined, stmts):
         """A local of a local function read where it may be unbound is refused (its stack
@@ -224,8 +281,8 @@ class _Desugarer:
                    for s in self.functions[name].body for n in ast.walk(s))
 
     def check_noise(self, node, how):
-        for n in ast.walk(node):
-            if isinstance(n, ast.Name) and n.id == self.noise:
+        for n in _free_names(node):
+            if n.id == self.noise:
                 self.fail(n, f"noise {self.noise!r} {how}: noise may only be the first argument "
                           f"of race() or race_groups(), or the argument of live()")
 
@@ -464,6 +521,14 @@ class _Desugarer:
         out.append(ast.For(ast.Name("__step", ast.Store()),
                            ast.Call(ast.Name("range", ast.Load()), [copy.deepcopy(self.steps)], []),
                            loop_body, []))
+        # the bound is proven, but a proof bug must be loud: frames left on the stack
+        # after the last step would otherwise return a truncated result
+        out.append(ast.Expr(ast.Call(ast.Name("__fail", ast.Load()), [
+            ast.Compare(ast.Name("__sp", ast.Load()), [ast.GtE()], [ast.Constant(0)]),
+            ast.Constant("RaceError"),
+            ast.Constant(f"the calls of {g.name}() did not finish within the proven bound of "
+                         f"{ast.unparse(self.steps)} steps (a compiler bug: please report it "
+                         f"with this spec)")], [])))
         if isinstance(stmt, ast.Assign):
             out.append(ast.Assign(stmt.targets, ast.Name("__ret", ast.Load())))
         return [self.located(n, stmt) for n in out]

@@ -139,8 +139,25 @@ class _Checker:
         return Dim(ast.unparse(node), value)
 
     def dims(self, node):
+        """A shape: static dims that must not be negative once their values are known."""
         elts = node.elts if isinstance(node, ast.Tuple) else [node]
-        return tuple(self.dim(e) for e in elts)
+        out = tuple(self.dim(e) for e in elts)
+        for e, d in zip(elts, out):
+            self.nonnegative(e, d, "a shape")
+        return out
+
+    def mixed_bits(self, where, op):
+        """``&``, ``|``, ``^`` are logical on bools and bitwise on ints; a bool mixed with an
+        int has no obvious meaning (``True & 2`` is 0), so the user says which one."""
+        o = _OPS[type(op)]
+        self.fail(where, f"`{o}` mixes a bool and an int64: it is logical on bools and bitwise "
+                  f"on ints; write `b {o} (x != 0)` for the logical one, or `int(b) {o} x` for bits")
+
+    def nonnegative(self, node, d, what):
+        if d.value is not None and d.value < 0:
+            values = ", ".join(f"{k}={v}" for k, v in self.env.items() if k in self.p.params)
+            self.fail(node, f"{what} `{d}` is {d.value} < 0 with {values}: choose parameters "
+                      f"that keep it non-negative, or add `require({d} >= 0, \"...\")`")
 
     def sizes(self):
         return ", ".join(f"{k}={v}" for k, v in self.env.items() if k in self.p.params) or "no sizes"
@@ -190,6 +207,8 @@ class _Checker:
         if isinstance(node, ast.BinOp):
             a, b = self.expr(node.left, defined), self.expr(node.right, defined)
             shape = self.broadcast(node, a, b)
+            if isinstance(node.op, _BITS) and a.dtype != b.dtype:
+                self.mixed_bits(node, node.op)
             dtype = "bool" if isinstance(node.op, _BITS) and a.dtype == b.dtype == "bool" else "int"
             return Type(dtype, shape, a.varying or b.varying)
         if isinstance(node, ast.UnaryOp):
@@ -418,6 +437,9 @@ class _Checker:
                 if ends_a and ends_b:
                     return True
                 defined |= (b if ends_a else a if ends_b else a & b) - defined
+            elif isinstance(s, ir.Fail):
+                c = self.expr(s.test, defined)
+                assert c.dtype == "bool" and not c.ndim, "a compiler check tests one bool"
             elif isinstance(s, ir.Loop):
                 count = self.expr(s.count, defined | set(s.bound_vars))
                 if count.ndim or count.dtype != "int":
@@ -460,8 +482,18 @@ class _Checker:
             cur = self.name(target, defined)
             self.typed(target, cur)
         else:
-            cur = self.subscript(target, defined)
+            if target.value.id not in defined:
+                self.name(target.value, defined)         # raises: may be unbound
+            # an update is a store: the scatter and mask rules of `x[i] = v` apply
+            cur = self.subscript(target, defined, store=True)
+            if cur.shape == ("mask",):
+                op = _OPS.get(type(s.op), "?")
+                self.fail(s.line, f"`x[mask] {op}= value` is outside the DSL: write "
+                          f"`{target.value.id} = where(mask, {target.value.id} {op} value, "
+                          f"{target.value.id})`")
             self.typed(target, cur)
+        if isinstance(s.op, _BITS) and cur.dtype != v.dtype:
+            self.mixed_bits(s.line, s.op)
         dtype = "bool" if isinstance(s.op, _BITS) and cur.dtype == v.dtype == "bool" else "int"
         shape = self.broadcast(target, cur, v)
         if len(shape) != cur.ndim:

@@ -113,11 +113,30 @@ def test_nan_logits_rejected_by_every_entry_point(cat):
         cat.enumerate(bad)
 
 
-def test_nan_logits_rejected_even_at_invalid_atoms(tree):
-    logits = np.zeros((3, 3))
-    logits[1, 1] = np.nan          # the diagonal is not an edge, but NaN is still an error
-    with pytest.raises(ValueError, match=r"NaN .*index \(1, 1\)"):
-        tree.sample(logits, seed=0)
+@pytest.mark.parametrize("junk", [np.nan, np.inf, -np.inf, 1e300])
+def test_entries_at_invalid_atoms_are_ignored_whatever_they_hold(tree, junk):
+    """One meaning (docs/design.md 3.1): invalid atoms are not part of the model, so every
+    entry point gives exactly what it gives with zeros there, NaN and +inf included."""
+    clean = np.random.default_rng(1).normal(size=(2, 3, 3))
+    dirty = clean.copy()
+    dirty[:, 1, 1] = junk                    # the diagonal is not an edge
+    dirty[:, 2, 0] = junk                    # nor is the lower triangle
+    a, b = tree.sample(clean, seed=3), tree.sample(dirty, seed=3)
+    np.testing.assert_array_equal(a.trace, b.trace)
+    np.testing.assert_array_equal(a.structure.adjacency, b.structure.adjacency)
+    np.testing.assert_array_equal(tree.log_prob(a.trace, clean), tree.log_prob(a.trace, dirty))
+    lp_a, g_a = tree.log_prob_and_grad(a.trace, clean)
+    lp_b, g_b = tree.log_prob_and_grad(a.trace, dirty)
+    np.testing.assert_array_equal(lp_a, lp_b)
+    np.testing.assert_array_equal(g_a, g_b)
+    assert (g_b[:, 1, 1] == 0).all() and (g_b[:, 2, 0] == 0).all()
+    np.testing.assert_array_equal(tree.conditional_noise(a.trace, clean, seed=4),
+                                  tree.conditional_noise(a.trace, dirty, seed=4))
+    assert tree.enumerate(clean[0]).probs.tolist() == tree.enumerate(dirty[0]).probs.tolist()
+    bad = clean.copy()
+    bad[1, 0, 2] = np.nan                    # a valid atom: an error naming the entry
+    with pytest.raises(ValueError, match=r"NaN .*index \(1, 0, 2\)"):
+        tree.sample(bad, seed=0)
 
 
 def test_nan_in_batched_logits_names_the_batch_index(cat):
@@ -135,8 +154,8 @@ def test_posinf_logits_rejected(cat, tree):
     with pytest.raises(ValueError, match=r"\+inf"):
         cat.enumerate(np.array([0.0, 1.0, np.inf]))
     logits = np.zeros((3, 3))
-    logits[2, 0] = np.inf          # an invalid atom: still rejected
-    with pytest.raises(ValueError, match=r"\+inf \(first at index \(2, 0\)\)"):
+    logits[0, 2] = np.inf          # a valid atom
+    with pytest.raises(ValueError, match=r"\+inf \(first at index \(0, 2\)\)"):
         tree.sample(logits, seed=0)
 
 
