@@ -130,6 +130,9 @@ class Program:
     """
 
     backend = None
+    #: whether sampling and replay check a ``nested=True`` promise on every race (a backend
+    #: whose nested fast paths trust it says False; ``check_spec`` verifies it on any backend)
+    checks_nesting = True
 
     def __init__(self, spec, **static_params):
         self.spec = spec

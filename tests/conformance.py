@@ -1,0 +1,154 @@
+"""The conformance harness: one way to run a spec on any backend and compare it with the
+reference (docs/design.md 4.5: every construct means the same on every backend).
+
+``BACKENDS`` lists every backend of :func:`structdsl.backends.available` that imports here,
+plus ``torch:cuda`` where a GPU is present; a test that takes the ``backend`` fixture runs on
+each of them, so a new backend joins every conformance test with no new test code.  A
+:class:`Runner` speaks NumPy to the test: it converts arrays to the backend's own (torch
+tensors on the backend's device), draws every random number on the NumPy side (so a seed
+means identical uniforms on every backend) and converts results back.
+"""
+import collections
+import importlib.util
+
+import numpy as np
+
+import structdsl
+from structdsl.backends import available
+
+
+def _backends():
+    out = []
+    for name in available():
+        if name != "numpy" and importlib.util.find_spec(name) is None:
+            continue
+        out.append(name)
+        if name == "torch":
+            import torch
+            if torch.cuda.is_available():
+                out.append("torch:cuda")
+    return out
+
+
+BACKENDS = _backends()
+_COMPILED = {}
+#: a sample in NumPy arrays (``log_noise`` compared, not its ``exp``, which may overflow)
+Drawn = collections.namedtuple("Drawn", "trace structure log_noise")
+
+
+def _key(statics):
+    return tuple(sorted((k, v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in statics.items()))
+
+
+class Runner:
+    """A program of ``spec`` on ``backend`` (``"torch:cuda"`` = torch on the GPU), called
+    with NumPy arrays and returning NumPy arrays.  ``seed=`` becomes uniforms drawn here, as
+    the reference draws them, so every backend races identical noise."""
+
+    def __init__(self, spec, backend="numpy", **statics):
+        self.backend = backend
+        name, _, device = backend.partition(":")
+        self.device = device or "cpu"
+        self.torch = name == "torch"
+        self.prog = structdsl.compile(spec, backend=name, **statics)
+
+    # ---- conversion --------------------------------------------------------------------
+    def _in(self, x, dtype=np.float64):
+        if x is None or not self.torch:
+            return x
+        import torch
+        return torch.as_tensor(np.asarray(x, dtype=dtype), device=self.device)
+
+    def _out(self, x):
+        if isinstance(x, structdsl.program.Sample):
+            return Drawn(self._out(x.trace), self._out(x.structure), self._out(x.log_noise))
+        if isinstance(x, tuple):
+            return type(x)(*(self._out(v) for v in x)) if hasattr(x, "_fields") else tuple(map(self._out, x))
+        if hasattr(x, "detach"):
+            return x.detach().cpu().numpy()
+        return np.asarray(x) if isinstance(x, np.ndarray) else x
+
+    def _uniforms(self, seed, shape):
+        return structdsl.program.Program._uniforms(None, seed, shape, "uniforms")
+
+    # ---- the Program API -----------------------------------------------------------------
+    def sample(self, logits, uniforms=None, seed=None):
+        logits = np.asarray(logits, dtype=np.float64)
+        if uniforms is None:
+            uniforms = self._uniforms(seed, logits.shape)
+        return self._out(self.prog.sample(self._in(logits), uniforms=self._in(uniforms)))
+
+    def solve(self, weights):
+        return self._out(self.prog.solve(self._in(weights)))
+
+    def log_prob(self, trace, logits):
+        return self._out(self.prog.log_prob(self._in(trace, np.int64), self._in(logits)))
+
+    def log_prob_and_grad(self, trace, logits):
+        return self._out(self.prog.log_prob_and_grad(self._in(trace, np.int64), self._in(logits)))
+
+    def conditional_noise(self, trace, logits, uniforms=None, seed=None):
+        trace = np.asarray(trace)
+        if uniforms is None:
+            inst = self.prog.instance(np.shape(logits)[np.ndim(logits) - self.prog.atom_ndim:])
+            uniforms = self._uniforms(seed, trace.shape[:-1] + (inst.max_races + inst.num_atoms,))
+        return self._out(self.prog.conditional_noise(self._in(trace, np.int64), self._in(logits),
+                                                     uniforms=self._in(uniforms)))
+
+    def max_races(self, shape):
+        return self.prog.max_races(shape)
+
+
+def runner(spec, backend="numpy", **statics):
+    """A :class:`Runner`, compiled once per test session for each (spec, backend, statics)."""
+    key = (spec.name, spec.fn.__module__, backend, _key(statics))
+    if key not in _COMPILED:
+        _COMPILED[key] = Runner(spec, backend, **statics)
+    return _COMPILED[key]
+
+
+def outcome(fn):
+    """``(value, None)`` or ``(None, the structdsl error)``."""
+    try:
+        return fn(), None
+    except (structdsl.RaceError, structdsl.SpecError) as exc:
+        return None, exc
+
+
+def assert_same_error(got, want):
+    """The same class, spec line and batch element as the reference (and the same file)."""
+    assert type(got) is type(want), f"{type(got).__name__}: {got}  !=  {type(want).__name__}: {want}"
+    assert (got.file, got.line) == (want.file, want.line), f"{got}  !=  {want}"
+    assert getattr(got, "lane", None) == getattr(want, "lane", None), f"{got}  !=  {want}"
+
+
+def assert_same_values(got, want, rtol=1e-12):
+    """Equal traces and structures (exactly, dtype included), floats to ``rtol``."""
+    if isinstance(want, tuple):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert_same_values(g, w, rtol)
+        return
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    if want.dtype.kind == "f":
+        assert np.array_equal(np.isinf(got), np.isinf(want)) and np.array_equal(np.isnan(got), np.isnan(want))
+        fin = np.isfinite(want)
+        np.testing.assert_allclose(got[fin], want[fin], rtol=rtol, atol=1e-300 if rtol < 1e-6 else 1e-12)
+    else:
+        assert got.dtype == want.dtype and np.array_equal(got, want), (got, want)
+
+
+def assert_conforms(backend, spec, call, statics=None):
+    """Run ``call(runner)`` on ``backend`` and on the reference: the same values or the same
+    error (class, line, batch element).  Returns the reference's outcome."""
+    statics = statics or {}
+    ref, ref_err = outcome(lambda: call(runner(spec, "numpy", **statics)))
+    got, got_err = outcome(lambda: call(runner(spec, backend, **statics)))
+    if ref_err is not None or got_err is not None:
+        assert ref_err is not None and got_err is not None, \
+            f"{backend}: {got_err or 'no error'}; reference: {ref_err or 'no error'}"
+        assert_same_error(got_err, ref_err)
+        return None, ref_err
+    assert_same_values(got, ref)
+    return ref, None
