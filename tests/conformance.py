@@ -108,16 +108,21 @@ def runner(spec, backend="numpy", **statics):
 
 
 def outcome(fn):
-    """``(value, None)`` or ``(None, the structdsl error)``."""
+    """``(value, None)`` or ``(None, the error)``: a structdsl error, or the ValueError or
+    TypeError of an argument check."""
     try:
         return fn(), None
-    except (structdsl.RaceError, structdsl.SpecError) as exc:
+    except (structdsl.RaceError, structdsl.SpecError, ValueError, TypeError) as exc:
         return None, exc
 
 
 def assert_same_error(got, want):
-    """The same class, spec line and batch element as the reference (and the same file)."""
+    """The same class, spec line and batch element as the reference (and the same file);
+    an argument error (no spec line) says the same thing."""
     assert type(got) is type(want), f"{type(got).__name__}: {got}  !=  {type(want).__name__}: {want}"
+    if not isinstance(want, (structdsl.RaceError, structdsl.SpecError)):
+        assert str(got) == str(want), f"{got}  !=  {want}"
+        return
     assert (got.file, got.line) == (want.file, want.line), f"{got}  !=  {want}"
     assert getattr(got, "lane", None) == getattr(want, "lane", None), f"{got}  !=  {want}"
 
@@ -152,3 +157,18 @@ def assert_conforms(backend, spec, call, statics=None):
         return None, ref_err
     assert_same_values(got, ref)
     return ref, None
+
+
+def assert_refused_everywhere(spec, **statics):
+    """``compile`` raises the same SpecError (file, line, message) on every backend;
+    returns the reference's."""
+    import pytest
+    errors = []
+    for name in dict.fromkeys(b.partition(":")[0] for b in BACKENDS):
+        with pytest.raises(structdsl.SpecError) as info:
+            structdsl.compile(spec, backend=name, **statics)
+        errors.append(info.value)
+    for err in errors[1:]:
+        assert (err.file, err.line, err.reason) == (errors[0].file, errors[0].line, errors[0].reason), \
+            f"{err}  !=  {errors[0]}"
+    return errors[0]

@@ -4,7 +4,7 @@ import inspect
 import numpy as np
 
 import structdsl
-from structdsl import arange, atoms, full, ones, race, spec, where, zeros
+from structdsl import arange, atoms, full, ones, race, race_groups, spec, where, zeros
 from structdsl import specs as builtin
 
 
@@ -151,6 +151,51 @@ def structure_loss(name, n, seed, device="cpu"):
 
 def atom_shape(name, n):
     return (n, n) if name in ("spanning_tree", "arborescence", "matching", "clustering", "pointer_jumps") else (n,)
+
+
+# ---- grouped races, guards and augmented stores (first written for the torch backend) ----------
+@spec(nested=True)
+def refining_groups(n):
+    """Grouped races that refine: blocks of four, then pairs inside them, then one plain race
+    inside a pair; groups emptied by earlier winners and absent atoms, atoms sitting out (-1)."""
+    item = atoms(n)
+    quads = race_groups(item, lambda i: i // 4, groups=n, allow_empty=True)
+    pairs = race_groups(item, lambda i: i // 2 if i % 4 != 3 else -1, groups=n, allow_empty=True)
+    last = race(item, lambda i: i < 2, allow_empty=True)
+    return quads, pairs, last
+
+
+@spec(nested=True)
+def crossing_groups(n):
+    """Not nested: the second grouping mixes atoms of two first groups (a NestingError)."""
+    item = atoms(n)
+    halves = race_groups(item, lambda i: i % 2, groups=2)
+    thirds = race_groups(item, lambda i: i // 3, groups=n)   # BAD
+    return halves, thirds
+
+
+@spec
+def guarded(n):
+    """Short-circuits that hold atom by atom, not on a whole grid."""
+    item = atoms(n)
+    w = race(item, lambda i: i > 0 and item_ok[i - 1] if i < n else False)
+    v = race(item, lambda i: (i == 0) or (w // i >= 0))
+    return w, v
+
+
+item_ok = (True, True, True, True, True, True)
+
+
+@spec
+def augmented(n):
+    """Augmented stores through slices and scalar indices, values broadcast from lane scalars."""
+    item = atoms(n)
+    x = zeros((2, n), int)
+    w = race(item)
+    x[0, :] += 1
+    x[:, w] += 2
+    x[1] += x[0] * w
+    return x
 
 
 # ---- errors ----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import structdsl
+from conformance import BACKENDS, assert_conforms, assert_refused_everywhere
 from structdsl import (EmptyRaceError, EnumerationLimitError, SpecError, SpecIndexError,
                        SpecOverflowError, SpecZeroDivisionError, arange, atoms, full, maximum,
                        race, race_groups, spec, where, zeros)
@@ -46,9 +47,7 @@ def bad_line(s):
 
 
 def assert_rejected(s, fragment, **statics):
-    with pytest.raises(SpecError) as info:
-        structdsl.compile(s, **statics)
-    err = info.value
+    err = assert_refused_everywhere(s, **statics)
     assert err.file == __file__, err.file
     assert err.line == bad_line(s), f"{err} (expected line {bad_line(s)})"
     assert fragment in err.reason, err.reason
@@ -65,6 +64,8 @@ def assert_runtime_error(cls, s, logits, lane, fragment, **statics):
     assert err.lane == lane, str(err)
     assert f"{__file__}:{bad_line(s)}: " in str(err) and f"(batch element {lane})" in str(err)
     assert fragment in str(err), str(err)
+    for backend in BACKENDS:                # the same class, line and lane everywhere
+        assert_conforms(backend, s, lambda r: r.sample(logits, seed=0), statics)
     return err
 
 

@@ -12,8 +12,8 @@ import structdsl
 from structdsl import (EmptyRaceError, NestingError, SpecIndexError, SpecOverflowError, SpecZeroDivisionError,
                        atoms, race, race_groups, spec, specs, zeros)
 from structdsl.testing import uniforms as uniforms_st
-from shared_specs import (SIZES, SPECS, atom_shape, bad_line, careless, compiled, divides, empty,
-                          false_promise)
+from shared_specs import (SIZES, SPECS, atom_shape, augmented, bad_line, careless, compiled, crossing_groups,
+                          divides, empty, false_promise, guarded, refining_groups)
 
 torch = pytest.importorskip("torch")
 
@@ -158,26 +158,6 @@ def test_run_time_errors_name_the_line_and_lane_like_the_reference(bad, cls):
     assert f"{got.value.file}:{got.value.line}:" in str(got.value)
 
 
-@spec(nested=True)
-def refining_groups(n):
-    """Grouped races that refine: blocks of four, then pairs inside them, then one plain race
-    inside a pair; groups emptied by earlier winners and absent atoms, atoms sitting out (-1)."""
-    item = atoms(n)
-    quads = race_groups(item, lambda i: i // 4, groups=n, allow_empty=True)
-    pairs = race_groups(item, lambda i: i // 2 if i % 4 != 3 else -1, groups=n, allow_empty=True)
-    last = race(item, lambda i: i < 2, allow_empty=True)
-    return quads, pairs, last
-
-
-@spec(nested=True)
-def crossing_groups(n):
-    """Not nested: the second grouping mixes atoms of two first groups (a NestingError)."""
-    item = atoms(n)
-    halves = race_groups(item, lambda i: i % 2, groups=2)
-    thirds = race_groups(item, lambda i: i // 3, groups=n)   # BAD
-    return halves, thirds
-
-
 def test_grouped_races_as_segment_reductions_match_the_reference():
     """Grouped races run as segment reductions (every group at once): traces, structures,
     log p, its autograd gradient, E | T and solve against the reference, on a nested
@@ -225,18 +205,6 @@ def test_grouped_races_as_segment_reductions_match_the_reference():
     assert (got.value.line, got.value.lane) == (want.value.line, want.value.lane) == (bad_line(crossing_groups), (0,))
 
 
-@spec
-def guarded(n):
-    """Short-circuits that hold atom by atom, not on a whole grid."""
-    item = atoms(n)
-    w = race(item, lambda i: i > 0 and item_ok[i - 1] if i < n else False)
-    v = race(item, lambda i: (i == 0) or (w // i >= 0))
-    return w, v
-
-
-item_ok = (True, True, True, True, True, True)
-
-
 def test_guards_make_grid_evaluation_mean_the_per_atom_definition():
     fast, ref = (structdsl.compile(guarded, backend=b) for b in ("torch", "numpy"))
     rng = np.random.default_rng(1)
@@ -268,18 +236,6 @@ def test_a_padded_trace_does_not_give_atom_0_fresh_noise():
     na = fast.conditional_noise(torch.as_tensor(trace), T(logits), uniforms=T(v)).numpy()
     nb = ref.conditional_noise(trace, logits, uniforms=v)
     np.testing.assert_allclose(na, nb, rtol=1e-12)
-
-
-@spec
-def augmented(n):
-    """Augmented stores through slices and scalar indices, values broadcast from lane scalars."""
-    item = atoms(n)
-    x = zeros((2, n), int)
-    w = race(item)
-    x[0, :] += 1
-    x[:, w] += 2
-    x[1] += x[0] * w
-    return x
 
 
 def test_augmented_stores_through_slices_match_the_reference():
