@@ -5,7 +5,7 @@ line with a ``SpecError`` on every backend; a spec that fails at run time must f
 with the same error class and batch element on every backend.  Specs without ``# BAD`` are
 accepted, and every backend must give them the reference's values.
 """
-from structdsl import arange, atoms, full, race, race_groups, spec, where, zeros
+from structdsl import arange, atoms, full, race, race_groups, spec, zeros
 
 BIG = 4611686018427387904                   # 2**62
 INT64_MIN = -9223372036854775807 - 1

@@ -200,20 +200,25 @@ def test_an_extra_winner_after_the_last_race_is_impossible(backend):
     assert np.isfinite(lp).all()
 
 
-def test_a_group_outside_the_previous_race_breaks_the_nesting_promise(backend):
+@pytest.mark.parametrize("bad", [H.group_outside_the_previous_race, S.false_promise],
+                         ids=lambda s: s.name)
+def test_a_race_outside_the_previous_one_breaks_the_nesting_promise(bad, backend):
     """Sampling and replay raise NestingError on every backend that checks the promise;
     a backend whose nested fast path trusts it (docs/design.md 4.4) may give any answer but
-    must not crash, and check_spec, which replays on the reference, catches it."""
+    must not crash, and check_spec, which replays on the reference, catches it there."""
     logits, u = _lanes()
     trace = np.array([[0, 2]] * 3)
-    r = runner(H.group_outside_the_previous_race, backend)
+    r = runner(bad, backend)
     if not r.prog.checks_nesting:
         for run in (lambda: r.sample(logits, uniforms=u), lambda: r.log_prob(trace, logits)):
             outcome(run)
+        from structdsl.testing import check_spec
+        with pytest.raises(NestingError):
+            check_spec(bad, backend=backend.partition(":")[0], samples=100)
         return
     for call in (lambda r: r.sample(logits, uniforms=u), lambda r: r.log_prob(trace, logits)):
-        _, err = assert_conforms(backend, H.group_outside_the_previous_race, call)
-        assert type(err) is NestingError and err.line == bad_line(H.group_outside_the_previous_race)
+        _, err = assert_conforms(backend, bad, call)
+        assert type(err) is NestingError and err.line == bad_line(bad)
 
 
 def test_a_run_past_the_static_race_bound_raises(backend, monkeypatch):
@@ -333,7 +338,9 @@ def test_exact_ties(name, backend):
     """Every atom with the same logit and uniform: ties break the reference's way."""
     spec_, (lo, hi), statics, shape_of = _case(name)
     shape = shape_of(hi)
-    logits, u = np.zeros((2,) + shape), np.full((2,) + shape, 0.5)
+    rng = np.random.default_rng(1)                 # a lane of ties beside an ordinary one
+    logits = np.stack([np.zeros(shape), rng.normal(size=shape)])
+    u = np.stack([np.full(shape, 0.5), rng.random(shape)])
     ref, err = assert_conforms(backend, spec_, lambda r: r.sample(logits, uniforms=u), statics)
     if err is None:
         assert_conforms(backend, spec_, lambda r: r.log_prob_and_grad(ref.trace, logits), statics)

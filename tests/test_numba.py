@@ -1,19 +1,16 @@
-"""The numba backend against the reference: identical traces and structures from identical
-uniforms, log-probabilities, gradients and E | T within 1e-12, the same errors at the same
-lines and lanes, on the built-in specs and on specs that exist only here."""
+"""The numba backend beyond the conformance suite (tests/test_conformance.py holds it to the
+reference on every spec): its flat fast-path entry points, finite-difference gradients,
+compile errors, the generated source and its cache."""
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import structdsl
-from structdsl import (EmptyRaceError, NestingError, SpecIndexError, SpecZeroDivisionError,
-                       atoms, race, spec, zeros)
+from structdsl import atoms, race, spec, zeros
 from structdsl import specs as builtin
 from structdsl.testing import uniforms as uniforms_st
-from shared_specs import (DAG, SIZES, SPECS, atom_shape, bad_line, careless, careless_reduction, careless_vector,
-                          compiled, divides, empty,
-                          false_promise)
+from shared_specs import DAG, SIZES, SPECS, atom_shape, bad_line, compiled
 from shared_specs import topological_order as topological
 
 pytest.importorskip("numba")
@@ -35,37 +32,28 @@ def assert_same_error(a, b):
     assert type(a) is type(b) and a.line == b.line and a.lane == b.lane, (a, b)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), name=st.sampled_from(sorted(SPECS)))
-def test_parity_with_the_reference(data, name):
-    fast, ref = programs(name)
+def test_the_training_steps_entry_points_agree_with_the_program_api(data, name):
+    """The flat entry points the CPU fast path uses (one draw-and-score call, member sets)
+    against this backend's own Program API, which tests/test_conformance.py holds to the
+    reference."""
+    fast, _ = programs(name)
     lo, hi = SIZES[name]
     n = data.draw(st.integers(lo, hi), label="n")
     shape = atom_shape(name, n)
-    batch = data.draw(st.sampled_from([(), (3,), (2, 2)]), label="batch")
-    logits = data.draw(st.lists(st.floats(-4, 4), min_size=int(np.prod(batch + shape)),
-                                max_size=int(np.prod(batch + shape))), label="logits")
-    logits = np.array(logits).reshape(batch + shape)
+    batch = data.draw(st.sampled_from([(3,), (2, 2)]), label="batch")
+    logits = np.array(data.draw(st.lists(st.floats(-4, 4), min_size=int(np.prod(batch + shape)),
+                                         max_size=int(np.prod(batch + shape))), label="logits"))
+    logits = logits.reshape(batch + shape)
     if data.draw(st.booleans(), label="-inf atoms"):
         drop = data.draw(st.lists(st.booleans(), min_size=logits.size, max_size=logits.size))
         logits = np.where(np.array(drop).reshape(logits.shape), -np.inf, logits)
     u = data.draw(uniforms_st(batch + shape), label="uniforms")
-    a, ea = outcome(lambda: fast.sample(logits, uniforms=u))
-    b, eb = outcome(lambda: ref.sample(logits, uniforms=u))
-    if ea or eb:
-        assert_same_error(ea, eb)
+    a, err = outcome(lambda: fast.sample(logits, uniforms=u))
+    if err is not None:
         return
-    assert np.array_equal(a.trace, b.trace)
-    assert np.array_equal(np.isinf(a.noise), np.isinf(b.noise))
-    np.testing.assert_allclose(a.noise[np.isfinite(b.noise)], b.noise[np.isfinite(b.noise)], rtol=1e-12)
-    for x, y in zip(a.structure, b.structure):
-        assert np.array_equal(x, y) and x.dtype == y.dtype
     lp_a, g_a = fast.log_prob_and_grad(a.trace, logits)
-    lp_b, g_b = ref.log_prob_and_grad(b.trace, logits)
-    np.testing.assert_allclose(lp_a, lp_b, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(g_a, g_b, rtol=1e-12, atol=1e-12)
-    R, A = fast.max_races(shape), int(np.prod(shape))
-    # the training step's driver: draw and score in one call = sample, then score its traces
     flat = (-1,) + shape
     t2, f2, ln2, lp2, g2, m2 = fast.sample_score_flat(np.asarray(u, dtype=float).reshape(flat),
                                                       logits.reshape(flat), want_members=True)
@@ -76,17 +64,6 @@ def test_parity_with_the_reference(data, name):
     np.testing.assert_allclose(lp2, lp_a.reshape(-1), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(g2, g_a.reshape(g2.shape), rtol=1e-12, atol=1e-12)
     assert np.array_equal(m2, fast.memberships(a.trace, logits)[1].reshape(m2.shape))
-    v = data.draw(uniforms_st(batch + (R + A,)), label="E|T uniforms")
-    na, nb = fast.conditional_noise(a.trace, logits, uniforms=v), ref.conditional_noise(b.trace, logits, uniforms=v)
-    assert np.array_equal(np.isinf(na), np.isinf(nb))
-    fin = np.isfinite(nb)
-    np.testing.assert_allclose(na[fin], nb[fin], rtol=1e-12, atol=1e-300)
-    assert np.array_equal(fast.solve(na).trace, a.trace)
-    # a perturbed trace: the same -inf (impossible) verdicts
-    if R > 1:
-        t = np.array(a.trace)
-        t[..., [0, 1]] = t[..., [1, 0]]
-        np.testing.assert_allclose(fast.log_prob(t, logits), ref.log_prob(t, logits), rtol=1e-12, atol=1e-12)
 
 
 def test_gradient_matches_finite_differences_on_both_backends():
@@ -105,44 +82,6 @@ def test_gradient_matches_finite_differences_on_both_backends():
                 down[(slice(None),) + idx] -= eps
                 fd[(slice(None),) + idx] = (prog.log_prob(trace, up) - prog.log_prob(trace, down)) / (2 * eps)
             np.testing.assert_allclose(grad, fd, atol=1e-6)
-
-
-@pytest.mark.parametrize("bad, cls, logits", [
-    (careless, SpecIndexError, np.zeros((3, 4))),
-    (careless_vector, SpecIndexError, np.zeros((3, 4))),
-    (careless_reduction, SpecIndexError, np.zeros((3, 4))),
-    (divides, SpecZeroDivisionError, np.zeros((3, 4))),
-    (false_promise, NestingError, np.zeros((3, 4))),
-    (empty, EmptyRaceError, np.zeros((3, 4))),
-], ids=["index", "fused-gather-index", "fused-reduction-index", "zero-division", "nesting", "empty-race"])
-def test_run_time_errors_name_the_line_and_lane_like_the_reference(bad, cls, logits):
-    fast, ref = (structdsl.compile(bad, backend=b) for b in ("numba", "numpy"))
-    u = np.tile(np.array([0.9, 0.5, 0.4, 0.3]), (3, 1))      # item 0 wins every first race
-    u[2] = [0.1, 0.2, 0.9, 0.3]                               # lane 2: item 2 wins
-    with pytest.raises(cls) as want:
-        ref.sample(logits, uniforms=u)
-    if cls is NestingError:
-        # the numba backend's nested fast paths trust the promise (the reference checks it,
-        # and check_spec does on any backend, since it enumerates on the reference): a
-        # broken promise may race or score wrongly, or run empty, never crash
-        traces = np.array([[0, 1], [0, 1], [1, 2]])
-        for run in (lambda: fast.sample(logits, uniforms=u), lambda: fast.log_prob(traces, logits)):
-            try:
-                run()
-            except structdsl.RaceError:
-                pass
-        with pytest.raises(cls):
-            ref.log_prob(traces, logits)
-        from structdsl.testing import check_spec
-        with pytest.raises(cls):
-            check_spec(bad, backend="numba", samples=100)
-        return
-    else:
-        with pytest.raises(cls) as got:
-            fast.sample(logits, uniforms=u)
-    assert got.value.line == want.value.line == bad_line(bad)
-    assert got.value.lane == want.value.lane
-    assert f"{got.value.file}:{got.value.line}:" in str(got.value)
 
 
 def test_bad_input_is_refused_before_the_compiled_code():
