@@ -12,6 +12,9 @@ import argparse
 import sys
 import time
 
+#: The backends ``check --backend`` accepts (every one the battery runs on).
+BACKENDS = ("numpy", "numba", "torch")
+
 # Small sizes at which every built-in spec is enumerated exactly: (spec name, atoms shape, statics).
 BUILTIN_CASES = [
     ("categorical", (5,), {}),
@@ -134,12 +137,20 @@ def main(argv=None):
     c.add_argument("--samples", type=int, default=4000, help="draws per sampling scenario (default 4000)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--plot", metavar="PNG", help="also draw sampled vs exact probabilities (needs matplotlib)")
-    c.add_argument("--backend", default="numpy", help="numpy (reference, default) or numba")
+    c.add_argument("--backend", default="numpy", choices=BACKENDS, metavar="BACKEND",
+                   help="the backend the battery runs on: numpy (the reference, default), numba or torch "
+                        "(the battery converts every backend's results to NumPy)")
     t = sub.add_parser("toy", help="train a toy problem's free logits with the gradient estimators "
                                    "(objective and gradient std vs step, CSV and PNG)")
     from .toys import add_arguments as add_toy_arguments      # argparse only; torch loads at run time
     add_toy_arguments(t)
     args = parser.parse_args(argv)
+    if args.command == "check":
+        from .backends import program_class
+        try:
+            program_class(args.backend)              # a missing optional package: a usage error
+        except ImportError as exc:
+            parser.error(f"--backend {args.backend}: {exc}")
     if args.command == "check" and args.path is not None:
         return check_path(args, parser)
     if args.command == "check":

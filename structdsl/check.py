@@ -46,6 +46,8 @@ __all__ = ["is_order_only", "ordering_law", "reference_certificate", "ReferenceC
 
 # ---- is the reference a function of the order of the weights? ------------------------------
 #: Strictly increasing maps of positive weights to positive weights; ``+inf`` stays ``+inf``.
+#: Smooth ones first; :func:`_order_maps` adds maps through the ranks, which do not keep any
+#: property of the values but their order.
 _MONOTONE = [
     ("2w + 1", lambda w: 2 * w + 1),
     ("w^3", lambda w: w ** 3),
@@ -56,13 +58,50 @@ _MONOTONE = [
 
 def _ranks(w, valid):
     """Weights replaced by their ranks ``1, 2, ...`` among the valid atoms (``+inf`` stays)."""
+    return _by_rank(w, valid, np.arange(1.0, int((valid & np.isfinite(w)).sum()) + 1))
+
+
+def _by_rank(w, valid, values):
+    """The weights' images under the strictly increasing map that sends the ``k``-th smallest
+    finite valid weight to ``values[k]`` (``values`` increasing); ``+inf`` stays."""
     out = np.full(w.shape, np.inf)
     finite = valid & np.isfinite(w)
     order = np.argsort(w[finite], kind="stable")
     r = np.empty(len(order))
-    r[order] = np.arange(1, len(order) + 1)
+    r[order] = values
     out[finite] = r
     return out
+
+
+def _increasing(draw):
+    """``draw()`` (a float array) sorted, redrawn until its entries are distinct."""
+    while True:
+        v = np.sort(draw())
+        if v.size < 2 or (np.diff(v) > 0).all():
+            return v
+
+
+def _order_maps(valid, m, rng):
+    """Strictly increasing maps that change everything about the values but their order,
+    for one weight array with ``m`` finite valid weights: a scaling by ``2^64`` and by
+    ``2^-64`` (exact in floating point, so a scale-free reference cannot tell; a reference
+    with a threshold or an absolute tolerance at the weights' scale sees every weight on one
+    side of it), and maps through the ranks: the ranks themselves, near-ties (consecutive
+    weights 1e-9 apart: a reference that compares within a tolerance sees ties), powers of
+    two (a geometric spread: nothing affine about it), and two random increasing maps,
+    fresh ``Exp(1)`` values and log-uniform values on [1e-6, 1e6] put in the weights' order
+    (a reference that reads gaps, means or sums sees other ones)."""
+    fresh = _increasing(lambda: rng.exponential(size=m))
+    wide = _increasing(lambda: 10.0 ** rng.uniform(-6, 6, size=m))
+    rank = np.arange(1.0, m + 1)
+    return [("2^64 w", lambda w: np.ldexp(w, 64)),
+            ("2^-64 w", lambda w: np.ldexp(w, -64)),
+            ("ranks", lambda w: _by_rank(w, valid, rank)),
+            ("1 + 1e-9 * rank (near-ties)", lambda w: _by_rank(w, valid, 1 + 1e-9 * rank)),
+            ("2^rank (a geometric spread)", lambda w: _by_rank(w, valid, np.ldexp(1.0, rank.astype(int)))),
+            ("a random increasing map (fresh Exp(1) values, same order)", lambda w: _by_rank(w, valid, fresh)),
+            ("a random increasing map (log-uniform values on [1e-6, 1e6], same order)",
+             lambda w: _by_rank(w, valid, wide))]
 
 
 def _same(a, b):
@@ -74,21 +113,34 @@ def is_order_only(reference, program, atom_shape, *, trials=8, rng=None):
 
     Tested, not proven: on ``trials`` random tie-free weight arrays (``+inf`` at invalid
     atoms) the output must not change when the weights go through each of a few strictly
-    increasing maps (``2w + 1``, ``w^3``, ``sqrt``, ``exp(w) - 1``, and the ranks).  Returns
-    ``(True, None)`` or ``(False, why)``; ``why`` names the map and the weights.  Sorting,
-    argmin and comparisons pass; sums of weights (a shortest path, a maximum-weight
-    matching) fail, as they should: their law is not a sum over orderings.
+    increasing maps: smooth ones (``2w + 1``, ``w^3``, ``sqrt``, ``exp(w) - 1``) and maps
+    that keep nothing of the values but their order (:func:`_order_maps`: scalings by
+    ``2^64`` and ``2^-64``, the ranks, near-ties 1e-9 apart, powers of two, and two random
+    increasing maps drawn afresh per trial).  The smooth maps alone miss a reference that
+    compares within a tolerance, one with a threshold away from the weights' scale (a
+    sentinel "weight >= 1000 means no edge"), and can miss one that no affine map changes
+    ("the atom closest to the mean").  Returns
+    ``(True, None)`` or ``(False, why)``; ``why`` names the map and the weights (a
+    reference that raises on a map's image is not order-only either).  Sorting, argmin and
+    comparisons pass; sums of weights (a shortest path, a maximum-weight matching) fail, as
+    they should: their law is not a sum over orderings.
     """
     from .testing import _tie_free_weights
     rng = np.random.default_rng(1) if rng is None else rng
     inst = program.instance(tuple(atom_shape))
     names = program.Structure._fields
-    maps = _MONOTONE + [("ranks", lambda w: _ranks(w, inst.valid))]
+    m = int(inst.valid.sum())
     for _ in range(trials):
         w = _tie_free_weights(rng, inst.valid)
         base = reference_fields(reference(w.copy()), names)
-        for label, f in maps:
-            if not _same(base, reference_fields(reference(f(w)), names)):
+        for label, f in _MONOTONE + _order_maps(inst.valid, m, rng):
+            image = f(w)
+            try:
+                out = reference_fields(reference(image.copy()), names)
+            except Exception as exc:         # the user's code: it runs on w, so it must run here
+                return False, (f"it raises on the image of the weights under the strictly increasing "
+                               f"map {label} ({type(exc).__name__}: {exc}), not on the weights\n{w}")
+            if not _same(base, out):
                 return False, (f"its output changes when the weights go through the strictly "
                                f"increasing map {label}, e.g. for weights\n{w}")
     return True, None

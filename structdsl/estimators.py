@@ -328,7 +328,8 @@ class _NativeRelax(torch.autograd.Function):
         L, (R, A) = losses.numel(), (dist.instance.max_races, dist.instance.num_atoms)
         u = dist._uniforms((L, R + A)).double().numpy()          # as conditional_noise draws them
         lanes = (L, A)
-        xb = np.ascontiguousarray(np.broadcast_to(x.detach().double().numpy(), shape).reshape(lanes))
+        # the logits the draw used: invalid atoms' entries (ignored, even a NaN) as 0
+        xb = np.ascontiguousarray(np.broadcast_to(dist._x(detach=True).double().numpy(), shape).reshape(lanes))
         live = np.ascontiguousarray(np.broadcast_to(dist._live.numpy(), shape).reshape(lanes))
         W1, b1, w2, b2 = (p.detach().double().numpy() for p in
                           (critic.net[0].weight, critic.net[0].bias, critic.net[2].weight, critic.net[2].bias))

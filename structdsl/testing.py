@@ -20,10 +20,15 @@
    (:func:`compare_solve`): the ``reference=`` argument, or the spec's own
    ``@spec(reference=fn)``.
 
-Randomness is seeded; the thresholds are significance levels, not tuned constants.
+Randomness is seeded; the thresholds are significance levels, not tuned constants.  The
+battery runs on any backend (``backend="numpy"``, ``"numba"`` or ``"torch"``): results are
+converted to NumPy at the program's boundary (:func:`numpy_view`), so every check is the same
+NumPy computation whatever the backend returns.  A NaN anywhere a statistic is computed fails
+the check (a p-value that is not a number is not evidence of a fit).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -31,7 +36,7 @@ from fractions import Fraction
 import numpy as np
 
 from . import compile as _compile
-from .errors import EmptyRaceError
+from .errors import EmptyRaceError, RaceError
 
 
 @dataclass
@@ -55,6 +60,65 @@ class SpecReport:
     @property
     def ok(self):
         return not self.failures
+
+
+# ---- a program's results as NumPy arrays -------------------------------------------------
+def _to_numpy(value):
+    """``value`` as a NumPy array: a tensor (torch backend) is detached and copied to the
+    host; anything else goes through ``np.asarray``."""
+    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+class _NumpyView:
+    """A compiled program whose results come back as NumPy arrays (see :func:`numpy_view`)."""
+
+    def __init__(self, program):
+        self.program = program
+
+    def __getattr__(self, name):                   # instance, enumerate, Structure, ir, ...
+        return getattr(self.program, name)
+
+    def _seeded(self, method, seed):
+        """Keyword arguments that seed ``method``: ``seed=`` (NumPy backends) or a seeded
+        ``torch.Generator`` (the torch backend's ``generator=``)."""
+        params = inspect.signature(method).parameters       # (a subclass may take **kwargs)
+        if "seed" in params or ("generator" not in params and getattr(self.program, "backend", None) != "torch"):
+            return {"seed": seed}
+        import torch
+        gen = torch.Generator()
+        if seed is not None:
+            gen.manual_seed(int(seed))
+        return {"generator": gen}
+
+    def _structure(self, structure):
+        return self.program.Structure(*(_to_numpy(f) for f in structure))
+
+    def sample(self, logits, *, sample_shape=(), seed=None):
+        from .program import Sample
+        s = self.program.sample(logits, sample_shape=sample_shape, **self._seeded(self.program.sample, seed))
+        return Sample(_to_numpy(s.trace), self._structure(s.structure), _to_numpy(s.log_noise))
+
+    def solve(self, weights):
+        from .program import Solution
+        s = self.program.solve(weights)
+        return Solution(_to_numpy(s.trace), self._structure(s.structure))
+
+    def log_prob(self, trace, logits):
+        return _to_numpy(self.program.log_prob(trace, logits))
+
+    def conditional_noise(self, trace, logits, *, seed=None):
+        return _to_numpy(self.program.conditional_noise(trace, logits,
+                                                        **self._seeded(self.program.conditional_noise, seed)))
+
+
+def numpy_view(program):
+    """``program`` (compiled for any backend) with ``sample``, ``solve``, ``log_prob`` and
+    ``conditional_noise`` returning NumPy arrays (``trace``, structure fields, noise), and
+    ``seed=`` accepted by every backend (the torch backend gets a seeded ``torch.Generator``).
+    Everything else is the program's own.  The battery checks programs through this view."""
+    return program if isinstance(program, _NumpyView) else _NumpyView(program)
 
 
 # ---- statistics (no scipy needed) ------------------------------------------------------------
@@ -98,9 +162,12 @@ def chi2_gof(counts, expected_probs, min_expected=5.0):
 
 
 def ks_uniform_p(u):
-    """Kolmogorov-Smirnov p-value of ``u`` against Uniform(0, 1) (asymptotic law)."""
+    """Kolmogorov-Smirnov p-value of ``u`` against Uniform(0, 1) (asymptotic law); NaN when
+    ``u`` is empty or holds a NaN (callers treat a NaN p-value as a failure)."""
     u = np.sort(np.asarray(u, dtype=np.float64))
     n = len(u)
+    if n == 0 or np.isnan(u[-1]):           # NaN sorts last: no law fits it, and no p-value
+        return math.nan
     i = np.arange(1, n + 1)
     d = max(np.max(i / n - u), np.max(u - (i - 1) / n))
     lam = (math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * d
@@ -126,7 +193,7 @@ def check_spec(spec, shape=None, *, backend="numpy", reference=None, samples=400
     Returns a :class:`SpecReport`; raises ``AssertionError`` listing the failures unless
     ``raise_on_failure=False``.
     """
-    prog = _compile(spec, backend=backend, **static_params)
+    prog = numpy_view(_compile(spec, backend=backend, **static_params))
     shape = _default_shape(prog) if shape is None else tuple(shape)
     inst = prog.instance(shape)
     report = SpecReport(spec.name, shape, dict(inst.params))
@@ -230,24 +297,47 @@ def _check_sampling(prog, inst, label, logits, samples, rng, alpha, report):
     counts = np.bincount(ids, minlength=len(enum))
     report.fits.append((label, np.asarray(enum.probs, dtype=np.float64), counts / samples))
     p = chi2_gof(counts, enum.probs)
-    report.worst_gof_p = min(report.worst_gof_p, p)
-    if p < alpha:
+    report.worst_gof_p = _worst(report.worst_gof_p, p)
+    if not p >= alpha:                             # a NaN p-value fails too
         fail(f"[{label}] sampled traces do not fit the enumerated law (chi-square p = {p:.2e})")
     lp = prog.log_prob(s.trace, logits)
     if not np.allclose(lp, enum.log_probs[ids], rtol=1e-9, atol=1e-9):
         fail(f"[{label}] log_prob of sampled traces differs from enumeration")
-    noise = prog.conditional_noise(s.trace, logits, seed=int(rng.integers(2**31)))
-    again = prog.solve(noise).trace
-    if not np.array_equal(again, s.trace):
-        bad = int(np.argmax((again != s.trace).any(axis=-1)))
-        fail(f"[{label}] conditional noise does not reproduce trace {s.trace[bad]} (got {again[bad]})")
+    noise = np.asarray(prog.conditional_noise(s.trace, logits, seed=int(rng.integers(2**31))), dtype=np.float64)
+    try:
+        again = prog.solve(noise).trace
+    except (ValueError, RaceError) as exc:          # e.g. NaN noise: a failure, not a crash
+        fail(f"[{label}] solve raised on the conditional noise: {type(exc).__name__}: {exc}")
+    else:
+        if not np.array_equal(again, s.trace):
+            bad = int(np.argmax((again != s.trace).any(axis=-1)))
+            fail(f"[{label}] conditional noise does not reproduce trace {s.trace[bad]} (got {again[bad]})")
+    # the marginals: only atoms that can race have an Exp(rate) law; an absent atom (logit
+    # -inf, or invalid) has rate 0 and noise +inf, whose product is NaN, not a uniform
     live = (inst.valid & np.isfinite(logits)).reshape(-1)
-    u = np.exp(-np.exp(logits.reshape(-1)[live]) * noise.reshape(samples, -1)[:, live])
+    if not live.any():
+        return
+    with np.errstate(invalid="ignore", over="ignore"):
+        u = np.exp(-np.exp(logits.reshape(-1)[live]) * noise.reshape(samples, -1)[:, live])
+    nan = np.isnan(u).any(axis=0)
+    if nan.any():
+        atoms = [tuple(int(i) for i in np.unravel_index(a, inst.atom_shape))
+                 for a in np.flatnonzero(live)[nan]]
+        report.worst_marginal_p = math.nan
+        fail(f"[{label}] E | T is NaN at live atom(s) {atoms[:5]}{' ...' if len(atoms) > 5 else ''} "
+             f"(in {int(np.isnan(u).any(axis=1).sum())} of {samples} samples): its marginals cannot be "
+             f"Exp(rate)")
+        return
     ps = [ks_uniform_p(col) for col in u.T]
-    worst = min(1.0, min(ps) * len(ps))            # Bonferroni over atoms
-    report.worst_marginal_p = min(report.worst_marginal_p, worst)
-    if worst < alpha:
+    worst = _worst(1.0, min(ps, key=lambda q: -math.inf if math.isnan(q) else q) * len(ps))   # Bonferroni
+    report.worst_marginal_p = _worst(report.worst_marginal_p, worst)
+    if not worst >= alpha:
         fail(f"[{label}] marginals of E | T are not Exp(rate) (KS, Bonferroni p = {worst:.2e})")
+
+
+def _worst(a, b):
+    """The smaller of two p-values; NaN if either is NaN (``min`` would drop it)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else min(a, b)
 
 
 # ---- solve against a reference solver ------------------------------------------------------
@@ -299,7 +389,7 @@ def _show(a):
 def compare_solve(prog, reference, shape, *, rng=None, trials=50, excluded_trials=0):
     """Compare ``prog.solve(w)`` with ``reference(w)`` on random weights.
 
-    prog: a compiled program; reference: ``f(weights) -> fields`` (see
+    prog: a compiled program (any backend); reference: ``f(weights) -> fields`` (see
     :func:`reference_fields`) called with one lane's weights, a float64 array of shape
     ``shape`` (the atoms') holding tie-free Exponential(1) draws at valid atoms and ``+inf``
     at invalid ones.  ``trials`` arrays have every valid atom finite; ``excluded_trials``
@@ -310,8 +400,8 @@ def compare_solve(prog, reference, shape, *, rng=None, trials=50, excluded_trial
     disagreement; the message gives the weights and both outputs.  Returns a
     :class:`SolveComparison`.
     """
-    from .errors import RaceError
     rng = np.random.default_rng(0) if rng is None else rng
+    prog = numpy_view(prog)
     inst = prog.instance(tuple(shape))
     names = prog.Structure._fields
     label = getattr(reference, "__name__", "the reference solver")

@@ -31,7 +31,10 @@ except ImportError:          # pragma: no cover - Pyro is an optional extra
 
 
 class _LogRates(constraints.Constraint):
-    """Log-rates: real or ``-inf`` (an absent atom), never NaN or ``+inf``."""
+    """Log-rates: real or ``-inf`` (an absent atom), never NaN or ``+inf``, at the valid
+    atoms.  Entries at invalid atoms (outside the spec's ``valid=``) are ignored, whatever
+    their value; this constraint does not know which atoms those are, so
+    :class:`RaceDistribution` checks its logits itself (``_checked_logits``)."""
 
     def check(self, value):
         return value < math.inf                    # one op: NaN and +inf both fail
@@ -71,6 +74,15 @@ class _TraceScore(torch.autograd.Function):
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
         return g.reshape(g.shape + (1,) * (grad.dim() - g.dim())) * grad, None, None
+
+
+def _integer_trace(value):
+    """Whether ``value`` (a trace) may be scored: anything but a float, complex or bool tensor
+    (arrays and lists go to the Program API, which checks them itself)."""
+    if not torch.is_tensor(value):
+        return True
+    dtype = value.dtype
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def _broadcast(a, b):
@@ -169,8 +181,14 @@ class RaceDistribution(Distribution, _PyroMixin):
         self.atom_shape = tuple(logits.shape[logits.dim() - k:])
         self.instance = self.program.instance(self.atom_shape)
         self.fast_cpu = fast_cpu
+        # torch's own argument check would refuse a NaN at an invalid atom, which the spec
+        # ignores: the logits are checked here, knowing which atoms are valid
+        validate = Distribution._validate_args if validate_args is None else bool(validate_args)
         super().__init__(batch_shape=logits.shape[:logits.dim() - k],
-                         event_shape=torch.Size((self.instance.max_races,)), validate_args=validate_args)
+                         event_shape=torch.Size((self.instance.max_races,)), validate_args=False)
+        self._validate_args = validate
+        if validate:
+            self._checked_logits      # NaN or +inf at a valid atom: ValueError naming the batch element
 
     # ---- the torch.distributions protocol ------------------------------------------------
     @constraints.dependent_property(is_discrete=True, event_dim=1)
@@ -186,6 +204,53 @@ class RaceDistribution(Distribution, _PyroMixin):
         super(RaceDistribution, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
+
+    @functools.cached_property
+    def _checked_logits(self):
+        """Check the logits once: a NaN or ``+inf`` at a valid atom raises ValueError naming
+        the batch element; entries at invalid atoms are ignored whatever their value.
+        Returns whether some invalid atom holds a NaN or ``+inf`` (then :meth:`_x` replaces
+        the invalid atoms' entries by 0 before any backend sees them)."""
+        x = self.logits.detach()
+        if not x.numel() or bool((x < math.inf).all()):      # one reduction: no NaN, no +inf
+            return False
+        valid = self.program._valid(self.instance, x.device).reshape(self.atom_shape)
+        nb = len(self.batch_shape)
+        ignored = ("Entries at invalid atoms (outside the spec's valid=) are ignored, whatever "
+                   "their value")
+        for what, bad in (("NaN", torch.isnan(x) & valid), ("+inf", torch.isposinf(x) & valid)):
+            if bool(bad.any()):          # the Program API's wording, then where it is
+                idx = torch.nonzero(bad)[0].tolist()
+                where = (f"batch element {tuple(idx[:nb])}, atom {tuple(idx[nb:])}" if nb
+                         else f"atom {tuple(idx)}")
+                if what == "NaN":
+                    raise ValueError(f"logits contain NaN ({int(bad.sum())} entries, first at index "
+                                     f"{tuple(idx)}) at valid atoms: {where}. {ignored}")
+                raise ValueError(f"logits contain +inf (first at index {tuple(idx)}) at a valid atom: "
+                                 f"{where}: a rate of +inf has no race law; use large finite logits. "
+                                 f"{ignored}")
+        return True
+
+    def _x(self, detach=False):
+        """The logits every entry point computes with: ``self.logits`` (checked, see
+        :attr:`_checked_logits`), or, when an invalid atom holds a NaN or ``+inf``, with the
+        invalid atoms' entries replaced by 0 (their value is ignored; the gradient there
+        is 0).  A new ``where`` per call: a cached one would be freed by the first backward."""
+        x = self.logits.detach() if detach else self.logits
+        if not self._checked_logits:
+            return x
+        valid = self.program._valid(self.instance, x.device).reshape(self.atom_shape)
+        return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def _check_trace_dtype(self, value):
+        """Refuse a trace that is not an integer tensor with the Program API's own exception
+        and message (its trace check runs on it), instead of rounding floats into atom
+        indices as a cast would."""
+        if _integer_trace(value):
+            return
+        self.program.log_prob(value, self._x(detach=True))     # raises its TypeError
+        raise TypeError(f"trace must be an integer array, got dtype "          # pragma: no cover
+                        f"{str(value.dtype).removeprefix('torch.')}")
 
     @functools.cached_property
     def _live(self):
@@ -234,7 +299,7 @@ class RaceDistribution(Distribution, _PyroMixin):
             return d.trace, d.structure, d.log_noise
         shape = torch.Size(sample_shape) + self.batch_shape + self.atom_shape
         with torch.no_grad():
-            s = self.program.sample(self.logits.detach().expand(shape), uniforms=self._uniforms(shape, generator))
+            s = self.program.sample(self._x(detach=True).expand(shape), uniforms=self._uniforms(shape, generator))
         return s.trace, s.structure, s.log_noise
 
     def _draw_native(self, sample_shape, generator, score=False, members=False, noise_score=False):
@@ -252,7 +317,7 @@ class RaceDistribution(Distribution, _PyroMixin):
         # a 0 is clamped to the dtype's smallest normal, as the lock-step path does: for
         # float64 the kernel does it as it draws
         un = u if u.dtype == np.float64 else np.maximum(u, np.finfo(u.dtype).tiny).astype(np.float64)
-        xn = self.logits.detach().numpy()
+        xn = self._x(detach=True).numpy()
         check = functools.partial(self.program._check_logits, xn)   # NaN, +inf: the lanes report them
         A = self.instance.num_atoms
         if math.prod(sample_shape) == 1 and xn.dtype == np.float64 and xn.flags.c_contiguous:
@@ -286,6 +351,7 @@ class RaceDistribution(Distribution, _PyroMixin):
         :class:`~structdsl.errors.EnumerationLimitError`).  The support depends only on which
         atoms are at ``-inf``; a batch whose elements differ in that (ragged sizes) has no
         common support and raises ValueError: enumerate its elements one by one."""
+        self._checked_logits
         patterns = self._live_patterns()
         if len(patterns) != 1:
             raise ValueError(f"enumerate_support needs one support for the whole batch; these logits "
@@ -314,6 +380,7 @@ class RaceDistribution(Distribution, _PyroMixin):
         return cache[pattern]
 
     def _log_prob(self, value):
+        self._check_trace_dtype(value)
         fast = self._numba
         # a tensor subclass (e.g. Pyro's provenance tracking) takes the lock-step path, whose
         # every op goes through its __torch_function__; NumPy would drop what it tracks
@@ -324,9 +391,9 @@ class RaceDistribution(Distribution, _PyroMixin):
                                  f"atoms {self.atom_shape}), got {tuple(value.shape)}")
             shape = _broadcast(value.shape[:-1], self.batch_shape)
             t = value.expand(shape + (R,)).reshape(-1, R)
-            x = self.logits.expand(shape + self.atom_shape).reshape((-1,) + self.atom_shape)
+            x = self._x().expand(shape + self.atom_shape).reshape((-1,) + self.atom_shape)
             return _TraceScore.apply(x, t, fast).reshape(shape)
-        return self.program.log_prob(value, self.logits)
+        return self.program.log_prob(value, self._x())
 
     def log_prob(self, value):
         """Exact ``log p(trace)``, differentiable in the logits (``-inf`` outside the support
@@ -336,6 +403,8 @@ class RaceDistribution(Distribution, _PyroMixin):
         # torch's shape checks, then the support from this one replay (not a second one)
         if not torch.is_tensor(value):
             raise ValueError("The value argument to log_prob must be a Tensor")
+        self._check_trace_dtype(value)     # a type error, not a value outside the support
+        self._checked_logits
         if value.shape[-1:] != self.event_shape:
             raise ValueError(f"The right-most size of value must match event_shape: {tuple(value.shape)} "
                              f"vs {tuple(self.event_shape)}.")
@@ -360,7 +429,7 @@ class RaceDistribution(Distribution, _PyroMixin):
     def structure(self, trace):
         """The spec's structure record decoded from ``trace`` (``[*lead, max_races]``): each
         field ``[*lead, *field_shape]`` as a tensor."""
-        return self.program.decode(trace, self.logits.detach())
+        return self.program.decode(trace, self._x(detach=True))
 
     def conditional_noise(self, trace, uniforms=None, generator=None):
         """``E | T`` (reparameterised: differentiable, twice, in the logits given the
@@ -368,16 +437,18 @@ class RaceDistribution(Distribution, _PyroMixin):
         ``uniforms``: ``[*that batch, max_races + num_atoms]`` (race minima first, then the
         fresh noise of each atom), drawn here when None.  On the CPU fast path the races'
         member sets come from the numba replay and the noise is assembled here in closed form."""
+        self._check_trace_dtype(trace)
         fast = self._numba
         if fast is None or type(trace) is not torch.Tensor or type(self.logits) is not torch.Tensor:
-            return self.program.conditional_noise(trace, self.logits, uniforms=uniforms, generator=generator)
+            return self.program.conditional_noise(trace, self._x(), uniforms=uniforms, generator=generator)
         R, A = self.instance.max_races, self.instance.num_atoms
         shape = _broadcast(trace.shape[:-1], self.batch_shape)
         t = trace.to(torch.int64).expand(shape + trace.shape[-1:]).reshape(-1, trace.shape[-1])
-        x = self.logits.expand(shape + self.atom_shape).reshape(-1, A)
+        x = self._x().expand(shape + self.atom_shape).reshape(-1, A)
         logp, members = fast.memberships(t.numpy(), x.detach().double().reshape((-1,) + self.atom_shape).numpy())
-        if np.isneginf(logp).any():
-            lane = int(np.flatnonzero(np.isneginf(logp))[0])
+        impossible = ~(logp > -np.inf)     # -inf (and a NaN, which no trace may have): the lock-step refusal
+        if impossible.any():
+            lane = int(np.flatnonzero(impossible)[0])
             raise ValueError(f"trace (flat batch index {lane}) has probability zero under these "
                              f"logits: there is no noise that produces it")
         if uniforms is None:
@@ -391,6 +462,7 @@ class RaceDistribution(Distribution, _PyroMixin):
     def noise_log_prob(self, noise):
         """log density of independent ``Exp(exp(logits))`` noise, summed over the atoms that
         can race (``[*lead, *atom_shape]`` -> ``[*lead]``): the score E-REINFORCE uses."""
+        self._checked_logits                   # a NaN at a valid atom raises; at an invalid one it is ignored
         live = self._live
         x = torch.where(live, self.logits, 0.0)
         e = torch.where(live, noise, 0.0)

@@ -143,11 +143,16 @@ def test_fast_path_checks_its_inputs_without_validation():
         RaceDistribution(specs.spanning_tree, x, validate_args=False).sample()
     y = torch.zeros(3, 4, 4, dtype=torch.float64, requires_grad=True)
     with torch.no_grad():
-        y[2, 3, 0] = math.inf                         # an invalid atom (u > v) is checked too
+        y[2, 0, 3] = math.inf                         # a valid atom (u < v)
     lax = RaceDistribution(specs.spanning_tree, y, validate_args=False)
     for draw in (lambda: lax.sample((2,)), lambda: estimators.t_reinforce(lax, lambda s: s.adjacency.sum((-1, -2)))):
-        with pytest.raises(ValueError, match=r"\+inf \(first at index \(2, 3, 0\)\)"):
+        with pytest.raises(ValueError, match=r"\+inf \(first at index \(2, 0, 3\)\)"):
             draw()
+    with torch.no_grad():
+        y[2, 0, 3], y[2, 3, 0] = 0.0, math.inf      # an invalid atom (u > v): ignored, whatever it holds
+    lax = RaceDistribution(specs.spanning_tree, y, validate_args=False)
+    assert lax.sample((2,)).shape == (2, 3, 3)
+    assert torch.isfinite(estimators.t_reinforce(lax, lambda s: s.adjacency.sum((-1, -2)).double())).all()
     d = RaceDistribution(specs.spanning_tree, torch.zeros(4, 4, dtype=torch.float64), validate_args=False)
     assert d._numba is not None                       # the fast path is the one under test
     bad = d.sample().clone()
