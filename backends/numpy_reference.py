@@ -131,12 +131,18 @@ def _shift_count(s):
         raise SpecValueError("negative shift count")
 
 
+_HUGE_SHIFT = 256          # past this, the exact result is written a * 2**s, not expanded
+
+
 def _lshift(a, s):
     a, s = _as_int(a), _as_int(s)
     _shift_count(s)
     if _is_scalar(a) and _is_scalar(s):
+        if s > _HUGE_SHIFT and a != 0:
+            raise SpecOverflowError(f"int64 overflow in << (the exact result is {a} * 2**{s})")
         return _check_scalar(a << s, "<<")
-    exact = np.asarray(a, dtype=object) << np.asarray(s, dtype=object)
+    # a shift by 64 or more overflows unless the value is 0: no need for the exact number
+    exact = np.asarray(a, dtype=object) << np.minimum(np.asarray(s, dtype=np.int64), 64).astype(object)
     if ((exact < _I64_MIN) | (exact > _I64_MAX)).any():
         raise SpecOverflowError("int64 overflow in <<")
     return exact.astype(np.int64)
@@ -253,7 +259,8 @@ def _reduce(fn, what):
 
 def _sum(a):
     a = np.asarray(a, dtype=np.int64)
-    if a.size and int(np.abs(a).max()) * a.size > _I64_MAX:     # possible overflow: exact sum
+    # possible overflow: exact sum (|a| from the extremes: np.abs(INT64_MIN) wraps to itself)
+    if a.size and max(int(a.max()), -int(a.min())) * a.size > _I64_MAX:
         return _check_scalar(int(sum(int(v) for v in a.flat)), "sum")
     return int(a.sum())
 

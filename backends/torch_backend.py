@@ -16,9 +16,15 @@ value's DSL shape from the type pass.  Control flow becomes masks:
   (``scatter_reduce``), its present groups taking trace slots in key order.
 
 Errors are flags ``[B]`` (first error per lane, in program order) checked once per call and
-raised as the reference raises them, naming the spec line and the batch element.  Nothing on
-the hot path leaves the device; on CPU a loop stops early once no lane is active (one
-``any()`` per iteration), on CUDA it runs its static bound.
+raised as the reference raises them: the same class, spec line, batch element and message.
+A message that names run-time values (the bad index, the exact result of a scalar overflow,
+the bad key, the previous race's line) keeps them with the lane's first error; inside a
+predicate, whose errors the reference meets atom by atom, each atom keeps its first error
+and the lane takes that of its first failing atom, named in the message.  A lane that runs
+more races than the static bound, or a compiler-inserted check (``ir.Fail``) that fails,
+raises as well.  Nothing on the hot path leaves the device; on CPU a loop stops early once
+no lane is active (one ``any()`` per iteration) and a check records nothing when no element
+fails (one ``any()``), on CUDA every loop runs its static bound and every check runs in full.
 
 Scores are differentiable by autograd: ``log p(T)`` accumulates ``logits[w] - logsumexp``
 race by race, and ``E | T`` is built from the race minima in log space, so
@@ -107,6 +113,35 @@ def _any_lead(x, B):
     return x.expand(B) if x.shape[0] == 1 else x
 
 
+#: The exact results the reference's messages print for an int64 overflow of scalars, from
+#: the operands ``a``, ``b`` a lane keeps with its error (``sum``: the sums of the high and
+#: low 32-bit halves).
+_EXACT = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
+          "floordiv": lambda a, b: a // b, "neg": lambda a, b: -a, "abs": lambda a, b: abs(a),
+          "sum": lambda a, b: (a << 32) + b,
+          # past 256 bits the exact result is written a * 2**s, as the reference does (a shift
+          # by millions would be a number Python refuses to print)
+          "lshift": lambda a, b: a << b if b <= 256 else f"{a} * 2**{b}"}
+
+
+def _escape(message):
+    """A literal message as a :func:`_render` template."""
+    return message.replace("{", "{{").replace("}", "}}")
+
+
+def _render(template, values, shape):
+    """A lane's error message from its template and values ``(v0, v1, flat atom)``."""
+    v0, v1, at = values
+    fields = {"v0": v0, "v1": v1}
+    if "{atom}" in template:
+        at = min(max(at, 0), math.prod(shape) - 1)
+        fields["atom"] = tuple(int(i) for i in np.unravel_index(at, shape))
+    for name, exact in _EXACT.items():
+        if "{" + name + "}" in template:
+            fields[name] = exact(v0, v1)
+    return template.format(**fields)
+
+
 _EMPTY_RACE = ("race has no live member (every candidate is retired, invalid or at logit -inf; "
                "race(..., allow_empty=True) returns -1 instead)")
 
@@ -186,6 +221,9 @@ class _Machine:
         self.dead = torch.zeros(self.B, dtype=torch.bool, device=device)
         self.active = torch.ones(self.B, dtype=torch.bool, device=device)
         self.err = torch.zeros(self.B, dtype=torch.int64, device=device)
+        self.info = torch.zeros((self.B, 3), dtype=torch.int64, device=device)   # the first error's values
+        self.perr = self.pinfo = None                       # inside a predicate: errors per atom
+        self.prev_line = torch.zeros(self.B, dtype=torch.int64, device=device)   # nesting: previous race
         self.impossible = torch.zeros(self.B, dtype=torch.bool, device=device)
         self.slot = torch.zeros(self.B, dtype=torch.int64, device=device)
         self.prev_key = torch.full((self.B, self.A), -1, dtype=torch.int64, device=device)   # grouped races
@@ -207,12 +245,84 @@ class _Machine:
     def on(self):
         return self.active & ~self.dead
 
-    def flag(self, bad, cls, line, message):
-        """Record error ``cls`` at ``line`` for the executing lanes where ``bad`` (lead-shaped)."""
+    def flag(self, bad, cls, line, message, values=None, atom=None):
+        """Record error ``cls`` at ``line`` for the executing lanes where ``bad`` (lead-shaped).
+
+        A message that names run-time values, as the reference's do, is a template (see
+        :func:`_render`): ``values`` is a callable giving up to two lead-shaped int tensors
+        (``{v0}``, ``{v1}``, and the exact results that :data:`_EXACT` computes from them),
+        ``atom`` a ``[B]`` flat atom index (``{atom}``); they are kept with each lane's first
+        error.  Inside a predicate the reference evaluates atom by atom and names the atom:
+        the first error of each atom is kept, and the lane gets that of its first atom
+        (:meth:`predicate_errors`)."""
+        if self.early_exit and not bool(bad.any()):      # CPU: nothing to record (a cheap sync)
+            return
+        template = values is not None or atom is not None
+        if self.grid is None:
+            code = self.prog._code(cls, line, message, self.inst.atom_shape if template else None)
+            return self.record(bad, code, values if template else None, atom, template)
+        code = self.prog._code(cls, line, (message if template else _escape(message)) +
+                               " (evaluating the predicate for atom {atom})", self.inst.atom_shape)
+        if self.perr is not None or any(d != 1 for d in bad.shape[1:]):
+            return self.flag_atoms(bad, code, values)
+        # the same for every atom, and no atom failed before in this predicate: the lane's
+        # error is this one, at atom 0 (a [B] update instead of a [B, A] one)
+        at0 = values and (lambda: tuple(v.reshape(v.shape[0], -1)[:, 0] for v in values()))
+        self.record(bad.reshape(bad.shape[0]), code, at0, None, True)
+
+    def record(self, bad, code, values, atom, template):
+        """Lanes ``bad`` (lead-shaped) that run fail with error ``code``, unless they failed before."""
         bad = _any_lead(bad, self.B) & self.on()
-        code = self.prog._code(cls, line, message)
-        self.err = torch.where((self.err == 0) & bad, code, self.err)
+        first = (self.err == 0) & bad
+        self.err = torch.where(first, code, self.err)
+        if template:
+            row = self.info_row(values() if values is not None else (), (self.B,), atom)
+            self.info = torch.where(first[:, None], row, self.info)
         self.dead = self.dead | bad
+
+    def info_row(self, values, shape, atom=None):
+        """``[*shape, 3]``: ``values`` (up to two) and ``atom`` as one int64 row per lane
+        (``atom`` None: 0); ``[*shape, 2]`` without the atom column when ``atom`` is False."""
+        zero = self.const(0).reshape(())
+        cols = [v.long() for v in values] + [zero] * (2 - len(values))
+        if atom is not False:
+            cols.append(zero if atom is None else atom)
+        return torch.stack([c.expand(shape) for c in cols], -1)
+
+    def flag_atoms(self, bad, code, values):
+        """``flag`` inside a predicate: the first error of every (lane, atom), in program order."""
+        shape = (self.B,) + self.inst.atom_shape
+        bad = bad.expand(shape)
+        if self.perr is None:
+            self.perr = torch.zeros(shape, dtype=torch.int64, device=self.device)
+            self.pinfo = torch.zeros(shape + (2,), dtype=torch.int64, device=self.device)
+        first = (self.perr == 0) & bad
+        self.perr = torch.where(first, code, self.perr)
+        if values is not None:
+            self.pinfo = torch.where(first[..., None], self.info_row(values(), shape, False), self.pinfo)
+
+    def predicate_errors(self):
+        """After a predicate: each executing lane whose atoms raised gets the error of its first
+        such atom (flat order), as the reference's atom-by-atom evaluation raises it."""
+        if self.perr is None:
+            return
+        B, A = self.B, self.A
+        perr, pinfo = self.perr.reshape(B, A), self.pinfo.reshape(B, A, 2)
+        self.perr = self.pinfo = None
+        hit = perr > 0
+        at = hit.view(torch.uint8).argmax(1)
+        code = perr.gather(1, at[:, None])[:, 0]
+        row = pinfo.gather(1, at[:, None, None].expand(B, 1, 2))[:, 0]
+        row = torch.cat([row, at[:, None]], 1)
+        bad = _any(hit) & self.on()
+        first = (self.err == 0) & bad
+        self.err = torch.where(first, code, self.err)
+        self.info = torch.where(first[:, None], row, self.info)
+        self.dead = self.dead | bad
+
+    def errors(self):
+        """``[B, 4]``: each lane's first error code (0: none) and the values its message names."""
+        return torch.cat([self.err[:, None], self.info], 1)
 
     # ---- values ---------------------------------------------------------------------------
     def own(self, node):
@@ -275,8 +385,7 @@ class _Machine:
             t = self.types.of(node.operand)
             if isinstance(node.op, ast.USub):
                 x = x.long()
-                self.flag(self.guarded(x == _I64_MIN, g, self.own(node.operand)), "SpecOverflowError", line,
-                          "int64 overflow in -")
+                self.overflow(x == _I64_MIN, g, self.own(node.operand), line, "-", "neg", x)
                 return -x
             if isinstance(node.op, ast.UAdd):
                 return x.long()
@@ -343,27 +452,28 @@ class _Machine:
         a, b = a.long(), b.long()
         if isinstance(op, ast.Add):
             r = a + b
-            self.flag(self.guarded(((a ^ r) & (b ^ r)) < 0, g, k), "SpecOverflowError", line, "int64 overflow in +")
+            self.overflow(((a ^ r) & (b ^ r)) < 0, g, k, line, "+", "add", a, b)
             return r
         if isinstance(op, ast.Sub):
             r = a - b
-            self.flag(self.guarded(((a ^ b) & (a ^ r)) < 0, g, k), "SpecOverflowError", line, "int64 overflow in -")
+            self.overflow(((a ^ b) & (a ^ r)) < 0, g, k, line, "-", "sub", a, b)
             return r
         if isinstance(op, ast.Mult):
             r = a * b
-            bad = (a != 0) & ((torch.where(a == 0, 1, a) != 0) &
-                              ((torch.div(r, torch.where(a == 0, 1, a), rounding_mode="trunc") != b) |
-                               ((a == -1) & (b == _I64_MIN)) | ((b == -1) & (a == _I64_MIN))))
-            self.flag(self.guarded(bad, g, k), "SpecOverflowError", line, "int64 overflow in *")
+            # the quotient test r / a != b, except for a in (0, -1): -1 overflows only with MIN
+            # (and MIN / -1 itself would trap the CPU's integer division: SIGFPE)
+            small = (a == 0) | (a == -1)
+            bad = (~small & (torch.div(r, torch.where(small, 1, a), rounding_mode="trunc") != b)) | \
+                ((a == -1) & (b == _I64_MIN))
+            self.overflow(bad, g, k, line, "*", "mul", a, b)
             return r
         if isinstance(op, (ast.FloorDiv, ast.Mod)):
             zero = b == 0
             what = "division" if isinstance(op, ast.FloorDiv) else "modulo"
             self.flag(self.guarded(zero, g, k), "SpecZeroDivisionError", line, f"integer {what} by zero")
-            bs = torch.where(zero, 1, b)
+            bs = torch.where(zero | ((a == _I64_MIN) & (b == -1)), 1, b)    # nothing traps: flagged lanes
             if isinstance(op, ast.FloorDiv):
-                self.flag(self.guarded((a == _I64_MIN) & (bs == -1), g, k), "SpecOverflowError", line,
-                          "int64 overflow in //")
+                self.overflow((a == _I64_MIN) & (b == -1), g, k, line, "//", "floordiv", a, b)
                 return torch.div(a, bs, rounding_mode="floor")
             return torch.remainder(a, bs)
         if isinstance(op, (ast.LShift, ast.RShift)):
@@ -373,9 +483,18 @@ class _Machine:
                 return torch.bitwise_right_shift(a, s)
             r = torch.bitwise_left_shift(a, s)
             bad = (torch.bitwise_right_shift(r, s) != a) | ((r < 0) != (a < 0)) | ((b > 63) & (a != 0))
-            self.flag(self.guarded(bad, g, k), "SpecOverflowError", line, "int64 overflow in <<")
+            self.overflow(bad, g, k, line, "<<", "lshift", a, b)
             return r
         raise TypeError(type(op).__name__)  # pragma: no cover
+
+    def overflow(self, bad, g, k, line, op, exact, *operands):
+        """An int64 overflow of ``op`` (``bad`` elementwise, ``k`` own dims): on scalars the
+        reference prints the exact result, computed from the ``operands`` (see :data:`_EXACT`)."""
+        if k:
+            self.flag(self.guarded(bad, g, k), "SpecOverflowError", line, f"int64 overflow in {op}")
+        else:
+            self.flag(self.guarded(bad, g, 0), "SpecOverflowError", line,
+                      f"int64 overflow in {op} (the exact result is {{{exact}}})", values=lambda: operands)
 
     def boolop(self, node, g):
         k = self.own(node)
@@ -402,20 +521,36 @@ class _Machine:
     def getitem(self, node, g):
         x = self.ev(node.value, g)
         L, pos, line = self.L, 0, node.lineno
-        for e in self.index_nodes(node):
-            if isinstance(e, ast.Slice):
+        # as the reference: every index is evaluated, then they are checked axis by axis
+        idx = [None if isinstance(e, ast.Slice) else (self.ev(e, g).long(), self.own(e))
+               for e in self.index_nodes(node)]
+        for axis, entry in enumerate(idx):
+            if entry is None:
                 pos += 1
                 continue
-            i = self.ev(e, g).long()
-            ki = self.own(e)
+            i, ki = entry
             d = x.shape[L + pos]
             if not self.in_range(i, d):
-                self.flag(self.guarded((i < 0) | (i >= d), g, ki), "SpecIndexError", line,
-                          f"read index out of range for axis {pos} of size {d}")
-                i = i.clamp(0, d - 1)
+                self.index_error(i, ki, d, g, line, "read", axis)
+                i = i.clamp(0, max(d - 1, 0))
             x = self.take(x, i, ki, L + pos)
             pos += ki
         return x
+
+    def index_error(self, i, ki, d, g, line, what, axis):
+        """Flag index ``i`` (``ki`` own dims) outside ``[0, d)``, naming the first bad value
+        (in the index array's own order) as the reference does."""
+        bad = (i < 0) | (i >= d)
+
+        def first():
+            if not ki:
+                return (i,)
+            lead = bad.shape[:self.L]
+            flat_bad = bad.reshape(lead + (-1,))
+            at = flat_bad.view(torch.uint8).argmax(-1, keepdim=True)
+            return (i.expand(bad.shape).reshape(lead + (-1,)).gather(-1, at)[..., 0],)
+        self.flag(self.guarded(bad, g, ki), "SpecIndexError", line,
+                  f"{what} index {{v0}} is out of range for axis {axis} of size {d}", values=first)
 
     def take(self, x, i, ki, dim):
         """``x`` indexed at own axis ``dim`` by ``i`` (``ki`` own dims): the axis becomes ``i``'s dims."""
@@ -425,13 +560,15 @@ class _Machine:
         pre, post = x.shape[L:dim], x.shape[dim + 1:]
         s = i.shape[L:]
         S = math.prod(s)
+        if x.shape[dim] == 0:                       # nothing to read: every index was flagged
+            return x.new_zeros(lead + pre + s + post)
         idx = i.expand(lead + s).reshape(lead + (1,) * len(pre) + (S,) + (1,) * len(post))
         idx = idx.expand(lead + pre + (S,) + post)
         out = torch.gather(x, dim, idx)
         return out.reshape(lead + pre + s + post)
 
     def store(self, target, value, vnode_own, line, op=None):
-        """``target = value`` (``op``: ``target op= value``) for the executing lanes."""
+        """``target = value`` (``op``: ``target op= value``, for a name) for the executing lanes."""
         if isinstance(target, ast.Name):
             name = target.id
             local = self.types.locals[name]
@@ -454,26 +591,25 @@ class _Machine:
         mask = torch.ones((1,) * (1 + k), dtype=torch.bool, device=self.device)
         keep = []            # own axes that the value spans
         elts = self.index_nodes(target)
-        if op is None and vnode_own == 0 and len(elts) == k and not any(
+        if op is not None:                         # pragma: no cover - see augmented_store
+            raise TypeError("an augmented store through a subscript is a read, then a store")
+        if vnode_own == 0 and len(elts) == k and not any(
                 isinstance(e, ast.Slice) or self.own(e) for e in elts):
             return self.store_element(name, x, elts, value, line)
-        if len(elts) == 1 and self.types.of(elts[0]).dtype == "bool" and self.own(elts[0]):
+        if len(elts) == 1 and not isinstance(elts[0], ast.Slice) and self.types.of(elts[0]).dtype == "bool" \
+                and self.own(elts[0]):
             mask = self.ev(elts[0])                # x[mask] = scalar
-            v = value
-            if op is not None:                     # pragma: no cover - refused by the type pass
-                raise TypeError("augmented store through a mask")
-            v = v.reshape(v.shape + (1,) * k)
+            v = value.reshape(value.shape + (1,) * k)
         else:
             pos = 0
-            for e in elts:
-                if isinstance(e, ast.Slice):
+            idx = [None if isinstance(e, ast.Slice) else self.ev(e).long() for e in elts]
+            for i in idx:
+                if i is None:
                     keep.append(pos)
                     pos += 1
                     continue
-                i = self.ev(e).long()
                 d = own_shape[pos]
-                self.flag((i < 0) | (i >= d), "SpecIndexError", line,
-                          f"write index out of range for axis {pos} of size {d}")
+                self.index_error(i, 0, d, None, line, "write", pos)
                 shape = [1] * k
                 shape[pos] = d
                 iota = torch.arange(d, device=self.device).reshape([1] + shape)
@@ -482,8 +618,6 @@ class _Machine:
             keep += list(range(pos, k))
             sub = len(keep)
             src = self.lift(value, vnode_own, sub)             # right-aligned to the sub-array
-            if op is not None:
-                src = self.apply_op(op, self.getitem_store(x, elts), sub, value, vnode_own, line)
             shape = list(src.shape[:1])                        # the sub-array's axes back in place
             it = iter(src.shape[1:])
             for ax in range(k):
@@ -498,12 +632,13 @@ class _Machine:
         """``x[i, j, ...] = scalar``: one scatter per lane, O(B) instead of a masked where."""
         B, shape = self.B, x.shape[1:]
         lin = torch.zeros((), dtype=torch.int64, device=self.device)
-        for pos, e in enumerate(elts):
-            i = self.ev(e).long()
+        idx = [self.ev(e).long() for e in elts]      # all evaluated, then checked in axis order
+        for pos, i in enumerate(idx):
             d = shape[pos]
-            self.flag((i < 0) | (i >= d), "SpecIndexError", line,
-                      f"write index out of range for axis {pos} of size {d}")
-            lin = lin * d + i.clamp(0, d - 1)
+            self.index_error(i, 0, d, None, line, "write", pos)
+            lin = lin * d + i.clamp(0, max(d - 1, 0))
+        if not math.prod(shape):                     # nothing to write: every index was flagged
+            return
         flat = x.expand((B,) + tuple(shape)).reshape(B, -1)
         lin = lin.expand(B)[:, None]
         v = value.reshape(-1).expand(B).to(flat.dtype)[:, None]
@@ -512,16 +647,14 @@ class _Machine:
         flat = flat.scatter(1, lin, torch.where(on, v, flat.gather(1, lin)))
         self.env[name] = flat.reshape((B,) + tuple(shape))
 
-    def getitem_store(self, x, elts):
-        """``x[elts]`` for an augmented store (indices already checked)."""
-        pos = 0
-        for e in elts:
-            if isinstance(e, ast.Slice):
-                pos += 1
-                continue
-            d = x.shape[1 + pos]
-            x = self.take(x, self.ev(e).long().clamp(0, d - 1), 0, 1 + pos)
-        return x
+    def augmented_store(self, s):
+        """``x[idx] op= value`` as the reference runs it, ``x[idx] = x[idx] op value``: the read
+        (its indices evaluated and checked) comes before the value is evaluated."""
+        cur = self.getitem(s.target, None)
+        kcur = cur.dim() - 1
+        value, kval = self.ev(s.value), self.own(s.value)
+        new = self.apply_op(s.op, cur, kcur, value, kval, s.line)
+        self.store(s.target, new, max(kcur, kval), s.line)
 
     def apply_op(self, op, cur, kcur, value, kval, line):
         k = max(kcur, kval)
@@ -570,10 +703,11 @@ class _Machine:
         if name in ("min", "max", "any", "all", "sum", "argmin", "argmax"):
             x = self.ev(args[0], g)
             flat = x.reshape(x.shape[:self.L] + (-1,))
-            if flat.shape[-1] == 0:
+            if flat.shape[-1] == 0 and name not in ("any", "all", "sum"):    # those have a value: False, True, 0
                 self.flag(torch.ones((1,) * self.L, dtype=torch.bool, device=self.device) if g is None else g,
                           "SpecValueError", line, f"{name}() of an empty array")
-                return torch.zeros(flat.shape[:-1], dtype=torch.int64, device=self.device)
+                return torch.zeros(flat.shape[:-1], dtype=torch.bool if t.dtype == "bool" else torch.int64,
+                                   device=self.device)
             if name == "any":
                 return _any(flat)
             if name == "all":
@@ -583,8 +717,7 @@ class _Machine:
                 high = torch.bitwise_right_shift(x, 32).sum(-1)
                 low = torch.bitwise_and(x, 0xFFFFFFFF).sum(-1)
                 top = high + torch.bitwise_right_shift(low, 32)
-                self.flag(self.guarded((top < -2**31) | (top >= 2**31), g, 0), "SpecOverflowError", line,
-                          "int64 overflow in sum")
+                self.overflow((top < -2**31) | (top >= 2**31), g, 0, line, "sum", "sum", high, low)
                 return x.sum(-1)
             if name in ("argmin", "argmax"):
                 return (flat.long().argmin(-1) if name == "argmin" else flat.long().argmax(-1))
@@ -593,7 +726,7 @@ class _Machine:
             return flat.amin(-1) if name == "min" else flat.amax(-1)
         if name == "abs":
             x = self.ev(args[0], g).long()
-            self.flag(self.guarded(x == _I64_MIN, g, k), "SpecOverflowError", line, "int64 overflow in abs")
+            self.overflow(x == _I64_MIN, g, k, line, "abs", "abs", x)
             return x.abs()
         if name == "int":
             return self.ev(args[0], g).long()
@@ -621,6 +754,7 @@ class _Machine:
             v = self.ev(m.body)
         finally:
             self.L, self.grid = 1, None
+        self.predicate_errors()
         v = v.expand(shape).reshape(self.B, self.A)
         return v.long() if dtype == "int" and v.dtype == torch.bool else v
 
@@ -638,6 +772,8 @@ class _Machine:
                         self.store(t, v, kv, s.line)
                 else:
                     self.store(target, self.ev(s.value), self.own(s.value), s.line)
+        elif isinstance(s, ir.AugAssign) and isinstance(s.target, ast.Subscript):
+            self.augmented_store(s)
         elif isinstance(s, ir.AugAssign):
             self.store(s.target, self.ev(s.value), self.own(s.value), s.line, op=s.op)
         elif isinstance(s, ir.If):
@@ -657,6 +793,8 @@ class _Machine:
             self.race(s)
         elif isinstance(s, ir.GroupRace):
             self.race_groups(s)
+        elif isinstance(s, ir.Fail):         # a compiler-inserted check: the lane stops with it
+            self.flag(self.ev(s.test), s.error, s.line, s.message)
         else:  # pragma: no cover
             raise TypeError(type(s).__name__)
 
@@ -697,11 +835,17 @@ class _Machine:
     def race_groups(self, s):
         G = ir.static_eval(s.groups, self.static_env, self.p.file)
         keys = self.members(s.key, "int")
-        bad = _any((keys < -1) | (keys >= G))
-        self.flag(bad, "SpecValueError", s.line, "race_groups key outside [-1, groups)")
+        out = (keys < -1) | (keys >= G)                  # [B, A]; the reference names the first
+        at = out.view(torch.uint8).argmax(1)
+        self.flag(_any(out), "SpecValueError", s.line, f"race_groups key {{v0}} outside [-1, {G}) for atom {{atom}}",
+                  values=lambda: (keys.gather(1, at[:, None])[:, 0],), atom=at)
         keys = torch.where(_bools(torch.bitwise_and, self.alive, self.on()[:, None]), keys, -1)
-        ws = self.compete_groups(s, keys, G) if G else \
-            torch.zeros((self.B, 0), dtype=torch.int64, device=self.device)
+        if G:
+            ws = self.compete_groups(s, keys, G)
+        else:                                # no group, hence no live member in any group
+            if not s.allow_empty:
+                self.flag(self.on(), "EmptyRaceError", s.line, "race_groups has no live member in any group")
+            ws = torch.zeros((self.B, 0), dtype=torch.int64, device=self.device)
         if len(s.targets) == 1:
             self.store(ast.Name(s.targets[0], ast.Store()), ws, 1, s.line)
             return
@@ -745,8 +889,10 @@ class _Machine:
             self.check_nested_groups(s, keys, col, member, G)
         # the present groups take the next slots, in key order
         slot_of = self.slot[:, None] + torch.cumsum(present.long(), 1) - 1       # [B, G]
+        over = present & (slot_of >= R)          # past the static bound (a suffix of the groups)
         at = torch.where(present, slot_of.clamp(max=max(R - 1, 0)), R)           # R: a spare column
         if self.mode == "solve":
+            self.flag(_any(over), "RaceError", s.line, self.too_many_races())
             if not self.p.nested:
                 self.lower_residuals(member & (lo_at < math.inf), lo_at)
             if R:
@@ -755,10 +901,14 @@ class _Machine:
         else:
             w = torch.cat([self.trace, self.trace[:, :1]], 1).gather(1, at) if R else \
                 torch.full((B, G), -1, dtype=torch.int64, device=dev)
-            ok = present & (w >= 0) & (slot_of < R)
+            ok = present & (w >= 0) & ~over
             ws = torch.where(ok, w, 0)
             won = ok & (keys.gather(1, ws) == torch.arange(G, device=dev))  # the trace's winner is in its group
-            bad = _any(present & ~won)
+            bad = _any(present & ~won & ~over)
+            # the reference replays the groups in key order: an impossible winner before the
+            # first group past the bound (groups past it come last) ends the lane first
+            self.flag(_any(over) & ~bad, "RaceError", s.line, self.too_many_races())
+            bad = bad | _any(over)
             self.impossible = self.impossible | bad
             self.dead = self.dead | bad
             present = present & ~bad[:, None]
@@ -781,7 +931,7 @@ class _Machine:
         if self.p.nested:
             moved = anyone & self.on()
             self.prev_key = torch.where(moved[:, None], keys, self.prev_key)
-            self.has_prev = self.has_prev | moved
+            self.moved_on(s, moved)
         gone = torch.zeros((B, A + 1), dtype=torch.bool, device=dev).scatter_(1, torch.where(present, w, A), True)
         self.alive = self.alive & ~gone[:, :A]
         self.slot = self.slot + present.long().sum(1)
@@ -798,9 +948,18 @@ class _Machine:
         hi = torch.full((B, G + 1), -big, dtype=torch.int64, device=dev).scatter_reduce_(
             1, col, torch.where(member, pk, -big), "amax")[:, 1:]
         bad = self.has_prev & _any((lo < big) & ((lo != hi) | (lo < 0)))
+        self.flag_nesting(bad, s)
+
+    def flag_nesting(self, bad, s):
+        """A broken ``nested=True`` promise at race ``s``, naming the previous race's line."""
         self.flag(bad, "NestingError", s.line,
                   f"spec {self.p.name!r} declares nested=True, but this race's members are not "
-                  f"inside one member set of the previous race")
+                  f"inside one member set of the previous race (line {{v0}})", values=lambda: (self.prev_line,))
+
+    def moved_on(self, s, moved):
+        """Nesting: the lanes ``moved`` ran race ``s``, the previous race of their next one."""
+        self.has_prev = self.has_prev | moved
+        self.prev_line = torch.where(moved, self.const(s.line), self.prev_line)
 
     def compete(self, s, m):
         """The plain race on mask ``m`` ``[B, A]``; returns the winners ``[B]`` (-1 where
@@ -818,12 +977,13 @@ class _Machine:
             self.flag(~nonempty, "EmptyRaceError", s.line, _EMPTY_RACE)
         if self.p.nested:             # the member set the next race must lie in
             bad = self.has_prev & _any(m > self.prev_in)             # a member outside
-            self.flag(bad, "NestingError", s.line,
-                      f"spec {self.p.name!r} declares nested=True, but this race's members are not "
-                      f"inside one member set of the previous race")
+            self.flag_nesting(bad, s)
             self.prev_in = m if self.all_lanes(moved) else torch.where(moved[:, None], m, self.prev_in)
         w = self.pick(s, m, moved, minimum)
-        self.has_prev = self.has_prev | moved
+        if self.p.nested:
+            self.moved_on(s, moved)
+        else:
+            self.has_prev = self.has_prev | moved
         return torch.where(moved, w, -1)
 
     def narrow(self, m, moved):
@@ -854,11 +1014,17 @@ class _Machine:
             gap = self.res - lo
         self.res = torch.where(upd, gap, self.res)
 
+    def too_many_races(self):
+        return f"{self.p.name}: more races than the static bound {self.R}"
+
     def pick(self, s, m, raced, minimum=None):
         """One race on mask ``m`` for the lanes ``raced``: the winner ``[B]`` (garbage elsewhere);
         ``minimum``: solving, the masked residuals' ``min(1)`` (values and first argmin)."""
         R = self.R
         pos = self.slot.clamp(max=max(R - 1, 0))[:, None]
+        over = raced & (self.slot >= R)           # past the static bound: a RaceError, as the reference
+        self.flag(over, "RaceError", s.line, self.too_many_races())
+        raced = raced & ~over
         if self.mode == "solve":
             w = minimum.indices
             if not self.p.nested:      # nested: every member has the same shift, order kept
@@ -867,8 +1033,7 @@ class _Machine:
                 self.trace.scatter_(1, pos, torch.where(raced[:, None], w[:, None], self.trace.gather(1, pos)))
         else:
             w = self.trace.gather(1, pos)[:, 0] if R else torch.zeros_like(self.slot)
-            full = self.slot >= R
-            ok_index = (w >= 0) & ~full
+            ok_index = (w >= 0) & (self.slot < R)
             ws = torch.where(ok_index, w, 0)
             member = m.gather(1, ws[:, None])[:, 0] & ok_index
             bad = raced & ~member
@@ -942,8 +1107,10 @@ class Program(_BaseProgram):
     def _enumerate(self, inst, weights, exact, max_traces):
         return self.reference._enumerate(self.reference.instance(inst.atom_shape), weights, exact, max_traces)
 
-    def _code(self, cls, line, message):
-        key = (cls, line, message)
+    def _code(self, cls, line, message, shape=None):
+        """The error code of (class, line, message); ``shape``: the message is a template
+        filled in from the lane's values (``{atom}`` unravelled in this atom shape)."""
+        key = (cls, line, message, shape)
         if key not in self._code_of:
             self._codes.append(key)
             self._code_of[key] = len(self._codes)
@@ -975,13 +1142,22 @@ class Program(_BaseProgram):
                              f"dims), got shape {tuple(x.shape)}")
         inst = self.instance(tuple(x.shape[x.dim() - k:]))
         if x.numel():
-            nan, pinf = torch.stack([torch.isnan(x).any(), torch.isposinf(x).any()]).tolist()
-            if nan:
-                raise ValueError(f"{what} contain NaN (first at index {tuple(torch.nonzero(torch.isnan(x))[0].tolist())})")
-            if pinf:
+            # as the Program API: entries at invalid atoms are not part of the model, ignored
+            # whatever they hold; NaN or +inf at a valid atom is refused, naming its index
+            valid = self._valid(inst, x.device).reshape(inst.atom_shape)
+            nan, pinf = torch.isnan(x), torch.isposinf(x)
+            bad_nan, bad_pinf, ignored = torch.stack([(nan & valid).any(), (pinf & valid).any(),
+                                                      ((nan | pinf) & ~valid).any()]).tolist()
+            if bad_nan:
+                nan = nan & valid
+                raise ValueError(f"{what} contain NaN ({int(nan.sum())} entries, first at "
+                                 f"index {tuple(torch.nonzero(nan)[0].tolist())})")
+            if bad_pinf:
                 raise ValueError(f"{what} contain +inf (first at index "
-                                 f"{tuple(torch.nonzero(torch.isposinf(x))[0].tolist())}): a rate of +inf "
+                                 f"{tuple(torch.nonzero(pinf & valid)[0].tolist())}): a rate of +inf "
                                  f"has no race law; use large finite logits")
+            if ignored:          # no NaN may reach a kernel (or a gradient: 0 * NaN is NaN)
+                x = torch.where(valid, x, -math.inf)
         return x, tuple(x.shape[:x.dim() - k]), inst
 
     def _uniforms_t(self, uniforms, generator, shape, like, what="uniforms"):
@@ -1001,8 +1177,9 @@ class Program(_BaseProgram):
     def _trace(self, trace, logits):
         x, lbatch, inst = self._logits(logits)
         t = trace if torch.is_tensor(trace) else torch.as_tensor(np.asarray(trace))
-        if t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise TypeError(f"trace must be an integer tensor, got dtype {t.dtype}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            # the Program API's words (structdsl.program), with NumPy's name of the dtype
+            raise TypeError(f"trace must be an integer array, got dtype {str(t.dtype).removeprefix('torch.')}")
         R = inst.max_races
         if t.dim() < 1 or t.shape[-1] != R:
             raise ValueError(f"trace must have shape [..., {R}] (max_races of {self.ir.name} for atoms "
@@ -1031,10 +1208,14 @@ class Program(_BaseProgram):
         return m
 
     def _finish(self, err, batch):
-        """Raise the first lane's error, ``err`` ``[B]`` the lanes' error codes (one sync per call)."""
-        if err.numel() and bool((err > 0).any()):
-            lane = int(torch.nonzero(err > 0)[0, 0])
-            cls, line, message = self._codes[int(err[lane]) - 1]
+        """Raise the first lane's error, ``err`` ``[B, 4]`` the lanes' error codes and the
+        values their messages name (see ``_Machine.errors``; one sync per call)."""
+        if err.numel() and bool((err[:, 0] > 0).any()):
+            lane = int(torch.nonzero(err[:, 0] > 0)[0, 0])
+            code, *values = (int(v) for v in err[lane].tolist())
+            cls, line, message, shape = self._codes[code - 1]
+            if shape is not None:
+                message = _render(message, values, shape)
             lane_index = tuple(int(i) for i in np.unravel_index(lane, batch)) if batch else None
             raise getattr(errors, cls)(message, self.ir.file, line, lane_index)
 
@@ -1107,7 +1288,7 @@ class Program(_BaseProgram):
             m.trace = torch.full((m.B, inst.max_races), -1, dtype=torch.int64, device=device)
             with torch.no_grad():
                 m.run(self.ir.body)
-            return (m.err, m.trace, *self._outputs(m))
+            return (m.errors(), m.trace, *self._outputs(m))
         err, trace, *fields = self._run_body(("solve", inst.atom_shape, log_space), body, (res.detach(),))
         self._finish(err, batch)
         return trace, fields
@@ -1154,7 +1335,7 @@ class Program(_BaseProgram):
         """(log p ``[B]``, the machine, live atoms) of traces ``t`` ``[B, R]`` under logits
         ``x`` ``[B, A]``; differentiable in ``x``; raises the lanes' first spec error."""
         logp, m, live = self._replay_core(t, x, inst, u)
-        self._finish(m.err, batch)
+        self._finish(m.errors(), batch)
         return logp, m, live
 
     def _replay_core(self, t, x, inst, u=None):
@@ -1188,7 +1369,7 @@ class Program(_BaseProgram):
                 if logp.requires_grad:              # not when no lane ran a race
                     (grad,) = torch.autograd.grad(torch.where(finite, logp, 0.0).sum(), xg, allow_unused=True)
             grad = torch.zeros_like(x) if grad is None else torch.where(finite[:, None], grad, 0.0)
-            return m.err, logp.detach(), grad
+            return m.errors(), logp.detach(), grad
         return body
 
     def decode(self, trace, logits):
@@ -1199,7 +1380,7 @@ class Program(_BaseProgram):
         def body(t, x):
             with torch.no_grad():
                 logp, m, _ = self._replay_core(t, x, inst)
-            return (m.err, logp, *self._outputs(m))
+            return (m.errors(), logp, *self._outputs(m))
         err, logp, *fields = self._run_body(("decode", inst.atom_shape), body, (t, x))
         self._finish(err, batch)
         self._no_trace(logp, f"is not a trace of {self.ir.name} under these logits: it has no structure")
@@ -1219,7 +1400,7 @@ class Program(_BaseProgram):
 
             def body(t, x):
                 logp, m, _ = self._replay_core(t, x, inst)
-                return m.err, logp
+                return m.errors(), logp
             err, logp = self._graphed(("log_prob", inst.atom_shape), body, (t, x.detach()))
             self._finish(err, batch)
             return logp.reshape(batch)
@@ -1250,7 +1431,7 @@ class Program(_BaseProgram):
             log_fresh = torch.where(fresh_ok, torch.log(-torch.log(u[:, R:])) - torch.where(fresh_ok, x, 0.0),
                                     -math.inf)
             log_noise = _safe_logaddexp(m.log_sum, log_fresh)
-            return m.err, logp, torch.where(live, torch.exp(torch.where(live, log_noise, 0.0)), math.inf)
+            return m.errors(), logp, torch.where(live, torch.exp(torch.where(live, log_noise, 0.0)), math.inf)
         # without a gradient to carry, E | T is one more replay (differentiable: eager)
         err, logp, noise = self._run_body(("noise", inst.atom_shape), body, (t, x, u),
                                           graphs=not (x.requires_grad and torch.is_grad_enabled()))
