@@ -1133,7 +1133,13 @@ class Program(_BaseProgram):
 
     # ---- argument checks (tensors) -------------------------------------------------------
     def _logits(self, logits, what="logits"):
-        x = logits if torch.is_tensor(logits) else torch.as_tensor(np.asarray(logits, dtype=np.float64))
+        if torch.is_tensor(logits):
+            x = logits
+        else:
+            try:
+                x = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+            except (TypeError, ValueError) as exc:       # the Program API's words
+                raise TypeError(f"{what} must be a real array: {exc}") from None
         if not torch.is_floating_point(x):
             raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
         k = self.atom_ndim
@@ -1160,7 +1166,14 @@ class Program(_BaseProgram):
                 x = torch.where(valid, x, -math.inf)
         return x, tuple(x.shape[:x.dim() - k]), inst
 
-    def _uniforms_t(self, uniforms, generator, shape, like, what="uniforms"):
+    def _uniforms_t(self, uniforms, generator, shape, like, what="uniforms", seed=None):
+        if seed is not None:
+            # seed= means what it means on every backend: the reference's NumPy draw, so one
+            # seed gives one sample everywhere (generator= is torch's own stream)
+            if uniforms is not None or generator is not None:
+                raise TypeError("give either uniforms= or seed=, not both" if uniforms is not None
+                                else "give either generator= or seed=, not both")
+            uniforms = self._uniforms(None, seed, tuple(shape), what)
         if uniforms is None:
             u = torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
             return u.clamp_min(torch.finfo(like.dtype).tiny)
@@ -1294,16 +1307,18 @@ class Program(_BaseProgram):
         return trace, fields
 
     # ---- public API -----------------------------------------------------------------------
-    def sample(self, logits, *, sample_shape=(), uniforms=None, generator=None):
+    def sample(self, logits, *, sample_shape=(), uniforms=None, seed=None, generator=None):
         """Draw structures: ``log E = log(-log U) - logits`` raced in log space.
 
         logits: ``[*batch, *atom_shape]`` (float32 or float64, any device); uniforms:
-        ``sample_shape + batch + atom_shape`` in (0, 1), or drawn with ``generator``.
+        ``sample_shape + batch + atom_shape`` in (0, 1); or ``seed`` (an int: the NumPy
+        reference's draw, so a seed gives the same sample on every backend); or drawn with
+        torch's ``generator`` (its default when none of the three is given).
         Returns :class:`~structdsl.program.Sample` of tensors (trace ``[*lead, max_races]``).
         """
         x, batch, inst = self._logits(logits)
         shape = tuple(sample_shape) + batch + inst.atom_shape
-        u = self._uniforms_t(uniforms, generator, shape, x)
+        u = self._uniforms_t(uniforms, generator, shape, x, seed=seed)
         lead = shape[:len(shape) - self.atom_ndim]
         A = inst.num_atoms
         xb = x.detach().expand(shape).reshape(-1, A)
@@ -1415,12 +1430,13 @@ class Program(_BaseProgram):
         self._finish(err, batch)
         return logp.reshape(batch), grad.reshape(batch + inst.atom_shape)
 
-    def conditional_noise(self, trace, logits, *, uniforms=None, generator=None):
+    def conditional_noise(self, trace, logits, *, uniforms=None, seed=None, generator=None):
         """``E | T``, reparameterised: differentiable in the logits given the uniforms.
-        uniforms ``[*batch, max_races + A]`` (race minima first, then the fresh noise)."""
+        uniforms ``[*batch, max_races + A]`` (race minima first, then the fresh noise), or
+        ``seed`` (the reference's draw) or ``generator``, as for :meth:`sample`."""
         t, x, batch, inst = self._trace(trace, logits)
         R, A = inst.max_races, inst.num_atoms
-        u = self._uniforms_t(uniforms, generator, batch + (R + A,), x).reshape(-1, R + A)
+        u = self._uniforms_t(uniforms, generator, batch + (R + A,), x, seed=seed).reshape(-1, R + A)
 
         def body(t, x, u):
             logp, m, live = self._replay_core(t, x, inst, u)

@@ -10,6 +10,7 @@ means identical uniforms on every backend) and converts results back.
 """
 import collections
 import importlib.util
+import inspect
 
 import numpy as np
 
@@ -32,8 +33,14 @@ def _backends():
 
 BACKENDS = _backends()
 _COMPILED = {}
-#: a sample in NumPy arrays (``log_noise`` compared, not its ``exp``, which may overflow)
-Drawn = collections.namedtuple("Drawn", "trace structure log_noise")
+class Drawn(collections.namedtuple("Drawn", "trace structure log_noise")):
+    """A sample in NumPy arrays (``log_noise`` is compared, not its ``exp``, which may
+    overflow)."""
+
+    @property
+    def noise(self):
+        with np.errstate(over="ignore", under="ignore"):
+            return np.exp(self.log_noise)
 
 
 def _key(statics):
@@ -53,11 +60,17 @@ class Runner:
         self.prog = structdsl.compile(spec, backend=name, **statics)
 
     # ---- conversion --------------------------------------------------------------------
-    def _in(self, x, dtype=np.float64):
+    def _in(self, x):
+        """``x`` as the backend takes it: a NumPy array stays, a torch backend gets a tensor of
+        the same dtype (what is not a numeric array is passed as it is, for the backend's own
+        argument check to refuse)."""
         if x is None or not self.torch:
             return x
         import torch
-        return torch.as_tensor(np.asarray(x, dtype=dtype), device=self.device)
+        a = np.asarray(x)
+        if a.dtype.kind not in "biuf":
+            return x
+        return torch.as_tensor(a, device=self.device)
 
     def _out(self, x):
         if isinstance(x, structdsl.program.Sample):
@@ -72,31 +85,42 @@ class Runner:
         return structdsl.program.Program._uniforms(None, seed, shape, "uniforms")
 
     # ---- the Program API -----------------------------------------------------------------
-    def sample(self, logits, uniforms=None, seed=None):
-        logits = np.asarray(logits, dtype=np.float64)
-        if uniforms is None:
-            uniforms = self._uniforms(seed, logits.shape)
-        return self._out(self.prog.sample(self._in(logits), uniforms=self._in(uniforms)))
+    def _takes_seed(self, method):
+        return "seed" in inspect.signature(getattr(self.prog, method)).parameters
+
+    def sample(self, logits, sample_shape=(), uniforms=None, seed=None):
+        kw = {"sample_shape": sample_shape} if sample_shape else {}
+        if self._takes_seed("sample"):
+            kw["seed"] = seed
+        elif uniforms is None and np.asarray(logits).dtype.kind in "biuf":
+            # a backend without seed= (torch takes a generator) races the reference's draw
+            uniforms = self._uniforms(seed, tuple(sample_shape) + np.shape(logits))
+        return self._out(self.prog.sample(self._in(logits), uniforms=self._in(uniforms), **kw))
 
     def solve(self, weights):
         return self._out(self.prog.solve(self._in(weights)))
 
     def log_prob(self, trace, logits):
-        return self._out(self.prog.log_prob(self._in(trace, np.int64), self._in(logits)))
+        return self._out(self.prog.log_prob(self._in(trace), self._in(logits)))
 
     def log_prob_and_grad(self, trace, logits):
-        return self._out(self.prog.log_prob_and_grad(self._in(trace, np.int64), self._in(logits)))
+        return self._out(self.prog.log_prob_and_grad(self._in(trace), self._in(logits)))
 
     def conditional_noise(self, trace, logits, uniforms=None, seed=None):
+        if self._takes_seed("conditional_noise"):
+            return self._out(self.prog.conditional_noise(trace, logits, uniforms=uniforms, seed=seed))
         trace = np.asarray(trace)
         if uniforms is None:
             inst = self.prog.instance(np.shape(logits)[np.ndim(logits) - self.prog.atom_ndim:])
             uniforms = self._uniforms(seed, trace.shape[:-1] + (inst.max_races + inst.num_atoms,))
-        return self._out(self.prog.conditional_noise(self._in(trace, np.int64), self._in(logits),
+        return self._out(self.prog.conditional_noise(self._in(trace), self._in(logits),
                                                      uniforms=self._in(uniforms)))
 
-    def max_races(self, shape):
-        return self.prog.max_races(shape)
+    def enumerate(self, logits=None, **kw):
+        return self.prog.enumerate(logits, **kw)          # exact: every backend's is the reference's
+
+    def __getattr__(self, name):                          # max_races, instance, ir, types ...
+        return getattr(self.prog, name)
 
 
 def runner(spec, backend="numpy", **statics):

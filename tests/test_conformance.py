@@ -344,3 +344,22 @@ def test_exact_ties(name, backend):
     ref, err = assert_conforms(backend, spec_, lambda r: r.sample(logits, uniforms=u), statics)
     if err is None:
         assert_conforms(backend, spec_, lambda r: r.log_prob_and_grad(ref.trace, logits), statics)
+
+
+def test_a_seed_means_the_same_draw_on_every_backend(backend):
+    """``seed=`` is the reference's NumPy draw on every backend (torch's own stream is
+    ``generator=``): one seed, one sample, for sample and for E | T."""
+    logits = np.random.default_rng(5).normal(size=(3, 5, 5))
+    name = backend.partition(":")[0]
+    device = backend.partition(":")[2] or "cpu"
+    ref = structdsl.compile(S.SPECS["spanning_tree"])
+    prog = structdsl.compile(S.SPECS["spanning_tree"], backend=name)
+    x = logits
+    if name == "torch":
+        import torch
+        x = torch.as_tensor(logits, device=device)
+    a, b = ref.sample(logits, sample_shape=(2,), seed=7), prog.sample(x, sample_shape=(2,), seed=7)
+    assert_same_values(np.asarray(b.trace.cpu() if hasattr(b.trace, "cpu") else b.trace), a.trace)
+    na = ref.conditional_noise(a.trace, logits, seed=8)
+    nb = prog.conditional_noise(b.trace, x, seed=8)
+    assert_same_values(np.asarray(nb.detach().cpu() if hasattr(nb, "cpu") else nb), na)

@@ -12,6 +12,7 @@ import pytest
 
 import structdsl
 from structdsl import arange, atoms, full, race, race_groups, spec, where, zeros
+from conformance import BACKENDS, runner
 from structdsl.specs import (arborescence, binary_tree, categorical, clustering, matching,
                              permutation, spanning_tree, top_k)
 
@@ -28,29 +29,36 @@ BUILTINS = {
 }
 
 
-def _compile(name):
+def _compile(name, backend="numpy"):
     s, shape, statics = BUILTINS[name]
-    return structdsl.compile(s, backend="numpy", **statics), shape
+    return runner(s, backend, **statics), shape
+
+
+# Every test that takes one of these runs on every backend, through the conformance
+# harness's NumPy-speaking Runner (tests/conformance.py): one meaning, the same messages.
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def cat():
-    return structdsl.compile(categorical, backend="numpy")
+def cat(backend):
+    return runner(categorical, backend)
 
 
 @pytest.fixture(scope="module")
-def perm():
-    return structdsl.compile(permutation, backend="numpy")
+def perm(backend):
+    return runner(permutation, backend)
 
 
 @pytest.fixture(scope="module")
-def tree():
-    return structdsl.compile(spanning_tree, backend="numpy")
+def tree(backend):
+    return runner(spanning_tree, backend)
 
 
 @pytest.fixture(scope="module")
-def arb():
-    return structdsl.compile(arborescence, backend="numpy")
+def arb(backend):
+    return runner(arborescence, backend)
 
 
 # ---- custom specs (module level: the frontend reads their source) -------------------------
@@ -499,8 +507,8 @@ def test_conditional_noise_broadcasts_and_reproduces_traces(tree):
 
 # ---- sampling determinism ----------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(BUILTINS))
-def test_sample_with_uniforms_is_deterministic_and_equals_solve(name):
-    prog, shape = _compile(name)
+def test_sample_with_uniforms_is_deterministic_and_equals_solve(name, backend):
+    prog, shape = _compile(name, backend)
     rng = np.random.default_rng(11)
     logits = rng.normal(size=(6,) + shape) * 2.0
     u = rng.uniform(size=(6,) + shape)
