@@ -193,6 +193,13 @@ def local_read_before_assignment(n):
     return out
 
 
+@spec
+def allow_empty_written_as_one(n):
+    item = atoms(n)
+    w = race(item, lambda i: i > 0, allow_empty=1)  # BAD
+    return w
+
+
 # ==== refused: stores and the type pass ========================================================
 @spec
 def scatter_through_augmented_assignment(n):

@@ -55,6 +55,7 @@ REFUSED = [
     (H.returns_a_two_dimensional_winner, "whose winner is a tuple of indices"),
     (H.noise_aliased_in_a_local_function, "noise 'item' stored or aliased"),
     (H.local_read_before_assignment, "local 'y' of f() may be unbound here"),
+    (H.allow_empty_written_as_one, "allow_empty= must be written literally as True or False"),
     (H.scatter_through_augmented_assignment, "writing through an index array (a scatter)"),
     (H.scatter_through_a_tuple_of_arrays, "writing through an index array (a scatter)"),
     (H.masked_update, "`x[mask] |= value` is outside the DSL"),
