@@ -7,15 +7,16 @@ directory under a name keyed by the hash of the source itself, so Numba's on-dis
 (``cache=True``) serves every later process.  Nothing here knows any structure: predicates
 become loops over the atoms, races calls to the kernels of :mod:`numba_kernels`.
 
-Meaning (the reference's, see docs/design.md section 3): indices are always checked (an
-out-of-range index, a division by zero, an empty race or a broken nesting promise records
-an error code; Python raises it with the spec line and the batch element).  int64 overflow
-is not checked here (the reference backend and ``check_spec`` check it).  ``enumerate``
-delegates to the reference backend.
+Meaning (the reference's, see docs/design.md section 3): indices are always checked, and so
+is int64 arithmetic (an out-of-range index, a division by zero, an overflow, an empty race,
+a broken nesting promise or more races than the static bound records an error code and the
+values its message names; Python raises it with the reference's class, message, spec line
+and batch element).  ``enumerate`` delegates to the reference backend.
 """
 from __future__ import annotations
 
 import ast
+import collections
 import hashlib
 import importlib.util
 import os
@@ -71,6 +72,36 @@ def _np(attr):
     return _attr(_name("__np"), attr)
 
 
+def _const(value):
+    """A constant as the generated source spells it: ``-9223372036854775808`` would read back
+    as the negation of a number past int64 (Numba types it uint64), so INT64_MIN is written
+    ``-9223372036854775807 - 1``."""
+    if type(value) is int and value == -2**63:
+        return ast.BinOp(ast.Constant(-2**63 + 1), ast.Sub(), ast.Constant(1))
+    return ast.Constant(value)
+
+
+#: Emit checked int64 arithmetic (the DSL's meaning).  Only ``benchmarks/run.py`` turns it
+#: off, to measure what the checks cost; such a program wraps on overflow.
+_CHECK_OVERFLOW = True
+
+#: One error code: the structdsl error class, the spec line, the message (a template when
+#: ``fmt`` is set: the values the lane recorded fill it in, see :func:`_message`) and
+#: whether it is raised inside a predicate (the reference then names the atom).
+_Code = collections.namedtuple("_Code", "cls line message fmt pred")
+
+#: The reference's scalar overflow messages give the exact result, from the operands.
+_EXACT = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+          "//": lambda a, b: a // b, "neg": lambda a, b: -a, "abs": lambda a, b: abs(a),
+          # past 256 bits the exact result is written a * 2**s, as the reference does
+          "<<": lambda a, b: a << b if b <= 256 else f"{a} * 2**{b}", "sum": lambda a, b: a + b * 2**64}
+_OP = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.FloorDiv: "//", ast.Mod: "%",
+       ast.LShift: "<<", ast.RShift: ">>"}
+_HELPER = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.FloorDiv: "floordiv", ast.Mod: "mod",
+           ast.LShift: "lshift", ast.RShift: "rshift"}
+
+ST_ATOM = 7                       # numba_kernels.ST_ATOM: the atom (+1) a predicate failed for
+
 _STATE = ["__alive", "__live0", "__res", "__x", "__tr", "__st", "__fs", "__grad", "__lsum", "__u", "__pkey",
           "__log_space", "__flags"]
 _ARITH = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod, ast.LShift, ast.RShift)
@@ -83,8 +114,9 @@ class _NotFusable(Exception):
 class _Codegen:
     """IR -> the source of a Numba module (one ``lane`` function and two drivers)."""
 
-    def __init__(self, program: ir.Program, typing):
+    def __init__(self, program: ir.Program, typing, constants=None):
         self.p, self.types = program, typing
+        self.constants = constants or {}  # tuple constants the spec reads: read-only arrays
         self.codes = []                  # error code - 1 -> (error class name, line, message)
         self.rename = {}                 # predicate parameters -> their loop names
         self.count = 0
@@ -99,11 +131,27 @@ class _Codegen:
                                       for s in ir.walk_statements(program.body) if isinstance(s, ir.Race))
         self.sites = []                  # snapshot races: (members, the lane locals it reads)
         self.site_of = {}                # id(race statement) -> its site
+        self.line = program.atoms.line   # the statement being lowered
+        self.in_pred = False             # lowering a predicate's body
+        self.check_overflow = _CHECK_OVERFLOW
 
     # ---- helpers ----------------------------------------------------------------------------
-    def code(self, cls, line, message):
-        self.codes.append((cls, line, message))
+    def code(self, cls, line, message, fmt=None):
+        """A new error code (an AST constant); ``fmt``: the message is a template (see
+        :func:`_message`)."""
+        self.codes.append(_Code(cls, line, message, fmt, self.in_pred))
         return ast.Constant(len(self.codes))
+
+    def overflow(self, symbol, line, array, fmt=None):
+        """The code of an int64 overflow in ``symbol``: the reference's scalar message gives
+        the exact result (``fmt``: how to compute it from the operands the lane records, see
+        ``_EXACT``); its array message does not.  Code 0 when the checks are off."""
+        if not self.check_overflow:
+            return ast.Constant(0)
+        if array:
+            return self.code("SpecOverflowError", line, f"int64 overflow in {symbol}")
+        return self.code("SpecOverflowError", line, f"int64 overflow in {symbol} (the exact result is {{exact}})",
+                         fmt or symbol)
 
     def temp(self, kind="t"):
         self.count += 1
@@ -131,7 +179,7 @@ class _Codegen:
 
     def _expr(self, node):
         if isinstance(node, ast.Constant):
-            return ast.Constant(node.value)
+            return _const(node.value)
         if isinstance(node, ast.Name):
             return _name(self.rename.get(node.id, node.id))
         if isinstance(node, ast.Tuple):
@@ -142,7 +190,7 @@ class _Codegen:
         if isinstance(node, ast.UnaryOp):
             x, t = self.operand(node.operand), self.t(node.operand)
             if isinstance(node.op, (ast.USub, ast.UAdd)):
-                return ast.UnaryOp(node.op, self.as_int(x, t))
+                return self.unary(node.op, x, t, node.operand, node.lineno)
             if isinstance(node.op, ast.Not) or (isinstance(node.op, ast.Invert) and t.dtype == "bool" and not t.ndim):
                 return ast.UnaryOp(ast.Not(), x)
             return ast.UnaryOp(ast.Invert(), x)           # bool arrays: logical; ints: bitwise
@@ -184,14 +232,40 @@ class _Codegen:
     def binop(self, op, left, lt, right, rt, where):
         if isinstance(op, _ARITH):
             left, right = self.as_int(left, lt), self.as_int(right, rt)
-            if isinstance(op, (ast.FloorDiv, ast.Mod)):
-                code = self.code("SpecZeroDivisionError", where.lineno,
-                                 f"integer {'division' if isinstance(op, ast.FloorDiv) else 'modulo'} by zero")
-                right = _call("__nonzero_a" if rt.ndim else "__nonzero_s", right, _name("__st"), code)
-            return ast.BinOp(left, op, right)
+            return self.arith(op, left, right, bool(lt.ndim or rt.ndim), getattr(where, "lineno", None) or self.line)
         if not (lt.dtype == rt.dtype == "bool"):         # & | ^ mixing bool and int: bitwise
             left, right = self.as_int(left, lt), self.as_int(right, rt)
         return ast.BinOp(left, op, right)
+
+    def arith(self, op, left, right, array, line, element=False):
+        """``left op right`` on int64 values with the reference's checks, in its order: a
+        zero divisor or a negative shift count (over the whole operand), then overflow.
+        ``array``: an operand is an array (the reference's messages then name no value);
+        ``element``: one element of such an operation (a fused loop's body)."""
+        kind = type(op)
+        checks = []
+        if kind in (ast.FloorDiv, ast.Mod):
+            checks.append(self.code("SpecZeroDivisionError", line,
+                                    f"integer {'division' if kind is ast.FloorDiv else 'modulo'} by zero"))
+        if kind in (ast.LShift, ast.RShift):
+            checks.append(self.code("SpecValueError", line, "negative shift count"))
+        if kind not in (ast.Mod, ast.RShift):
+            checks.append(self.overflow(_OP[kind], line, array))
+        if not self.check_overflow and kind in (ast.Add, ast.Sub, ast.Mult):
+            return ast.BinOp(left, op, right)          # benchmarks only: wraps on overflow
+        return _call(f"__{_HELPER[kind]}_{'a' if array and not element else 's'}", left, right, _name("__st"), *checks)
+
+    def unary(self, op, x, t, operand, line):
+        """``-x`` / ``+x`` on an int64 (or bool) value: ``-INT64_MIN`` overflows; a literal
+        ``-1`` stays a literal, as in the reference."""
+        x = self.as_int(x, t)
+        if isinstance(op, ast.UAdd):
+            return x
+        if isinstance(operand, ast.Constant) and type(operand.value) is int and -2**63 <= -operand.value < 2**63:
+            return _const(-operand.value)
+        if not self.check_overflow:
+            return ast.UnaryOp(op, x)
+        return _call("__neg_a" if t.ndim else "__neg_s", x, _name("__st"), self.overflow("-", line, t.ndim, "neg"))
 
     def subscript(self, node, what, lowered=None):
         """``x[...]`` with every integer index checked (an AST usable as load or store);
@@ -203,36 +277,60 @@ class _Codegen:
         if arrays:
             if len(elts) != 1 or self.t(base).ndim != 1:
                 self.fail(node, "a gather x[idx] other than a 1-d array indexed by one int array")
-            code = self.code("SpecIndexError", node.lineno, f"{what} index out of range")
-            return _call("__gather1", x, lowered[0] if lowered else self.expr(elts[0]), _name("__st"), code)
-        out = []
+            index = lowered[0] if lowered else self.expr(elts[0])
+            return _call("__gather1", x, index, _name("__st"), self.index_code(node, what, 0))
+        out, indices, later_sites = [], [], False
         for axis, e in enumerate(elts):
             if isinstance(e, ast.Slice):
                 out.append(ast.Slice(None, None, None))
                 continue
-            code = self.code("SpecIndexError", node.lineno,
-                             f"{what} index out of range for axis {axis} (negative or past the end)")
+            codes = len(self.codes)
+            index = lowered[axis] if lowered else self.expr(e)
+            later_sites |= bool(indices) and len(self.codes) > codes
+            code = self.index_code(node, what, axis)
+            indices.append((index, code))
             dim = ast.Subscript(_attr(x, "shape"), ast.Constant(axis), ast.Load())
-            out.append(_call("__ck", lowered[axis] if lowered else self.expr(e), dim, _name("__st"), code))
+            out.append(_call("__ck", index, dim, _name("__st"), code))
+        if later_sites and len(out) == len(indices) in (2, 3) and what == "read":
+            # a later index has checked sites: the reference evaluates the whole index
+            # before checking any axis, so the checks wait for every index's value
+            dims = [ast.Subscript(_attr(x, "shape"), ast.Constant(a), ast.Load()) for a in range(len(indices))]
+            return ast.Subscript(x, _call(f"__ck{len(indices)}", *[i for i, _ in indices], *dims, _name("__st"),
+                                          *[c for _, c in indices]), ast.Load())
         index = out[0] if len(out) == 1 else ast.Tuple(out, ast.Load())
         return ast.Subscript(x, index, ast.Load())
+
+    def index_code(self, node, what, axis):
+        """The code of an index out of range, with the reference's message (the lane
+        records the index and the dimension)."""
+        return self.code("SpecIndexError", node.lineno,
+                         f"{what} index {{a}} is out of range for axis {axis} of size {{b}}", "index")
 
     def shape(self, node):
         elts = node.elts if isinstance(node, ast.Tuple) else [node]
         return ast.Tuple([self.static(e) for e in elts], ast.Load())
 
-    def static(self, node):
+    def static(self, node, checked=True):
         """A static expression (parameters, ints, arithmetic, min/max/abs): not typed by the
-        pass, always an int."""
+        pass, always an int; its arithmetic checked as the reference's (``checked=False``
+        for a value the instance has already computed exactly, such as the atoms' dims)."""
+        line = getattr(node, "lineno", None) or self.line
         if isinstance(node, ast.Call):
-            return _call(f"__{node.func.id}", *[self.static(a) for a in node.args])
+            args = [self.static(a, checked) for a in node.args]
+            if node.func.id == "abs" and checked and self.check_overflow:
+                return _call("__abs_s", *args, _name("__st"), self.overflow("abs", line, False))
+            return _call(f"__{node.func.id}", *args)
         if isinstance(node, ast.BinOp):
-            return ast.BinOp(self.static(node.left), node.op, self.static(node.right))
+            left, right = self.static(node.left, checked), self.static(node.right, checked)
+            return self.arith(node.op, left, right, False, line) if checked else ast.BinOp(left, node.op, right)
         if isinstance(node, ast.UnaryOp):
-            return ast.UnaryOp(node.op, self.static(node.operand))
+            x = self.static(node.operand, checked)
+            if checked:
+                return self.unary(node.op, x, Type("int", ()), node.operand, line)
+            return ast.UnaryOp(node.op, x)
         if isinstance(node, ast.Name):
             return _name(node.id)
-        return ast.Constant(node.value)
+        return _const(node.value)
 
     @staticmethod
     def dtype(node, default):
@@ -261,7 +359,7 @@ class _Codegen:
         if name == "where":
             a, b = self.convert(xs[1], ts[1], t.dtype), self.convert(xs[2], ts[2], t.dtype)
             if not t.ndim:
-                return ast.IfExp(xs[0], a, b)
+                return _call("__sel", xs[0], a, b)        # a call: both values evaluated
             return _call(_np("where"), xs[0], a, b)
         if name in ("minimum", "maximum") or (name in ("min", "max") and len(args) >= 2):
             fn = "minimum" if name in ("minimum", "min") else "maximum"
@@ -277,10 +375,15 @@ class _Codegen:
         if name in ("any", "all"):
             return _call(_np(name), xs[0])
         if name == "sum":
-            return _call("__total", xs[0])
+            if ts[0].dtype == "bool" or not self.check_overflow:
+                return _call("__total", xs[0])            # a count cannot overflow
+            return _call("__total_ck", xs[0], _name("__st"), self.overflow("sum", node.lineno, False))
         if name == "abs":
             x = self.as_int(xs[0], ts[0])
-            return _call(_np("abs"), x) if t.ndim else _call("__abs", x)
+            if not self.check_overflow:
+                return _call(_np("abs"), x) if t.ndim else _call("__abs", x)
+            return _call("__abs_a" if t.ndim else "__abs_s", x, _name("__st"),
+                         self.overflow("abs", node.lineno, t.ndim))
         if name == "int":
             return _call(_np("int64"), xs[0])
         if name == "bool":
@@ -291,6 +394,7 @@ class _Codegen:
     def block(self, stmts):
         out = []
         for s in stmts:
+            self.line = s.line
             for node in self.statement(s):
                 ast.copy_location(node, ast.Pass(lineno=s.line, col_offset=0))
                 out.append(node)
@@ -306,14 +410,35 @@ class _Codegen:
             x = _call(_attr(x, "copy"))
         return self.convert(x, t, self.types.locals[name].dtype)
 
-    def store(self, target, value, vtype, lowered=None):
-        """``target[...] = value``."""
+    def store(self, target, value, vtype, lowered=None, pre=()):
+        """``target[...] = value`` (``value`` lowered; ``pre``: the statements before it,
+        which :meth:`store_value` places after the indices when they must run first)."""
         elts = target.slice.elts if isinstance(target.slice, ast.Tuple) else [target.slice]
         sel = self.t(target)
         if sel.shape == ("mask",):
-            return [ast.Expr(_call("__mask_set", self.expr(target.value), self.expr(elts[0]), value))]
+            return [*pre, ast.Expr(_call("__mask_set", self.expr(target.value), self.expr(elts[0]), value))]
         value = self.convert(value, vtype, self.types.locals[target.value.id].dtype)
-        return [ast.Assign([self.subscript(target, "write", lowered)], value)]
+        return [*pre, ast.Assign([self.subscript(target, "write", lowered)], value)]
+
+    def store_value(self, target, node):
+        """``target[...] = node``, in the reference's order: the indices, the value, then
+        the checks.  A Python assignment evaluates its value first, so indices with checked
+        sites of their own are evaluated into temporaries before it."""
+        elts = target.slice.elts if isinstance(target.slice, ast.Tuple) else [target.slice]
+        codes = len(self.codes)
+        trial = [None if isinstance(e, ast.Slice) else self.expr(e) for e in elts]
+        if len(self.codes) == codes or self.t(target).shape == ("mask",):
+            del self.codes[codes:]
+            return self.store(target, self.expr(node), self.t(node))
+        pre, lowered = [], []
+        for e in trial:
+            if e is None:
+                lowered.append(None)
+                continue
+            temp = self.temp("i")
+            pre.append(ast.Assign([_name(temp, ast.Store())], e))
+            lowered.append(_name(temp))
+        return self.store(target, self.expr(node), self.t(node), lowered, pre)
 
     def statement(self, s):
         if isinstance(s, ir.Assign):
@@ -339,7 +464,7 @@ class _Codegen:
                     out += (self.fused(target.id, s.value)
                             or [ast.Assign([_name(target.id, ast.Store())], self.value_for(target.id, s.value))])
                 else:
-                    out += self.store(target, self.expr(s.value), self.t(s.value))
+                    out += self.store_value(target, s.value)
             return out
         if isinstance(s, ir.AugAssign):
             target = s.target
@@ -368,6 +493,9 @@ class _Codegen:
                             [self.check()] + (self.block(s.body) or [ast.Pass()]), [])]
         if isinstance(s, ir.Break):
             return [ast.Break()]
+        if isinstance(s, ir.Fail):        # a compiler-inserted check: the lane stops at once
+            code = self.code(s.error, s.line, s.message)
+            return [ast.If(self.expr(s.test), [ast.Expr(_call("__fail", _name("__st"), code)), ast.Return(None)], [])]
         if isinstance(s, ir.Race):
             return self.race(s)
         if isinstance(s, ir.GroupRace):
@@ -394,8 +522,8 @@ class _Codegen:
     def reduction(self, node):
         """``any(e)`` / ``all(e)`` of a 1-d elementwise expression ``e`` as one loop with no
         temporary array: ``(statements, result name)``, or None.  The loop evaluates every
-        element (and its index checks, in the NumPy lowering's order) unless ``e`` has no
-        checked site, when it stops at the first decisive element."""
+        element (and its checks, in the NumPy lowering's order) unless ``e`` has no checked
+        site in the loop, when it stops at the first decisive element."""
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("any", "all")
                 and len(node.args) == 1 and not node.keywords):
             return None
@@ -407,19 +535,32 @@ class _Codegen:
         out = self.temp("r")
         test = value if found else ast.UnaryOp(ast.Not(), value)
         decide = [ast.Assign([_name(out, ast.Store())], ast.Constant(found))]
-        if not fusion["gathers"]:
+        if not fusion["sites"]:
             decide.append(ast.Break())
         loop = ast.For(_name(i, ast.Store()), _call("__range", fusion["length"]),
                        fusion["body"] + [ast.If(test, decide, [])], [])
-        return fusion["pre"] + [ast.Assign([_name(out, ast.Store())], ast.Constant(not found)), loop], _name(out)
+        stmts = fusion["pre"] + [ast.Assign([_name(out, ast.Store())], ast.Constant(not found)), loop]
+        return self.first_error(fusion, stmts, lambda: self.expr(node)), _name(out)
+
+    def first_error(self, fusion, stmts, unfused):
+        """A fused loop whose first error may not be the NumPy lowering's (:meth:`exact`):
+        when it meets one, the statement runs again unfused (``unfused()``: its NumPy-style
+        lowering, on the same values), which records the reference's first error instead."""
+        if self.exact(fusion):
+            return stmts
+        z, st0 = _name("__z"), ast.Subscript(_name("__st"), ast.Constant(0), ast.Load())
+        met = ast.BoolOp(ast.And(), [ast.Compare(z, [ast.Eq()], [ast.Constant(0)]),
+                                     ast.Compare(st0, [ast.NotEq()], [ast.Constant(0)])])
+        again = [ast.Assign([ast.Subscript(_name("__st"), ast.Constant(0), ast.Store())], ast.Constant(0)),
+                 ast.Assign([_name(self.temp("u"), ast.Store())], unfused())]
+        return [ast.Assign([_name("__z", ast.Store())], st0)] + stmts + [ast.If(met, again, [])]
 
     def fused(self, name, node):
         """``name = <1-d elementwise expression>`` as one loop writing a fresh array (NumPy
         would allocate an array per operation: most of a vectorised spec's time).  Scalar
         subexpressions are hoisted before the loop, gathers become per-element reads; the
-        result equals the NumPy lowering's, errors included: fusion is refused unless the
-        first error is the same (:meth:`fusable`).  Returns the statements, or None when the
-        expression does not fuse."""
+        result equals the NumPy lowering's, errors included (:meth:`first_error`).  Returns
+        the statements, or None when the expression does not fuse."""
         attempt = self.fuse(node)
         if attempt is None:
             return None
@@ -431,18 +572,20 @@ class _Codegen:
         out = self.temp("f")
         n = _name(f"{out}n")
         fresh = _call(_np("empty"), n, _np("bool_" if dtype == "bool" else "int64"))
-        if name in fusion["leaves"] and name not in fusion["gathered"]:
+        if name in fusion["leaves"] and name not in fusion["gathered"] and self.exact(fusion):
             # the target is read only at the element being written: overwrite its buffer
-            # (every array local owns its buffer; the size test guards a rebinding)
+            # (every array local owns its buffer; the size test guards a rebinding; not when
+            # an error may run the statement again on the original values)
             x = _name(name)
             size = ast.Subscript(_attr(x, "shape"), ast.Constant(0), ast.Load())
             fresh = ast.IfExp(ast.Compare(size, [ast.Eq()], [n]), x, fresh)
         loop = ast.For(_name(i, ast.Store()), _call("__range", _name(f"{out}n")),
                        fusion["body"] + [ast.Assign([ast.Subscript(_name(out), _name(i), ast.Store())], value)], [])
-        return fusion["pre"] + [
+        stmts = fusion["pre"] + [
             ast.Assign([_name(f"{out}n", ast.Store())], fusion["length"]),
             ast.Assign([_name(out, ast.Store())], fresh),
-            loop,
+            loop]
+        return self.first_error(fusion, stmts, lambda: self.value_for(name, node)) + [
             ast.Assign([_name(name, ast.Store())], _name(out))]
 
     def fuse(self, node):
@@ -453,29 +596,45 @@ class _Codegen:
         if self.t(node).ndim != 1 or isinstance(node, (ast.Name, ast.Constant)):
             return None
         i = self.temp("e")
-        fusion = {"pre": [], "body": [], "length": None, "gathers": 0, "hoisted_checks": 0,
-                  "leaves": set(), "gathered": set(), "gathered_codes": []}
+        fusion = {"pre": [], "body": [], "length": None, "sites": [], "hoisted_checks": 0,
+                  "leaves": set(), "gathered": set()}
         codes, count = len(self.codes), self.count
         try:
             value = self.element(node, i, fusion)
         except _NotFusable:
             value = None
-        if value is None or not self.fusable(fusion):
+        if value is None or fusion["length"] is None:
             del self.codes[codes:]
             self.count = count
             return None
         return i, value, fusion
 
-    def fusable(self, fusion):
-        """Whether a fused loop reports the NumPy lowering's first error: its checked sites
-        are all hoisted (they run before the loop, in order), or they are gathers that all
-        raise the same error (per element, the order among them cannot be told apart)."""
-        kinds = {self.codes[c.value - 1] for c in fusion["gathered_codes"]}
-        return fusion["length"] is not None and not (fusion["gathers"] and (len(kinds) > 1 or fusion["hoisted_checks"]))
+    @staticmethod
+    def exact(fusion):
+        """Whether a fused loop surely reports the NumPy lowering's first error.  NumPy runs
+        one operation over the whole array after another, the loop one element through every
+        operation after another: their first errors agree when the checked sites are all
+        hoisted (they run before the loop, in order), or the loop's sites all raise the same
+        error for the same element (one site, or gathers of equal length through the same
+        index, or one array operation's overflow at one line)."""
+        return len(set(fusion["sites"])) <= 1 and not (fusion["sites"] and fusion["hoisted_checks"])
+
+    def checked(self, value, codes, fusion, signature=()):
+        """An element's checked operation ``value``, which registered the codes from
+        ``codes`` on: evaluated in the loop's body, in the NumPy lowering's order of
+        operations (also where a ``where`` would not choose it: NumPy computes both sides)."""
+        new = self.codes[codes:]
+        if not new:
+            return value
+        fusion["sites"] += [(code, *signature) for code in new]
+        temp = self.temp("a")
+        fusion["body"].append(ast.Assign([_name(temp, ast.Store())], value))
+        return _name(temp)
 
     def element(self, node, i, fusion):
         """Element ``i`` of a fusable expression (raises :class:`_NotFusable`)."""
         t = self.t(node)
+        line = getattr(node, "lineno", None) or self.line
         if not t.ndim:
             if isinstance(node, (ast.Constant, ast.Name)):
                 return self.expr(node)
@@ -493,20 +652,27 @@ class _Codegen:
                 fusion["length"] = ast.Subscript(_attr(x, "shape"), ast.Constant(0), ast.Load())
             return ast.Subscript(x, _name(i), ast.Load())
         if isinstance(node, ast.BinOp):
-            if isinstance(node.op, (ast.FloorDiv, ast.Mod)):
-                raise _NotFusable                            # a second kind of error site
             left, right = self.element(node.left, i, fusion), self.element(node.right, i, fusion)
             lt, rt = self.t(node.left), self.t(node.right)
             if isinstance(node.op, _ARITH) or not (lt.dtype == rt.dtype == "bool"):
                 left, right = self.scalar_int(left, lt), self.scalar_int(right, rt)
+            if isinstance(node.op, _ARITH):
+                codes = len(self.codes)
+                return self.checked(self.arith(node.op, left, right, True, line, element=True), codes, fusion)
             return ast.BinOp(left, node.op, right)
         if isinstance(node, ast.Compare):
             return ast.Compare(self.element(node.left, i, fusion), node.ops,
                                [self.element(node.comparators[0], i, fusion)])
         if isinstance(node, ast.UnaryOp):
             x, xt = self.element(node.operand, i, fusion), self.t(node.operand)
-            if isinstance(node.op, (ast.USub, ast.UAdd)):
-                return ast.UnaryOp(node.op, self.scalar_int(x, xt))
+            if isinstance(node.op, ast.UAdd):
+                return self.scalar_int(x, xt)
+            if isinstance(node.op, ast.USub):
+                if not self.check_overflow:
+                    return ast.UnaryOp(node.op, self.scalar_int(x, xt))
+                codes = len(self.codes)
+                return self.checked(_call("__neg_s", self.scalar_int(x, xt), _name("__st"),
+                                          self.overflow("-", line, True)), codes, fusion)
             if isinstance(node.op, ast.Not) or xt.dtype == "bool":
                 return ast.UnaryOp(ast.Not(), x)
             return ast.UnaryOp(ast.Invert(), x)
@@ -518,7 +684,7 @@ class _Codegen:
                 out = ast.BinOp(out, op, v)
             return out
         if isinstance(node, ast.IfExp):
-            return self.select(t, node.test, node.body, node.orelse, i, fusion)
+            return self.select(t, node.test, node.body, node.orelse, i, fusion, lazy=True)
         if isinstance(node, ast.Subscript):
             elts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
             base = node.value
@@ -526,13 +692,14 @@ class _Codegen:
                     and self.t(base).ndim == 2 and not self.t(elts[0]).ndim):
                 # a row x[k] of a 2-d local: its index checked once, before the loop
                 x = _name(self.rename.get(base.id, base.id))
-                code = self.code("SpecIndexError", node.lineno,
-                                 "read index out of range for axis 0 (negative or past the end)")
+                codes = len(self.codes)
+                index = self.expr(elts[0])
+                code = self.index_code(node, "read", 0)
                 row = self.temp("h")
                 fusion["pre"].append(ast.Assign([_name(row, ast.Store())], _call(
-                    "__ck", self.expr(elts[0]), ast.Subscript(_attr(x, "shape"), ast.Constant(0), ast.Load()),
+                    "__ck", index, ast.Subscript(_attr(x, "shape"), ast.Constant(0), ast.Load()),
                     _name("__st"), code)))
-                fusion["hoisted_checks"] += 1
+                fusion["hoisted_checks"] += len(self.codes) - codes
                 fusion["leaves"].add(base.id)
                 fusion["gathered"].add(base.id)          # never overwritten in place: a row is not the target
                 if fusion["length"] is None:
@@ -544,19 +711,20 @@ class _Codegen:
             idx = self.element(elts[0], i, fusion)
             fusion["gathered"].add(base.id)
             x = _name(self.rename.get(base.id, base.id))
-            code = self.code("SpecIndexError", node.lineno, "read index out of range")
-            fusion["gathered_codes"].append(code)
-            temp = self.temp("g")
-            fusion["body"].append(ast.Assign([_name(temp, ast.Store())], ast.Subscript(x, _call(
+            codes = len(self.codes)
+            code = self.index_code(node, "read", 0)
+            # equal messages for equal elements: the same index into arrays of the same length
+            signature = (ast.dump(elts[0]), self.t(base).shape[0].text)
+            return self.checked(ast.Subscript(x, _call(
                 "__ck", idx, ast.Subscript(_attr(x, "shape"), ast.Constant(0), ast.Load()), _name("__st"), code),
-                ast.Load())))
-            fusion["gathers"] += 1
-            return _name(temp)
+                ast.Load()), codes, fusion, signature)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             name, args = node.func.id, node.args
             if name == "arange" and len(args) == 1:
                 if fusion["length"] is None:
-                    fusion["length"] = self.static(args[0])
+                    codes = len(self.codes)
+                    fusion["length"] = self.static(args[0])        # evaluated before the loop
+                    fusion["hoisted_checks"] += len(self.codes) - codes
                 return _name(i)
             if name == "where" and len(args) == 3:
                 return self.select(t, *args, i, fusion)
@@ -569,12 +737,22 @@ class _Codegen:
                     out = _call(fn, out, x)
                 return out
             if name == "abs" and len(args) == 1:
-                return _call("__abs", self.scalar_int(self.element(args[0], i, fusion), self.t(args[0])))
+                x = self.scalar_int(self.element(args[0], i, fusion), self.t(args[0]))
+                if not self.check_overflow:
+                    return _call("__abs", x)
+                codes = len(self.codes)
+                return self.checked(_call("__abs_s", x, _name("__st"), self.overflow("abs", line, True)), codes, fusion)
         raise _NotFusable
 
-    def select(self, t, test, body, orelse, i, fusion):
+    def select(self, t, test, body, orelse, i, fusion, lazy=False):
+        """``where(test, body, orelse)`` per element (both sides computed, as NumPy does);
+        ``lazy``: ``body if test else orelse`` with a scalar test, of which NumPy computes
+        one side only: it fuses only when neither side has a checked site."""
         c = self.element(test, i, fusion)
+        codes = len(self.codes)
         a, b = self.element(body, i, fusion), self.element(orelse, i, fusion)
+        if lazy and not self.t(test).ndim and len(self.codes) > codes:
+            raise _NotFusable
         if t.dtype == "int":
             a, b = self.scalar_int(a, self.t(body)), self.scalar_int(b, self.t(orelse))
         return ast.IfExp(c, a, b)
@@ -595,17 +773,36 @@ class _Codegen:
             return pre, [], ast.Subscript(_name("__flat"), _name(atom), ast.Load())
         names = [f"__x{i}" for i in range(len(members.params))]
         self.rename = {**(rename or {}), **dict(zip(members.params, names))}
+        self.in_pred = True
         try:
             value = self.expr(members.body)
         finally:
             self.rename = {}
+            self.in_pred = False
         return [], self.unravel(_name(atom), names), value
 
     def fill(self, members, buffer):
-        """Statements writing a predicate's (or mask's) value for every atom into ``buffer``."""
+        """Statements writing a predicate's (or mask's) value for every atom into ``buffer``,
+        atom by atom in flat order (the reference's per-atom meaning, and its first error).
+        The reference names the atom whose evaluation failed: when the loop met an error,
+        a second loop finds that atom (nothing is spent on it otherwise)."""
+        codes = len(self.codes)
         pre, stmts, value = self.member_test(members, "__a")
         body = stmts + [ast.Assign([ast.Subscript(_name(buffer), _name("__a"), ast.Store())], value)]
-        return pre + [ast.For(_name("__a", ast.Store()), _call("__range", _name("__A")), body, [])]
+        loop = ast.For(_name("__a", ast.Store()), _call("__range", _name("__A")), body, [])
+        if not isinstance(members, ir.Pred) or len(self.codes) == codes:
+            return pre + [loop]
+        _, stmts, value = self.member_test(members, "__a")
+        st0 = ast.Subscript(_name("__st"), ast.Constant(0), ast.Load())
+        found = ast.If(ast.Compare(st0, [ast.NotEq()], [ast.Constant(0)]), [
+            ast.Assign([ast.Subscript(_name("__st"), ast.Constant(ST_ATOM), ast.Store())],
+                       ast.BinOp(_name("__a"), ast.Add(), ast.Constant(1))), ast.Break()], [])
+        locate = ast.For(_name("__a", ast.Store()), _call("__range", _name("__A")),
+                         stmts + [ast.Assign([_name(self.temp("v"), ast.Store())], value), found], [])
+        met = ast.BoolOp(ast.And(), [ast.Compare(_name("__z"), [ast.Eq()], [ast.Constant(0)]),
+                                     ast.Compare(st0, [ast.NotEq()], [ast.Constant(0)])])
+        again = [ast.Assign([ast.Subscript(_name("__st"), ast.Constant(0), ast.Store())], ast.Constant(0)), locate]
+        return pre + [ast.Assign([_name("__z", ast.Store())], st0), loop, ast.If(met, again, [])]
 
     def nested_members(self, members):
         """Replaying a nested spec: only the live atoms of the previous race's member list
@@ -633,12 +830,18 @@ class _Codegen:
                 for axis, x in enumerate(names)]
 
     def race_args(self, s):
+        """``(state, allow_empty, code_empty, code_nest, code_bound)`` of race ``s``, with the
+        reference's messages."""
         line = s.line
-        empty = self.code("EmptyRaceError", line, "race has no live member (every candidate is retired, "
-                          "invalid or at logit -inf; race(..., allow_empty=True) returns -1 instead)")
+        if isinstance(s, ir.GroupRace):
+            empty = self.code("EmptyRaceError", line, "race_groups has no live member in any group")
+        else:
+            empty = self.code("EmptyRaceError", line, "race has no live member (every candidate is retired, "
+                              "invalid or at logit -inf; race(..., allow_empty=True) returns -1 instead)")
         nest = self.code("NestingError", line, f"spec {self.p.name!r} declares nested=True, but this race's "
-                         f"members are not inside one member set of the previous race")
-        return [_name(x) for x in _STATE[:1] + _STATE[2:]], ast.Constant(s.allow_empty), empty, nest
+                         f"members are not inside one member set of the previous race (line {{prev}})", "nest")
+        bound = self.code("RaceError", line, f"{self.p.name}: more races than the static bound {{a}}", "bound")
+        return [_name(x) for x in _STATE[:1] + _STATE[2:]], ast.Constant(s.allow_empty), empty, nest, bound
 
     def read_locals(self, members):
         """The lane locals a race predicate reads (sorted): what its snapshot keeps."""
@@ -660,7 +863,7 @@ class _Codegen:
         keep.append(ast.Assign([ast.Subscript(_name("__site"), slot, ast.Store())], ast.Constant(site)))
         return [ast.If(ast.Compare(slot, [ast.Lt()], [_attr(_name("__tr"), "size")]), keep, [])]
 
-    def snapshot_race(self, s, allow, empty):
+    def snapshot_race(self, s, allow, empty, bound):
         """Replaying a race of the nested fast path (mode != 0): keep the locals its predicate
         reads in this race's slot, check that the trace's winner is a member (scanning every
         live atom only when it is not, to tell an empty race from an impossible trace) and
@@ -683,7 +886,7 @@ class _Codegen:
         out += [ast.Assign([_name("__any", ast.Store())], _name("__in")),
                 ast.If(ast.UnaryOp(ast.Not(), _name("__in")), [scan], [])]
         return out, _call("__score_snap", _name("__w"), _name("__in"), _name("__any"), _name("__alive"),
-                          _name("__tr"), _name("__st"), _name("__ex"), allow, empty)
+                          _name("__tr"), _name("__st"), _name("__ex"), allow, empty, bound)
 
     def exit_search(self):
         """After a snapshot replay: every live atom that never won left after the last race
@@ -745,27 +948,28 @@ class _Codegen:
         for site, (_, free) in enumerate(self.sites):
             for v in free:
                 t = self.types.locals[v]
-                dims = [self.static(ast.parse(d.text, mode="eval").body) for d in t.shape]
+                dims = [self.static(ast.parse(d.text, mode="eval").body, False) for d in t.shape]
                 out.append(ast.Assign([_name(f"__sn{site}_{v}", ast.Store())],
                                       _call(_np("empty"), ast.Tuple([slots] + dims, ast.Load()),
                                             _np("bool_" if t.dtype == "bool" else "int64"))))
         return out
 
     def race(self, s):
-        state, allow, empty, nest = self.race_args(s)
+        state, allow, empty, nest, bound = self.race_args(s)
         w = self.temp("w")
         if self.snap:        # score through snapshots and exit races found afterwards
-            generic, call = self.snapshot_race(s, allow, empty)
+            generic, call = self.snapshot_race(s, allow, empty, bound)
         elif self.fast:      # score through exit races: no per-race sums over the members
             generic = self.nested_members(s.members)
             call = _call("__score_nested", _name("__m"), _name("__alive"), _name("__tr"),
-                         _name("__st"), _name("__ex"), allow, empty)
+                         _name("__st"), _name("__ex"), allow, empty, bound)
         else:
             generic = self.fill(s.members, "__mb")
-            call = _call("__race", _name("__mode"), _name("__mb"), *state, allow, empty, nest)
+            call = _call("__race", _name("__mode"), _name("__mb"), *state, allow, empty, nest, bound,
+                         ast.Constant(s.line))
         generic.append(ast.Assign([_name(w, ast.Store())], call))
-        out = [ast.If(ast.Compare(_name("__mode"), [ast.NotEq()], [ast.Constant(1)]), self.pop(s, w, allow, empty),
-                      generic)] if self.fast else generic
+        out = [ast.If(ast.Compare(_name("__mode"), [ast.NotEq()], [ast.Constant(1)]),
+                      self.pop(s, w, allow, empty, bound), generic)] if self.fast else generic
         out.append(self.check())
         if len(s.targets) == 1:
             out.append(ast.Assign([_name(s.targets[0], ast.Store())], _name(w)))
@@ -777,7 +981,7 @@ class _Codegen:
         out += [ast.Assign([_name(t, ast.Store())], _name(i)) for t, i in zip(s.targets, idx)]
         return out
 
-    def pop(self, s, w, allow, empty):
+    def pop(self, s, w, allow, empty, bound):
         """The nested fast path: the winner is the first member popped from the lane's heap of
         live atoms (ordered by raw noise); a popped non-member is never a member again, since
         every later race lies inside this one.  The predicate is evaluated only for popped
@@ -790,7 +994,7 @@ class _Codegen:
             ast.Assign([_name("__i", ast.Store())], _call("__heap_pop", _name("__hk"), _name("__h"), _name("__hs"))),
             ast.If(ast.Compare(_name("__i"), [ast.Lt()], [ast.Constant(0)]), [ast.Break()], []),
             ast.If(ast.Subscript(_name("__alive"), _name("__i"), ast.Load()), test + [found], [])], [])
-        take = _call("__take", _name(w), _name("__alive"), _name("__tr"), _name("__st"), allow, empty)
+        take = _call("__take", _name(w), _name("__alive"), _name("__tr"), _name("__st"), allow, empty, bound)
         out = pre + [ast.Assign([_name(w, ast.Store())], ast.UnaryOp(ast.USub(), ast.Constant(1))), scan,
                      ast.Assign([_name(w, ast.Store())], take)]
         if not self.snap:
@@ -805,11 +1009,13 @@ class _Codegen:
         return [ast.If(three, keep, [])] + out + [ast.If(three, [won], [])]
 
     def race_groups(self, s):
-        out = self.fill(s.key, "__kb")
-        state, allow, empty, nest = self.race_args(s)
-        key = self.code("SpecValueError", s.line, "race_groups key outside [-1, groups)")
         g = self.temp("g")
-        call = _call("__race_groups", _name("__mode"), _name("__kb"), self.static(s.groups), *state, allow, empty, nest, key)
+        # the reference evaluates groups= before the keys
+        out = [ast.Assign([_name(f"{g}n", ast.Store())], self.static(s.groups))] + self.fill(s.key, "__kb")
+        state, allow, empty, nest, bound = self.race_args(s)
+        key = self.code("SpecValueError", s.line, "race_groups key {a} outside [-1, {b}) for atom {atom}", "key")
+        call = _call("__race_groups", _name("__mode"), _name("__kb"), _name(f"{g}n"), *state, allow, empty, nest,
+                     bound, ast.Constant(s.line), key)
         out += [ast.Assign([_name(g, ast.Store())], call), self.check()]
         if len(s.targets) == 1:
             out.append(ast.Assign([_name(s.targets[0], ast.Store())], _name(g)))
@@ -835,12 +1041,24 @@ class _Codegen:
         return out
 
     # ---- the module ------------------------------------------------------------------------------
+    def constant_arrays(self):
+        """The spec's tuple constants as module globals (Numba freezes a global array into
+        the compiled code), built from their values, element by element."""
+        out = []
+        for name, value in sorted(self.constants.items()):
+            flat = ast.List([_const(v) for v in value.reshape(-1).tolist()], ast.Load())
+            array = _call(_np("array"), flat, _np("bool_" if value.dtype == bool else "int64"))
+            shape = ast.Tuple([ast.Constant(d) for d in value.shape], ast.Load())
+            out.append(ast.unparse(ast.Assign([_name(name, ast.Store())], _call(_attr(array, "reshape"), shape),
+                                              lineno=1)))
+        return out
+
     def module(self):
         p = self.p
         params = list(p.params)
         outs = [f"__out_{o}" for o in p.outputs]
         lane_args = ["__mode", "__b"] + params + _STATE + ["__ex", "__cand", "__unr"] + outs
-        body = [ast.Assign([_name(f"__d{i}", ast.Store())], self.static(d)) for i, d in enumerate(p.atoms.dims)]
+        body = [ast.Assign([_name(f"__d{i}", ast.Store())], self.static(d, False)) for i, d in enumerate(p.atoms.dims)]
         body += [ast.Assign([_name("__A", ast.Store())], _attr(_name("__alive"), "size")),
                  ast.Assign([_name("__hs", ast.Store())], _call(_np("zeros"), ast.Constant(1), _np("int64"))),
                  ast.Assign([_name("__h", ast.Store())], _call(_np("empty"), _name("__A") if self.fast
@@ -875,14 +1093,19 @@ class _Codegen:
             "import numpy as __np",
             "from numba import njit, prange",
             "from structdsl.backends.numba_kernels import arg_extreme as __arg_extreme, extreme as __extreme, \\",
-            "    ck as __ck, finish_score as __finish_score, gather1 as __gather1, mask_set as __mask_set, \\",
-            "    nonzero_a as __nonzero_a, nonzero_s as __nonzero_s, race as __race, \\",
-            "    race_groups as __race_groups, \\",
+            "    ck as __ck, ck2 as __ck2, ck3 as __ck3, fail as __fail, finish_score as __finish_score, \\",
+            "    gather1 as __gather1, mask_set as __mask_set, sel as __sel, race as __race, \\",
+            "    race_groups as __race_groups, total_ck as __total_ck, \\",
+            "    add_s as __add_s, sub_s as __sub_s, mul_s as __mul_s, floordiv_s as __floordiv_s, \\",
+            "    mod_s as __mod_s, lshift_s as __lshift_s, rshift_s as __rshift_s, neg_s as __neg_s, abs_s as __abs_s, \\",
+            "    add_a as __add_a, sub_a as __sub_a, mul_a as __mul_a, floordiv_a as __floordiv_a, \\",
+            "    mod_a as __mod_a, lshift_a as __lshift_a, rshift_a as __rshift_a, neg_a as __neg_a, abs_a as __abs_a, \\",
             "    take as __take, total as __total, heap_init as __heap_init, heap_pop as __heap_pop, \\",
             "    prepare_sample as __prepare_sample, prepare_solve as __prepare_solve, \\",
             "    score_nested as __score_nested, score_snap as __score_snap, \\",
             "    finish_nested as __finish_nested",
             "__range, __min, __max, __abs = range, min, max, abs",
+            *self.constant_arrays(),
             "", "",
             ast.unparse(_locate(lane)),
             "", "",
@@ -957,6 +1180,24 @@ def score_all({params}__unr, __alive, __logits, __tr, __st, __fs, __grad, __lsum
 '''
 
 
+def _message(code, row, atom_shape):
+    """The reference's message for error ``code`` from the values its lane recorded (see
+    ``numba_kernels.ST_A``)."""
+    from .numba_kernels import ST_A, ST_ATOM, ST_B, ST_C, ST_PREV
+    text = code.message
+    if code.fmt is not None:
+        a, b, c = int(row[ST_A]), int(row[ST_B]), int(row[ST_C])
+        exact = _EXACT[code.fmt](a, b) if code.fmt in _EXACT else None
+        text = text.format(a=a, b=b, exact=exact, prev=int(row[ST_PREV]), atom=_atom(c, atom_shape))
+    if code.pred and row[ST_ATOM] > 0:
+        text += f" (evaluating the predicate for atom {_atom(int(row[ST_ATOM]) - 1, atom_shape)})"
+    return text
+
+
+def _atom(flat, shape):
+    return tuple(int(i) for i in np.unravel_index(flat, shape)) if 0 <= flat < int(np.prod(shape)) else flat
+
+
 def _kernels_hash():
     path = Path(__file__).with_name("numba_kernels.py")
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -1011,10 +1252,13 @@ class Program(_BaseProgram):
         super().__init__(spec, **static_params)
         from .numpy_reference import Program as Reference
         self.reference = Reference(spec, **static_params)   # valid masks and enumeration
-        gen = _Codegen(self.ir, self.types)
+        gen = _Codegen(self.ir, self.types, self._constant_arrays)
         self.source = gen.module()
         self._codes = gen.codes
         self._fast, self._snap = gen.fast, gen.snap
+        # the nested fast paths trust a nested=True promise (docs/design.md 4.4): checking
+        # it would cost a pass over the atoms per race, the very work they avoid
+        self.checks_nesting = not gen.fast
         self._module = load(self.source)
         self._tables = {}
         self._consts = {}
@@ -1074,7 +1318,7 @@ class Program(_BaseProgram):
                     f"reference backend (backend='numpy') runs the spec", self.ir.file, self.ir.atoms.line) from exc
             raise
 
-    def _raise(self, st, check_logits=None):
+    def _raise(self, st, inst, check_logits=None):
         """Raise the first lane's spec error; ``check_logits``: after a draw, a callable that
         names a NaN or +inf logit (it raises) if a lane met one."""
         from .numba_kernels import BAD_LOGIT
@@ -1086,8 +1330,8 @@ class Program(_BaseProgram):
         bad = np.flatnonzero(st[:, 0] > 0)
         if bad.size:
             lane = int(bad[0])
-            cls, line, message = self._codes[int(st[lane, 0]) - 1]
-            raise getattr(errors, cls)(message, self.ir.file, line, lane)
+            code = self._codes[int(st[lane, 0]) - 1]
+            raise getattr(errors, code.cls)(_message(code, st[lane], inst.atom_shape), self.ir.file, code.line, lane)
 
     def _solve_all(self, inst, res, uniforms, logits, log_space, check_logits=None, score=None):
         """Run the solve driver: on given weights ``res``, or drawing ``res = log E`` from
@@ -1098,7 +1342,8 @@ class Program(_BaseProgram):
         draw = uniforms is not None
         none = np.zeros((B, 0))
         tr = np.full((B, inst.max_races), -1, dtype=np.int64)
-        st = np.zeros((B, 4), dtype=np.int64)
+        from .numba_kernels import ST_WIDTH
+        st = np.zeros((B, ST_WIDTH), dtype=np.int64)
         if self.ir.nested:
             st[:, 2] = 1
         outs = self._outputs(inst, B)
@@ -1109,7 +1354,7 @@ class Program(_BaseProgram):
         # the callers hand over writable C-contiguous float64 arrays: one lane signature
         self._run("solve_all", *self._solve_consts(inst), uniforms if draw else none, logits if draw else none,
                   res, log_noise, tr, st, log_space, draw, mode, fs, grad, lsum, flags, *outs)
-        self._raise(st, (check_logits or (lambda: self._check_logits(logits))) if draw else None)
+        self._raise(st, inst, (check_logits or (lambda: self._check_logits(logits))) if draw else None)
         return tr, outs, log_noise
 
     def _solve(self, inst, weights, log_space):
@@ -1191,12 +1436,12 @@ class Program(_BaseProgram):
     def _score(self, inst, traces, logits, want_grad, uniforms, want_members=False):
         """``(log p, grad or None, E | T noise or None)``; with ``want_members`` the third is
         the races' member sets, bool ``[B, R, A]`` (written where E | T's buffer would be)."""
-        from .numba_kernels import IMPOSSIBLE, WANT_GRAD, WANT_MEMBERS, WANT_NOISE
+        from .numba_kernels import IMPOSSIBLE, ST_WIDTH, WANT_GRAD, WANT_MEMBERS, WANT_NOISE
         B, A = logits.shape
         R = inst.max_races
         alive = inst.valid.reshape(-1) & ~np.isneginf(logits)
         tr = np.array(traces, dtype=np.int64)
-        st = np.zeros((B, 4), dtype=np.int64)
+        st = np.zeros((B, ST_WIDTH), dtype=np.int64)
         st[:, 2] = 1 if self.ir.nested else 0
         fs = np.zeros((B, 1))
         grad = np.zeros((B, A) if want_grad else (B, 0))
@@ -1208,7 +1453,7 @@ class Program(_BaseProgram):
         outs = [o[:1] for o in self._outputs(inst, 1)]
         self._run("score_all", *self._args(inst), self._unravel_table(inst), alive, np.array(logits, dtype=np.float64),
                                tr, st, fs, grad, lsum, u, noise, np.int64(flags), np.bool_(False), *outs)
-        self._raise(st)
+        self._raise(st, inst)
         logp = np.where(st[:, 0] == IMPOSSIBLE, -np.inf, fs[:, 0])
         if want_members:
             return logp, (grad if want_grad else None), (lsum > 0).reshape(B, R, A)

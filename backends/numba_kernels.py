@@ -10,8 +10,8 @@ the program cannot produce (probability zero), which is not an error.
 
 Lane state (one row per lane): ``alive`` bool[A] (valid, rate > 0, not yet won); ``res``
 float64[A] (solve: residual noise, in log space when ``log_space``; score: the logits);
-``tr`` int64[R] (the trace: written by solve, read by score); ``st`` int64[4] (status, next
-slot); ``fs`` float64[1] (log p); ``grad`` float64[A]; ``lsum`` float64[A] (log of the summed
+``tr`` int64[R] (the trace: written by solve, read by score); ``st`` int64[ST_WIDTH] (status,
+next slot, nesting state, and the values an error's message names: see ``ST_A``); ``fs`` float64[1] (log p); ``grad`` float64[A]; ``lsum`` float64[A] (log of the summed
 race minima of each atom, for E | T; with ``WANT_MEMBERS`` instead float64[R * A], set to 1 at
 ``r * A + i`` when atom ``i`` is a member of race ``r``); ``u`` float64[R] (uniforms of the race minima);
 ``pkey`` int64[A] (the previous race's group of each atom, -1 outside it: the nesting check).
@@ -21,13 +21,24 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.core.extending import intrinsic
 
 SOLVE, SCORE, SAMPLE_SCORE = 0, 1, 2     # SAMPLE_SCORE: solve on the residuals, score on the logits
 IMPOSSIBLE = -1
 BAD_LOGIT = -2                   # a NaN or +inf logit met while drawing (trusted entry points)
 _TINY = 2.2250738585072014e-308  # the smallest normal float64
 WANT_GRAD, WANT_NOISE, WANT_MEMBERS = 1, 2, 4
+I64_MIN, I64_MAX = np.int64(-2**63), np.int64(2**63 - 1)
+
+# The lane status ``st``: st[0] the first error's code (0: none), st[1] the next trace slot,
+# st[2] the nesting state, st[3] the nested score's candidate count; the first error also
+# records the values its message names (an index and the dimension, an operation's operands,
+# a group key...) in st[ST_A], st[ST_B], st[ST_C]; a predicate's error, the atom (+1) it was
+# evaluated for in st[ST_ATOM]; a nested spec's race, its line in st[ST_PREV] (the nesting
+# message names the previous race).  Python formats the message from them.
+ST_A, ST_B, ST_C, ST_ATOM, ST_PREV = 4, 5, 6, 7, 8
+ST_WIDTH = 9
 
 
 @njit(cache=True)
@@ -37,12 +48,251 @@ def fail(st, code):
 
 
 @njit(cache=True)
+def fail_with(st, code, a, b):
+    """``fail``, keeping the values ``a``, ``b`` the message names (first error only)."""
+    if st[0] == 0:
+        st[0] = code
+        st[ST_A] = a
+        st[ST_B] = b
+
+
+@njit(cache=True)
 def ck(i, n, st, code):
-    """A checked index: ``i`` if ``0 <= i < n``, else records ``code`` and returns 0."""
+    """A checked index: ``i`` if ``0 <= i < n``, else records ``code`` (with ``i`` and
+    ``n``) and returns 0."""
     if i < 0 or i >= n:
-        fail(st, code)
+        fail_with(st, code, i, n)
         return 0
     return i
+
+
+@njit(cache=True)
+def ck2(i, j, n, m, st, code_i, code_j):
+    """Two indices of one subscript, checked after both are evaluated (the reference
+    evaluates the whole index before checking it)."""
+    return ck(i, n, st, code_i), ck(j, m, st, code_j)
+
+
+@njit(cache=True)
+def ck3(i, j, k, n, m, o, st, code_i, code_j, code_k):
+    return ck(i, n, st, code_i), ck(j, m, st, code_j), ck(k, o, st, code_k)
+
+
+# ---- checked int64 arithmetic: the reference raises SpecOverflowError ---------------------------
+# Scalars (``*_s``) record the operands (the message gives the exact result); arrays (``*_a``,
+# either operand may be a scalar, NumPy broadcasting) record the code only, as the reference's
+# array messages name no value.  The tests never look at a wrapped result: Numba marks its
+# int64 ``+ - *`` "no signed wrap", so LLVM may assume such a test false and drop it.  LLVM's
+# overflow intrinsics give the wrapped value and the flag instead (one instruction and a
+# flag on x86); shifts are tested before they are made.
+def _with_overflow(method):
+    @intrinsic
+    def op(typingctx, a, b):
+        """``(a op b wrapped, 1 if the exact result is outside int64 else 0)``."""
+        sig = types.UniTuple(types.int64, 2)(types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            res = getattr(builder, method)(args[0], args[1])
+            value = builder.extract_value(res, 0)
+            flag = builder.zext(builder.extract_value(res, 1), value.type)
+            return context.make_tuple(builder, signature.return_type, [value, flag])
+        return sig, codegen
+    return op
+
+
+_sadd = _with_overflow("sadd_with_overflow")
+_ssub = _with_overflow("ssub_with_overflow")
+_smul = _with_overflow("smul_with_overflow")
+
+
+@njit(cache=True)
+def add_s(a, b, st, code):
+    r, o = _sadd(np.int64(a), np.int64(b))
+    if o:
+        fail_with(st, code, a, b)
+    return r
+
+
+@njit(cache=True)
+def sub_s(a, b, st, code):
+    r, o = _ssub(np.int64(a), np.int64(b))
+    if o:
+        fail_with(st, code, a, b)
+    return r
+
+
+@njit(cache=True)
+def mul_s(a, b, st, code):
+    r, o = _smul(np.int64(a), np.int64(b))
+    if o:
+        fail_with(st, code, a, b)
+    return r
+
+
+@njit(cache=True)
+def floordiv_s(a, b, st, code_zero, code_over):
+    """``a // b`` (floor): a zero divisor records ``code_zero`` (and divides by 1),
+    ``INT64_MIN // -1`` records ``code_over``."""
+    if b == 0:
+        fail(st, code_zero)
+        return a
+    if b == -1 and a == I64_MIN:
+        fail_with(st, code_over, a, b)
+        return a
+    return a // b
+
+
+@njit(cache=True)
+def mod_s(a, b, st, code_zero):
+    if b == 0:
+        fail(st, code_zero)
+        return 0 * a
+    return a % b
+
+
+@njit(cache=True)
+def _shl_overflows(a, s):
+    """Whether the exact ``a * 2**s`` (``s >= 0``) is outside int64."""
+    if a == 0:
+        return False
+    if s >= 63:
+        return not (s == 63 and a == -1)
+    return a > (I64_MAX >> s) or a < (I64_MIN >> s)
+
+
+@njit(cache=True)
+def lshift_s(a, s, st, code_count, code_over):
+    """``a << s``: a negative count records ``code_count``; a result past int64 (the exact
+    ``a * 2**s``) records ``code_over``."""
+    if s < 0:
+        fail(st, code_count)
+        return 0 * a
+    if _shl_overflows(a, s):
+        fail_with(st, code_over, a, s)
+        return 0 * a
+    return a << min(s, 63)
+
+
+@njit(cache=True)
+def rshift_s(a, s, st, code_count):
+    if s < 0:
+        fail(st, code_count)
+        return a
+    return a >> min(s, 63)
+
+
+@njit(cache=True)
+def neg_s(a, st, code):
+    if a == I64_MIN:
+        fail_with(st, code, a, 0)
+        return a
+    return -a
+
+
+@njit(cache=True)
+def abs_s(a, st, code):
+    if a == I64_MIN:
+        fail_with(st, code, a, 0)
+        return a
+    return abs(a)
+
+
+@njit(cache=True)
+def sel(c, a, b):
+    """``where(c, a, b)`` on scalars: both values evaluated, as the reference does."""
+    return a if c else b
+
+
+@njit(cache=True)
+def add_a(a, b, st, code):
+    r = a + b                        # the shape; the values come from the intrinsic
+    x, y = np.broadcast_to(a, r.shape), np.broadcast_to(b, r.shape)
+    for idx in np.ndindex(r.shape):
+        v, o = _sadd(x[idx], y[idx])
+        r[idx] = v
+        if o:
+            fail(st, code)
+    return r
+
+
+@njit(cache=True)
+def sub_a(a, b, st, code):
+    r = a - b
+    x, y = np.broadcast_to(a, r.shape), np.broadcast_to(b, r.shape)
+    for idx in np.ndindex(r.shape):
+        v, o = _ssub(x[idx], y[idx])
+        r[idx] = v
+        if o:
+            fail(st, code)
+    return r
+
+
+@njit(cache=True)
+def mul_a(a, b, st, code):
+    r = a * b
+    x, y = np.broadcast_to(a, r.shape), np.broadcast_to(b, r.shape)
+    for idx in np.ndindex(r.shape):
+        v, o = _smul(x[idx], y[idx])
+        r[idx] = v
+        if o:
+            fail(st, code)
+    return r
+
+
+@njit(cache=True)
+def floordiv_a(a, b, st, code_zero, code_over):
+    if np.any(b == 0):
+        fail(st, code_zero)
+        return a // np.where(b == 0, 1, b)
+    if np.any((a == I64_MIN) & (b == -1)):
+        fail(st, code_over)
+    return a // b
+
+
+@njit(cache=True)
+def mod_a(a, b, st, code_zero):
+    if np.any(b == 0):
+        fail(st, code_zero)
+        return a % np.where(b == 0, 1, b)
+    return a % b
+
+
+@njit(cache=True)
+def lshift_a(a, s, st, code_count, code_over):
+    if np.any(s < 0):
+        fail(st, code_count)
+        return a + 0 * s
+    r = a << np.minimum(s, 63)
+    x, y = np.broadcast_to(a, r.shape), np.broadcast_to(s, r.shape)
+    for idx in np.ndindex(r.shape):
+        if _shl_overflows(x[idx], y[idx]):
+            fail(st, code_over)
+            break
+    return r
+
+
+@njit(cache=True)
+def rshift_a(a, s, st, code_count):
+    if np.any(s < 0):
+        fail(st, code_count)
+        return a + 0 * s
+    return a >> np.minimum(s, 63)
+
+
+@njit(cache=True)
+def neg_a(a, st, code):
+    if np.any(a == I64_MIN):
+        fail(st, code)
+        return np.where(a == I64_MIN, 0, -a)
+    return -a
+
+
+@njit(cache=True)
+def abs_a(a, st, code):
+    if np.any(a == I64_MIN):
+        fail(st, code)
+        return np.where(a == I64_MIN, 0, np.abs(a))
+    return np.abs(a)
 
 
 @njit(cache=True)
@@ -107,10 +357,26 @@ def arg_extreme(x, largest, st, code):
 
 @njit(cache=True)
 def total(x):
+    """``sum`` of a bool array (a count: it cannot overflow)."""
     s = 0
-    f = x.reshape(-1)
-    for k in range(f.size):
-        s += np.int64(f[k])
+    for v in x.flat:
+        s += np.int64(v)
+    return s
+
+
+@njit(cache=True)
+def total_ck(x, st, code):
+    """``sum`` of an int array: wrapped partial sums and a count of the wraps, so only the
+    exact total must fit in int64 (as the reference's); records the wrapped sum and the
+    wraps (the exact total is ``a + b * 2**64``)."""
+    s = np.int64(0)
+    wraps = np.int64(0)
+    for v in x.flat:
+        s, o = _sadd(s, np.int64(v))
+        if o:
+            wraps += 1 if v > 0 else -1
+    if wraps != 0:
+        fail_with(st, code, s, wraps)
     return s
 
 
@@ -144,16 +410,18 @@ def _check_nested(mask, key, single, groups, pkey, st, code):
 
 
 @njit(cache=True)
-def _remember(mask, key, single, pkey):
+def _remember(mask, key, single, pkey, st, line):
     for i in range(mask.size):
         pkey[i] = (0 if single else key[i]) if mask[i] else -1
+    st[ST_PREV] = line               # the nesting message names the previous race's line
 
 
 @njit(cache=True)
 def race(mode, members, alive, res, x, tr, st, fs, grad, lsum, u, pkey, log_space, flags,
-         allow_empty, code_empty, code_nest):
+         allow_empty, code_empty, code_nest, code_bound, line):
     """One race over ``members & alive`` (``members`` is overwritten with that mask);
-    returns the flat winner (-1: empty and allowed).
+    returns the flat winner (-1: empty and allowed).  ``code_bound``: more races than the
+    trace holds (the static bound, ``tr.size``); ``line``: the race's spec line.
 
     st[1]: next trace slot; st[2]: 1 when the spec is nested (check), 3 once there is a
     previous race to compare with."""
@@ -171,21 +439,23 @@ def race(mode, members, alive, res, x, tr, st, fs, grad, lsum, u, pkey, log_spac
         _check_nested(members, pkey, True, 1, pkey, st, code_nest)
         if st[0] != 0:
             return -1
-    w = _pick(mode, members, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags)
+    w = _pick(mode, members, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags, code_bound)
+    if w < 0:
+        return -1
     if st[2] & 1:
-        _remember(members, pkey, True, pkey)
+        _remember(members, pkey, True, pkey, st, line)
         st[2] = 3
     return w
 
 
 @njit(cache=True)
-def _pick(mode, mask, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags):
+def _pick(mode, mask, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags, code_bound):
     """SOLVE: the winner from the residuals ``res`` (updated); SCORE: the trace's winner
     scored against the logits (``res`` holds them); SAMPLE_SCORE: both, logits in ``x``."""
     A = alive.size
     slot = st[1]
-    if slot >= tr.size:              # cannot happen: the bound is proven statically
-        fail(st, IMPOSSIBLE)
+    if slot >= tr.size:              # past the static bound (the reference raises too)
+        fail_with(st, code_bound, tr.size, 0)
         return -1
     if mode != SCORE:
         w = -1
@@ -251,16 +521,20 @@ def _score_race(mask, res, w, slot, fs, grad, lsum, u, flags):
 
 @njit(cache=True)
 def race_groups(mode, keys, groups, alive, res, x, tr, st, fs, grad, lsum, u, pkey, log_space, flags,
-                allow_empty, code_empty, code_nest, code_key):
+                allow_empty, code_empty, code_nest, code_bound, line, code_key):
     """One race per group (keys in [-1, groups)); returns winners per group (-1: empty).
-    ``keys`` is the lane's scratch buffer: its retired atoms' keys become -1 here."""
+    ``keys`` is the lane's scratch buffer: its retired atoms' keys become -1 here.  A key
+    out of range records ``code_key`` with the key, ``groups`` and the atom (the first in
+    flat order, as the reference names it)."""
     A = alive.size
     out = np.full(max(groups, 0), -1, np.int64)
     present = np.zeros(max(groups, 0), np.bool_)
     for i in range(A):
         k = keys[i]
         if k < -1 or k >= groups:
-            fail(st, code_key)
+            if st[0] == 0:
+                fail_with(st, code_key, k, groups)
+                st[ST_C] = i
             return out
         if not alive[i]:
             keys[i] = -1
@@ -275,19 +549,21 @@ def race_groups(mode, keys, groups, alive, res, x, tr, st, fs, grad, lsum, u, pk
         _check_nested(key >= 0, key, False, groups, pkey, st, code_nest)
         if st[0] != 0:
             return out
-    _pick_groups(mode, key, groups, present, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags, out)
-    if st[0] != 0:
+    if not _pick_groups(mode, key, groups, present, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags,
+                        out, code_bound):
         return out
     if st[2] & 1:
-        _remember(key >= 0, key, False, pkey)
+        _remember(key >= 0, key, False, pkey, st, line)
         st[2] = 3
     return out
 
 
 @njit(cache=True)
-def _pick_groups(mode, key, groups, present, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags, out):
+def _pick_groups(mode, key, groups, present, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags, out,
+                 code_bound):
     """Every present group's race in one pass over the atoms (``key``: group, -1 outside),
-    with the reference's arithmetic per group; winners recorded in group order."""
+    with the reference's arithmetic per group; winners recorded in group order.  Returns
+    False when the lane stops (past the static bound, or an impossible replayed winner)."""
     A = alive.size
     slot = st[1]
     G = groups
@@ -297,9 +573,9 @@ def _pick_groups(mode, key, groups, present, alive, res, x, tr, st, fs, grad, ls
         if present[g]:
             slot_of[g] = k
             k += 1
-    if k > tr.size:                  # cannot happen: the bound is proven statically
-        fail(st, IMPOSSIBLE)
-        return
+    if mode != SCORE and k > tr.size:        # past the static bound (the reference raises too)
+        fail_with(st, code_bound, tr.size, 0)
+        return False
     if mode != SCORE:
         best = np.full(G, -1, np.int64)
         for i in range(A):
@@ -323,25 +599,27 @@ def _pick_groups(mode, key, groups, present, alive, res, x, tr, st, fs, grad, ls
             if best[g] >= 0:
                 tr[slot_of[g]] = best[g]
         if mode == SAMPLE_SCORE:
-            _score_groups(key, G, present, x, tr, slot_of, st, fs, grad, lsum, u, flags, out)
+            _score_groups(key, G, present, x, tr, slot_of, st, fs, grad, lsum, u, flags, out, code_bound)
         for g in range(G):
             if best[g] >= 0:
                 out[g] = best[g]
                 alive[best[g]] = False
     else:
-        _score_groups(key, G, present, res, tr, slot_of, st, fs, grad, lsum, u, flags, out)
-        if st[0] != 0:
-            return
+        if not _score_groups(key, G, present, res, tr, slot_of, st, fs, grad, lsum, u, flags, out, code_bound):
+            return False
         for g in range(G):
             if present[g]:
                 alive[out[g]] = False
     st[1] = k
+    return True
 
 
 @njit(cache=True)
-def _score_groups(key, G, present, res, tr, slot_of, st, fs, grad, lsum, u, flags, out):
+def _score_groups(key, G, present, res, tr, slot_of, st, fs, grad, lsum, u, flags, out, code_bound):
     """Every present group's race (winners from the trace, written to ``out``) scored
-    against the logits ``res``."""
+    against the logits ``res``.  As the reference's replay, group by group: a slot past the
+    static bound stops the lane with ``code_bound``, a winner that is not a live member of
+    its group makes the trace impossible, whichever comes first.  Returns False if so."""
     A = key.size
     top = np.full(G, -np.inf)
     for i in range(A):
@@ -361,10 +639,13 @@ def _score_groups(key, G, present, res, tr, slot_of, st, fs, grad, lsum, u, flag
             lse[g] = top[g] + math.log(s[g])
     for g in range(G):
         if present[g]:
+            if slot_of[g] >= tr.size:
+                fail_with(st, code_bound, tr.size, 0)
+                return False
             w = tr[slot_of[g]]
             if w < 0 or w >= A or key[w] != g:
                 fail(st, IMPOSSIBLE)
-                return
+                return False
             fs[0] += res[w] - lse[g]
             out[g] = w
     if flags & WANT_GRAD:
@@ -392,6 +673,7 @@ def _score_groups(key, G, present, res, tr, slot_of, st, fs, grad, lsum, u, flag
             g = key[i]
             if g >= 0:
                 lsum[slot_of[g] * A + i] = 1.0
+    return True
 
 
 @njit(cache=True)
@@ -417,7 +699,7 @@ def finish_score(tr, st, lsum, logits, live, u_fresh, noise, flags):
 
 
 @njit(cache=True)
-def take(w, alive, tr, st, allow_empty, code_empty):
+def take(w, alive, tr, st, allow_empty, code_empty, code_bound):
     """The nested fast path's race: ``w`` (the first live member in the lane's sorted noise,
     or -1) is recorded and retired."""
     if w < 0:
@@ -425,8 +707,8 @@ def take(w, alive, tr, st, allow_empty, code_empty):
             fail(st, code_empty)
         return -1
     slot = st[1]
-    if slot >= tr.size:              # cannot happen: the bound is proven statically
-        fail(st, IMPOSSIBLE)
+    if slot >= tr.size:              # past the static bound (the reference raises too)
+        fail_with(st, code_bound, tr.size, 0)
         return -1
     tr[slot] = w
     st[1] = slot + 1
@@ -522,7 +804,7 @@ def prepare_sample(valid, uni, logits, alive, res, log_noise, st):
     A uniform of 0 counts as the smallest normal float, as torch's draws are clamped; a NaN
     or +inf logit sets ``st[0] = BAD_LOGIT`` (the caller names the entry)."""
     for k in range(uni.size):
-        if not logits[k] < np.inf:
+        if valid[k] and not logits[k] < np.inf:   # invalid atoms: ignored, NaN included
             st[0] = BAD_LOGIT
         ok = valid[k] and logits[k] > -np.inf
         alive[k] = ok
@@ -533,7 +815,7 @@ def prepare_sample(valid, uni, logits, alive, res, log_noise, st):
 
 # ---- the nested fast path's score: exit races instead of per-race sums ------------------------
 @njit(cache=True)
-def score_nested(m, alive, tr, st, ex, allow_empty, code_empty):
+def score_nested(m, alive, tr, st, ex, allow_empty, code_empty, code_bound):
     """A replayed race of a nested spec, after the generated loop compacted its ``m`` members
     into the candidate list and set ``ex[i] = r`` for each (see ``nested_members`` in the
     code generator).  Checks the winner and retires it; the sums over members are done once
@@ -543,8 +825,8 @@ def score_nested(m, alive, tr, st, ex, allow_empty, code_empty):
             fail(st, code_empty)
         return -1                    # an empty race changes nothing (no slot, same list)
     r = st[1]
-    if r >= tr.size:
-        fail(st, IMPOSSIBLE)
+    if r >= tr.size:                 # past the static bound (the reference raises too)
+        fail_with(st, code_bound, tr.size, 0)
         return -1
     w = tr[r]
     if w < 0 or w >= alive.size or not alive[w] or ex[w] != r:
@@ -557,14 +839,16 @@ def score_nested(m, alive, tr, st, ex, allow_empty, code_empty):
 
 
 @njit(cache=True)
-def score_snap(w, member, any_member, alive, tr, st, ex, allow_empty, code_empty):
+def score_snap(w, member, any_member, alive, tr, st, ex, allow_empty, code_empty, code_bound):
     """A replayed race of a nested spec scored through snapshots: ``w`` is the trace's entry
     for this race (-1 past its end), ``member`` whether it is a live member, ``any_member``
     whether the race has any.  Retires the winner, recording this race as its exit race;
     an empty race changes nothing (no slot).  The other atoms' exit races are found after
     the body, by binary search over the snapshots."""
     if not member:
-        if any_member:
+        if any_member and st[1] >= tr.size:
+            fail_with(st, code_bound, tr.size, 0)    # past the static bound (the reference raises too)
+        elif any_member:
             fail(st, IMPOSSIBLE)     # the trace names a non-member, or stops while members race
         elif not allow_empty:
             fail(st, code_empty)

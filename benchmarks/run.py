@@ -22,6 +22,11 @@ Sizes: spanning_tree, arborescence, matching and clustering take atoms [n, n];
 categorical, top_k, permutation and binary_tree take atoms [n]; top_k uses k = n // 4
 (at least 1), clustering c = 2.  Logits are standard normal (seed 0).
 
+``--check-cost`` times the numba backend twice in the same run, interleaved: as compiled
+(every int64 operation that can overflow is checked, as the DSL requires) and compiled with
+the checks off (a private flag of the code generator that only this benchmark sets; such a
+program wraps on overflow).  It prints one table of lanes/s, on and off, and their ratio.
+
 Finally the numba compile time of one spec (``--compile-spec``) is measured in fresh
 subprocesses: truly cold (fresh STRUCTDSL_CACHE_DIR and NUMBA_CACHE_DIR), cold for the spec
 only (fresh STRUCTDSL_CACHE_DIR; Numba's cache of the shared kernels module as found in
@@ -384,6 +389,66 @@ def print_compile_times(name, n, results, markdown):
     print()
 
 
+# ---- what the numba backend's overflow checks cost -----------------------------------------
+def unchecked(name, n):
+    """Spec ``name`` compiled for numba with its int64 overflow checks off (wrapping
+    arithmetic, as before the checks existed): only for measuring their cost."""
+    from structdsl.backends import numba_backend
+    saved, numba_backend._CHECK_OVERFLOW = numba_backend._CHECK_OVERFLOW, False
+    try:
+        return structdsl.compile(getattr(specs, name), backend="numba", **statics(name, n))
+    finally:
+        numba_backend._CHECK_OVERFLOW = saved
+
+
+def check_cost(names, sizes, batches, semantics, repeat, markdown):
+    """lanes/s of the numba backend with its overflow checks on and off, same run.  The two
+    programs alternate (best of ``repeat`` timings each, a timing being as many calls as take
+    about 50 ms), so a change of the machine's load hits both.  A spec with nothing to check
+    compiles to the same code both ways (marked ``=``): its ratio shows the noise."""
+    cols = [SEMANTICS[s] for s in semantics]
+    out = []
+    for name in names:
+        rows = []
+        for n in sizes:
+            try:
+                on = structdsl.compile(getattr(specs, name), backend="numba", **statics(name, n))
+                off = unchecked(name, n)
+            except Exception as exc:
+                print(f"{name} n={n}: compile failed: {_brief(exc)}", file=sys.stderr)
+                continue
+            one = np.random.default_rng(0).normal(size=(1,) + atom_shape(name, n))
+            for prog in (on, off):
+                warm_up(prog, semantics, one)
+            for batch in batches:
+                logits = np.random.default_rng(0).normal(size=(batch,) + atom_shape(name, n))
+                s = call(on, "sample", logits)
+                best = {(p, sem): math.inf for p in ("on", "off") for sem in semantics}
+                calls = {}
+                for sem in semantics:                       # calls per timing: about 50 ms
+                    t, _ = measure(lambda: call(on, sem, logits, s.trace, s.noise), 3, 1.0)
+                    calls[sem] = max(1, min(1000, int(0.05 / max(t, 1e-6))))
+                for _ in range(repeat):
+                    for sem in semantics:
+                        for label, prog in (("on", on), ("off", off)):
+                            t0 = time.perf_counter()
+                            for _ in range(calls[sem]):
+                                call(prog, sem, logits, s.trace, s.noise)
+                            best[label, sem] = min(best[label, sem], (time.perf_counter() - t0) / calls[sem])
+                row = [str(n), str(batch)]
+                for sem in semantics:
+                    a, b = batch / best["on", sem], batch / best["off", sem]
+                    row += [fmt_rate(a), fmt_rate(b), f"{100 * (a / b - 1):+.1f}%" + ("=" if on.source == off.source else "")]
+                rows.append(row)
+        if rows:
+            dims = "[n, n]" if SPECS[name][0] == 2 else "[n]"
+            out.append(render(f"{name} (atoms {dims}): numba lanes/s with int64 overflow checks on / off, "
+                              f"interleaved, best of {repeat}" + (" (identical code: '=')" if on.source == off.source
+                                                                  else ""),
+                              [(c, ["on", "off", "on/off-1"]) for c in cols], rows, markdown))
+    return "\n".join(out)
+
+
 # ---- one training step through the distribution -------------------------------------------
 def reinforce_steps(sizes, batch, repeat, markdown, fast=True, cpu=True, cuda=False):
     """Milliseconds of one T-REINFORCE step on spanning trees through
@@ -468,6 +533,9 @@ def main(argv=None):
     parser.add_argument("--no-steps", action="store_true",
                         help="skip the T-REINFORCE step table (printed when torch or cuda is timed)")
     parser.add_argument("--no-compile-time", action="store_true", help="skip the compile-time subprocesses")
+    parser.add_argument("--check-cost", action="store_true",
+                        help="only time numba with its int64 overflow checks on and off (interleaved, "
+                             "same run) on the chosen specs, sizes and batches")
     parser.add_argument("--omp-wait-policy", choices=["active", "passive"], default=None,
                         help="set OMP_WAIT_POLICY before numba loads (see benchmarks/README.md)")
     parser.add_argument("--threading-layer", choices=["omp", "tbb", "workqueue", "default", "safe",
@@ -507,6 +575,16 @@ def main(argv=None):
             parser.error("--backend cuda: torch sees no CUDA device")
     if args.threads and "numba" not in backends and "torch" not in backends:
         print("note: --threads affects the numba and torch backends", file=sys.stderr)
+    if args.check_cost:
+        if not have_numba:
+            parser.error("--check-cost: numba is not importable")
+        t0 = time.perf_counter()
+        import numba
+        print(f"structdsl {structdsl.__version__}, numba {numba.__version__}: {numba.get_num_threads()} "
+              f"threads; load average {_load()} (other processes' load skews the figures)")
+        print(check_cost(args.specs, sizes, batches, semantics, max(args.repeat, 5), args.markdown))
+        print(f"({time.perf_counter() - t0:.0f} s in all; load average at the end {_load()})")
+        return
     ratios = [(a, b) for a, b in (("numba", "numpy"), ("cuda", "torch"), ("cuda", "cuda-eager"))
               if a in backends and b in backends]
     floor_of = next(b for b in ("numba", "numpy", "torch", "cuda", "cuda-eager") if b in backends)

@@ -79,7 +79,7 @@ def pointer_jumps(n):
     for i in range(n):
         if nxt[i] != i and not any(same[i] & (nxt == i)):
             lone += 1
-    both = reach[nxt] & (nxt[reach] == reach)
+    both = reach[nxt] * (nxt[reach] == reach)     # int times bool (`&` of the two is refused)
     if any(moved > 1):
         lone += 10
     mixed = mixed + lone + fixed + both
