@@ -252,7 +252,10 @@ def empty(n):
 
 
 def bad_line(s):
-    lines, first = inspect.getsourcelines(s.fn)
-    return next(first + i for i, text in enumerate(lines) if "# BAD" in text)
+    """The line of spec ``s`` marked ``# BAD`` (exactly one)."""
+    lines, first = inspect.getsourcelines(inspect.unwrap(s.fn))
+    hits = [first + i for i, text in enumerate(lines) if "# BAD" in text]
+    assert len(hits) == 1, f"spec {s.name} must mark exactly one line with # BAD"
+    return hits[0]
 
 

@@ -23,6 +23,7 @@ from structdsl.testing import uniforms as uniforms_st
 
 import hostile_specs as H
 import shared_specs as S
+from shared_specs import bad_line
 from conformance import (BACKENDS, assert_conforms, assert_same_error, assert_same_values, outcome,
                          runner)
 
@@ -30,13 +31,6 @@ from conformance import (BACKENDS, assert_conforms, assert_same_error, assert_sa
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
-
-
-def bad_line(s):
-    lines, first = inspect.getsourcelines(inspect.unwrap(s.fn))
-    hits = [first + i for i, text in enumerate(lines) if "# BAD" in text]
-    assert len(hits) == 1, f"{s.name} must mark exactly one line with # BAD"
-    return hits[0]
 
 
 # ==== refused at compile time, on every backend, at the user's line ============================

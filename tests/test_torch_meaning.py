@@ -8,7 +8,6 @@ backend's check (``>=`` turned into ``>``, a condition dropped) that they fail.
 """
 import ast
 import dataclasses
-import inspect
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import structdsl
 from structdsl import (EmptyRaceError, NestingError, RaceError, SpecError, SpecIndexError,
                        SpecValueError, atoms, full, ones, race, race_groups, spec, where, zeros)
 from structdsl import ir as IR
+from shared_specs import bad_line
 
 torch = pytest.importorskip("torch")
 
@@ -35,13 +35,6 @@ def sync_mode(request, monkeypatch):
             self.early_exit = False
         monkeypatch.setattr(torch_backend._Machine, "__init__", never_sync)
     return request.param
-
-
-def bad_line(s):
-    lines, first = inspect.getsourcelines(inspect.unwrap(s.fn))
-    hits = [first + i for i, text in enumerate(lines) if "# BAD" in text]
-    assert len(hits) == 1, f"spec {s.name} must mark exactly one line with # BAD"
-    return hits[0]
 
 
 def T(x):
