@@ -344,7 +344,8 @@ class _Lowering:
             return ast.BinOp(left, node.op, right)                # & | ^: NumPy's meaning is ours
         if isinstance(node, ast.UnaryOp):
             x = self.expr(node.operand)
-            if isinstance(node.op, ast.USub) and isinstance(x, ast.Constant) and type(x.value) is int:
+            if isinstance(node.op, ast.USub) and isinstance(x, ast.Constant) and type(x.value) is int \
+                    and x.value != _I64_MIN:                      # -INT64_MIN overflows: checked below
                 return ast.Constant(-x.value)                     # -1 stays -1 in the source
             if isinstance(node.op, ast.USub):
                 return _call("__neg", x)

@@ -494,3 +494,17 @@ def three_races(n):
     b = race(item)
     c = race(item)
     return a, b, c
+
+
+INT64_MIN_CONSTANT = -9223372036854775807 - 1
+
+
+@spec
+def negates_a_constant_minimum(n):
+    """The negation of an inlined INT64_MIN constant overflows where it is written, not at
+    the next operation (the reference once folded it into a Python int)."""
+    item = atoms(n)
+    w = race(item)
+    y = -INT64_MIN_CONSTANT  # BAD
+    z = y + w
+    return z

@@ -103,6 +103,7 @@ RUN_TIME = [
     (H.adds_past_int64_in_place, SpecOverflowError, {}),
     (H.shifts_past_int64, SpecOverflowError, {}),
     (H.subtracts_past_int64, SpecOverflowError, {}),
+    (H.negates_a_constant_minimum, SpecOverflowError, {}),
     (H.every_group_empty, EmptyRaceError, {}),
     (H.no_group_at_all, EmptyRaceError, {}),
     (H.group_key_equal_to_groups, SpecValueError, {}),
