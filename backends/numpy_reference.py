@@ -31,11 +31,11 @@ from collections import namedtuple
 
 import numpy as np
 
-from structdsl import errors, ir
+from structdsl import errors, ir, races
 from structdsl.errors import (EmptyRaceError, EnumerationLimitError, NestingError, RaceError,
                               SpecIndexError, SpecOverflowError, SpecValueError,
                               SpecZeroDivisionError)
-from structdsl.program import Program as _BaseProgram
+from structdsl.program import Program as _BaseProgram, Replay
 
 _I64_MIN, _I64_MAX = -2**63, 2**63 - 1
 
@@ -592,12 +592,6 @@ def evaluate_predicate(pred, grids, shape, dtype):
 
 
 # ---- race handlers ---------------------------------------------------------------------
-def _logsumexp(x):
-    """log(sum(exp(x))) of a non-empty 1-d array with a finite maximum."""
-    top = x.max()
-    return top + math.log(np.exp(x - top).sum())
-
-
 class _Impossible(Exception):
     """A replayed winner was not a live member: the trace has probability zero."""
 
@@ -736,12 +730,12 @@ class Solver(_Lane):
 
 
 class Replayer(_Lane):
-    """Feeds a trace's winners back; accumulates log p(T) and records member sets."""
+    """Feeds a trace's winners back and records each race's member set (the log-probability
+    and everything else follow from them in :mod:`structdsl.races`)."""
 
     def __init__(self, prog, inst, trace, logits):
         super().__init__(prog, inst, inst.valid.reshape(-1) & ~np.isneginf(logits))
-        self.trace, self.logits = trace, logits
-        self.logp = 0.0
+        self.trace = trace
         self.members = np.zeros((inst.max_races, inst.num_atoms), dtype=bool)
 
     def pick(self, masks):
@@ -751,7 +745,6 @@ class Replayer(_Lane):
             w = int(self.trace[slot])
             if w < 0 or not m[w]:
                 raise _Impossible
-            self.logp += self.logits[w] - _logsumexp(self.logits[m])
             self.members[slot] = m
             winners.append(w)
         return winners
@@ -762,26 +755,22 @@ class Replayer(_Lane):
 
 
 class Enumerator(_Lane):
-    """Replays a prefix; at the first race past it, raises :class:`_Branch`."""
+    """Replays a prefix, recording member sets; at the first race past it, raises :class:`_Branch`."""
 
     def __init__(self, prog, inst, prefix, weights, exact):
         live = inst.valid.reshape(-1) & (weights > 0 if exact else ~np.isneginf(weights))
         super().__init__(prog, inst, live)
-        self.prefix, self.weights, self.exact = prefix, weights, exact
-        self.prob = 1 if exact else 0.0      # exact: product of rate ratios; else log p
+        self.prefix = prefix
+        self.members = np.zeros((inst.max_races, inst.num_atoms), dtype=bool)
 
     def pick(self, masks):
         if self.slot + len(masks) > len(self.prefix):
             raise _Branch(masks)
         winners = []
         for m in masks:
-            w = self.prefix[self._take_slot()]
-            x = self.weights[m]
-            if self.exact:
-                self.prob = self.prob * self.weights[w] / sum(x)
-            else:
-                self.prob += self.weights[w] - _logsumexp(x)
-            winners.append(w)
+            slot = self._take_slot()
+            self.members[slot] = m
+            winners.append(self.prefix[slot])
         return winners
 
 
@@ -796,6 +785,10 @@ class Program(_BaseProgram):
         namespace = {**NAMESPACE, **self._constant_arrays}
         self.function, self._valid_fn = lower(self.ir, self.types, namespace)
         self._grids = {}
+
+    @property
+    def reference(self):
+        return self
 
     @property
     def source(self):
@@ -829,7 +822,7 @@ class Program(_BaseProgram):
         except RaceError as exc:
             raise exc.locate(self.ir.file, _user_line(exc, self.ir.file), lane)
 
-    def _solve(self, inst, weights, log_space):
+    def solve_flat(self, inst, weights, log_space):
         traces = np.full((len(weights), inst.max_races), -1, dtype=np.int64)
         fields = []
         for b, w in enumerate(weights):
@@ -838,21 +831,22 @@ class Program(_BaseProgram):
             traces[b] = lane.trace
         return traces, _stack(fields, len(self.ir.outputs), weights.shape[0])
 
-    def _replay(self, inst, traces, logits):
-        logp = np.empty(len(traces))
+    def replay_flat(self, inst, traces, logits):
+        possible = np.ones(len(traces), dtype=bool)
         members = np.zeros((len(traces), inst.max_races, inst.num_atoms), dtype=bool)
         for b in range(len(traces)):
             lane = Replayer(self, inst, traces[b], logits[b])
             try:
                 self._call(lane, inst, b)
                 lane.finish()
-                logp[b] = lane.logp
                 members[b] = lane.members
             except _Impossible:
-                logp[b] = -np.inf
-        return logp, members
+                possible[b] = False
+        return Replay(possible, races.Members(members))
 
-    def _enumerate(self, inst, weights, exact, max_traces):
+    def enumerate_flat(self, inst, weights, exact, max_traces):
+        """Every trace of ``inst`` under ``weights`` ``[A]`` (exact rates or logits): traces,
+        fields, probabilities, log-probabilities (:meth:`Program.enumerate`)."""
         done, stack = [], [()]
         while stack:
             prefix = stack.pop()
@@ -865,18 +859,21 @@ class Program(_BaseProgram):
                     self._too_many(inst, max_traces)      # before building the combinations
                 stack.extend(prefix + c for c in reversed(list(itertools.product(*choices))))
                 continue
-            done.append((prefix, outs, lane.prob))
+            done.append((prefix, outs, lane.members))
             if len(done) > max_traces:
                 self._too_many(inst, max_traces)
         traces = np.full((len(done), inst.max_races), -1, dtype=np.int64)
         for i, (prefix, _, _) in enumerate(done):
             traces[i, :len(prefix)] = prefix
+        members = np.array([m for _, _, m in done], dtype=bool).reshape(len(done), inst.max_races, inst.num_atoms)
         if exact:
-            probs = np.array([p for _, _, p in done] + [None], dtype=object)[:-1]
+            probs = np.array([races.exact_probability(weights, t, m) for t, m in zip(traces, members)] + [None],
+                             dtype=object)[:-1]
             with np.errstate(divide="ignore"):
                 logps = np.log(np.array([float(p) for p in probs], dtype=np.float64))
         else:
-            logps = np.array([p for _, _, p in done], dtype=np.float64)
+            x = np.broadcast_to(weights, (len(done), inst.num_atoms))
+            logps = races.log_prob(x, traces, races.Members(members))
             probs = np.exp(logps)
         return traces, _stack([o for _, o, _ in done], len(self.ir.outputs), len(done)), probs, logps
 

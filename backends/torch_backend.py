@@ -40,7 +40,7 @@ import math
 import numpy as np
 import torch
 
-from structdsl import errors, ir
+from structdsl import errors, ir, races
 from structdsl.errors import RaceError
 from structdsl.program import Program as _BaseProgram
 from structdsl.program import Sample, Solution
@@ -153,58 +153,6 @@ def _bools(fn, a, b):
     if a.dtype == b.dtype == torch.bool:
         return fn(a.view(torch.uint8), b.view(torch.uint8)).view(torch.bool)
     return fn(a, b)
-
-
-def _safe_logaddexp(a, b):
-    """``logaddexp`` whose gradient is 0, not NaN, where both sides are ``-inf``."""
-    both = torch.isneginf(a) & torch.isneginf(b)
-    out = torch.logaddexp(torch.where(both, 0.0, a), torch.where(both, 0.0, b))
-    return torch.where(both, -math.inf, out)
-
-
-def _cumulative_logsumexp(x, reverse=False):
-    """``logcumsumexp`` along dim 1 (``reverse``: suffix sums) by a loop of ``logaddexp``:
-    twice differentiable without NaN (RELAX trains its critic through the gradient), which
-    ``torch.logcumsumexp`` is not where an upstream gradient is exactly 0 (its backward
-    takes ``log|grad|``).  Entries must be finite (callers use a finite stand-in for -inf)."""
-    cols = list(x.unbind(1))
-    order = range(len(cols) - 1, -1, -1) if reverse else range(len(cols))
-    acc, out = None, [None] * len(cols)
-    for r in order:
-        acc = cols[r] if acc is None else torch.logaddexp(acc, cols[r])
-        out[r] = acc
-    return torch.stack(out, 1)
-
-
-def _exit_scores(x, t, used_races, exit_race, u, R):
-    """log p(T) and, with uniforms ``u``, the race-minima part of E | T of a nested spec,
-    differentiable in the logits ``x`` ``[B, A]``: atom ``i`` took part in races
-    ``0 .. exit_race[i]`` (-1: none), so race ``r``'s log-sum of rates is a suffix log-sum
-    over exit races and each atom's sum of race minima is a prefix log-sum.  One pass over
-    the atoms instead of one per race."""
-    B, A = x.shape
-    if R == 0:                                   # no race can run: p = 1, no race minima
-        return torch.where(torch.isneginf(x), 0.0, x).sum(1) * 0.0, torch.full_like(x, -math.inf)  # 0, not -inf * 0
-    tiny = torch.finfo(x.dtype).min / 4          # finite stand-in for an empty bucket's -inf
-    bucket = torch.where(exit_race >= 0, exit_race, R)                        # R: no race
-    shift = torch.full((B, R + 1), -math.inf, dtype=x.dtype, device=x.device)
-    shift = shift.scatter_reduce(1, bucket, x.detach(), "amax")                 # per-bucket max
-    shift = torch.where(torch.isfinite(shift), shift, 0.0)
-    total = torch.zeros((B, R + 1), dtype=x.dtype, device=x.device).scatter_add(
-        1, bucket, torch.exp(x - shift.gather(1, bucket)))
-    full = total > 0
-    per_race = torch.where(full, torch.log(torch.where(full, total, 1.0)) + shift, tiny)[:, :R]
-    lse = _cumulative_logsumexp(per_race, reverse=True)                        # [B, R] suffix sums
-    used = torch.arange(R, device=x.device)[None, :] < used_races[:, None]
-    gain = x.gather(1, torch.where(used, t, 0)) - lse
-    logp = torch.where(used, gain, 0.0).sum(1)
-    log_sum = None
-    if u is not None:
-        log_min = torch.where(used, torch.log(-torch.log(u[:, :R])) - lse, tiny)
-        prefix = _cumulative_logsumexp(log_min)                                  # [B, R]
-        at = prefix.gather(1, exit_race.clamp(min=0))
-        log_sum = torch.where(exit_race >= 0, at, -math.inf)
-    return logp, log_sum
 
 
 class _Machine:
@@ -913,21 +861,9 @@ class _Machine:
             self.dead = self.dead | bad
             present = present & ~bad[:, None]
             w = ws
-            x = self.logits
-            shift = torch.full((B, G + 1), -math.inf, dtype=x.dtype, device=dev).scatter_reduce_(
-                1, col, torch.where(member, x.detach(), -math.inf), "amax")
-            shift = torch.where(torch.isfinite(shift), shift, 0.0)
-            e = torch.exp(torch.where(member, x - shift.gather(1, col), -math.inf))   # no inf * 0 in backward
-            total = torch.zeros((B, G + 1), dtype=x.dtype, device=dev).scatter_add(1, col, e)[:, 1:]
-            lse = torch.log(torch.where(present, total, 1.0)) + shift[:, 1:]        # [B, G]
-            gain = torch.where(present, x.gather(1, w) - lse, 0.0)
-            self.logp = self.logp + gain.sum(1)
-            if self.u is not None:
-                ur = torch.cat([self.u[:, :R], self.u[:, :1]], 1).gather(1, at)
-                log_min = torch.where(present, torch.log(-torch.log(ur)) - lse, -math.inf)
-                log_min = torch.cat([log_min.new_full((B, 1), -math.inf), log_min], 1)
-                contrib = torch.where(member, log_min.gather(1, col), -math.inf)
-                self.log_sum = _safe_logaddexp(self.log_sum, contrib)
+            ur = torch.cat([self.u[:, :R], self.u[:, :1]], 1).gather(1, at) if self.u is not None else None
+            self.logp, self.log_sum = races.fold_groups(self.logits, col, G, w, present, self.logp,
+                                                        self.log_sum if self.u is not None else None, ur)
         if self.p.nested:
             moved = anyone & self.on()
             self.prev_key = torch.where(moved[:, None], keys, self.prev_key)
@@ -1049,16 +985,9 @@ class _Machine:
                 self.alive = self.alive.scatter(1, w1, self.alive.gather(1, w1) & ~raced[:, None])
                 self.slot = self.slot + raced.long()
                 return ws
-            x = torch.where(m, self.logits, -math.inf)
-            x = torch.where(raced[:, None], x, 0.0)
-            lse = torch.logsumexp(x, 1)
-            gain = self.logits.gather(1, ws[:, None])[:, 0] - lse
-            self.logp = self.logp + torch.where(raced, gain, 0.0)
-            if self.u is not None:
-                ur = self.u.gather(1, pos)[:, 0]
-                log_min = torch.log(-torch.log(ur)) - lse
-                contrib = torch.where(m & raced[:, None], log_min[:, None], -math.inf)
-                self.log_sum = _safe_logaddexp(self.log_sum, contrib)
+            ur = self.u.gather(1, pos)[:, 0] if self.u is not None else None
+            self.logp, self.log_sum = races.fold_race(self.logits, m, ws, raced, self.logp,
+                                                      self.log_sum if self.u is not None else None, ur)
             w = ws
         w1 = w.clamp(0, self.A - 1)[:, None]
         self.alive = self.alive.scatter(1, w1, self.alive.gather(1, w1) & ~raced[:, None])
@@ -1101,12 +1030,6 @@ class Program(_BaseProgram):
                 self._numba_twin = Numba(self.spec, **self.static_params, **self.data)
         return self._numba_twin
 
-    def _valid_mask(self, params, dims):
-        return self.reference.instance(dims).valid
-
-    def _enumerate(self, inst, weights, exact, max_traces):
-        return self.reference._enumerate(self.reference.instance(inst.atom_shape), weights, exact, max_traces)
-
     def _code(self, cls, line, message, shape=None):
         """The error code of (class, line, message); ``shape``: the message is a template
         filled in from the lane's values (``{atom}`` unravelled in this atom shape)."""
@@ -1116,7 +1039,7 @@ class Program(_BaseProgram):
             self._code_of[key] = len(self._codes)
         return self._code_of[key]
 
-    def _valid(self, inst, device):
+    def atom_mask(self, inst, device):
         """The atoms' valid mask, flat ``[A]``, on ``device`` (made once)."""
         key = ("__valid", inst.atom_shape, str(device))
         if key not in self._tensors:
@@ -1144,13 +1067,13 @@ class Program(_BaseProgram):
             raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
         k = self.atom_ndim
         if x.dim() < k:
-            raise ValueError(f"{self.ir.name}: {what} must have shape {self._expected()} (at least {k} "
+            raise ValueError(f"{self.ir.name}: {what} must have shape {self.expected_shape()} (at least {k} "
                              f"dims), got shape {tuple(x.shape)}")
         inst = self.instance(tuple(x.shape[x.dim() - k:]))
         if x.numel():
             # as the Program API: entries at invalid atoms are not part of the model, ignored
             # whatever they hold; NaN or +inf at a valid atom is refused, naming its index
-            valid = self._valid(inst, x.device).reshape(inst.atom_shape)
+            valid = self.atom_mask(inst, x.device).reshape(inst.atom_shape)
             nan, pinf = torch.isnan(x), torch.isposinf(x)
             bad_nan, bad_pinf, ignored = torch.stack([(nan & valid).any(), (pinf & valid).any(),
                                                       ((nan | pinf) & ~valid).any()]).tolist()
@@ -1295,7 +1218,7 @@ class Program(_BaseProgram):
         """(trace ``[B, R]``, fields) of the algorithm on residuals ``res`` ``[B, A]``."""
         def body(res):
             device = res.device
-            live = self._valid(inst, device) & (res < math.inf)
+            live = self.atom_mask(inst, device) & (res < math.inf)
             m = self._machine(inst, "solve", live, device)
             m.res, m.log_space = res.clone(), log_space
             m.trace = torch.full((m.B, inst.max_races), -1, dtype=torch.int64, device=device)
@@ -1322,7 +1245,7 @@ class Program(_BaseProgram):
         lead = shape[:len(shape) - self.atom_ndim]
         A = inst.num_atoms
         xb = x.detach().expand(shape).reshape(-1, A)
-        live = self._valid(inst, x.device) & ~torch.isneginf(xb)
+        live = self.atom_mask(inst, x.device) & ~torch.isneginf(xb)
         log_e = torch.where(live, torch.log(-torch.log(u.reshape(-1, A))) - torch.where(live, xb, 0.0), math.inf)
         trace, fields = self._solve_t(inst, log_e, True, lead)
         return Sample(trace.reshape(lead + (inst.max_races,)), self._structure_t(fields, lead),
@@ -1335,11 +1258,11 @@ class Program(_BaseProgram):
             w = w.double()
         k = self.atom_ndim
         if w.dim() < k:
-            raise ValueError(f"{self.ir.name}: weights must have shape {self._expected()}, got {tuple(w.shape)}")
+            raise ValueError(f"{self.ir.name}: weights must have shape {self.expected_shape()}, got {tuple(w.shape)}")
         batch, inst = tuple(w.shape[:w.dim() - k]), self.instance(tuple(w.shape[w.dim() - k:]))
         if w.numel() and bool((torch.isnan(w) | torch.isneginf(w)).any()):
             raise ValueError("weights contain NaN or -inf")
-        w = torch.where(self._valid(inst, w.device), w.reshape(-1, inst.num_atoms), math.inf)
+        w = torch.where(self.atom_mask(inst, w.device), w.reshape(-1, inst.num_atoms), math.inf)
         trace, fields = self._solve_t(inst, w, False, batch)
         return Solution(trace.reshape(batch + (inst.max_races,)), self._structure_t(fields, batch))
 
@@ -1355,17 +1278,19 @@ class Program(_BaseProgram):
 
     def _replay_core(self, t, x, inst, u=None):
         device = x.device
-        live = self._valid(inst, device) & ~torch.isneginf(x.detach())
+        live = self.atom_mask(inst, device) & ~torch.isneginf(x.detach())
         m = self._machine(inst, "replay", live, device)
         m.trace, m.logits, m.u = t, x, u
         m.logp = torch.zeros(m.B, dtype=x.dtype, device=device)
-        m.log_sum = torch.full((m.B, inst.num_atoms), -math.inf, dtype=x.dtype, device=device)
+        m.log_sum = torch.full((m.B, inst.num_atoms), torch.finfo(x.dtype).min / 4, dtype=x.dtype, device=device)
         m.exit = torch.full((m.B, inst.num_atoms), -1, dtype=torch.int64, device=device) \
             if self._exit_races else None
         with torch.no_grad() if self._exit_races else contextlib.nullcontext():
             m.run(self.ir.body)
-        if m.exit is not None:
-            m.logp, m.log_sum = _exit_scores(x, t, m.slot, m.exit, u, inst.max_races)
+        # nested plain races: log p from the exit races in one pass (the machine kept no score)
+        m.races = races.ExitRaces(m.exit, inst.max_races) if m.exit is not None else None
+        if m.races is not None:
+            m.logp = races.log_prob(x, t, m.races)
         # winners the program never asked for
         tail = (torch.arange(inst.max_races, device=device)[None, :] >= m.slot[:, None]) & (t >= 0)
         m.impossible = m.impossible | (_any(tail) & ~m.dead)
@@ -1440,14 +1365,11 @@ class Program(_BaseProgram):
 
         def body(t, x, u):
             logp, m, live = self._replay_core(t, x, inst, u)
-            used = t >= 0                  # padding scatters into a spare column, never onto atom 0
-            won = torch.zeros((t.shape[0], A + 1), dtype=torch.bool, device=x.device)
-            won = won.scatter(1, torch.where(used, t, A), True)[:, :A]
-            fresh_ok = live & ~won
-            log_fresh = torch.where(fresh_ok, torch.log(-torch.log(u[:, R:])) - torch.where(fresh_ok, x, 0.0),
-                                    -math.inf)
-            log_noise = _safe_logaddexp(m.log_sum, log_fresh)
-            return m.errors(), logp, torch.where(live, torch.exp(torch.where(live, log_noise, 0.0)), math.inf)
+            if m.races is not None:
+                noise = races.noise_given_trace(x, t, m.races, u, live)
+            else:                          # the machine summed the race minima as it replayed
+                noise = races.noise_from_sums(x, t, m.log_sum, u, live)
+            return m.errors(), logp, noise
         # without a gradient to carry, E | T is one more replay (differentiable: eager)
         err, logp, noise = self._run_body(("noise", inst.atom_shape), body, (t, x, u),
                                           graphs=not (x.requires_grad and torch.is_grad_enabled()))

@@ -542,7 +542,7 @@ def _check_one(spec, path, *, exact, backend, samples, seed, params, out, report
         row("verifier", "FAIL", f"cannot compile: {exc}")
         return 1
     nested = " (nested=True promised)" if spec.nested else ""
-    row("verifier", "pass", f"accepted: atoms {prog._expected()}, {len(prog.ir.races)} race site(s){nested}, "
+    row("verifier", "pass", f"accepted: atoms {prog.expected_shape()}, {len(prog.ir.races)} race site(s){nested}, "
                             f"fields {', '.join(prog.Structure._fields)}")
     try:
         report = check_spec(spec, backend=backend, reference=False, samples=samples, seed=seed,

@@ -3,16 +3,26 @@
 A :class:`Program` is what ``structdsl.compile`` returns.  It validates every input
 (dimensions, NaN/+inf logits, trace shapes, uniforms' range), infers the sizes from the
 logits' shape, specialises the IR to those sizes (:class:`Instance`, cached), flattens the
-batch, and hands flat arrays to its backend's semantics:
+batch, and hands flat arrays to its backend.
 
-* ``_solve(inst, weights[B, A], log_space)`` -> traces ``[B, R]`` and structure fields
+**The backend contract** (docs/design.md §4.2): a backend implements three methods on a
+flattened batch, without argument checks (``B`` lanes, ``A = prod(atom_shape)`` atoms,
+``R = max_races``):
+
+* ``solve_flat(inst, weights[B, A], log_space)`` -> traces ``[B, R]`` and structure fields
   ``[B, ...]`` (``log_space``: the weights are ``log E`` and residuals are kept as logs);
-* ``_replay(inst, traces[B, R], logits[B, A])`` -> log p ``[B]`` and member masks
-  ``[B, R, A]`` (race ``r``'s member set, for ``E | T``);
-* ``_enumerate(inst, weights[A], exact)`` -> every trace with its probability.
+* ``draw_flat(inst, uniforms[B, A], logits[B, A], check_logits=None)`` -> :class:`Draw`
+  (the default races ``log E = log(-log U) - logits`` with ``solve_flat``);
+* ``replay_flat(inst, traces[B, R], logits[B, A])`` -> :class:`Replay`: which traces are
+  possible and each race's member set, in the compact form the backend produces best
+  (:class:`structdsl.races.Members` or :class:`structdsl.races.ExitRaces`);
 
-``A`` is the number of atoms (``prod(atom_shape)``), ``R`` the trace length (``max_races``).
-Everything else (sampling, conditional noise) is derived here from those three, once.
+and says what it can do in class attributes (``backend``, ``checks_nesting``).  Everything
+else is derived once: log p, its gradient and ``E | T`` by :mod:`structdsl.races` from the
+replay (:meth:`Program.score_flat`), enumeration by the reference backend.  A backend may
+fuse a derived quantity into its kernels for speed (the numba backend overrides
+``score_flat`` and ``draw_and_score_flat``); the conformance suite then holds the fused
+kernels to :mod:`structdsl.races` applied to the backend's own replay.
 """
 from __future__ import annotations
 
@@ -27,7 +37,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from . import ir
+from . import ir, races
 from .errors import RaceError
 from .ir import static_eval  # noqa: F401  (re-exported: structdsl.testing uses it)
 
@@ -65,6 +75,20 @@ class Sample:
 
 Solution = collections.namedtuple("Solution", "trace structure")
 Solution.__doc__ = "Result of ``Program.solve``: trace ``[*batch, max_races]`` and structure."
+
+Draw = collections.namedtuple("Draw", "trace fields log_noise")
+Draw.__doc__ = ("A backend's flat draw: trace int64 ``[B, R]``, the structure's fields ``[B, ...]``, "
+                "``log E`` float64 ``[B, A]`` (``+inf`` at atoms that cannot race).")
+
+Replay = collections.namedtuple("Replay", "possible races")
+Replay.__doc__ = ("A backend's flat replay: ``possible`` bool ``[B]`` (False: the trace has probability "
+                  "zero) and the races' member sets (:class:`structdsl.races.Members` or "
+                  ":class:`structdsl.races.ExitRaces`).")
+
+Scores = collections.namedtuple("Scores", "logp grad noise replay")
+Scores.__doc__ = ("Derived from a replay (:meth:`Program.score_flat`): log p ``[B]`` (``-inf`` where "
+                  "impossible), its gradient ``[B, A]`` (0 there) or None, ``E | T`` ``[B, A]`` or None, "
+                  "and the :class:`Replay` itself (or None when a fused kernel did not keep it).")
 
 
 @dataclass(frozen=True)
@@ -193,7 +217,7 @@ class Program:
     def atom_ndim(self):
         return len(self.ir.atoms.dims)
 
-    def _expected(self):
+    def expected_shape(self):
         return "[..., " + ", ".join(ast.unparse(d) for d in self.ir.atoms.dims) + "]"
 
     def instance(self, atom_shape):
@@ -220,7 +244,7 @@ class Program:
                 raise ValueError(f"{p.name}: {message} (got {values}; require at {p.where(line)})")
         dims = tuple(static_eval(d, env, p.file) for d in p.atoms.dims)
         if dims != atom_shape:
-            raise ValueError(f"{p.name} expects logits of shape {self._expected()} with "
+            raise ValueError(f"{p.name} expects logits of shape {self.expected_shape()} with "
                              f"{', '.join(f'{k}={v}' for k, v in params.items())}, i.e. trailing "
                              f"dims {dims}; got trailing dims {atom_shape}")
         if any(d <= 0 for d in dims):
@@ -238,11 +262,14 @@ class Program:
         a = np.asarray(array)
         k = self.atom_ndim
         if a.ndim < k:
-            raise ValueError(f"{self.ir.name}: {what} must have shape {self._expected()} "
+            raise ValueError(f"{self.ir.name}: {what} must have shape {self.expected_shape()} "
                              f"(at least {k} dims), got shape {a.shape}")
         return a.shape[:a.ndim - k], self.instance(a.shape[a.ndim - k:])
 
-    def _check_logits(self, logits, what="logits"):
+    def check_logits(self, logits, what="logits"):
+        """The public API's check of ``logits`` ``[*batch, *atom_shape]``: a float64 array
+        (invalid atoms' entries replaced by ``-inf``), the batch shape and the
+        :class:`Instance`; NaN or ``+inf`` at a valid atom raises ValueError naming its index."""
         try:
             a = np.asarray(logits, dtype=np.float64)
         except (TypeError, ValueError) as exc:
@@ -277,7 +304,7 @@ class Program:
         ~700 nats away from 0.
         Returns :data:`Sample` (trace, structure, noise).
         """
-        logits, batch, inst = self._check_logits(logits)
+        logits, batch, inst = self.check_logits(logits)
         shape = tuple(sample_shape) + batch + inst.atom_shape
         if uniforms is not None and not sample_shape:
             # explicit uniforms may carry their own leading (sample) dims
@@ -291,20 +318,10 @@ class Program:
         logits = np.broadcast_to(logits, shape)
         lead = shape[:len(shape) - self.atom_ndim]
         A = inst.num_atoms
-        with self._naming_lanes(lead):
-            traces, fields, log_noise = self._sample(inst, u.reshape(-1, A), logits.reshape(-1, A))
+        with naming_lanes(lead):
+            traces, fields, log_noise = self.draw_flat(inst, u.reshape(-1, A), logits.reshape(-1, A))
         return Sample(traces.reshape(lead + (inst.max_races,)), self._structure(fields, lead),
                       log_noise.reshape(shape))
-
-    def _sample(self, inst, u, logits):
-        """Race ``log E = log(-log U) - logits`` (exact for any spread of the logits, where E
-        itself would overflow and turn live atoms into +inf); returns traces, fields and
-        ``log E`` (+inf at atoms that cannot race).  ``u``, ``logits``: ``[B, A]``."""
-        live = inst.valid.reshape(-1) & ~np.isneginf(logits)
-        with np.errstate(divide="ignore"):
-            log_noise = np.where(live, np.log(-np.log(u)) - np.where(live, logits, 0.0), np.inf)
-        traces, fields = self._solve(inst, log_noise, log_space=True)
-        return traces, fields, log_noise
 
     def solve(self, weights):
         """Run the deterministic algorithm on raw noise values.
@@ -317,8 +334,8 @@ class Program:
         if np.isnan(w).any() or np.isneginf(w).any():
             raise ValueError("weights contain NaN or -inf")
         w = np.where(inst.valid, w, np.inf).reshape(-1, inst.num_atoms)
-        with self._naming_lanes(batch):
-            traces, fields = self._solve(inst, w, log_space=False)
+        with naming_lanes(batch):
+            traces, fields = self.solve_flat(inst, w, log_space=False)
         return Solution(traces.reshape(batch + (inst.max_races,)), self._structure(fields, batch))
 
     def log_prob(self, trace, logits):
@@ -328,9 +345,9 @@ class Program:
         shapes broadcast.  Returns float64 ``[*batch]``, ``-inf`` where the logits cannot
         produce the trace.
         """
-        t, logits, batch, inst = self._check_trace(trace, logits)
-        with self._naming_lanes(batch):
-            logp, _, _ = self._score(inst, t, logits, False, None)
+        t, logits, batch, inst = self.check_trace(trace, logits)
+        with naming_lanes(batch):
+            logp = self.score_flat(inst, t, logits).logp
         return logp.reshape(batch)
 
     def log_prob_and_grad(self, trace, logits):
@@ -341,10 +358,9 @@ class Program:
         returns ``(logp [*batch], grad [*batch, *atom_shape])``; the gradient is 0 at atoms
         that never raced and where ``logp`` is ``-inf``.
         """
-        t, logits, batch, inst = self._check_trace(trace, logits)
-        with self._naming_lanes(batch):
-            logp, grad, _ = self._score(inst, t, logits, True, None)
-        grad = np.where(np.isneginf(logp)[:, None], 0.0, grad)
+        t, logits, batch, inst = self.check_trace(trace, logits)
+        with naming_lanes(batch):
+            logp, grad, _, _ = self.score_flat(inst, t, logits, want_grad=True)
         return logp.reshape(batch), grad.reshape(batch + inst.atom_shape)
 
     def conditional_noise(self, trace, logits, *, uniforms=None, seed=None):
@@ -356,11 +372,11 @@ class Program:
         (0, 1) (first the U_r, then V over the flattened atoms).  Solving the result
         reproduces ``trace``.  Returns float64 ``[*batch, *atom_shape]``.
         """
-        t, logits, batch, inst = self._check_trace(trace, logits)
+        t, logits, batch, inst = self.check_trace(trace, logits)
         R, A = inst.max_races, inst.num_atoms
         u = self._uniforms(uniforms, seed, batch + (R + A,), "uniforms").reshape(-1, R + A)
-        with self._naming_lanes(batch):
-            logp, _, noise = self._score(inst, t, logits, False, u)
+        with naming_lanes(batch):
+            logp, _, noise, _ = self.score_flat(inst, t, logits, uniforms=u)
         if np.isneginf(logp).any():
             lane = int(np.argmax(np.isneginf(logp)))
             raise ValueError(f"trace (flat batch index {lane}) has probability zero under these "
@@ -390,27 +406,21 @@ class Program:
                                 for x in flat], dtype=object)
             exact = True
         else:
-            a, batch, inst = self._check_logits(logits)
+            a, batch, inst = self.check_logits(logits)
             if batch:
                 raise ValueError(f"enumerate takes unbatched logits of shape {inst.atom_shape}, got {a.shape}")
             weights, exact = a.reshape(-1), False
-        traces, fields, probs, logps = self._enumerate(inst, weights, exact, max_traces)
+        ref = self.reference
+        traces, fields, probs, logps = ref.enumerate_flat(ref.instance(inst.atom_shape), weights, exact, max_traces)
         structure = self._structure(fields, (len(traces),))
         return Enumeration(traces, structure, probs, logps)
 
     # ---- helpers shared by all backends ---------------------------------------------------
-    @staticmethod
-    @contextlib.contextmanager
-    def _naming_lanes(batch):
-        """Backends report a run-time error's lane as a flat index; name it in the batch."""
-        try:
-            yield
-        except RaceError as exc:
-            _name_lane(exc, batch)
-            raise
-
-    def _check_trace(self, trace, logits):
-        logits, lbatch, inst = self._check_logits(logits)
+    def check_trace(self, trace, logits):
+        """The public API's check of a trace ``[*b1, max_races]`` against logits ``[*b2,
+        *atom_shape]``: ``(traces [B, R] int64, logits [B, A], batch, inst)`` flattened over
+        the broadcast batch; a float trace, a wrong length or an entry outside ``[-1, A)`` raises."""
+        logits, lbatch, inst = self.check_logits(logits)
         t = np.asarray(trace)
         if not np.issubdtype(t.dtype, np.integer):
             raise TypeError(f"trace must be an integer array, got dtype {t.dtype}")
@@ -446,38 +456,39 @@ class Program:
             raise ValueError(f"{what} must lie strictly inside (0, 1)")
         return u
 
-    def _score(self, inst, traces, logits, want_grad, uniforms):
-        """``(log p [B], grad [B, A] or None, E | T noise [B, A] or None)`` from the member
-        sets the backend's ``_replay`` records (a backend may compute them directly)."""
-        logp, members = self._replay(inst, traces, logits)
-        grad = noise = None
-        if want_grad:
-            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                lse = _masked_logsumexp(logits[:, None, :], members)                    # [B, R]
-                share = np.where(members, np.exp(logits[:, None, :] - lse[:, :, None]), 0.0)
-            grad = -share.sum(axis=1)
-            rows, slots = np.nonzero(traces >= 0)
-            np.add.at(grad, (rows, traces[rows, slots]), 1.0)
-        if uniforms is not None and not np.isneginf(logp).any():
-            noise = self._noise_given_trace(inst, traces, logits, members, uniforms)
-        return logp, grad, noise
-
-    def _noise_given_trace(self, inst, traces, logits, members, u):
-        """E | T from the member masks of every race (DESIGN.md §2, item 2), in log space
-        (race minima of atoms far below the others would overflow as plain numbers)."""
-        R = inst.max_races
+    # ---- the backend contract (see the module docstring) ------------------------------------
+    def draw_flat(self, inst, uniforms, logits, check_logits=None):
+        """Race ``log E = log(-log U) - logits`` (exact for any spread of the logits, where E
+        itself would overflow and turn live atoms into +inf).  ``uniforms``, ``logits``:
+        float64 ``[B, A]``.  ``check_logits``: a callable that raises, naming a NaN or +inf
+        logit, for a backend that finds one as it draws (this one never sees them: the
+        public API checks first).  Returns :class:`Draw`."""
         live = inst.valid.reshape(-1) & ~np.isneginf(logits)
-        used = traces >= 0
-        with np.errstate(divide="ignore", over="ignore"):
-            lse = _masked_logsumexp(logits[:, None, :], members)                     # [B, R]
-            log_min = np.where(used, np.log(-np.log(u[:, :R])) - np.where(used, lse, 0.0), -np.inf)
-            log_sum = _masked_logsumexp(log_min[:, None, :], members.swapaxes(1, 2))  # [B, A]
-            won = np.zeros_like(live)
-            rows = np.nonzero(used)
-            won[rows[0], traces[rows]] = True
-            log_fresh = np.where(live & ~won, np.log(-np.log(u[:, R:])) - np.where(live, logits, 0.0), -np.inf)
-            noise = np.exp(np.logaddexp(log_sum, log_fresh))
-        return np.where(live, noise, np.inf)
+        with np.errstate(divide="ignore"):
+            log_noise = np.where(live, races.log_race_minimum(uniforms, np.where(live, logits, 0.0)), np.inf)
+        traces, fields = self.solve_flat(inst, log_noise, log_space=True)
+        return Draw(traces, fields, log_noise)
+
+    def score_flat(self, inst, traces, logits, want_grad=False, uniforms=None):
+        """:class:`Scores` of ``traces`` ``[B, R]`` under ``logits`` ``[B, A]``, derived from
+        :meth:`replay_flat` by :mod:`structdsl.races`; ``uniforms`` ``[B, R + A]``: also
+        ``E | T`` (only when every trace is possible)."""
+        rep = self.replay_flat(inst, traces, logits)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            logp = races.log_prob(logits, traces, rep.races, rep.possible)
+            grad = races.trace_score(logits, traces, rep.races, rep.possible) if want_grad else None
+            noise = None
+            if uniforms is not None and rep.possible.all():
+                live = inst.valid.reshape(-1) & ~np.isneginf(logits)
+                noise = races.noise_given_trace(logits, traces, rep.races, uniforms, live)
+        return Scores(logp, grad, noise, rep)
+
+    def draw_and_score_flat(self, inst, uniforms, logits, check_logits=None, members=False):
+        """:meth:`draw_flat`, then :meth:`score_flat` (with the gradient) of the drawn traces:
+        a training step's sample and trace score.  Returns ``(Draw, Scores)``; ``members``:
+        the scores' ``replay`` holds the races' member sets as :class:`structdsl.races.Members`."""
+        d = self.draw_flat(inst, uniforms, logits, check_logits)
+        return d, self.score_flat(inst, d.trace, logits, want_grad=True)
 
     def _structure(self, fields, lead):
         out = []
@@ -487,16 +498,24 @@ class Program:
         return self.Structure(*out)
 
     def _valid_mask(self, params, dims):
+        """The atoms' valid mask at sizes ``dims`` (the reference evaluates ``valid=``)."""
+        return self.reference.instance(dims).valid
+
+    def solve_flat(self, inst, weights, log_space):
         raise NotImplementedError
 
-    def _solve(self, inst, weights, log_space):
+    def replay_flat(self, inst, traces, logits):
         raise NotImplementedError
 
-    def _replay(self, inst, traces, logits):
-        raise NotImplementedError
 
-    def _enumerate(self, inst, weights, exact, max_traces):
-        raise NotImplementedError
+@contextlib.contextmanager
+def naming_lanes(batch):
+    """Backends report a run-time error's lane as a flat index: name it in ``batch``."""
+    try:
+        yield
+    except RaceError as exc:
+        _name_lane(exc, batch)
+        raise
 
 
 def _name_lane(exc, batch):
@@ -504,15 +523,6 @@ def _name_lane(exc, batch):
     if isinstance(exc.lane, (int, np.integer)):
         exc.lane = tuple(int(i) for i in np.unravel_index(int(exc.lane), batch)) if batch else None
         exc.locate()
-
-
-def _masked_logsumexp(x, mask):
-    """logsumexp of ``x`` over the last axis restricted to ``mask`` (-inf if empty)."""
-    xm = np.where(mask, x, -np.inf)
-    top = np.max(xm, axis=-1, keepdims=True, initial=-np.inf)
-    top = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.log(np.sum(np.exp(xm - top), axis=-1)) + top[..., 0]
 
 
 def _race_bound(program, body, env, ranges):

@@ -132,7 +132,7 @@ def law(spec_or_program, atom_shape, max_traces=20000, **static):
     atom_shape = tuple(int(d) for d in atom_shape)
     inst = prog.instance(atom_shape)
     enum = prog.enumerate(rates=np.ones(atom_shape, dtype=int), max_traces=max_traces)
-    _, members = prog._replay(inst, enum.traces, np.zeros((len(enum), inst.num_atoms)))
+    members = prog.replay_flat(inst, enum.traces, np.zeros((len(enum), inst.num_atoms))).races.members
     valid = inst.valid.reshape(-1)
     index = list(np.ndindex(*atom_shape))
     rates = {index[a]: _symbol(index[a]) for a in range(inst.num_atoms) if valid[a]}

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch.distributions import Distribution, constraints
 
+from . import races
 from .dsl import Spec
+from .program import naming_lanes
 
 try:        # Pyro's sample sites call the distribution and ask it for score parts
     from pyro.distributions.torch_distribution import TorchDistributionMixin as _PyroMixin
@@ -66,9 +68,12 @@ class _TraceScore(torch.autograd.Function):
         A = math.prod(x.shape[1:])
         if t.size and not (t.min() >= -1 and t.max() < A):
             raise ValueError(f"trace entries must be flat atom indices in [0, {A}) or -1 padding")
-        lp, grad = program.score_flat(t, np.ascontiguousarray(x.numpy(), dtype=np.float64))
-        ctx.save_for_backward(torch.from_numpy(grad.reshape(x.shape)).to(x.dtype))
-        return torch.from_numpy(lp).to(x.dtype)
+        inst = program.instance(tuple(x.shape[1:]))
+        with naming_lanes((t.shape[0],)):
+            scores = program.score_flat(inst, t, np.ascontiguousarray(x.numpy(), dtype=np.float64).reshape(-1, A),
+                                        want_grad=True)
+        ctx.save_for_backward(torch.from_numpy(scores.grad.reshape(x.shape)).to(x.dtype))
+        return torch.from_numpy(scores.logp).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -98,28 +103,6 @@ def _broadcast(a, b):
             raise ValueError(f"shapes {a} and {b} do not broadcast")
         out.append(j if i == 1 else i)
     return torch.Size(out)
-
-
-def _noise_given_members(x, t, members, u, live):
-    """``E | T`` from the races' member sets, differentiable (twice) in the logits ``x``
-    ``[B, A]``: race ``r`` (members ``M_r``, ``[B, R, A]``) has minimum ``-log(u_r) / sum of
-    its members' rates``; an atom's noise is the sum of the minima of the races it ran in,
-    plus a fresh ``Exp(rate)`` (from ``u[:, R + i]``) unless it won.  Log space throughout;
-    finite stand-ins for ``-inf`` keep every derivative free of NaN."""
-    B, R, A = members.shape
-    tiny = torch.finfo(x.dtype).min / 4
-    lse = torch.logsumexp(torch.where(members, x[:, None, :], tiny), -1)             # [B, R]
-    used = t >= 0
-    log_min = torch.where(used, torch.log(-torch.log(u[:, :R])) - lse, tiny)
-    ran = members.any(1)
-    log_sum = torch.logsumexp(torch.where(members, log_min[:, :, None], tiny), 1)     # [B, A]
-    log_sum = torch.where(ran, log_sum, tiny)
-    won = torch.zeros((B, A + 1), dtype=torch.bool, device=x.device)
-    won = won.scatter(1, torch.where(used, t, A), True)[:, :A]
-    fresh = live & ~won
-    log_fresh = torch.where(fresh, torch.log(-torch.log(u[:, R:])) - torch.where(fresh, x, 0.0), tiny)
-    log_noise = torch.logaddexp(log_sum, log_fresh)
-    return torch.where(live, torch.exp(torch.where(live, log_noise, 0.0)), math.inf)
 
 
 class _Draw(NamedTuple):
@@ -175,7 +158,7 @@ class RaceDistribution(Distribution, _PyroMixin):
             raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
         k = self.program.atom_ndim
         if logits.dim() < k:
-            raise ValueError(f"logits must have shape [*batch, {self.program._expected()[5:]}, got "
+            raise ValueError(f"logits must have shape [*batch, {self.program.expected_shape()[5:]}, got "
                              f"{tuple(logits.shape)}")
         self.logits = logits
         self.atom_shape = tuple(logits.shape[logits.dim() - k:])
@@ -214,7 +197,7 @@ class RaceDistribution(Distribution, _PyroMixin):
         x = self.logits.detach()
         if not x.numel() or bool((x < math.inf).all()):      # one reduction: no NaN, no +inf
             return False
-        valid = self.program._valid(self.instance, x.device).reshape(self.atom_shape)
+        valid = self.program.atom_mask(self.instance, x.device).reshape(self.atom_shape)
         nb = len(self.batch_shape)
         ignored = ("Entries at invalid atoms (outside the spec's valid=) are ignored, whatever "
                    "their value")
@@ -239,7 +222,7 @@ class RaceDistribution(Distribution, _PyroMixin):
         x = self.logits.detach() if detach else self.logits
         if not self._checked_logits:
             return x
-        valid = self.program._valid(self.instance, x.device).reshape(self.atom_shape)
+        valid = self.program.atom_mask(self.instance, x.device).reshape(self.atom_shape)
         return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
     def _check_trace_dtype(self, value):
@@ -255,7 +238,7 @@ class RaceDistribution(Distribution, _PyroMixin):
     @functools.cached_property
     def _live(self):
         """``[*batch_shape, *atom_shape]`` bool: the atoms that can race (valid, logit above -inf)."""
-        valid = self.program._valid(self.instance, self.logits.device).reshape(self.atom_shape)
+        valid = self.program.atom_mask(self.instance, self.logits.device).reshape(self.atom_shape)
         return valid & ~torch.isneginf(self.logits.detach())
 
     @functools.cached_property
@@ -318,7 +301,7 @@ class RaceDistribution(Distribution, _PyroMixin):
         # float64 the kernel does it as it draws
         un = u if u.dtype == np.float64 else np.maximum(u, np.finfo(u.dtype).tiny).astype(np.float64)
         xn = self._x(detach=True).numpy()
-        check = functools.partial(self.program._check_logits, xn)   # NaN, +inf: the lanes report them
+        check = functools.partial(self.program.check_logits, xn)   # NaN, +inf: the lanes report them
         A = self.instance.num_atoms
         if math.prod(sample_shape) == 1 and xn.dtype == np.float64 and xn.flags.c_contiguous:
             xb = xn.reshape(-1, A)                             # the kernels only read the logits
@@ -326,18 +309,18 @@ class RaceDistribution(Distribution, _PyroMixin):
             xb = np.empty((un.size // A if A else lead.numel(), A))
             xb.reshape(shape)[...] = xn                        # the batch's logits, once per sample
         fast, dtype = self._numba, self.logits.dtype
-        flat = (-1,) + self.atom_shape
-        if score or members:
-            trace, fields, log_noise, logp, grad, mem = fast.sample_score_flat(un.reshape(flat), xb, lead, members,
-                                                                               check)
-        else:
-            (trace, fields, log_noise), logp, grad, mem = fast.sample_flat(un.reshape(flat), xb, lead, check), \
-                None, None, None
-            if noise_score:
-                # d/dx [x - exp(x) E] = 1 - E_1 with E_1 = exp(x + log E); 0 where nothing races
-                with np.errstate(invalid="ignore"):
-                    grad = -np.expm1(xb + log_noise)
-                grad[~np.isfinite(log_noise)] = 0.0
+        inst = fast.instance(self.atom_shape)
+        logp = grad = mem = None
+        with naming_lanes(tuple(lead)):
+            if score or members:
+                (trace, fields, log_noise), scores = fast.draw_and_score_flat(inst, un.reshape(-1, A), xb, check,
+                                                                              members=members)
+                logp, grad = scores.logp, scores.grad
+                mem = scores.replay.races.members if members else None
+            else:
+                trace, fields, log_noise = fast.draw_flat(inst, un.reshape(-1, A), xb, check)
+                if noise_score:
+                    grad = races.noise_score(xb, log_noise)
         structure = self.program.Structure(*(torch.from_numpy(f.reshape(lead + f.shape[1:])) for f in fields))
         log_noise = torch.from_numpy(log_noise.reshape(shape))
         return _Draw(torch.from_numpy(trace.reshape(lead + trace.shape[1:])), structure,
@@ -442,32 +425,35 @@ class RaceDistribution(Distribution, _PyroMixin):
         if fast is None or type(trace) is not torch.Tensor or type(self.logits) is not torch.Tensor:
             return self.program.conditional_noise(trace, self._x(), uniforms=uniforms, generator=generator)
         R, A = self.instance.max_races, self.instance.num_atoms
-        shape = _broadcast(trace.shape[:-1], self.batch_shape)
-        t = trace.to(torch.int64).expand(shape + trace.shape[-1:]).reshape(-1, trace.shape[-1])
+        # the Program API's trace checks (length, range, broadcasting), then the replay
+        t_np, x_np, shape, inst = fast.check_trace(trace.numpy(), self._x(detach=True).numpy())
+        with naming_lanes(shape):
+            replay = fast.replay_flat(inst, t_np, x_np)
+        t = torch.from_numpy(t_np)
         x = self._x().expand(shape + self.atom_shape).reshape(-1, A)
-        logp, members = fast.memberships(t.numpy(), x.detach().double().reshape((-1,) + self.atom_shape).numpy())
-        impossible = ~(logp > -np.inf)     # -inf (and a NaN, which no trace may have): the lock-step refusal
+        impossible = ~replay.possible
         if impossible.any():
             lane = int(np.flatnonzero(impossible)[0])
             raise ValueError(f"trace (flat batch index {lane}) has probability zero under these "
                              f"logits: there is no noise that produces it")
+        members = replay.races.members
         if uniforms is None:
             u = self._uniforms((t.shape[0], R + A), generator)
         else:
             u = torch.as_tensor(uniforms, dtype=x.dtype).expand(shape + (R + A,)).reshape(-1, R + A)
         live = self._live.expand(shape + self.atom_shape).reshape(-1, A)
-        noise = _noise_given_members(x, t, torch.from_numpy(members).reshape(-1, R, A), u, live)
+        noise = races.noise_given_trace(x, t, races.Members(torch.from_numpy(members)), u, live)
         return noise.reshape(shape + self.atom_shape)
 
     def noise_log_prob(self, noise):
         """log density of independent ``Exp(exp(logits))`` noise, summed over the atoms that
         can race (``[*lead, *atom_shape]`` -> ``[*lead]``): the score E-REINFORCE uses."""
         self._checked_logits                   # a NaN at a valid atom raises; at an invalid one it is ignored
-        live = self._live
-        x = torch.where(live, self.logits, 0.0)
-        e = torch.where(live, noise, 0.0)
-        dims = tuple(range(-len(self.atom_shape), 0))
-        return torch.where(live, x - torch.exp(x) * e, 0.0).sum(dims)
+        k = len(self.atom_shape)
+        live, x = self._live, self.logits
+        shape = torch.broadcast_shapes(noise.shape, x.shape)
+        flat = lambda v: v.expand(shape).reshape(shape[:len(shape) - k] + (-1,))   # noqa: E731
+        return races.noise_log_prob(flat(x), flat(noise), flat(live))
 
     def __repr__(self):
         return (f"RaceDistribution({self.program.ir.name}, batch_shape={tuple(self.batch_shape)}, "

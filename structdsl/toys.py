@@ -190,7 +190,7 @@ def _train(structure, estimator, steps, n, lr, num_samples, eval_every, eval_sam
         g = x.grad * grad_draws                  # each element's own estimate (the loss is a batch mean)
         for m in modules:
             m.zero_grad(set_to_none=True)
-        valid = prog._valid(prog.instance(shape), torch.device("cpu")).reshape(shape)
+        valid = prog.atom_mask(prog.instance(shape), torch.device("cpu")).reshape(shape)
         std = float(g.std(0)[valid].mean())
         return {"step": step, "objective": objective, "grad_std": std, "seconds": seconds}
 

@@ -15,13 +15,15 @@ import inspect
 import numpy as np
 
 import structdsl
-from structdsl.backends import available
+from structdsl.backends import available, register
+
+register("toy", "toy_backend")          # tests/toy_backend.py: the reference through the contract
 
 
 def _backends():
     out = []
     for name in available():
-        if name != "numpy" and importlib.util.find_spec(name) is None:
+        if name in ("numba", "torch") and importlib.util.find_spec(name) is None:
             continue
         out.append(name)
         if name == "torch":
