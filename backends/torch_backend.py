@@ -42,7 +42,7 @@ import torch
 
 from structdsl import errors, ir, races
 from structdsl.errors import RaceError
-from structdsl.program import Program as _BaseProgram
+from structdsl.program import Draw, Program as _BaseProgram, Replay
 from structdsl.program import Sample, Solution
 
 _I64_MIN, _I64_MAX = -2**63, 2**63 - 1
@@ -177,6 +177,7 @@ class _Machine:
         self.prev_key = torch.full((self.B, self.A), -1, dtype=torch.int64, device=device)   # grouped races
         self.prev_in = torch.zeros((self.B, self.A), dtype=torch.bool, device=device)         # plain races
         self.has_prev = torch.zeros(self.B, dtype=torch.bool, device=device)
+        self.member_sets = None                             # replay_flat: [B, R, A]
         self.env = {}
         self.grid = None                                    # index grids inside a predicate
         self.L = 1
@@ -861,6 +862,10 @@ class _Machine:
             self.dead = self.dead | bad
             present = present & ~bad[:, None]
             w = ws
+            if self.member_sets is not None:       # replay_flat: each present group's members at its slot
+                groups = (col[:, None, :] == torch.arange(1, G + 1, device=dev)[None, :, None]) & present[:, :, None]
+                spare = torch.cat([self.member_sets, self.member_sets[:, :1]], 1)
+                self.member_sets = spare.scatter(1, at[:, :, None].expand(groups.shape), groups)[:, :R]
             ur = torch.cat([self.u[:, :R], self.u[:, :1]], 1).gather(1, at) if self.u is not None else None
             self.logp, self.log_sum = races.fold_groups(self.logits, col, G, w, present, self.logp,
                                                         self.log_sum if self.u is not None else None, ur)
@@ -985,6 +990,10 @@ class _Machine:
                 self.alive = self.alive.scatter(1, w1, self.alive.gather(1, w1) & ~raced[:, None])
                 self.slot = self.slot + raced.long()
                 return ws
+            if self.member_sets is not None:       # replay_flat: the race's member set at its slot
+                at = pos[:, :, None].expand(-1, 1, self.A)   # lanes that did not race keep their row
+                row = torch.where(raced[:, None, None], m[:, None, :], self.member_sets.gather(1, at))
+                self.member_sets = self.member_sets.scatter(1, at, row)
             ur = self.u.gather(1, pos)[:, 0] if self.u is not None else None
             self.logp, self.log_sum = races.fold_race(self.logits, m, ws, raced, self.logp,
                                                       self.log_sum if self.u is not None else None, ur)
@@ -1276,11 +1285,13 @@ class Program(_BaseProgram):
         self._finish(m.errors(), batch)
         return logp, m, live
 
-    def _replay_core(self, t, x, inst, u=None):
+    def _replay_core(self, t, x, inst, u=None, members=False):
         device = x.device
         live = self.atom_mask(inst, device) & ~torch.isneginf(x.detach())
         m = self._machine(inst, "replay", live, device)
         m.trace, m.logits, m.u = t, x, u
+        m.member_sets = torch.zeros((m.B, inst.max_races, inst.num_atoms), dtype=torch.bool, device=device) \
+            if members and not self._exit_races else None
         m.logp = torch.zeros(m.B, dtype=x.dtype, device=device)
         m.log_sum = torch.full((m.B, inst.num_atoms), torch.finfo(x.dtype).min / 4, dtype=x.dtype, device=device)
         m.exit = torch.full((m.B, inst.num_atoms), -1, dtype=torch.int64, device=device) \
@@ -1296,6 +1307,22 @@ class Program(_BaseProgram):
         m.impossible = m.impossible | (_any(tail) & ~m.dead)
         logp = torch.where(m.impossible, -math.inf, m.logp)
         return logp, m, live
+
+    # ---- the backend contract (structdsl.program) on tensors ----------------------------------
+    def solve_flat(self, inst, weights, log_space):
+        return self._solve_t(inst, weights, log_space, (weights.shape[0],))
+
+    def draw_flat(self, inst, uniforms, logits, check_logits=None):
+        live = self.atom_mask(inst, logits.device) & ~torch.isneginf(logits)
+        log_e = torch.where(live, races.log_race_minimum(uniforms, torch.where(live, logits, 0.0)), math.inf)
+        trace, fields = self.solve_flat(inst, log_e, True)
+        return Draw(trace, fields, log_e)
+
+    def replay_flat(self, inst, traces, logits):
+        """Exit races for a nested spec with plain races, else member sets ``[B, R, A]``."""
+        logp, m, _ = self._replay_core(traces, logits, inst, members=True)
+        self._finish(m.errors(), (traces.shape[0],))
+        return Replay(logp > -math.inf, m.races if m.races is not None else races.Members(m.member_sets))
 
     def _score_body(self, inst):
         """``(t, x) -> (err, log p, d log p / dx)`` for a CUDA graph: the replay and its

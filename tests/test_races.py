@@ -12,7 +12,7 @@ import structdsl
 from structdsl import races
 
 import shared_specs as S
-from conformance import assert_same_values, runner
+from conformance import assert_same_values
 
 NESTED_PLAIN = ["categorical", "top_k", "permutation", "spanning_tree", "matching"]
 
@@ -97,33 +97,51 @@ def test_noise_score_is_the_gradient_of_noise_log_prob():
     np.testing.assert_allclose(xt.grad.numpy(), races.noise_score(x, log_e), rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
+@pytest.mark.parametrize("backend", [b for b in ("numba", "torch") if importlib.util.find_spec(b)])
 @pytest.mark.parametrize("name", sorted(S.SPECS))
-def test_numba_fused_kernels_are_the_race_mathematics(name):
-    """The numba backend computes log p, its gradient and E | T inside its replay kernels for
-    speed; they must equal structdsl.races applied to the member sets that same backend's
-    replay reports."""
-    prog = S.compiled(name, "numba")
+def test_fast_kernels_are_the_race_mathematics(name, backend):
+    """numba computes log p, its gradient and E | T inside its replay kernels, torch folds
+    races one at a time as its machine replays: both must equal structdsl.races applied to
+    the member sets that same backend's replay_flat reports, and those must be the
+    reference's."""
+    prog = S.compiled(name, backend)
     n = S.SIZES[name][1]
     shape = S.atom_shape(name, n)
     rng = np.random.default_rng(5)
     x = rng.normal(size=(4,) + shape)
     x[1] = np.where(rng.random(shape) < 0.2, -np.inf, x[1])
+    ref = S.compiled(name, "numpy")
     try:
-        s = prog.sample(x, seed=6)
+        s = ref.sample(x, seed=6)
     except structdsl.RaceError:
         x[1] = x[0]                                 # a masked lane this spec cannot run
-        s = prog.sample(x, seed=6)
-    inst = prog.instance(shape)
-    t, xf, _, _ = prog.check_trace(s.trace, x)
+        s = ref.sample(x, seed=6)
+    inst = ref.instance(shape)
+    t, xf, _, _ = ref.check_trace(s.trace, x)
     u = rng.random((len(t), inst.max_races + inst.num_atoms))
-    fused = prog.score_flat(inst, t, xf, want_grad=True, uniforms=u)
-    rep = prog.replay_flat(inst, t, xf)
+    if backend == "numba":
+        fused = prog.score_flat(prog.instance(shape), t, xf, want_grad=True, uniforms=u)
+        rep = prog.replay_flat(prog.instance(shape), t, xf)
+        logp, grad, noise = fused.logp, fused.grad, fused.noise
+    else:
+        import torch
+        tt, xt = torch.as_tensor(t), torch.as_tensor(xf)
+        xs = xt.reshape((-1,) + shape)
+        lp, g = prog.log_prob_and_grad(tt, xs)
+        logp, grad = lp.numpy(), g.reshape(len(t), -1).numpy()
+        noise = prog.conditional_noise(tt, xs, uniforms=torch.as_tensor(u)).reshape(len(t), -1).numpy()
+        rep = prog.replay_flat(prog.instance(shape), tt, xt)
+        form = rep.races
+        form = races.Members(form.members.numpy()) if isinstance(form, races.Members) else \
+            races.ExitRaces(form.exit_race.numpy(), form.R)
+        rep = rep._replace(possible=rep.possible.numpy(), races=form)
     live = inst.valid.reshape(-1) & ~np.isneginf(xf)
-    assert_same_values(fused.logp, races.log_prob(xf, t, rep.races, rep.possible), rtol=1e-10)
-    np.testing.assert_allclose(fused.grad, races.trace_score(xf, t, rep.races, rep.possible), rtol=1e-9, atol=1e-12)
-    assert_same_values(fused.noise, races.noise_given_trace(xf, t, rep.races, u, live), rtol=1e-10)
-    # and the replay's member sets are the reference's
-    ref = runner(S.SPECS[name], "numpy", **S.STATICS.get(name, {}), **({"dag": S.DAG} if name == "topological" else {}))
-    want = ref.prog.replay_flat(ref.prog.instance(shape), t, xf)
-    assert np.array_equal(rep.possible, want.possible) and np.array_equal(rep.races.members, want.races.members)
+    assert_same_values(logp, races.log_prob(xf, t, rep.races, rep.possible), rtol=1e-10)
+    np.testing.assert_allclose(grad, races.trace_score(xf, t, rep.races, rep.possible), rtol=1e-9, atol=1e-12)
+    assert_same_values(noise, races.noise_given_trace(xf, t, rep.races, u, live), rtol=1e-10)
+    want = ref.replay_flat(inst, t, xf)
+    assert np.array_equal(rep.possible, want.possible)
+    if isinstance(rep.races, races.Members):
+        assert np.array_equal(rep.races.members, want.races.members)
+    else:
+        assert np.array_equal(rep.races.exit_race, _exit_form(want.races.members).exit_race)
