@@ -25,7 +25,7 @@ def program_class(name):
 def register(name, module):
     """Make ``structdsl.compile(spec, backend=name)`` use the ``Program`` class of ``module``
     (an importable module name): how a backend outside this package joins (docs/design.md
-    §4.6).  Registering a name twice with different modules is an error."""
+    §4.7).  Registering a name twice with different modules is an error."""
     if _BACKENDS.get(name, module) != module:
         raise ValueError(f"backend {name!r} is already registered as {_BACKENDS[name]!r}")
     _BACKENDS[name] = module

@@ -289,7 +289,7 @@ class RaceDistribution(Distribution, _PyroMixin):
         """The CPU fast path's draw (requires ``self._numba``): a :class:`_Draw`; with
         ``score`` its ``logp`` (``[L]``, ``L`` the flat ``sample_shape + batch_shape``) and
         ``grad`` (its gradient in the logits, ``[L, A]``), with ``members`` the races' member
-        sets (``[L, R, A]``, as ``memberships``), with ``noise_score`` (instead of ``score``)
+        sets (``[L, R, A]``, as ``replay_flat`` reports them), with ``noise_score`` (instead of ``score``)
         ``grad`` = the gradient of :meth:`noise_log_prob` of the drawn noise: float64 / bool
         NumPy arrays, for the estimators' native paths.  NumPy from here on: a torch op costs
         ~5 us at a training step's sizes."""

@@ -1,4 +1,4 @@
-"""A test-only backend, written by following docs/design.md §4.6 ("Adding a backend").
+"""A test-only backend, written by following docs/design.md §4.7 ("Adding a backend").
 
 It implements the backend contract of :mod:`structdsl.program` and nothing else: solving and
 replaying go to the NumPy reference through its own contract methods, and a nested spec
