@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -504,7 +504,22 @@ def reinforce_steps(sizes, batch, repeat, markdown, fast=True, cpu=True, cuda=Fa
 
 
 # ---- main ---------------------------------------------------------------------------------
-def main(argv=None):
+@dataclass
+class Plan:
+    """What one run measures, resolved from the command line."""
+    args: argparse.Namespace
+    sizes: list
+    batches: list
+    backends: list                 # the timed columns, in the order given
+    semantics: list
+    gpu: bool                      # a cuda column is timed
+    ratios: list                   # (fast, slow) columns whose ratio is printed
+    floor_of: str                  # the column whose sample rate is set against the noise floor
+    progress: bool                 # progress lines on a terminal's stderr
+    header_printed: bool = False
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", type=csv(str, ["numpy", "numba", "torch", "cuda", "cuda-eager"]), default=None,
                         help="comma list (default: numpy,numba if numba is importable, else numpy)")
@@ -541,6 +556,13 @@ def main(argv=None):
     parser.add_argument("--threading-layer", choices=["omp", "tbb", "workqueue", "default", "safe",
                                                       "threadsafe", "forksafe"], default=None,
                         help="set NUMBA_THREADING_LAYER before numba loads")
+    return parser
+
+
+def parse_args(argv):
+    """The command line as a :class:`Plan`.  Sets the environment numba reads when it loads
+    and the thread counts; exits through ``parser.error`` on a request that cannot run."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     # the environment numba reads when it loads (its OpenMP pool loads on the first parallel call)
     for value, var in ((args.omp_wait_policy, "OMP_WAIT_POLICY"), (args.threading_layer, "NUMBA_THREADING_LAYER")):
@@ -575,168 +597,195 @@ def main(argv=None):
             parser.error("--backend cuda: torch sees no CUDA device")
     if args.threads and "numba" not in backends and "torch" not in backends:
         print("note: --threads affects the numba and torch backends", file=sys.stderr)
-    if args.check_cost:
-        if not have_numba:
-            parser.error("--check-cost: numba is not importable")
-        t0 = time.perf_counter()
-        import numba
-        print(f"structdsl {structdsl.__version__}, numba {numba.__version__}: {numba.get_num_threads()} "
-              f"threads; load average {_load()} (other processes' load skews the figures)")
-        print(check_cost(args.specs, sizes, batches, semantics, max(args.repeat, 5), args.markdown))
-        print(f"({time.perf_counter() - t0:.0f} s in all; load average at the end {_load()})")
-        return
+    if args.check_cost and not have_numba:
+        parser.error("--check-cost: numba is not importable")
     ratios = [(a, b) for a, b in (("numba", "numpy"), ("cuda", "torch"), ("cuda", "cuda-eager"))
               if a in backends and b in backends]
     floor_of = next(b for b in ("numba", "numpy", "torch", "cuda", "cuda-eager") if b in backends)
-    progress = sys.stderr.isatty()
+    return Plan(args, sizes, batches, backends, semantics, gpu, ratios, floor_of, progress=sys.stderr.isatty())
 
-    header_done = False
 
-    def header():
-        lines = [f"structdsl {structdsl.__version__}, numpy {np.__version__}, python "
-                 f"{sys.version.split()[0]}; os.cpu_count() = {os.cpu_count()}; load average "
-                 f"{_load()} (other processes' load skews the figures)"]
-        if "numba" in backends:
-            import numba
-            try:
-                layer = numba.threading_layer()
-            except ValueError:
-                layer = "not yet chosen"
-            lines.append(f"numba {numba.__version__}: {numba.get_num_threads()} threads "
-                         f"(NUMBA_NUM_THREADS {numba.config.NUMBA_NUM_THREADS}), threading layer {layer}, "
-                         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
-            if layer == "not yet chosen":
-                layer = numba.config.THREADING_LAYER
-            if layer == "omp" and "OMP_WAIT_POLICY" not in os.environ:
-                lines.append("note: OpenMP's default (spinning) wait policy: while another process holds a "
-                             "core, each parallel call can cost 10-25 ms (compare --omp-wait-policy passive)")
-        lines.append(f"lanes/s (batch elements per second), best of {args.repeat} (time.perf_counter), "
-                     f"compilation and first calls excluded.")
-        if "numpy" in backends:
-            lines.append(f"numpy: timed on min(batch, {args.numpy_lanes}, what fits ~{args.numpy_budget:g} s "
-                         f"per cell) lanes and extrapolated (column 'np lanes'); 'skip': one lane took "
-                         f"> {args.numpy_skip_ms:g} ms.")
-        if "torch" in backends or gpu:
-            import torch
-            lines.append(f"torch {torch.__version__}: {torch.get_num_threads()} CPU threads"
-                         + (f"; cuda: the torch backend on {torch.cuda.get_device_name()}, replaying CUDA "
-                            f"graphs captured in two untimed calls (cuda-eager: without graphs), timed up "
-                            f"to torch.cuda.synchronize" if gpu else ""))
-        for fast, slow in ratios:
-            label = f"{fast}/{slow}" if len(ratios) > 1 else "ratio"
-            lines.append(f"{label}: {fast} lanes/s / {slow} lanes/s, same run.")
-        lines.append(f"floor: lanes/s of -log(rng.random((batch, *atoms))) alone (numpy Generator); "
-                     f"smp/floor: {floor_of} sample rate as a fraction of it.")
-        for line in lines:
-            print(("> " if args.markdown else "") + line + ("  " if args.markdown else ""))
-        print()
+def run_check_cost(plan):
+    """``--check-cost``: only the cost of numba's overflow checks, in a table of its own."""
+    args = plan.args
+    t0 = time.perf_counter()
+    import numba
+    print(f"structdsl {structdsl.__version__}, numba {numba.__version__}: {numba.get_num_threads()} "
+          f"threads; load average {_load()} (other processes' load skews the figures)")
+    print(check_cost(args.specs, plan.sizes, plan.batches, plan.semantics, max(args.repeat, 5), args.markdown))
+    print(f"({time.perf_counter() - t0:.0f} s in all; load average at the end {_load()})")
 
-    if not header_done and "numba" not in backends:
-        header()
-        header_done = True
 
-    skipped = {}     # (spec, semantic) -> n at which numpy was skipped
-    t_start = time.perf_counter()
-    for si, name in enumerate(args.specs):
-        progs = Programs(name)
-        rows = []
-        for n in sizes:
-            shape = atom_shape(name, n)
-            try:
-                for b in backends:
-                    progs.get(b, n)
-            except Exception as exc:                   # e.g. a size the spec does not allow
-                print(f"{name} n={n}: compile failed: {_brief(exc)}", file=sys.stderr)
-                continue
-            one = np.random.default_rng(0).normal(size=(1,) + shape)
-            probe, broken = {}, set()
-            for b in backends:
-                prog = progs.get(b, n)
-                t0 = time.perf_counter()
-                try:
-                    if b == "numpy":
-                        todo = [s for s in semantics if skipped.get((name, s), math.inf) > n]
-                        first = warm_up(prog, todo, one) if todo else {}
-                        # no second call of a semantics whose first was > 20x the limit
-                        live = [s for s in todo if first[s] * 1e3 <= 20 * args.numpy_skip_ms]
-                        again = warm_up(prog, live, one) if live else {}   # warm: one lane's cost
-                        for s in semantics:
-                            if s in live and again[s] * 1e3 <= args.numpy_skip_ms:
-                                probe[s] = again[s]
-                            else:
-                                probe[s] = None
-                                skipped.setdefault((name, s), n)
-                    else:
-                        warm_up(prog, semantics, on_device(b, one))
-                        progs.setup[b] = progs.setup.get(b, 0.0) + time.perf_counter() - t0
-                except Exception as exc:
-                    print(f"{name} n={n} {b}: first call failed: {_brief(exc)}", file=sys.stderr)
-                    broken.add(b)
-                    probe = {s: None for s in semantics} if b == "numpy" else probe
-            if len(broken) == len(backends):
-                continue
-            if not header_done:
-                header()
-                header_done = True
-            prog_np = progs.get("numpy", n) if "numpy" in backends else None
-            race_atoms = prog_np.max_races(shape) * math.prod(shape) if prog_np else 0
-            for batch in batches:
-                if progress:
-                    print(f"[{si + 1}/{len(args.specs)}] {name} n={n} batch={batch} "
-                          f"({time.perf_counter() - t_start:.0f} s)   ", end="\r", file=sys.stderr, flush=True)
-                logits = np.random.default_rng(0).normal(size=(batch,) + shape)
-                res, lanes = {}, {}
-                for b in backends:
-                    if b in broken:
-                        res[b] = {s: math.nan for s in semantics}
-                        continue
-                    try:
-                        if b == "numpy":
-                            res[b], lanes = bench_cell_numpy(prog_np, semantics, logits, probe, args, race_atoms)
-                        else:
-                            t = run_semantics(progs.get(b, n), semantics, on_device(b, logits), args.repeat,
-                                              args.numba_budget)
-                            res[b] = {s: batch / t[s] for s in semantics}
-                    except Exception as exc:
-                        print(f"{name} n={n} batch={batch} {b}: {_brief(exc)}", file=sys.stderr)
-                        res[b] = {s: math.nan for s in semantics}
-                floor = noise_floor((batch,) + shape, args.repeat)
-                row = [str(n), str(batch)]
+def print_header(plan):
+    """Versions, threads and how to read the tables, printed once before the first table."""
+    if plan.header_printed:
+        return
+    plan.header_printed = True
+    args, backends, ratios = plan.args, plan.backends, plan.ratios
+    lines = [f"structdsl {structdsl.__version__}, numpy {np.__version__}, python "
+             f"{sys.version.split()[0]}; os.cpu_count() = {os.cpu_count()}; load average "
+             f"{_load()} (other processes' load skews the figures)"]
+    if "numba" in backends:
+        import numba
+        try:
+            layer = numba.threading_layer()
+        except ValueError:
+            layer = "not yet chosen"
+        lines.append(f"numba {numba.__version__}: {numba.get_num_threads()} threads "
+                     f"(NUMBA_NUM_THREADS {numba.config.NUMBA_NUM_THREADS}), threading layer {layer}, "
+                     f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+        if layer == "not yet chosen":
+            layer = numba.config.THREADING_LAYER
+        if layer == "omp" and "OMP_WAIT_POLICY" not in os.environ:
+            lines.append("note: OpenMP's default (spinning) wait policy: while another process holds a "
+                         "core, each parallel call can cost 10-25 ms (compare --omp-wait-policy passive)")
+    lines.append(f"lanes/s (batch elements per second), best of {args.repeat} (time.perf_counter), "
+                 f"compilation and first calls excluded.")
+    if "numpy" in backends:
+        lines.append(f"numpy: timed on min(batch, {args.numpy_lanes}, what fits ~{args.numpy_budget:g} s "
+                     f"per cell) lanes and extrapolated (column 'np lanes'); 'skip': one lane took "
+                     f"> {args.numpy_skip_ms:g} ms.")
+    if "torch" in backends or plan.gpu:
+        import torch
+        lines.append(f"torch {torch.__version__}: {torch.get_num_threads()} CPU threads"
+                     + (f"; cuda: the torch backend on {torch.cuda.get_device_name()}, replaying CUDA "
+                        f"graphs captured in two untimed calls (cuda-eager: without graphs), timed up "
+                        f"to torch.cuda.synchronize" if plan.gpu else ""))
+    for fast, slow in ratios:
+        label = f"{fast}/{slow}" if len(ratios) > 1 else "ratio"
+        lines.append(f"{label}: {fast} lanes/s / {slow} lanes/s, same run.")
+    lines.append(f"floor: lanes/s of -log(rng.random((batch, *atoms))) alone (numpy Generator); "
+                 f"smp/floor: {plan.floor_of} sample rate as a fraction of it.")
+    for line in lines:
+        print(("> " if args.markdown else "") + line + ("  " if args.markdown else ""))
+    print()
+
+
+def warm_up_backends(plan, progs, name, n, skipped):
+    """First calls of every backend on one lane at size ``n``.  Returns (probe, broken):
+    ``probe`` the numpy reference's {semantic: seconds of one warm lane, or None when skipped},
+    ``broken`` the backends whose first call failed.  ``skipped``: (spec, semantic) -> the n
+    at which numpy was first skipped (no larger n is tried)."""
+    args, semantics = plan.args, plan.semantics
+    one = np.random.default_rng(0).normal(size=(1,) + atom_shape(name, n))
+    probe, broken = {}, set()
+    for b in plan.backends:
+        prog = progs.get(b, n)
+        t0 = time.perf_counter()
+        try:
+            if b == "numpy":
+                todo = [s for s in semantics if skipped.get((name, s), math.inf) > n]
+                first = warm_up(prog, todo, one) if todo else {}
+                # no second call of a semantics whose first was > 20x the limit
+                live = [s for s in todo if first[s] * 1e3 <= 20 * args.numpy_skip_ms]
+                again = warm_up(prog, live, one) if live else {}   # warm: one lane's cost
                 for s in semantics:
-                    for b in backends:
-                        row.append(fmt_rate(res[b][s]))
-                    for fast, slow in ratios:
-                        a, c = res[slow][s], res[fast][s]
-                        row.append(fmt_ratio(c / a if a and c and not math.isnan(a + c) else None))
-                if "numpy" in backends:
-                    ls = [lanes.get(s) for s in semantics]
-                    ls = [x for x in ls if x is not None]
-                    row.append("-" if not ls else str(ls[0]) if len(set(ls)) == 1 else "/".join(map(str, ls)))
-                smp = res[floor_of].get("sample")
-                row += [fmt_rate(floor), fmt_ratio(smp / floor if smp and not math.isnan(smp) else None, pct=True)]
-                rows.append(row)
-        if progress:
-            print(" " * 70, end="\r", file=sys.stderr, flush=True)
-        if not rows:
-            continue
-        groups = [(SEMANTICS[s], backends + [f"{fast}/{slow}" if len(ratios) > 1 else "ratio"
-                                             for fast, slow in ratios]) for s in semantics]
-        if "numpy" in backends:
-            groups.append(("", ["np lanes"]))
-        groups.append(("noise", ["floor", "smp/floor"]))
-        kw = ", ".join(f"{k}={v}" for k, v in statics(name, sizes[0]).items())
-        if name == "top_k":
-            kw = "k=n//4"
-        setup = ""
-        if "numba" in backends and "numba" in progs.setup:
-            setup = f"; numba setup {progs.setup['numba']:.2f} s (compile + first calls, caches as found)"
-        dims = "[n, n]" if SPECS[name][0] == 2 else "[n]"
-        title = f"{name} (atoms {dims}{', ' + kw if kw else ''}){setup}"
-        print(render(title, groups, rows, args.markdown))
-        sys.stdout.flush()
+                    if s in live and again[s] * 1e3 <= args.numpy_skip_ms:
+                        probe[s] = again[s]
+                    else:
+                        probe[s] = None
+                        skipped.setdefault((name, s), n)
+            else:
+                warm_up(prog, semantics, on_device(b, one))
+                progs.setup[b] = progs.setup.get(b, 0.0) + time.perf_counter() - t0
+        except Exception as exc:
+            print(f"{name} n={n} {b}: first call failed: {_brief(exc)}", file=sys.stderr)
+            broken.add(b)
+            probe = {s: None for s in semantics} if b == "numpy" else probe
+    return probe, broken
 
-    if ("torch" in backends or gpu) and not args.no_steps:
-        print(reinforce_steps(sizes, max(batches), args.repeat, args.markdown, fast="numba" in backends,
+
+def bench_row(plan, progs, name, n, batch, probe, broken, race_atoms):
+    """One row of a spec's table: lanes/s of every backend and semantics at size ``n`` and
+    ``batch``, their ratios, the numpy lanes actually timed and the noise floor."""
+    args, semantics, backends = plan.args, plan.semantics, plan.backends
+    shape = atom_shape(name, n)
+    logits = np.random.default_rng(0).normal(size=(batch,) + shape)
+    res, lanes = {}, {}
+    for b in backends:
+        if b in broken:
+            res[b] = {s: math.nan for s in semantics}
+            continue
+        try:
+            if b == "numpy":
+                res[b], lanes = bench_cell_numpy(progs.get(b, n), semantics, logits, probe, args, race_atoms)
+            else:
+                t = run_semantics(progs.get(b, n), semantics, on_device(b, logits), args.repeat,
+                                  args.numba_budget)
+                res[b] = {s: batch / t[s] for s in semantics}
+        except Exception as exc:
+            print(f"{name} n={n} batch={batch} {b}: {_brief(exc)}", file=sys.stderr)
+            res[b] = {s: math.nan for s in semantics}
+    floor = noise_floor((batch,) + shape, args.repeat)
+    row = [str(n), str(batch)]
+    for s in semantics:
+        for b in backends:
+            row.append(fmt_rate(res[b][s]))
+        for fast, slow in plan.ratios:
+            a, c = res[slow][s], res[fast][s]
+            row.append(fmt_ratio(c / a if a and c and not math.isnan(a + c) else None))
+    if "numpy" in backends:
+        ls = [lanes.get(s) for s in semantics]
+        ls = [x for x in ls if x is not None]
+        row.append("-" if not ls else str(ls[0]) if len(set(ls)) == 1 else "/".join(map(str, ls)))
+    smp = res[plan.floor_of].get("sample")
+    row += [fmt_rate(floor), fmt_ratio(smp / floor if smp and not math.isnan(smp) else None, pct=True)]
+    return row
+
+
+def bench_spec(plan, index, name, skipped, t_start):
+    """Every size and batch of spec ``name`` (the ``index``-th) on every backend: its
+    :class:`Programs` and the rows of its table (none when nothing could run)."""
+    progs = Programs(name)
+    rows = []
+    for n in plan.sizes:
+        shape = atom_shape(name, n)
+        try:
+            for b in plan.backends:
+                progs.get(b, n)
+        except Exception as exc:                   # e.g. a size the spec does not allow
+            print(f"{name} n={n}: compile failed: {_brief(exc)}", file=sys.stderr)
+            continue
+        probe, broken = warm_up_backends(plan, progs, name, n, skipped)
+        if len(broken) == len(plan.backends):
+            continue
+        print_header(plan)
+        prog_np = progs.get("numpy", n) if "numpy" in plan.backends else None
+        race_atoms = prog_np.max_races(shape) * math.prod(shape) if prog_np else 0
+        for batch in plan.batches:
+            if plan.progress:
+                print(f"[{index + 1}/{len(plan.args.specs)}] {name} n={n} batch={batch} "
+                      f"({time.perf_counter() - t_start:.0f} s)   ", end="\r", file=sys.stderr, flush=True)
+            rows.append(bench_row(plan, progs, name, n, batch, probe, broken, race_atoms))
+    if plan.progress:
+        print(" " * 70, end="\r", file=sys.stderr, flush=True)
+    return progs, rows
+
+
+def spec_table(plan, name, progs, rows):
+    """One spec's table, titled with its atoms, static parameters and numba setup time."""
+    backends, ratios = plan.backends, plan.ratios
+    groups = [(SEMANTICS[s], backends + [f"{fast}/{slow}" if len(ratios) > 1 else "ratio"
+                                         for fast, slow in ratios]) for s in plan.semantics]
+    if "numpy" in backends:
+        groups.append(("", ["np lanes"]))
+    groups.append(("noise", ["floor", "smp/floor"]))
+    kw = ", ".join(f"{k}={v}" for k, v in statics(name, plan.sizes[0]).items())
+    if name == "top_k":
+        kw = "k=n//4"
+    setup = ""
+    if "numba" in backends and "numba" in progs.setup:
+        setup = f"; numba setup {progs.setup['numba']:.2f} s (compile + first calls, caches as found)"
+    dims = "[n, n]" if SPECS[name][0] == 2 else "[n]"
+    title = f"{name} (atoms {dims}{', ' + kw if kw else ''}){setup}"
+    return render(title, groups, rows, plan.args.markdown)
+
+
+def print_extras(plan):
+    """The T-REINFORCE step table (when torch or cuda is timed) and numba's compile times."""
+    args, backends, progress = plan.args, plan.backends, plan.progress
+    if ("torch" in backends or plan.gpu) and not args.no_steps:
+        print(reinforce_steps(plan.sizes, max(plan.batches), args.repeat, args.markdown, fast="numba" in backends,
                               cpu="torch" in backends, cuda="cuda" in backends))
     if "numba" in backends and not args.no_compile_time:
         n = min(args.compile_size, 8) if args.quick else args.compile_size
@@ -746,6 +795,23 @@ def main(argv=None):
         if progress:
             print(" " * 70, end="\r", file=sys.stderr, flush=True)
         print_compile_times(args.compile_spec, n, results, args.markdown)
+
+
+def main(argv=None):
+    plan = parse_args(argv)
+    if plan.args.check_cost:
+        run_check_cost(plan)
+        return
+    if "numba" not in plan.backends:
+        print_header(plan)     # with numba: after its first calls, which choose its threading layer
+    skipped = {}     # (spec, semantic) -> n at which numpy was skipped
+    t_start = time.perf_counter()
+    for index, name in enumerate(plan.args.specs):
+        progs, rows = bench_spec(plan, index, name, skipped, t_start)
+        if rows:
+            print(spec_table(plan, name, progs, rows))
+            sys.stdout.flush()
+    print_extras(plan)
     print(f"({time.perf_counter() - t_start:.0f} s in all; load average at the end {_load()})")
 
 
