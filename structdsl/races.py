@@ -237,7 +237,7 @@ class ExitRaces:
         """Race ``r``'s members are the atoms whose exit race is ``>= r``: a suffix log-sum
         over the per-exit-race log-sums (one pass over the atoms, not one per race)."""
         o = ops(x)
-        B, R = x.shape[0], self.R
+        R = self.R
         if R == 0:
             return x[:, :0]
         tiny = o.tiny(x)
