@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from structdsl import errors, ir
-from structdsl.errors import RaceError
-from structdsl.program import Program as _BaseProgram, _name_lane
+from structdsl import errors, ir, races
+from structdsl.program import Draw, Program as _BaseProgram, Replay, Scores
 from structdsl.typecheck import Type
 
 _CACHE_ENV = "STRUCTDSL_CACHE_DIR"
@@ -1265,12 +1264,6 @@ class Program(_BaseProgram):
         from .numba_kernels import WANT_GRAD, WANT_MEMBERS
         self._want_grad, self._want_members = WANT_GRAD, WANT_MEMBERS
 
-    def _valid_mask(self, params, dims):
-        return self.reference.instance(dims).valid
-
-    def _enumerate(self, inst, weights, exact, max_traces):
-        return self.reference._enumerate(self.reference.instance(inst.atom_shape), weights, exact, max_traces)
-
     def _unravel_table(self, inst):
         """``[A, ndim]`` int64: the multi-index of every flat atom index (C order)."""
         table = self._tables.get(inst.atom_shape)
@@ -1354,84 +1347,56 @@ class Program(_BaseProgram):
         # the callers hand over writable C-contiguous float64 arrays: one lane signature
         self._run("solve_all", *self._solve_consts(inst), uniforms if draw else none, logits if draw else none,
                   res, log_noise, tr, st, log_space, draw, mode, fs, grad, lsum, flags, *outs)
-        self._raise(st, inst, (check_logits or (lambda: self._check_logits(logits))) if draw else None)
+        self._raise(st, inst, (check_logits or (lambda: self.check_logits(logits))) if draw else None)
         return tr, outs, log_noise
 
-    def _solve(self, inst, weights, log_space):
+    # ---- the backend contract (structdsl.program) ---------------------------------------------
+    def solve_flat(self, inst, weights, log_space):
         tr, outs, _ = self._solve_all(inst, np.array(weights, dtype=np.float64), None, None, log_space)
         return tr, outs
 
-    def _sample(self, inst, u, logits, check_logits=None):
-        return self._solve_all(inst, np.empty(u.shape), _writable_c64(u), _writable_c64(logits), True,
-                               check_logits)
+    def draw_flat(self, inst, uniforms, logits, check_logits=None):
+        """As the contract; ``uniforms`` in [0, 1) (a 0 counts as the smallest normal float)."""
+        tr, outs, log_noise = self._solve_all(inst, np.empty(uniforms.shape), _writable_c64(uniforms),
+                                              _writable_c64(logits), True, check_logits)
+        return Draw(tr, outs, log_noise)
 
-    # ---- trusted entry points: the torch distribution's CPU fast path --------------------------
-    def sample_flat(self, uniforms, logits, lead=None, check_logits=None):
-        """``sample`` without the public checks, for a caller that made its own inputs:
-        ``uniforms`` in [0, 1) (0 counts as the smallest normal float) and ``logits``, both
-        float64 C-contiguous ``[B, *atom_shape]``.  Returns ``(trace [B, R], fields [B, ...],
-        log_noise [B, A])``; spec errors name the lane in ``lead`` (the batch shape that
-        ``B`` flattens; default ``(B,)``); a NaN or +inf logit makes ``check_logits()``
-        (default: the argument check of ``logits``) raise, naming it."""
-        B = uniforms.shape[0]
-        inst = self.instance(uniforms.shape[1:])
-        try:                                  # (a try costs nothing until it catches)
-            return self._sample(inst, uniforms.reshape(B, -1), logits.reshape(B, -1), check_logits)
-        except RaceError as exc:
-            _name_lane(exc, tuple(lead) if lead is not None else (B,))
-            raise
+    def replay_flat(self, inst, traces, logits):
+        """Member sets from the replay kernel (lane flag ``WANT_MEMBERS``)."""
+        logp, _, members = self._score(inst, traces, logits, False, None, want_members=True)
+        return Replay(logp > -np.inf, races.Members(members))
 
-    def score_flat(self, trace, logits):
-        """``log_prob_and_grad`` without the public checks: ``trace`` int64 ``[B, R]`` with
-        entries in ``[-1, A)`` (the caller checks the range), ``logits`` float64
-        C-contiguous ``[B, *atom_shape]``.  Returns ``(logp [B], grad [B, A])``."""
-        B = trace.shape[0]
-        inst = self.instance(logits.shape[1:])
-        with self._naming_lanes((B,)):
-            logp, grad, _ = self._score(inst, trace, logits.reshape(B, -1), True, None)
-        grad[np.isneginf(logp)] = 0.0
-        return logp, grad
+    def score_flat(self, inst, traces, logits, want_grad=False, uniforms=None):
+        """The fused kernels: log p, its gradient and E | T computed as the lanes replay
+        (``finish_score`` / ``finish_nested`` in numba_kernels), the formulas of
+        :mod:`structdsl.races`, which the conformance suite holds them to."""
+        logp, grad, noise = self._score(inst, traces, logits, want_grad, uniforms)
+        if grad is not None:
+            grad[np.isneginf(logp)] = 0.0
+        return Scores(logp, grad, noise, None)
 
-    def sample_score_flat(self, uniforms, logits, lead=None, want_members=False, check_logits=None):
-        """:meth:`sample_flat`, then :meth:`score_flat` of the drawn traces (a training step's
-        sampling and trace score), in one native call: a spec off the nested fast path scores
-        each race against the logits as it runs it (lane mode 2); on the nested fast path the
-        sampler keeps each race's snapshot and the lane then finds every atom's exit race
-        (mode 3; a spec whose races take mask expressions samples, then replays).
-        Returns ``(trace, fields, log_noise, logp [B], grad [B, A], members)``; ``members``
-        (bool ``[B, R, A]``, as :meth:`memberships`) only with ``want_members``, else None.
-        The logits are checked as the lanes draw: if one is NaN or +inf, ``check_logits()``
-        (default: the argument check of ``logits``) raises, naming it."""
-        B = uniforms.shape[0]
-        inst = self.instance(uniforms.shape[1:])
-        R, A = inst.max_races, inst.num_atoms
-        u, x = _writable_c64(uniforms.reshape(B, A)), _writable_c64(logits.reshape(B, A))
-        try:
-            if self._fast and not self._snap:
-                tr, outs, log_noise = self._sample(inst, u, x, check_logits)
-                logp, grad, members = self._score(inst, tr, x, True, None, want_members=want_members)
-                return tr, outs, log_noise, logp, grad, members
-            fs, grad = np.zeros((B, 1)), np.zeros((B, A))
-            lsum = np.zeros((B, R * A) if want_members else (B, 0))
-            flags = self._want_grad | (self._want_members if want_members else 0)
-            tr, outs, log_noise = self._solve_all(inst, np.empty((B, A)), u, x, True,
-                                                  check_logits or (lambda: self._check_logits(logits)),
-                                                  score=(fs, grad, lsum, flags))
-        except RaceError as exc:
-            _name_lane(exc, tuple(lead) if lead is not None else (B,))
-            raise
+    def draw_and_score_flat(self, inst, uniforms, logits, check_logits=None, members=False):
+        """A training step's draw and trace score in one native call: a spec off the nested
+        fast path scores each race against the logits as it runs it (lane mode 2); on the
+        nested fast path the sampler keeps each race's snapshot and the lane then finds every
+        atom's exit race (mode 3; a spec whose races take mask expressions samples, then
+        replays).  ``members``: the scores' replay holds the races' member sets."""
+        B, A = uniforms.shape
+        R = inst.max_races
+        u, x = _writable_c64(uniforms), _writable_c64(logits)
+        if self._fast and not self._snap:
+            d = self.draw_flat(inst, u, x, check_logits)
+            logp, grad, mem = self._score(inst, d.trace, x, True, None, want_members=members)
+            return d, Scores(logp, grad, None, Replay(logp > -np.inf, races.Members(mem)) if members else None)
+        fs, grad = np.zeros((B, 1)), np.zeros((B, A))
+        lsum = np.zeros((B, R * A) if members else (B, 0))
+        flags = self._want_grad | (self._want_members if members else 0)
+        tr, outs, log_noise = self._solve_all(inst, np.empty((B, A)), u, x, True,
+                                              check_logits or (lambda: self.check_logits(logits)),
+                                              score=(fs, grad, lsum, flags))
         # a drawn trace always has positive probability: fs holds its log p
-        return tr, outs, log_noise, fs[:, 0], grad, ((lsum > 0).reshape(B, R, A) if want_members else None)
-
-    def memberships(self, trace, logits):
-        """``(log p, members)``: ``members`` bool ``[*batch, max_races, *atom_shape]``, whether
-        each atom is a member of each replayed race (a grouped race: one slot per group, as
-        in the trace); all False after the last race.  Differentiable scores and ``E | T``
-        follow from it in closed form (:mod:`structdsl.torch` builds them on it)."""
-        t, x, shape, inst = self._check_trace(trace, logits)
-        with self._naming_lanes(shape):
-            logp, _, members = self._score(inst, t, x, False, None, want_members=True)
-        return logp.reshape(shape), members.reshape(shape + (inst.max_races,) + inst.atom_shape)
+        replay = Replay(np.ones(B, dtype=bool), races.Members((lsum > 0).reshape(B, R, A))) if members else None
+        return Draw(tr, outs, log_noise), Scores(fs[:, 0], grad, None, replay)
 
     def _score(self, inst, traces, logits, want_grad, uniforms, want_members=False):
         """``(log p, grad or None, E | T noise or None)``; with ``want_members`` the third is
