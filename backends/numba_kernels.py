@@ -24,19 +24,25 @@ import numpy as np
 from numba import njit, types
 from numba.core.extending import intrinsic
 
-SOLVE, SCORE, SAMPLE_SCORE = 0, 1, 2     # SAMPLE_SCORE: solve on the residuals, score on the logits
+# The lane's mode (``__mode`` in the generated code, ``mode`` in the race kernels):
+MODE_SOLVE = 0                   # solve given weights, or sample (the drivers draw the noise first)
+MODE_SCORE = 1                   # replay a trace and score it against the logits
+MODE_SAMPLE_SCORE = 2            # sample, scoring each race as it runs: solve on the residuals, score on the logits
+MODE_SAMPLE_SCORE_NESTED = 3     # the nested fast path's sample and score: snapshots, then exit races
 IMPOSSIBLE = -1
 BAD_LOGIT = -2                   # a NaN or +inf logit met while drawing (trusted entry points)
 _TINY = 2.2250738585072014e-308  # the smallest normal float64
 WANT_GRAD, WANT_NOISE, WANT_MEMBERS = 1, 2, 4
 I64_MIN, I64_MAX = np.int64(-2**63), np.int64(2**63 - 1)
 
-# The lane status ``st``: st[0] the first error's code (0: none), st[1] the next trace slot,
-# st[2] the nesting state, st[3] the nested score's candidate count; the first error also
-# records the values its message names (an index and the dimension, an operation's operands,
-# a group key...) in st[ST_A], st[ST_B], st[ST_C]; a predicate's error, the atom (+1) it was
-# evaluated for in st[ST_ATOM]; a nested spec's race, its line in st[ST_PREV] (the nesting
-# message names the previous race).  Python formats the message from them.
+# The lane status ``st``: st[ST_STATUS] the first error's code (0: none), st[ST_SLOT] the next
+# trace slot, st[ST_NESTING] the nesting state, st[ST_CANDIDATES] the nested score's candidate
+# count (the previous race's members); the first error also records the values its message
+# names (an index and the dimension, an operation's operands, a group key...) in st[ST_A],
+# st[ST_B], st[ST_C]; a predicate's error, the atom (+1) it was evaluated for in st[ST_ATOM];
+# a nested spec's race, its line in st[ST_PREV] (the nesting message names the previous race).
+# Python formats the message from them.
+ST_STATUS, ST_SLOT, ST_NESTING, ST_CANDIDATES = 0, 1, 2, 3
 ST_A, ST_B, ST_C, ST_ATOM, ST_PREV = 4, 5, 6, 7, 8
 ST_WIDTH = 9
 
@@ -450,14 +456,15 @@ def race(mode, members, alive, res, x, tr, st, fs, grad, lsum, u, pkey, log_spac
 
 @njit(cache=True)
 def _pick(mode, mask, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags, code_bound):
-    """SOLVE: the winner from the residuals ``res`` (updated); SCORE: the trace's winner
-    scored against the logits (``res`` holds them); SAMPLE_SCORE: both, logits in ``x``."""
+    """MODE_SOLVE: the winner from the residuals ``res`` (updated); MODE_SCORE: the trace's
+    winner scored against the logits (``res`` holds them); MODE_SAMPLE_SCORE: both, logits in
+    ``x``."""
     A = alive.size
     slot = st[1]
     if slot >= tr.size:              # past the static bound (the reference raises too)
         fail_with(st, code_bound, tr.size, 0)
         return -1
-    if mode != SCORE:
+    if mode != MODE_SCORE:
         w = -1
         best = np.inf
         for i in range(A):
@@ -473,7 +480,7 @@ def _pick(mode, mask, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags
                 else:
                     res[i] = res[i] - lo
         tr[slot] = w
-        if mode == SAMPLE_SCORE:
+        if mode == MODE_SAMPLE_SCORE:
             _score_race(mask, x, w, slot, fs, grad, lsum, u, flags)
     else:
         w = tr[slot]
@@ -573,10 +580,10 @@ def _pick_groups(mode, key, groups, present, alive, res, x, tr, st, fs, grad, ls
         if present[g]:
             slot_of[g] = k
             k += 1
-    if mode != SCORE and k > tr.size:        # past the static bound (the reference raises too)
+    if mode != MODE_SCORE and k > tr.size:        # past the static bound (the reference raises too)
         fail_with(st, code_bound, tr.size, 0)
         return False
-    if mode != SCORE:
+    if mode != MODE_SCORE:
         best = np.full(G, -1, np.int64)
         for i in range(A):
             g = key[i]
@@ -598,7 +605,7 @@ def _pick_groups(mode, key, groups, present, alive, res, x, tr, st, fs, grad, ls
         for g in range(G):
             if best[g] >= 0:
                 tr[slot_of[g]] = best[g]
-        if mode == SAMPLE_SCORE:
+        if mode == MODE_SAMPLE_SCORE:
             _score_groups(key, G, present, x, tr, slot_of, st, fs, grad, lsum, u, flags, out, code_bound)
         for g in range(G):
             if best[g] >= 0:
