@@ -54,16 +54,18 @@ def test_the_training_steps_entry_points_agree_with_the_program_api(data, name):
     if err is not None:
         return
     lp_a, g_a = fast.log_prob_and_grad(a.trace, logits)
-    flat = (-1,) + shape
-    t2, f2, ln2, lp2, g2, m2 = fast.sample_score_flat(np.asarray(u, dtype=float).reshape(flat),
-                                                      logits.reshape(flat), want_members=True)
+    inst, A = fast.instance(shape), int(np.prod(shape))
+    (t2, f2, ln2), scores = fast.draw_and_score_flat(inst, np.asarray(u, dtype=float).reshape(-1, A),
+                                                     logits.reshape(-1, A), members=True)
+    lp2, g2, m2 = scores.logp, scores.grad, scores.replay.races.members
     assert np.array_equal(t2, a.trace.reshape(t2.shape))
     for x, y in zip(f2, a.structure):
         assert np.array_equal(x, y.reshape(x.shape))
     np.testing.assert_array_equal(ln2, a.log_noise.reshape(ln2.shape))
     np.testing.assert_allclose(lp2, lp_a.reshape(-1), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(g2, g_a.reshape(g2.shape), rtol=1e-12, atol=1e-12)
-    assert np.array_equal(m2, fast.memberships(a.trace, logits)[1].reshape(m2.shape))
+    t, x, _, _ = fast.check_trace(a.trace, logits)
+    assert np.array_equal(m2, fast.replay_flat(inst, t, x).races.members)
 
 
 def test_gradient_matches_finite_differences_on_both_backends():
@@ -161,7 +163,7 @@ def test_a_numba_compile_failure_becomes_a_clear_error(monkeypatch):
 
 
 def test_a_zero_uniform_draws_as_the_smallest_normal_float():
-    """torch's uniforms can be exactly 0; the trusted draw counts 0 as the smallest normal
+    """torch's uniforms can be exactly 0; draw_flat counts 0 as the smallest normal
     float64, as the lock-step path clamps it, on the nested fast path and off it."""
     for name in ("spanning_tree", "arborescence"):
         prog = compiled(name, "numba")
@@ -170,7 +172,8 @@ def test_a_zero_uniform_draws_as_the_smallest_normal_float():
         u = rng.uniform(size=(3,) + shape)
         u[:, 0, 1] = 0.0
         x = rng.normal(size=(3,) + shape)
-        a = prog.sample_flat(u.copy(), x.copy())
-        b = prog.sample_flat(np.maximum(u, np.finfo(np.float64).tiny), x.copy())
+        inst, flat = prog.instance(shape), (3, -1)
+        a = prog.draw_flat(inst, u.reshape(flat).copy(), x.reshape(flat).copy())
+        b = prog.draw_flat(inst, np.maximum(u, np.finfo(np.float64).tiny).reshape(flat), x.reshape(flat).copy())
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[2], b[2])
         assert np.isfinite(a[2][:, 1]).all()

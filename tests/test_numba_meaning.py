@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import structdsl
+from structdsl.program import naming_lanes
 from structdsl import (EmptyRaceError, NestingError, RaceError, SpecOverflowError, SpecValueError, atoms,
                        full, ir, ones, race, race_groups, spec, where, zeros)
 from structdsl import specs as builtin
@@ -354,8 +355,8 @@ def test_more_races_than_the_static_bound_is_an_error(path):
         again = same(fast, ref, call)
         assert again[:3] == got[:3]
     flat = u.reshape(3, -1)
-    with pytest.raises(RaceError) as info:                      # sample and score at once
-        fast.sample_score_flat(flat.copy(), x.reshape(3, -1).copy())
+    with pytest.raises(RaceError) as info, naming_lanes((3,)):   # sample and score at once
+        fast.draw_and_score_flat(fast.instance(shape), flat.copy(), x.reshape(3, -1).copy())
     assert str(info.value) == got[3]
 
 
@@ -374,13 +375,13 @@ def test_a_winner_right_after_the_last_race_makes_the_trace_impossible(path):
     trace[1, last] = 1                      # one winner too many, right after the last race
     lp = same(fast, ref, lambda p: p.log_prob(trace, x))
     assert np.isfinite(lp[0][0]) and lp[0][1] == -np.inf
-    logp, _ = fast.score_flat(trace, x.reshape(2, -1).copy())
+    logp = fast.score_flat(fast.instance(shape), trace, x.reshape(2, -1).copy(), want_grad=True).logp
     assert np.isfinite(logp[0]) and logp[1] == -np.inf
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_a_trace_entry_equal_to_the_number_of_atoms(path):
-    """The reference refuses it (no atom has that index); the trusted entry point, whose
+    """The reference refuses it (no atom has that index); the contract's score_flat, whose
     caller checks the range, never reads past the atoms and scores it impossible."""
     s, statics, shape, _ = PATHS[path]
     fast, ref = programs(s, **statics)
@@ -391,7 +392,7 @@ def test_a_trace_entry_equal_to_the_number_of_atoms(path):
     for p in (fast, ref):
         with pytest.raises(ValueError, match=r"trace entries must be flat atom indices in \[0, 5\)"):
             p.log_prob(trace, x)
-    logp, _ = fast.score_flat(trace, x.reshape(2, -1).copy())
+    logp = fast.score_flat(fast.instance(shape), trace, x.reshape(2, -1).copy(), want_grad=True).logp
     assert np.isfinite(logp[0]) and logp[1] == -np.inf
 
 
