@@ -1,6 +1,8 @@
 """NumPy reference backend: readable, obviously right, one lane at a time.
 
-This backend *defines* what a spec means; the fast backends must agree with it.
+This backend *defines* what a spec means; the fast backends must agree with it.  It is the
+reference implementation of the backend contract (:mod:`structdsl.program`): ``solve_flat``,
+``replay_flat``, and the enumeration every backend's ``enumerate`` uses.
 
 Lowering: the IR becomes one Python function ``spec(__rt, *params)`` whose statements are the
 spec's own (line numbers kept, so tracebacks point at the user's file).  Every operation whose
@@ -12,8 +14,8 @@ picks the helper.  Every race becomes a call ``__rt.race(...)`` / ``__rt.race_gr
 
 * :class:`Solver`     - residual races on given noise: argmin of the members' residuals,
   subtract the minimum from every member, retire the winner;
-* :class:`Replayer`   - feeds a trace's winners back; accumulates
-  ``logits[w] - logsumexp(logits[members])`` and records every member set;
+* :class:`Replayer`   - feeds a trace's winners back and records every race's member set
+  (log p, its gradient and ``E | T`` follow from them in :mod:`structdsl.races`);
 * :class:`Enumerator` - replays a prefix of winners and, at the first race past it, stops
   with the race's member sets so the caller can branch on every possible winner.
 
