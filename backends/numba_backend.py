@@ -196,35 +196,36 @@ class Program(_BaseProgram):
     def _raise(self, st, inst, check_logits=None):
         """Raise the first lane's spec error; ``check_logits``: after a draw, a callable that
         names a NaN or +inf logit (it raises) if a lane met one."""
-        from .numba_kernels import BAD_LOGIT
-        if not np.count_nonzero(st[:, 0]):        # the common case: one count
+        from .numba_kernels import BAD_LOGIT, ST_STATUS
+        if not np.count_nonzero(st[:, ST_STATUS]):        # the common case: one count
             return
-        if check_logits is not None and (st[:, 0] == BAD_LOGIT).any():
+        if check_logits is not None and (st[:, ST_STATUS] == BAD_LOGIT).any():
             check_logits()
             raise ValueError("logits contain NaN or +inf")      # pragma: no cover - it raised
-        bad = np.flatnonzero(st[:, 0] > 0)
+        bad = np.flatnonzero(st[:, ST_STATUS] > 0)
         if bad.size:
             lane = int(bad[0])
-            code = self._codes[int(st[lane, 0]) - 1]
+            code = self._codes[int(st[lane, ST_STATUS]) - 1]
             raise getattr(errors, code.cls)(_message(code, st[lane], inst.atom_shape), self.ir.file, code.line, lane)
 
     def _solve_all(self, inst, res, uniforms, logits, log_space, check_logits=None, score=None):
         """Run the solve driver: on given weights ``res``, or drawing ``res = log E`` from
         ``uniforms`` and ``logits`` when they are given.  Returns traces, fields, the log
         noise.  ``score``: ``(fs, grad, lsum, flags)`` buffers, to score the drawn traces in
-        the same lanes (mode 3 on the nested fast path, else mode 2)."""
+        the same lanes (``MODE_SAMPLE_SCORE_NESTED`` on the nested fast path, else
+        ``MODE_SAMPLE_SCORE``)."""
         B, A = res.shape
         draw = uniforms is not None
         none = np.zeros((B, 0))
         tr = np.full((B, inst.max_races), -1, dtype=np.int64)
-        from .numba_kernels import ST_WIDTH
+        from .numba_kernels import MODE_SAMPLE_SCORE, MODE_SAMPLE_SCORE_NESTED, MODE_SOLVE, ST_NESTING, ST_WIDTH
         st = np.zeros((B, ST_WIDTH), dtype=np.int64)
         if self.ir.nested:
-            st[:, 2] = 1
+            st[:, ST_NESTING] = 1
         outs = self._outputs(inst, B)
         # the nested fast path never writes its residuals: then they are the log noise itself
         log_noise = res if (self._fast or not draw) else np.empty((B, A))
-        mode = 0 if score is None else 3 if self._fast else 2
+        mode = MODE_SOLVE if score is None else MODE_SAMPLE_SCORE_NESTED if self._fast else MODE_SAMPLE_SCORE
         fs, grad, lsum, flags = score or (np.zeros((B, 1)), none, none, 0)
         # the callers hand over writable C-contiguous float64 arrays: one lane signature
         self._run("solve_all", *self._solve_consts(inst), uniforms if draw else none, logits if draw else none,
@@ -259,9 +260,9 @@ class Program(_BaseProgram):
 
     def draw_and_score_flat(self, inst, uniforms, logits, check_logits=None, members=False):
         """A training step's draw and trace score in one native call: a spec off the nested
-        fast path scores each race against the logits as it runs it (lane mode 2); on the
-        nested fast path the sampler keeps each race's snapshot and the lane then finds every
-        atom's exit race (mode 3; a spec whose races take mask expressions samples, then
+        fast path scores each race against the logits as it runs it (``MODE_SAMPLE_SCORE``); on
+        the nested fast path the sampler keeps each race's snapshot and the lane then finds
+        every atom's exit race (``MODE_SAMPLE_SCORE_NESTED``; a spec whose races take mask expressions samples, then
         replays).  ``members``: the scores' replay holds the races' member sets."""
         B, A = uniforms.shape
         R = inst.max_races
@@ -283,13 +284,13 @@ class Program(_BaseProgram):
     def _score(self, inst, traces, logits, want_grad, uniforms, want_members=False):
         """``(log p, grad or None, E | T noise or None)``; with ``want_members`` the third is
         the races' member sets, bool ``[B, R, A]`` (written where E | T's buffer would be)."""
-        from .numba_kernels import IMPOSSIBLE, ST_WIDTH, WANT_GRAD, WANT_MEMBERS, WANT_NOISE
+        from .numba_kernels import IMPOSSIBLE, ST_NESTING, ST_STATUS, ST_WIDTH, WANT_GRAD, WANT_MEMBERS, WANT_NOISE
         B, A = logits.shape
         R = inst.max_races
         alive = inst.valid.reshape(-1) & ~np.isneginf(logits)
         tr = np.array(traces, dtype=np.int64)
         st = np.zeros((B, ST_WIDTH), dtype=np.int64)
-        st[:, 2] = 1 if self.ir.nested else 0
+        st[:, ST_NESTING] = 1 if self.ir.nested else 0
         fs = np.zeros((B, 1))
         grad = np.zeros((B, A) if want_grad else (B, 0))
         noisy = uniforms is not None
@@ -301,7 +302,7 @@ class Program(_BaseProgram):
         self._run("score_all", *self._args(inst), self._unravel_table(inst), alive, np.array(logits, dtype=np.float64),
                                tr, st, fs, grad, lsum, u, noise, np.int64(flags), np.bool_(False), *outs)
         self._raise(st, inst)
-        logp = np.where(st[:, 0] == IMPOSSIBLE, -np.inf, fs[:, 0])
+        logp = np.where(st[:, ST_STATUS] == IMPOSSIBLE, -np.inf, fs[:, 0])
         if want_members:
             return logp, (grad if want_grad else None), (lsum > 0).reshape(B, R, A)
         return logp, (grad if want_grad else None), (noise if noisy and not np.isneginf(logp).any() else None)

@@ -199,14 +199,25 @@ def fold_groups(x, col, G, winner, present, logp, log_sum=None, u_groups=None):
 
 
 # ---- the two forms of a replay's member sets ------------------------------------------------
-class Members:
+class _Form:
+    """What both forms share: :meth:`race_log_rates` is remembered for the last logits it
+    was asked about (log p and ``E | T`` of one replay both need it)."""
+    _seen = None
+
+    def race_log_rates(self, x):
+        """``[B, R]``: the log total rate of each race's members (``tiny`` for an unused slot)."""
+        if self._seen is None or self._seen[0] is not x:
+            self._seen = (x, self._race_log_rates(x))
+        return self._seen[1]
+
+
+class Members(_Form):
     """Race ``r``'s member set as a mask, ``members`` bool ``[B, R, A]``."""
 
     def __init__(self, members):
         self.members = members
 
-    def race_log_rates(self, x):
-        """``[B, R]``: the log total rate of each race's members (``tiny`` for an unused slot)."""
+    def _race_log_rates(self, x):
         return masked_logsumexp(x[:, None, :], self.members)
 
     def sum_over_races(self, log_v):
@@ -223,7 +234,7 @@ class Members:
         return share.sum(1)
 
 
-class ExitRaces:
+class ExitRaces(_Form):
     """Nested plain races: atom ``i`` ran in races ``0 .. exit_race[i]`` (``-1``: none)."""
 
     def __init__(self, exit_race, R):
@@ -233,7 +244,7 @@ class ExitRaces:
         o = ops(x)
         return o.where(self.exit_race >= 0, self.exit_race, self.R)            # R: no race
 
-    def race_log_rates(self, x):
+    def _race_log_rates(self, x):
         """Race ``r``'s members are the atoms whose exit race is ``>= r``: a suffix log-sum
         over the per-exit-race log-sums (one pass over the atoms, not one per race)."""
         o = ops(x)

@@ -2,7 +2,6 @@
 ``tests/regression_fixture.py`` before a refactor that promises no behaviour change): traces
 and structures exactly, log E, log p, its gradient, E | T and the estimators' gradients to
 1e-12, the same error class where the frozen run raised."""
-import numpy as np
 import pytest
 
 import regression_fixture as R
