@@ -26,9 +26,10 @@ raises as well.  Nothing on the hot path leaves the device; on CPU a loop stops 
 no lane is active (one ``any()`` per iteration) and a check records nothing when no element
 fails (one ``any()``), on CUDA every loop runs its static bound and every check runs in full.
 
-Scores are differentiable by autograd: ``log p(T)`` accumulates ``logits[w] - logsumexp``
-race by race, and ``E | T`` is built from the race minima in log space, so
-``conditional_noise`` is reparameterised in the logits.
+Scores are differentiable by autograd: the replay folds ``log p(T)`` and the race minima of
+``E | T`` race by race with :func:`structdsl.races.fold_race` / ``fold_groups`` (nested plain
+races: exit races, :class:`structdsl.races.ExitRaces`), so ``conditional_noise`` is
+reparameterised in the logits.
 
 Layout: this module holds :class:`Program` (the public API and the backend contract); the
 machine is :mod:`torch_machine` (lane state, errors, stores, statements), with its
@@ -183,7 +184,7 @@ class Program(TensorArguments, GraphedCalls, _BaseProgram):
         A = inst.num_atoms
         xb = x.detach().expand(shape).reshape(-1, A)
         live = self.atom_mask(inst, x.device) & ~torch.isneginf(xb)
-        log_e = torch.where(live, torch.log(-torch.log(u.reshape(-1, A))) - torch.where(live, xb, 0.0), math.inf)
+        log_e = torch.where(live, races.log_race_minimum(u.reshape(-1, A), torch.where(live, xb, 0.0)), math.inf)
         trace, fields = self._solve_t(inst, log_e, True, lead)
         return Sample(trace.reshape(lead + (inst.max_races,)), self._structure_t(fields, lead),
                       log_e.reshape(shape))
