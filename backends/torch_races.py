@@ -39,11 +39,7 @@ class RaceLowering:
             w = self.compete(s, m)
         else:                                # beside grouped races: one group (nesting by key)
             w = self.compete_groups(s, torch.where(m, 0, -1), 1)[:, 0]
-        if len(s.targets) == 1:
-            self.store(ast.Name(s.targets[0], ast.Store()), w, 0, s.line)
-            return
-        for t, x in zip(s.targets, self.unravel(w)):
-            self.store(ast.Name(t, ast.Store()), x, 0, s.line)
+        self.store_winners(s, w, 0)
 
     def race_groups(self, s):
         G = ir.static_eval(s.groups, self.static_env, self.p.file)
@@ -59,11 +55,16 @@ class RaceLowering:
             if not s.allow_empty:
                 self.flag(self.on(), "EmptyRaceError", s.line, "race_groups has no live member in any group")
             ws = torch.zeros((self.B, 0), dtype=torch.int64, device=self.device)
+        self.store_winners(s, ws, 1)
+
+    def store_winners(self, s, w, rank):
+        """Bind race ``s``'s targets: the flat winners ``w`` (``rank`` 0: ``[B]``, 1: ``[B, G]``),
+        or, with one target per atom dimension, their unravelled indices."""
         if len(s.targets) == 1:
-            self.store(ast.Name(s.targets[0], ast.Store()), ws, 1, s.line)
+            self.store(ast.Name(s.targets[0], ast.Store()), w, rank, s.line)
             return
-        for t, x in zip(s.targets, self.unravel(ws)):
-            self.store(ast.Name(t, ast.Store()), x, 1, s.line)
+        for t, x in zip(s.targets, self.unravel(w)):
+            self.store(ast.Name(t, ast.Store()), x, rank, s.line)
 
     def unravel(self, w):
         out, rest = [], w
