@@ -230,7 +230,8 @@ class Members(_Form):
     def softmax_sum(self, x, lse):
         """``[B, A]``: ``sum_{r: i in M_r} softmax(x[M_r])_i`` (the trace score's second term)."""
         o = ops(x)
-        share = o.where(self.members, o.exp(o.where(self.members, x[:, None, :], 0.0) - lse[:, :, None]), 0.0)
+        # exp only where a member: an unused slot's lse is tiny, and exp(-tiny) would overflow
+        share = o.exp(o.where(self.members, x[:, None, :] - lse[:, :, None], o.tiny(x)))
         return share.sum(1)
 
 

@@ -77,7 +77,7 @@ def test_trace_score_is_the_gradient_of_log_prob(name):
     forms = [rep.races] + ([_exit_form(rep.races.members)] if prog.ir.nested else [])
     for form in forms:
         tt = torch.as_tensor(t)
-        xt = torch.as_tensor(x).requires_grad_(True)
+        xt = torch.as_tensor(x.copy()).requires_grad_(True)
         f = form if isinstance(form, races.ExitRaces) else races.Members(torch.as_tensor(form.members))
         if isinstance(f, races.ExitRaces):
             f = races.ExitRaces(torch.as_tensor(f.exit_race), f.R)
