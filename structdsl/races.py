@@ -84,6 +84,10 @@ class _NumPyOps:
         return np.full(shape, value, dtype=like.dtype)
 
     @staticmethod
+    def constant(x):                       # no gradient to stop
+        return x
+
+    @staticmethod
     def stack(xs, axis):
         return np.stack(xs, axis)
 
@@ -124,6 +128,10 @@ class _TorchOps:
 
     def full(self, shape, value, like):
         return self.torch.full(shape, value, dtype=like.dtype, device=like.device)
+
+    def constant(self, x):
+        """``x`` without its gradient (a shift that only keeps exponentials in range)."""
+        return x.detach()
 
     def stack(self, xs, axis):
         return self.torch.stack(xs, axis)
@@ -183,7 +191,7 @@ def fold_groups(x, col, G, winner, present, logp, log_sum=None, u_groups=None):
     :func:`fold_race`, one race per present group."""
     o = ops(x)
     member = col > 0
-    xd = x.detach() if hasattr(x, "detach") else x
+    xd = o.constant(x)
     shift = o.segment(o.where(member, xd, -math.inf), col, G + 1, "max")
     shift = o.where(o.isfinite(shift), shift, 0.0)
     e = o.exp(o.where(member, x - o.take(shift, col), -math.inf))        # no inf * 0 in a backward
@@ -241,6 +249,16 @@ class ExitRaces(_Form):
     def __init__(self, exit_race, R):
         self.exit_race, self.R = exit_race, R
 
+    @classmethod
+    def from_members(cls, members):
+        """The exit races of NumPy member sets ``[B, R, A]`` whose races only shrink (a nested
+        spec's plain races): each atom's last race, -1 if it ran in none."""
+        B, R, A = members.shape
+        last = np.full((B, A), -1, dtype=np.int64)
+        if R:
+            last = np.where(members.any(1), R - 1 - np.argmax(members[:, ::-1, :], axis=1), -1)
+        return cls(last, R)
+
     def _buckets(self, x):
         o = ops(x)
         return o.where(self.exit_race >= 0, self.exit_race, self.R)            # R: no race
@@ -254,7 +272,7 @@ class ExitRaces(_Form):
             return x[:, :0]
         tiny = o.tiny(x)
         bucket = self._buckets(x)
-        xd = x.detach() if hasattr(x, "detach") else x
+        xd = o.constant(x)
         shift = o.segment(xd, bucket, R + 1, "max")
         shift = o.where(o.isfinite(shift), shift, 0.0)
         total = o.segment(o.exp(x - o.take(shift, bucket)), bucket, R + 1, "sum")

@@ -28,11 +28,7 @@ def _replayed(name, n, seed, batch=3):
 
 
 def _exit_form(members):
-    B, R, A = members.shape
-    last = np.full((B, A), -1, dtype=np.int64)
-    if R:
-        last = np.where(members.any(1), R - 1 - np.argmax(members[:, ::-1, :], axis=1), -1)
-    return races.ExitRaces(last, R)
+    return races.ExitRaces.from_members(members)
 
 
 @pytest.mark.parametrize("name", NESTED_PLAIN)

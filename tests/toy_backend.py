@@ -6,8 +6,6 @@ with plain races reports its member sets in the second compact form, as exit rac
 (:class:`structdsl.races.ExitRaces`), so that form of :mod:`structdsl.races` runs against
 the reference in every conformance test (``conformance.BACKENDS`` includes ``"toy"``).
 """
-import numpy as np
-
 import structdsl
 from structdsl import ir, races
 from structdsl.program import Program as _BaseProgram, Replay
@@ -32,10 +30,5 @@ class Program(_BaseProgram):
         rep = self.reference.replay_flat(self._reference_instance(inst), traces, logits)
         if not self.exit_races:
             return rep
-        members = rep.races.members                                   # [B, R, A]
-        R = members.shape[1]
         # nested plain races shrink: an atom ran in races 0 .. its last one
-        last = np.full(members.shape[::2], -1, dtype=np.int64)
-        if R:
-            last = np.where(members.any(1), R - 1 - np.argmax(members[:, ::-1, :], axis=1), -1)
-        return Replay(rep.possible, races.ExitRaces(last, R))
+        return Replay(rep.possible, races.ExitRaces.from_members(rep.races.members))
