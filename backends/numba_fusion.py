@@ -49,8 +49,7 @@ class LoopFusion:
         temporary array: ``(statements, result name)``, or None.  The loop evaluates every
         element (and its checks, in the NumPy lowering's order) unless ``e`` has no checked
         site in the loop, when it stops at the first decisive element."""
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("any", "all")
-                and len(node.args) == 1 and not node.keywords):
+        if not (isinstance(node, ast.Call) and self.gen.types.primitive(node).name in ("any", "all")):
             return None
         attempt = self.fuse(node.args[0])
         if attempt is None:
@@ -244,24 +243,24 @@ class LoopFusion:
                 "__ck", idx, ast.Subscript(_attr(x, "shape"), ast.Constant(0), ast.Load()), _name("__st"), code),
                 ast.Load()), codes, fusion, signature)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            name, args = node.func.id, node.args
-            if name == "arange" and len(args) == 1:
+            name, args = self.gen.types.primitive(node).name, node.args
+            if name == "arange":
                 if fusion["length"] is None:
                     codes = len(self.gen.codes)
                     fusion["length"] = self.gen.static(args[0])        # evaluated before the loop
                     fusion["hoisted_checks"] += len(self.gen.codes) - codes
                 return _name(i)
-            if name == "where" and len(args) == 3:
+            if name == "where":
                 return self.select(t, *args, i, fusion)
-            if name in ("minimum", "maximum") or (name in ("min", "max") and len(args) >= 2):
-                fn = "__min" if name in ("minimum", "min") else "__max"
+            if name in ("minimum", "maximum"):
+                fn = "__" + name[:3]
                 xs = [self.element(a, i, fusion) for a in args]
                 xs = [self.scalar_int(x, self.gen.t(a)) if t.dtype == "int" else x for x, a in zip(xs, args)]
                 out = xs[0]
                 for x in xs[1:]:
                     out = _call(fn, out, x)
                 return out
-            if name == "abs" and len(args) == 1:
+            if name == "abs":
                 x = self.scalar_int(self.element(args[0], i, fusion), self.gen.t(args[0]))
                 if not self.gen.check_overflow:
                     return _call("__abs", x)

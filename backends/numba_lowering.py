@@ -266,57 +266,14 @@ class Codegen:
         return _np("bool_" if name == "bool" else "int64")
 
     def call(self, node):
-        name, args = node.func.id, node.args
-        kws = {k.arg: k.value for k in node.keywords}
-        t = self.t(node)
-        if name == "live":
-            dims = [_name(f"__d{i}") for i in range(len(self.p.atoms.dims))]
-            return _call(_attr(_call(_attr(_name("__live0"), "reshape"), ast.Tuple(dims, ast.Load())), "copy"))
-        if name == "arange":
-            return _call(_np("arange"), self.static(args[0]))
-        if name in ("zeros", "ones"):
-            dt = args[1] if len(args) > 1 else kws.get("dtype")
-            return _call(_np(name), self.shape(args[0]), self.dtype(dt, "int"))
-        if name == "full":
-            dtype = _np("bool_" if t.dtype == "bool" else "int64")
-            return _call(_np("full"), self.shape(args[0]), self.convert(self.expr(args[1]), self.t(args[1]), t.dtype), dtype)
-        ts = [self.t(a) for a in args]
-        # every call below builds a new array or a scalar, except where() on a scalar test
-        view = not (name == "where" and not t.ndim) and name not in ("int", "bool")
-        xs = [self.operand(a) if view else self.expr(a) for a in args]
-        if name == "where":
-            a, b = self.convert(xs[1], ts[1], t.dtype), self.convert(xs[2], ts[2], t.dtype)
-            if not t.ndim:
-                return _call("__sel", xs[0], a, b)        # a call: both values evaluated
-            return _call(_np("where"), xs[0], a, b)
-        if name in ("minimum", "maximum") or (name in ("min", "max") and len(args) >= 2):
-            fn = "minimum" if name in ("minimum", "min") else "maximum"
-            xs = [self.convert(x, tt, t.dtype) for x, tt in zip(xs, ts)]
-            out = xs[0]
-            for x in xs[1:]:
-                out = _call(_np(fn), out, x) if t.ndim else _call("__" + fn[:3], out, x)
-            return out
-        if name in ("min", "max", "argmin", "argmax"):
-            helper = "__extreme" if name in ("min", "max") else "__arg_extreme"
-            code = self.code("SpecValueError", node.lineno, f"{name}() of an empty array")
-            return _call(helper, xs[0], ast.Constant(name.endswith("max")), _name("__st"), code)
-        if name in ("any", "all"):
-            return _call(_np(name), xs[0])
-        if name == "sum":
-            if ts[0].dtype == "bool" or not self.check_overflow:
-                return _call("__total", xs[0])            # a count cannot overflow
-            return _call("__total_ck", xs[0], _name("__st"), self.overflow("sum", node.lineno, False))
-        if name == "abs":
-            x = self.as_int(xs[0], ts[0])
-            if not self.check_overflow:
-                return _call(_np("abs"), x) if t.ndim else _call("__abs", x)
-            return _call("__abs_a" if t.ndim else "__abs_s", x, _name("__st"),
-                         self.overflow("abs", node.lineno, t.ndim))
-        if name == "int":
-            return _call(_np("int64"), xs[0])
-        if name == "bool":
-            return xs[0] if ts[0].dtype == "bool" else ast.Compare(xs[0], [ast.NotEq()], [ast.Constant(0)])
-        self.fail(node, f"{name}()")
+        return PRIMITIVE_RULES[self.types.primitive(node).name](self, node)
+
+    def operands(self, node):
+        """A call's arguments lowered, with their types: as views, since every primitive builds
+        a new array or a scalar, except ``where`` on a scalar test."""
+        t, ts = self.t(node), [self.t(a) for a in node.args]
+        view = not (node.func.id == "where" and not t.ndim)
+        return [self.operand(a) if view else self.expr(a) for a in node.args], ts, t
 
     # ---- statements ----------------------------------------------------------------------------
     def block(self, stmts):
@@ -428,3 +385,87 @@ class Codegen:
         if isinstance(s, ir.GroupRace):
             return self.races.race_groups(s)
         raise TypeError(type(s).__name__)  # pragma: no cover
+
+
+# ---- one lowering rule per primitive (structdsl.primitives) -------------------------------
+def _live(gen, node):
+    dims = [_name(f"__d{i}") for i in range(len(gen.p.atoms.dims))]
+    return _call(_attr(_call(_attr(_name("__live0"), "reshape"), ast.Tuple(dims, ast.Load())), "copy"))
+
+
+def _filled(gen, node):
+    args, kws = node.args, {k.arg: k.value for k in node.keywords}
+    dt = args[1] if len(args) > 1 else kws.get("dtype")
+    return _call(_np(node.func.id), gen.shape(args[0]), gen.dtype(dt, "int"))
+
+
+def _full(gen, node):
+    t, value = gen.t(node), node.args[1]
+    dtype = _np("bool_" if t.dtype == "bool" else "int64")
+    return _call(_np("full"), gen.shape(node.args[0]), gen.convert(gen.expr(value), gen.t(value), t.dtype), dtype)
+
+
+def _where(gen, node):
+    xs, ts, t = gen.operands(node)
+    a, b = gen.convert(xs[1], ts[1], t.dtype), gen.convert(xs[2], ts[2], t.dtype)
+    if not t.ndim:
+        return _call("__sel", xs[0], a, b)        # a call: both values evaluated
+    return _call(_np("where"), xs[0], a, b)
+
+
+def _elementwise(fn):
+    def rule(gen, node):
+        xs, ts, t = gen.operands(node)
+        xs = [gen.convert(x, tt, t.dtype) for x, tt in zip(xs, ts)]
+        out = xs[0]
+        for x in xs[1:]:
+            out = _call(_np(fn), out, x) if t.ndim else _call("__" + fn[:3], out, x)
+        return out
+    return rule
+
+
+def _extreme(gen, node):
+    xs, _, _ = gen.operands(node)
+    name = gen.types.primitive(node).name
+    helper = "__extreme" if name in ("min", "max") else "__arg_extreme"
+    code = gen.code("SpecValueError", node.lineno, f"{name}() of an empty array")
+    return _call(helper, xs[0], ast.Constant(name.endswith("max")), _name("__st"), code)
+
+
+def _any_all(gen, node):
+    xs, _, _ = gen.operands(node)
+    return _call(_np(node.func.id), xs[0])
+
+
+def _sum(gen, node):
+    xs, ts, _ = gen.operands(node)
+    if ts[0].dtype == "bool" or not gen.check_overflow:
+        return _call("__total", xs[0])            # a count cannot overflow
+    return _call("__total_ck", xs[0], _name("__st"), gen.overflow("sum", node.lineno, False))
+
+
+def _abs(gen, node):
+    xs, ts, t = gen.operands(node)
+    x = gen.as_int(xs[0], ts[0])
+    if not gen.check_overflow:
+        return _call(_np("abs"), x) if t.ndim else _call("__abs", x)
+    return _call("__abs_a" if t.ndim else "__abs_s", x, _name("__st"), gen.overflow("abs", node.lineno, t.ndim))
+
+
+def _int(gen, node):
+    return _call(_np("int64"), gen.expr(node.args[0]))
+
+
+def _bool(gen, node):
+    x = gen.expr(node.args[0])
+    return x if gen.t(node.args[0]).dtype == "bool" else ast.Compare(x, [ast.NotEq()], [ast.Constant(0)])
+
+
+#: How each primitive lowers to Numba-compiled Python, by name: ``rule(codegen, call node)``.
+PRIMITIVE_RULES = {
+    "live": _live, "arange": lambda gen, node: _call(_np("arange"), gen.static(node.args[0])),
+    "zeros": _filled, "ones": _filled, "full": _full, "where": _where,
+    "minimum": _elementwise("minimum"), "maximum": _elementwise("maximum"),
+    "min": _extreme, "max": _extreme, "argmin": _extreme, "argmax": _extreme,
+    "any": _any_all, "all": _any_all, "sum": _sum, "abs": _abs, "int": _int, "bool": _bool,
+}

@@ -239,11 +239,12 @@ def _set(x, idx, value):
 
 
 def _int_of(x):
-    return int(x)
+    # an atom's index grid in a grid-safe predicate: the per-atom scalars, elementwise
+    return int(x) if np.ndim(x) == 0 else np.asarray(x).astype(np.int64)
 
 
 def _bool_of(x):
-    return bool(x)
+    return bool(x) if np.ndim(x) == 0 else np.asarray(x) != 0
 
 
 def _dtype(name):
@@ -277,8 +278,10 @@ def _elementwise(fn):
     return apply
 
 
-#: What each DSL function means on NumPy values (the lowering calls ``__dsl_<name>``).
-DSL_FUNCTIONS = {
+#: What each primitive (:mod:`structdsl.primitives`) means on NumPy values: the lowering
+#: calls ``__dsl_<name>`` with the lowered arguments (``live`` gets the lane's race handler).
+PRIMITIVE_RULES = {
+    "live": lambda rt: rt.live(),
     "arange": lambda n: np.arange(n, dtype=np.int64),
     "zeros": lambda shape, dtype="int": np.zeros(shape, dtype=_dtype(dtype)),
     "ones": lambda shape, dtype="int": np.ones(shape, dtype=_dtype(dtype)),
@@ -286,8 +289,7 @@ DSL_FUNCTIONS = {
         shape, value, dtype=_dtype(dtype) if dtype else bool if isinstance(value, bool) else np.int64),
     "where": _where,
     "minimum": _elementwise(np.minimum), "maximum": _elementwise(np.maximum),
-    "min": lambda *xs: _reduce(np.min, "min")(*xs) if len(xs) == 1 else _elementwise(np.minimum)(*xs),
-    "max": lambda *xs: _reduce(np.max, "max")(*xs) if len(xs) == 1 else _elementwise(np.maximum)(*xs),
+    "min": _reduce(np.min, "min"), "max": _reduce(np.max, "max"),
     "argmin": _reduce(np.argmin, "argmin"), "argmax": _reduce(np.argmax, "argmax"),
     "any": lambda a: bool(np.any(a)), "all": lambda a: bool(np.all(a)),
     "sum": _sum, "abs": _abs, "int": _int_of, "bool": _bool_of,
@@ -301,7 +303,7 @@ NAMESPACE = {
     "__lshift": _lshift, "__rshift": _rshift, "__neg": _neg, "__pos": _pos,
     "__not": _not, "__invert": _invert, "__and": _and, "__or": _or, "__where": _where,
     "__ALL": slice(None), "__P": Predicate,
-    **{f"__dsl_{k}": v for k, v in DSL_FUNCTIONS.items()},
+    **{f"__dsl_{k}": v for k, v in PRIMITIVE_RULES.items()},
 }
 
 _ARITH = {ast.Add: "__add", ast.Sub: "__sub", ast.Mult: "__mul", ast.FloorDiv: "__floordiv",
@@ -392,9 +394,9 @@ class _Lowering:
                          ast.Load())
 
     def call(self, node):
-        name = node.func.id
+        name = self.types.primitive(node).name
         if name == "live":
-            return ast.Call(ast.Attribute(_name("__rt"), "live", ast.Load()), [], [])
+            return _call("__dsl_live", _name("__rt"))
         args = [self.dtype_or_expr(a) for a in node.args]
         keywords = [ast.keyword(k.arg, self.dtype_or_expr(k.value)) for k in node.keywords]
         return ast.Call(_name(f"__dsl_{name}"), args, keywords)

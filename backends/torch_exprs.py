@@ -227,67 +227,92 @@ class ExprLowering:
 
     # ---- DSL functions --------------------------------------------------------------------
     def call(self, node, g):
-        name = node.func.id
+        return PRIMITIVE_RULES[self.types.primitive(node).name](self, node, g)
+
+    def lifted(self, node, g, values=None):
+        """A call's arguments (``values`` of them) evaluated and broadcast to its rank, as
+        int64 for an int result."""
         t = self.types.of(node)
-        k = t.ndim
-        line = node.lineno
-        if name == "live":
-            return self.live0.reshape((self.B,) + (1,) * (self.L - 1) + self.inst.atom_shape)
-        if name in ("arange", "zeros", "ones", "full"):
-            shape = tuple(d.value for d in t.shape)
-            dtype = torch.bool if t.dtype == "bool" else torch.int64
-            if name == "arange":
-                return torch.arange(shape[0], device=self.device).reshape((1,) * self.L + shape)
-            if name in ("zeros", "ones"):
-                fill = torch.zeros if name == "zeros" else torch.ones
-                return fill((1,) * self.L + shape, dtype=dtype, device=self.device)
-            v = self.ev(node.args[1], g).to(dtype)
-            return v.reshape(v.shape + (1,) * k).expand(v.shape + shape)
-        args = node.args
-        if name == "where":
-            c, a, b = (self.lift(self.ev(x, g), self.own(x), k) for x in args)
-            if t.dtype == "int":
-                a, b = a.long(), b.long()
-            return torch.where(c, a, b)
-        if name in ("minimum", "maximum") or (name in ("min", "max") and len(args) >= 2):
-            fn = torch.minimum if name in ("minimum", "min") else torch.maximum
-            xs = [self.lift(self.ev(x, g), self.own(x), k) for x in args]
-            if t.dtype == "int":
-                xs = [x.long() for x in xs]
-            out = xs[0]
-            for x in xs[1:]:
-                out = fn(out, x)
-            return out
-        if name in ("min", "max", "any", "all", "sum", "argmin", "argmax"):
-            x = self.ev(args[0], g)
-            flat = x.reshape(x.shape[:self.L] + (-1,))
-            if flat.shape[-1] == 0 and name not in ("any", "all", "sum"):    # those have a value: False, True, 0
-                self.flag(torch.ones((1,) * self.L, dtype=torch.bool, device=self.device) if g is None else g,
-                          "SpecValueError", line, f"{name}() of an empty array")
-                return torch.zeros(flat.shape[:-1], dtype=torch.bool if t.dtype == "bool" else torch.int64,
-                                   device=self.device)
-            if name == "any":
-                return _any(flat)
-            if name == "all":
-                return _all(flat)
-            if name == "sum":
-                x = flat.long()     # exact overflow test: sum the high and low 32-bit halves apart
-                high = torch.bitwise_right_shift(x, 32).sum(-1)
-                low = torch.bitwise_and(x, 0xFFFFFFFF).sum(-1)
-                top = high + torch.bitwise_right_shift(low, 32)
-                self.overflow((top < -2**31) | (top >= 2**31), g, 0, line, "sum", "sum", high, low)
-                return x.sum(-1)
-            if name in ("argmin", "argmax"):
-                return (flat.long().argmin(-1) if name == "argmin" else flat.long().argmax(-1))
-            if flat.dtype == torch.bool:
-                return _all(flat) if name == "min" else _any(flat)
-            return flat.amin(-1) if name == "min" else flat.amax(-1)
-        if name == "abs":
-            x = self.ev(args[0], g).long()
-            self.overflow(x == _I64_MIN, g, k, line, "abs", "abs", x)
-            return x.abs()
-        if name == "int":
-            return self.ev(args[0], g).long()
-        if name == "bool":
-            return self.ev(args[0], g) != 0
-        raise TypeError(f"{name}() is not a DSL function")  # pragma: no cover
+        xs = [self.lift(self.ev(x, g), self.own(x), t.ndim) for x in values or node.args]
+        return [x.long() for x in xs] if t.dtype == "int" else xs
+
+
+# ---- one lowering rule per primitive (structdsl.primitives): rule(machine, node, guard) ----
+def _live(m, node, g):
+    return m.live0.reshape((m.B,) + (1,) * (m.L - 1) + m.inst.atom_shape)
+
+
+def _filled(m, node, g):
+    t = m.types.of(node)
+    shape = tuple(d.value for d in t.shape)
+    dtype = torch.bool if t.dtype == "bool" else torch.int64
+    name = m.types.primitive(node).name
+    if name == "arange":
+        return torch.arange(shape[0], device=m.device).reshape((1,) * m.L + shape)
+    if name in ("zeros", "ones"):
+        fill = torch.zeros if name == "zeros" else torch.ones
+        return fill((1,) * m.L + shape, dtype=dtype, device=m.device)
+    v = m.ev(node.args[1], g).to(dtype)
+    return v.reshape(v.shape + (1,) * t.ndim).expand(v.shape + shape)
+
+
+def _where(m, node, g):
+    test = node.args[0]
+    c = m.lift(m.ev(test, g), m.own(test), m.types.of(node).ndim)
+    a, b = m.lifted(node, g, node.args[1:])
+    return torch.where(c, a, b)
+
+
+def _elementwise(fn):
+    def rule(m, node, g):
+        xs = m.lifted(node, g)
+        out = xs[0]
+        for x in xs[1:]:
+            out = fn(out, x)
+        return out
+    return rule
+
+
+def _reduction(m, node, g):
+    """A reduction over the lane's whole array; ``min``, ``max``, ``argmin``, ``argmax`` of an
+    empty one flag an error (``any``, ``all``, ``sum`` have a value: False, True, 0)."""
+    name, t, line = m.types.primitive(node).name, m.types.of(node), node.lineno
+    x = m.ev(node.args[0], g)
+    flat = x.reshape(x.shape[:m.L] + (-1,))
+    if flat.shape[-1] == 0 and name not in ("any", "all", "sum"):
+        m.flag(torch.ones((1,) * m.L, dtype=torch.bool, device=m.device) if g is None else g,
+               "SpecValueError", line, f"{name}() of an empty array")
+        return torch.zeros(flat.shape[:-1], dtype=torch.bool if t.dtype == "bool" else torch.int64,
+                           device=m.device)
+    if name == "any":
+        return _any(flat)
+    if name == "all":
+        return _all(flat)
+    if name == "sum":
+        x = flat.long()     # exact overflow test: sum the high and low 32-bit halves apart
+        high = torch.bitwise_right_shift(x, 32).sum(-1)
+        low = torch.bitwise_and(x, 0xFFFFFFFF).sum(-1)
+        top = high + torch.bitwise_right_shift(low, 32)
+        m.overflow((top < -2**31) | (top >= 2**31), g, 0, line, "sum", "sum", high, low)
+        return x.sum(-1)
+    if name in ("argmin", "argmax"):
+        return flat.long().argmin(-1) if name == "argmin" else flat.long().argmax(-1)
+    if flat.dtype == torch.bool:
+        return _all(flat) if name == "min" else _any(flat)
+    return flat.amin(-1) if name == "min" else flat.amax(-1)
+
+
+def _abs(m, node, g):
+    x = m.ev(node.args[0], g).long()
+    m.overflow(x == _I64_MIN, g, m.types.of(node).ndim, node.lineno, "abs", "abs", x)
+    return x.abs()
+
+
+#: How each primitive runs on ``[B, ...]`` lane tensors, by name.
+PRIMITIVE_RULES = {
+    "live": _live, "arange": _filled, "zeros": _filled, "ones": _filled, "full": _filled,
+    "where": _where, "minimum": _elementwise(torch.minimum), "maximum": _elementwise(torch.maximum),
+    **dict.fromkeys(("min", "max", "argmin", "argmax", "any", "all", "sum"), _reduction),
+    "abs": _abs, "int": lambda m, node, g: m.ev(node.args[0], g).long(),
+    "bool": lambda m, node, g: m.ev(node.args[0], g) != 0,
+}

@@ -48,10 +48,20 @@ class Typing:
         self.outputs = {}         # field -> Type
         self._exprs = {}          # id(ast node) -> Type
         self._grid = {}           # id(ir.Pred) -> bool
+        self.primitives = {}      # id(ast.Call) -> primitives.Primitive
 
     def of(self, node):
         """The :class:`Type` of an expression node of the IR."""
         return self._exprs[id(node)]
+
+    def primitive(self, node):
+        """The :class:`~structdsl.primitives.Primitive` a call node of the IR resolved to (a
+        call in a static expression, ``zeros(max(n, 2))``, is not typed: it resolves here)."""
+        found = self.primitives.get(id(node))
+        if found is None:
+            from .primitives import resolve
+            found = resolve(node.func.id, len(node.args))
+        return found
 
     def grid_safe(self, pred):
         return self._grid[id(pred)]

@@ -5,7 +5,7 @@ line with a ``SpecError`` on every backend; a spec that fails at run time must f
 with the same error class and batch element on every backend.  Specs without ``# BAD`` are
 accepted, and every backend must give them the reference's values.
 """
-from structdsl import arange, atoms, full, race, race_groups, spec, zeros
+from structdsl import arange, argmax, argmin, atoms, full, race, race_groups, spec, zeros
 
 BIG = 4611686018427387904                   # 2**62
 INT64_MIN = -9223372036854775807 - 1
@@ -334,6 +334,24 @@ def updates_through_rows_and_scalars(n):
         seen[v, u] ^= True
     deg *= 3
     return deg, seen
+
+
+@spec
+def every_reduction_and_conversion(n):
+    """The primitives no built-in spec calls on state (``argmin``, ``argmax``, one-argument
+    ``min``/``max``, ``abs``, ``int``, ``bool``) on winner-dependent values, inside a race's
+    members too, so the differential harness compares each primitive on every backend."""
+    item = atoms(n)
+    order = full(n, -1)
+    for t in range(n - n // 2):
+        w = race(item, lambda i: order[i] < 0 and abs(i - t) >= min(order) + 1)
+        order[w] = t
+    spread = abs(order - n // 2)
+    low, high = argmin(spread), argmax(order)
+    score = int(order[low] >= 0) + min(spread) - max(order)
+    flag = bool(score) and bool(max(order >= 0))
+    last = race(item, lambda i: bool(i % 2) == (high % 2 == 0) or order[i] == -1, allow_empty=True)
+    return order, spread, low, high, score, flag, last
 
 
 # ==== accepted, failing at run time: the same error everywhere ================================
