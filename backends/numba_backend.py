@@ -31,7 +31,7 @@ import numpy as np
 from structdsl import errors, races
 from structdsl.program import Draw, Program as _BaseProgram, Replay, Scores
 
-from .numba_lowering import Codegen, LoweringError
+from .numba_lowering import PASSES, Codegen, LoweringError
 from .numba_module import _kernels_hash  # noqa: F401  (tests read it here)
 
 _CACHE_ENV = "STRUCTDSL_CACHE_DIR"
@@ -53,19 +53,6 @@ def cache_dir():
         path = Path(tempfile.gettempdir()) / f"structdsl-{os.getuid() if hasattr(os, 'getuid') else 0}" / "numba"
         path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-#: Emit checked int64 arithmetic (the DSL's meaning).  Only ``benchmarks/run.py`` turns it
-#: off, to measure what the checks cost; such a program wraps on overflow.
-_CHECK_OVERFLOW = True
-
-
-class _Codegen(Codegen):
-    """The code generator with this module's ``_CHECK_OVERFLOW``, read at each compile (the
-    benchmark switches it here)."""
-
-    def __init__(self, program, typing, constants=None):
-        super().__init__(program, typing, constants, check_overflow=_CHECK_OVERFLOW)
 
 
 #: The reference's scalar overflow messages give the exact result, from the operands.
@@ -128,12 +115,19 @@ class Program(_BaseProgram):
     """
 
     backend = "numba"
+    #: the code generator's optional rewrites (``numba_lowering.PASSES``); a subclass with
+    #: fewer compiles the generic lowering, which the tests compare the rewrites with
+    passes = PASSES
+    #: checked int64 arithmetic (the DSL's meaning); only ``benchmarks/run.py`` compiles a
+    #: subclass without it, to measure what the checks cost (such a program wraps on overflow)
+    check_overflow = True
 
     def __init__(self, spec, **static_params):
         super().__init__(spec, **static_params)
         from .numpy_reference import Program as Reference
         self.reference = Reference(spec, **static_params)   # valid masks and enumeration
-        gen = _Codegen(self.ir, self.types, self._constant_arrays)
+        gen = Codegen(self.ir, self.types, self._constant_arrays, check_overflow=self.check_overflow,
+                      passes=self.passes)
         self.source = gen.module()
         self._codes = gen.codes
         self._fast, self._snap = gen.fast, gen.snap

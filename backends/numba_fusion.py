@@ -25,8 +25,8 @@ class LoopFusion:
     """The loop fusion pass of a :class:`numba_lowering.Codegen` (``gen``), whose error codes,
     temporaries and renames it shares."""
 
-    def __init__(self, gen):
-        self.gen = gen
+    def __init__(self, gen, enabled=True):
+        self.gen, self.enabled = gen, enabled      # disabled: nothing fuses (the generic lowering)
 
     def if_statement(self, test, body, orelse):
         """``if test: body else: orelse``, with ``any``/``all`` of an elementwise expression
@@ -117,7 +117,7 @@ class LoopFusion:
         (``fusion``: the statements before the loop and in its body, its length, its checked
         sites), or None when it does not fuse (then as if never tried: the NumPy lowering
         follows, with the same error codes)."""
-        if self.gen.t(node).ndim != 1 or isinstance(node, (ast.Name, ast.Constant)):
+        if not self.enabled or self.gen.t(node).ndim != 1 or isinstance(node, (ast.Name, ast.Constant)):
             return None
         i = self.gen.temp("e")
         fusion = {"pre": [], "body": [], "length": None, "sites": [], "hoisted_checks": 0,

@@ -8,6 +8,10 @@ passes share its state and lower what needs more than one statement's view: the 
 (:mod:`numba_fusion`: elementwise expressions without temporary arrays) and the races
 (:mod:`numba_races`: the race kernels, the nested fast path, the snapshot scorer).
 :mod:`numba_module` assembles the lane and the drivers into a module.
+
+The three rewrites that only make code faster are named in :data:`PASSES` and can be turned
+off one by one (``Codegen(..., passes=...)``, ``Program.passes``); what remains is the
+generic lowering, and ``tests/test_numba_passes.py`` holds each rewrite to it.
 """
 from __future__ import annotations
 
@@ -39,13 +43,25 @@ _HELPER = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.FloorDiv: "floor
            ast.LShift: "lshift", ast.RShift: "rshift"}
 
 
+#: The optional rewrites, each meaning-preserving (tested against the generic lowering):
+#: ``loop_fusion``: a 1-d elementwise assignment or ``any``/``all`` test as one loop;
+#: ``nested_heap``: a ``nested=True`` spec without grouped races samples by popping one heap
+#: of the lane's noise; ``snapshot_scorer``: with it, the score replays through per-race
+#: snapshots and finds exit races by binary search (needs ``nested_heap``).
+PASSES = ("loop_fusion", "nested_heap", "snapshot_scorer")
+
+
 class Codegen:
     """IR -> the source of a Numba module (one ``lane`` function and two drivers).
 
-    ``check_overflow=False`` emits wrapping int64 arithmetic: only for measuring what the
-    checks cost (``benchmarks/run.py``)."""
+    ``passes``: the rewrites of :data:`PASSES` to apply.  ``check_overflow=False`` emits
+    wrapping int64 arithmetic: only for measuring what the checks cost (``benchmarks/run.py``)."""
 
-    def __init__(self, program: ir.Program, typing, constants=None, check_overflow=True):
+    def __init__(self, program: ir.Program, typing, constants=None, check_overflow=True, passes=PASSES):
+        unknown = set(passes) - set(PASSES)
+        if unknown:
+            raise ValueError(f"unknown passes {sorted(unknown)}; the passes are {PASSES}")
+        self.passes = frozenset(passes)
         self.p, self.types = program, typing
         self.constants = constants or {}  # tuple constants the spec reads: read-only arrays
         self.codes = []                  # error code - 1 -> (error class name, line, message)
@@ -54,7 +70,7 @@ class Codegen:
         self.line = program.atoms.line   # the statement being lowered
         self.in_pred = False             # lowering a predicate's body
         self.check_overflow = check_overflow
-        self.fusion = LoopFusion(self)
+        self.fusion = LoopFusion(self, enabled="loop_fusion" in self.passes)
         self.races = RaceLowering(self)
         # the lane's race path (the module's drivers and the Program's entry points follow it)
         self.fast, self.snap = self.races.fast, self.races.snap

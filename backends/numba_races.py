@@ -33,12 +33,12 @@ class RaceLowering:
         program = gen.p
         # the nested fast path: every race inside the previous one, so in solve mode one
         # sort of the lane's noise serves every race (grouped races keep the generic path)
-        self.fast = program.nested and not any(isinstance(s, ir.GroupRace)
+        self.fast = "nested_heap" in gen.passes and program.nested and not any(isinstance(s, ir.GroupRace)
                                                for s in ir.walk_statements(program.body))
         # ... and its score replays through snapshots when every race has a predicate (or
         # no condition): each race keeps the lane locals its predicate reads, and each
         # atom's exit race is then found by binary search over the races (see race())
-        self.snap = self.fast and all(isinstance(s.members, (ir.Pred, type(None)))
+        self.snap = "snapshot_scorer" in gen.passes and self.fast and all(isinstance(s.members, (ir.Pred, type(None)))
                                       for s in ir.walk_statements(program.body) if isinstance(s, ir.Race))
         self.sites = []                  # snapshot races: (members, the lane locals it reads)
         self.site_of = {}                # id(race statement) -> its site

@@ -394,11 +394,10 @@ def unchecked(name, n):
     """Spec ``name`` compiled for numba with its int64 overflow checks off (wrapping
     arithmetic, as before the checks existed): only for measuring their cost."""
     from structdsl.backends import numba_backend
-    saved, numba_backend._CHECK_OVERFLOW = numba_backend._CHECK_OVERFLOW, False
-    try:
-        return structdsl.compile(getattr(specs, name), backend="numba", **statics(name, n))
-    finally:
-        numba_backend._CHECK_OVERFLOW = saved
+
+    class Unchecked(numba_backend.Program):
+        check_overflow = False
+    return Unchecked(getattr(specs, name), **statics(name, n))
 
 
 def check_cost(names, sizes, batches, semantics, repeat, markdown):
