@@ -16,7 +16,7 @@ names (parameters, data parameters, locals, constants), int/bool constants, ``+ 
 bools (short-circuit on scalars, elementwise on arrays), single comparisons (chains become
 ``and``), ``a if c else b``, subscripts ``x[i]``, ``x[i, :]``, ``x[int_array]`` with every
 index checked to lie in ``[0, dim)`` (no wrap-around), ``x[mask] = v`` (stores only), calls to
-the DSL functions of :mod:`structdsl.dsl`, and :class:`Pred` (a ``lambda`` over one atom's
+the DSL's primitives (:mod:`structdsl.primitives`, one rule per backend), and :class:`Pred` (a ``lambda`` over one atom's
 indices, only as a race's ``members``/``key`` or the atoms' ``valid``).  A predicate's value
 for an atom depends only on that atom's indices, the parameters and the state.
 
@@ -25,25 +25,25 @@ Lowering rules (one row per construct; ``lane`` is one batch element)
 =================  ===========================  ===============================  ================================
 construct          numpy (reference)            numba                            torch
 =================  ===========================  ===============================  ================================
-Program            one Python function per      one ``@njit`` per semantics,     one function on ``[B, ...]``
-                   lane, driven by a Python     ``prange`` over lanes            tensors, all lanes in lock-step
-                   loop over the batch
+Program            one Python function per      one ``lane`` function for every  one function on ``[B, ...]``
+                   lane, driven by a Python     semantics (a mode argument),     tensors, all lanes in lock-step
+                   loop over the batch          ``prange`` over lanes
 Assign / Store     checked ``__set``; arrays    same, per lane                   batched write masked by the lane's
                    copied on assignment                                          ``active`` mask (``torch.where``)
-Subscript          checked ``__get``            bounds-checked in debug mode     gather with clamped indices, error
-                                                                                 flag for active lanes
+Subscript          checked ``__get``            every index checked (an error    gather with clamped indices, error
+                                                code in the lane's status row)   flag for active lanes
 If                 Python ``if``                ``if``                           both branches run, writes masked
                                                                                  by ``cond`` and ``~cond``
 Loop(count)        ``for _ in range(count)``    same                             ``max count`` unrolled steps of a
                                                                                  Python loop over masked bodies
 Break              ``break``                    ``break``                        lane's ``active`` mask cleared
-Pred               grid version on read-only    explicit loops over the atoms    grid-safe: broadcast index
-                   ``ogrid`` indices when                                        tensors; otherwise a loop over
-                   grid-safe, else per atom                                      atoms
+Pred               grid version on read-only    explicit loops over the atoms    one evaluation on broadcast index
+                   ``ogrid`` indices when                                        tensors (an atom axis per index;
+                   grid-safe, else per atom                                      errors kept per atom)
 Race               handler call: argmin of      argmin over the live mask, or    masked argmin over the flattened
-                   residuals over the member    next live item of one sorted     atoms, per lane
-                   mask (sample/solve), fed     pass when ``nested``
-                   winner (replay)
+                   residuals over the member    the next member popped from one  atoms, per lane
+                   mask (sample/solve), fed     heap of the lane's noise when
+                   winner (replay)              ``nested`` (``nested_heap``)
 GroupRace          handler call, one argmin     one pass over the atoms keeping  ``scatter_reduce(amin)`` of the
                    per non-empty group          a per-group minimum              residuals by key, per lane
 =================  ===========================  ===============================  ================================
