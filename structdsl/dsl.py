@@ -88,6 +88,20 @@ class Spec:
     def __repr__(self):
         return f"<structdsl spec {self.name}{' (nested)' if self.nested else ''}>"
 
+    def __reduce__(self):
+        """Pickle by reference: module and qualified name, or (``__main__``, a notebook, a
+        function's local spec) the source text and the constants it reads; unpickling
+        verifies it like any spec (:mod:`structdsl.cache`).  ``copy.deepcopy`` returns the
+        spec itself, as for a function."""
+        from .cache import reduce_spec
+        return reduce_spec(self)
+
+    def __copy__(self):
+        """A distinct spec sharing this one's function and cached IR (a variant to modify)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
 
 def spec(fn=None, *, nested=False, reference=None):
     """Declare a structured distribution.  Use as ``@spec``, ``@spec(nested=True)`` or

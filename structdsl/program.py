@@ -212,6 +212,20 @@ class Program:
         statics = ", ".join(f"{k}={v}" for k, v in self.static_params.items())
         return f"<{self.backend} program {self.ir.name}({statics})>"
 
+    # ---- pickling (structdsl/cache.py) -----------------------------------------------------
+    def __reduce__(self):
+        """Pickle by reference: the spec (itself by reference), the backend's name and the
+        parameter values; unpickling compiles again through the compile cache, so
+        ``copy.deepcopy`` and a round trip in one process give back this very program."""
+        from .cache import program_by_reference
+        return program_by_reference, (self.spec, self.backend, {**self.static_params, **self.data})
+
+    def __copy__(self):
+        """A private shallow copy (compiled programs are shared through the cache)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
     # ---- shapes --------------------------------------------------------------------------
     @property
     def atom_ndim(self):
