@@ -8,7 +8,7 @@ Lowering: the IR becomes one Python function ``spec(__rt, *params)`` whose state
 spec's own (line numbers kept, so tracebacks point at the user's file).  Every operation whose
 NumPy meaning differs from the DSL's goes through a checked helper (``__get``/``__set`` for
 indexing without wrap-around, ``__add`` & co. for int64 arithmetic that raises on overflow
-and division by zero, ``__inv`` for ``~`` on bools); the type pass (:mod:`structdsl.typecheck`)
+and division by zero, ``__not`` for ``~`` on bools, ``__invert`` for ``~`` on ints); the type pass (:mod:`structdsl.typecheck`)
 picks the helper.  Every race becomes a call ``__rt.race(...)`` / ``__rt.race_groups(...)`` to a
 *race handler*, the only thing that differs between the semantics:
 

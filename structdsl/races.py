@@ -1,4 +1,4 @@
-"""The mathematics of exponential races, written once (docs/design.md §2 and §4.3).
+"""The mathematics of exponential races, written once (docs/design.md §1 and §4.2).
 
 Every quantity the library derives from a replayed trace is defined here, over the replay's
 output, for NumPy arrays and torch tensors alike (the functions only use operations both

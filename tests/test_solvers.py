@@ -1,4 +1,4 @@
-"""``solve`` on raw weights against independent, well-known solvers (DESIGN.md §2, §6)."""
+"""``solve`` on raw weights against independent, well-known solvers (docs/design.md 2)."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -57,7 +57,7 @@ def test_spanning_tree_on_large_graph_matches_networkx():
 
 
 def test_prim_written_as_races_is_valid_but_not_the_mst_law():
-    """DESIGN.md §2's converse trap: Prim as races keeps the invariant (it verifies and its
+    """docs/design.md 2's converse trap: Prim as races keeps the invariant (it verifies and its
     enumeration sums to one) yet its law differs from Kruskal's, because losers carry shifts."""
     from fractions import Fraction
     from structdsl import atoms, race, spec, zeros

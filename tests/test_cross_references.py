@@ -1,0 +1,40 @@
+"""References between the repository's own files resolve: every ``docs/design.md`` section a
+source file, test or document cites exists, and no file cites a ``DESIGN.md`` that does not."""
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CITE = re.compile(r"design\.md`{0,2},?\s*(?:§|section\s+)?(\d+(?:\.\d+)*)")
+
+
+def _tracked(*patterns):
+    out = subprocess.run(["git", "ls-files", *patterns], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:          # not a git checkout: every file on disk
+        return [p for pattern in patterns for p in ROOT.glob("**/" + pattern) if ".venv" not in p.parts]
+    return [ROOT / line for line in out.stdout.splitlines()]
+
+
+def _sections():
+    text = (ROOT / "docs" / "design.md").read_text()
+    return set(re.findall(r"^#+\s+(\d+(?:\.\d+)*)\.?\s", text, flags=re.M))
+
+
+def test_every_cited_design_section_exists():
+    sections = _sections()
+    assert {"1.4", "3.11", "4.2", "4.7"} <= sections       # the headings parse
+    missing = []
+    for path in _tracked("*.py", "*.md"):
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            for number in CITE.findall(line):
+                if number.rstrip(".") not in sections:
+                    missing.append(f"{path.relative_to(ROOT)}:{n}: design.md {number}")
+    assert not missing, "\n".join(missing)
+
+
+def test_no_file_cites_a_document_that_is_not_there():
+    bad = [f"{p.relative_to(ROOT)}:{n}" for p in _tracked("*.py", "*.md")
+           for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+           if "DESIGN.md" in line and not (ROOT / "DESIGN.md").exists()]
+    assert not bad, bad
+
