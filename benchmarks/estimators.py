@@ -9,6 +9,9 @@ backward, Adam) at n = 10, one thread, after a warm-up, best of 3 rounds; beside
 step time of the paper authors' public code on this kind of machine (2-core CPU) and the
 ratio (target: at most 0.5).
 
+Spec vs program: the same toy step with ``RaceDistribution`` built from the spec every step
+and from a compiled program (the compile cache makes them cost the same; target ratio <= 1.2).
+
 Variance: at fixed random logits (seed 0) and a fixed random loss of the structure, the
 variance of each estimator per coordinate (mean over the valid coordinates), from many
 independent estimates (one batch element per estimate); RELAX with its default critic
@@ -43,6 +46,43 @@ def step_times(rounds, steps):
             row[e] = 1000 * best / steps
         rows.append(row)
     return rows
+
+
+def spec_vs_program(rounds, steps, n=10):
+    """The spanning-tree toy's T-REINFORCE+ step (3 samples, Adam, one thread) with the
+    distribution built every step from the spec (``RaceDistribution(specs.spanning_tree,
+    logits)``, which compiles through the compile cache) and from a compiled program: best
+    of ``rounds`` rounds of ``steps`` steps, the two alternating; ms per step."""
+    import time
+    import torch
+    from structdsl import compile as compile_spec, estimators, specs, toys
+    from structdsl.torch import RaceDistribution
+    prog = compile_spec(specs.spanning_tree, backend="torch")
+    f = toys.TOYS["spanning_tree"].make_loss(n, torch.device("cpu"))
+    sources = {"spec": lambda: specs.spanning_tree, "program": lambda: prog}
+
+    def run(source, count):
+        logits = torch.zeros((n, n), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.Adam([logits], lr=0.01, fused=True)
+        t0 = time.perf_counter()
+        for _ in range(count):
+            logits.grad = None
+            estimators.t_reinforce(RaceDistribution(source(), logits), f, num_samples=3).backward()
+            opt.step()
+        return (time.perf_counter() - t0) / count
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for how in sources.values():
+            run(how, 20)                          # warm up (the first spec step compiles)
+        best = {k: math.inf for k in sources}
+        for _ in range(rounds):
+            for k, how in sources.items():
+                best[k] = min(best[k], run(how, steps))
+    finally:
+        torch.set_num_threads(before)
+    return {k: 1000 * v for k, v in best.items()}
 
 
 def variances(draws, critic_steps):
@@ -118,6 +158,12 @@ def main(argv=None):
         print("\nStep time per toy (ms; n = 10, 3 samples, 1 thread; ratio = ours / authors', target <= 0.5)")
         print(table(["toy", "T-REINFORCE", "T-REINFORCE+", "RELAX", "authors T", "authors RELAX",
                      "ratio T", "ratio RELAX"], out, args.markdown))
+        sp = spec_vs_program(rounds=3 if args.quick else 5, steps=100 if args.quick else 300)
+        print("\nDistribution from the spec every step vs from a compiled program (spanning_tree toy, "
+              "T-REINFORCE+, n = 10, 3 samples, 1 thread; ms per step; target: ratio <= 1.2)")
+        print(table(["toy", "from spec", "from program", "ratio"],
+                    [["spanning_tree", f"{sp['spec']:.2f}", f"{sp['program']:.2f}",
+                      f"{sp['spec'] / sp['program']:.2f}"]], args.markdown))
     if args.only != "steps":
         rows = variances(draws=1000 if args.quick else 4000, critic_steps=100 if args.quick else 400)
         labels = ["E-REINFORCE", "T-REINFORCE", "E-REINFORCE+", "T-REINFORCE+", "RELAX"]

@@ -10,7 +10,8 @@ log-probability, the noise-given-trace sampler and exact enumeration.
 """
 from .dsl import (Spec, arange, argmax, argmin, atoms, full, live, maximum, minimum, ones, race,
                   race_groups, require, spec, where, zeros)
-from .cache import cache_clear, cache_info
+from .backends import program_class
+from .cache import cache_clear, cache_info, compile_cached
 from .errors import (EmptyRaceError, EnumerationLimitError, NestingError, RaceError, SpecError,
                      SpecIndexError, SpecOverflowError, SpecValueError, SpecZeroDivisionError)
 
@@ -32,8 +33,6 @@ def compile(spec, backend="numpy", **static_params):  # noqa: A001 - the natural
     """
     if not isinstance(spec, Spec):
         raise TypeError(f"compile expects a @spec-decorated function, got {type(spec).__name__}")
-    from .backends import program_class
-    from .cache import compile_cached
     cls = program_class(backend)
     spec.ir  # verify before anything else, so errors name the spec's own line
     return compile_cached(spec, backend, static_params, lambda: cls(spec, **static_params))
