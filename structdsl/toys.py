@@ -7,7 +7,8 @@ standard deviation per coordinate over ``grad_draws`` independent estimates (ave
 coordinates), at the current logits.
 
     python -m structdsl toy --structure spanning_tree --estimator t_reinforce+ --steps 2000
-    python -m structdsl toy --all --quick          # every toy, every estimator, < 5 minutes
+    python -m structdsl toy --all --quick          # every toy, every estimator, one seed
+    python -m structdsl toy --all                  # the full runs: 15000 steps, 3 seeds
 
 Losses (``structure`` fields have leading dims ``[samples, *batch]``):
 
@@ -227,7 +228,8 @@ def _bar(total, desc, progress):
 
 
 # ---- outputs ----------------------------------------------------------------------------------
-FIELDS = ["structure", "estimator", "n", "step", "objective", "grad_std", "seconds", "optimum", "start"]
+FIELDS = ["structure", "estimator", "seed", "n", "num_samples", "eval_samples", "step", "objective", "grad_std",
+          "seconds", "optimum", "start"]
 
 
 def write_csv(rows, path):
@@ -243,48 +245,104 @@ def read_csv(path):
     for r in rows:
         for k in FIELDS[2:]:
             r[k] = float(r[k])
+        r["seed"] = int(r["seed"])
     return rows
 
 
+def _runs(rows, structure):
+    """``{estimator: [rows of one seed sorted by step, ...]}`` of one structure."""
+    out = {}
+    for est in ESTIMATORS:
+        seeds = sorted({r["seed"] for r in rows if r["structure"] == structure and r["estimator"] == est})
+        out[est] = [sorted((r for r in rows if r["structure"] == structure and r["estimator"] == est
+                            and r["seed"] == sd), key=lambda r: r["step"]) for sd in seeds]
+    return {e: runs for e, runs in out.items() if runs}
+
+
+def _band(runs, key):
+    """Per evaluation (aligned by index over seeds): the mean, the min and the max of ``key``."""
+    k = min(len(r) for r in runs)
+    values = [[run[i][key] for run in runs] for i in range(k)]
+    return ([sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values])
+
+
 def plot(rows, structure, path):
-    """Three panels against step, one line per estimator: the objective (the optimum
-    dashed), its distance to the optimum (log scale) and the gradient std (log scale)."""
+    """Four panels, one line per estimator (the mean over seeds, a band from the lowest to the
+    highest seed): the objective against steps and against training seconds (the optimum
+    dashed), its distance to the optimum (log scale) and the gradient std per coordinate (log
+    scale; an exactly zero std, which a converged run can reach, is drawn as a marker on the
+    axis rather than as a value)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in rows if r["structure"] == structure]
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.6))
-    for est in [e for e in ESTIMATORS if any(r["estimator"] == e for r in rows)]:
-        rs = sorted((r for r in rows if r["estimator"] == est), key=lambda r: r["step"])
-        steps = [r["step"] for r in rs]
-        ax1.plot(steps, [r["objective"] for r in rs], label=est)
-        ax2.plot(steps, [max(r["objective"] - r["optimum"], 1e-4) for r in rs], label=est)
-        ax3.plot(steps, [max(r["grad_std"], 1e-8) for r in rs], label=est)
-    optimum = rows[0]["optimum"]
+    runs = _runs(rows, structure)
+    first = next(iter(runs.values()))[0][0]
+    optimum, n, K = first["optimum"], int(first["n"]), int(first["num_samples"])
+    evals, seeds = int(first["eval_samples"]), max(len(r) for r in runs.values())
+    steps_total = int(max(r["step"] for rs in runs.values() for run in rs for r in run))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.9))
+    ax1, ax2, ax3, ax4 = axes
+    for i, (est, rs) in enumerate(runs.items()):
+        color = f"C{i}"
+        steps = [r["step"] for r in rs[0]][:min(len(r) for r in rs)]
+        mean, lo, hi = _band(rs, "objective")
+        secs = _band(rs, "seconds")[0]
+        ax1.plot(steps, mean, color=color, label=est)
+        ax1.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
+        ax2.plot(secs, mean, color=color, label=est)
+        ax2.fill_between(secs, lo, hi, color=color, alpha=0.2, lw=0)
+        gap = [max(m - optimum, 1e-4) for m in mean]
+        ax3.plot(steps, gap, color=color, label=est)
+        std, slo, shi = _band(rs, "grad_std")
+        positive = [(x, v, a, b) for x, v, a, b in zip(steps, std, slo, shi) if v > 0]
+        if positive:
+            xs, v, a, b = zip(*positive)
+            ax4.plot(xs, v, color=color, label=est)
+            ax4.fill_between(xs, [max(t, min(v) / 10) for t in a], b, color=color, alpha=0.2, lw=0)
+        zeros = [x for x, v in zip(steps, std) if v == 0]
+        if zeros:
+            ax4.plot(zeros, [0] * len(zeros), "v", color=color, clip_on=False, transform=ax4.get_xaxis_transform(),
+                     label=f"{est}: std exactly 0")
     ax1.axhline(optimum, ls="--", color="k", lw=1, label=f"optimum {optimum:g}")
-    ax1.set(xlabel="step", ylabel="mean loss (1000 samples)", title=f"{structure}: objective")
-    ax2.set(yscale="log", xlabel="step", ylabel="objective - optimum (floor 1e-4)", title="distance to the optimum")
-    ax3.set(yscale="log", xlabel="step", ylabel="std per coordinate (floor 1e-8)", title="gradient std (10 draws)")
+    ax2.axhline(optimum, ls="--", color="k", lw=1)
+    band = f", band: min-max over {seeds} seeds" if seeds > 1 else " (one seed)"
+    ax1.set(xlabel="step", ylabel=f"mean loss ({evals} samples)", title=f"{structure}: objective")
+    ax2.set(xlabel="training seconds (evaluations excluded)", ylabel=f"mean loss ({evals} samples)",
+            title="objective against wall-clock")
+    ax3.set(yscale="log", xlabel="step", ylabel="objective - optimum (floor 1e-4)", title="distance to the optimum")
+    ax4.set(yscale="log", xlabel="step", ylabel="std per coordinate", title="gradient std (10 estimates)")
     ax1.legend(fontsize=7)
+    if any(h.get_label().endswith("exactly 0") for h in ax4.get_lines()):
+        ax4.legend(fontsize=6)
+    fig.suptitle(f"{structure}, n = {n}: free logits from 0, Adam lr 0.01, {steps_total} steps, K = {K} samples "
+                 f"per step ('+': one leave-one-out group of K; else K independent), mean over seeds{band}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    drawn = {"ylabel": ax1.get_ylabel(), "title": fig._suptitle.get_text(), "xlabel_time": ax2.get_xlabel(),
+             "zero_std_markers": sum(len(h.get_xdata()) for h in ax4.get_lines() if h.get_label().endswith("exactly 0"))}
     plt.close(fig)
+    return drawn                    # what the figure says, for tests
 
 
 def summary(rows):
-    """Per (structure, estimator): final objective, gap closed in %, final grad std, ms/step."""
+    """Per (structure, estimator), over seeds: the final objective (mean, min, max), the share
+    of the start-to-optimum gap left (of the mean), the final grad std (mean), ms per step."""
     out = []
-    keys = sorted({(r["structure"], r["estimator"]) for r in rows},
-                  key=lambda k: (STRUCTURES.index(k[0]), ESTIMATORS.index(k[1])))
-    for s, e in keys:
-        rs = sorted((r for r in rows if r["structure"] == s and r["estimator"] == e), key=lambda r: r["step"])
-        last = rs[-1]
-        start, opt = last["start"], last["optimum"]
-        remaining = (last["objective"] - opt) / (start - opt) if start != opt else float("nan")
-        out.append({"structure": s, "estimator": e, "steps": int(last["step"]), "start": start,
-                    "final": last["objective"], "optimum": opt, "remaining_gap_pct": 100 * remaining,
-                    "grad_std": last["grad_std"], "ms_per_step": 1000 * last["seconds"] / max(last["step"], 1),
-                    "finite": all(math.isfinite(r["objective"]) and math.isfinite(r["grad_std"]) for r in rs)})
+    for s in STRUCTURES:
+        for e, runs in _runs(rows, s).items():
+            lasts = [run[-1] for run in runs]
+            final = sum(r["objective"] for r in lasts) / len(lasts)
+            start, opt = lasts[0]["start"], lasts[0]["optimum"]
+            remaining = (final - opt) / (start - opt) if start != opt else float("nan")
+            out.append({"structure": s, "estimator": e, "seeds": len(runs), "steps": int(lasts[0]["step"]),
+                        "start": start, "final": final, "final_min": min(r["objective"] for r in lasts),
+                        "final_max": max(r["objective"] for r in lasts), "optimum": opt,
+                        "remaining_gap_pct": 100 * remaining,
+                        "grad_std": sum(r["grad_std"] for r in lasts) / len(lasts),
+                        "ms_per_step": 1000 * sum(r["seconds"] / max(r["step"], 1) for r in lasts) / len(lasts),
+                        "finite": all(math.isfinite(r["objective"]) and math.isfinite(r["grad_std"])
+                                      for run in runs for r in run)})
     return out
 
 
@@ -302,7 +360,9 @@ def add_arguments(parser):
     parser.add_argument("--eval-every", type=int, help="steps between evaluations (default 500, 250 with --quick)")
     parser.add_argument("--eval-samples", type=int, help="samples per evaluation (default 1000, 300 with --quick)")
     parser.add_argument("--n", type=int, default=10, help="size (default 10)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
+    parser.add_argument("--seeds", type=int, help="seeds per run: --seed, --seed + 1, ... "
+                        "(default 3, 1 with --quick); figures draw their spread")
     parser.add_argument("--out", default="toy-results", help="output folder (default toy-results)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -318,20 +378,24 @@ def run_cli(args):
     for name, v in (("--steps", steps), ("--eval-every", every), ("--eval-samples", samples), ("--n", args.n)):
         if v < 1:
             raise SystemExit(f"toy: {name} must be positive, got {v}")
+    seeds = args.seeds or (1 if args.quick else 3)
+    if seeds < 1:
+        raise SystemExit(f"toy: --seeds must be positive, got {seeds}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for s in structures:
         opt = TOYS[s].optimum(args.n)
         for e in estimators:
-            t0 = time.perf_counter()
-            log = train(s, e, steps=steps, n=args.n, eval_every=every, eval_samples=samples,
-                        seed=args.seed, progress=False if args.no_progress else None)
-            rows += [{"structure": s, "estimator": e, "n": args.n, "optimum": opt, "start": log[0]["objective"],
-                      **r} for r in log]
-            print(f"{s:14s} {e:13s} objective {log[0]['objective']:8.3f} -> {log[-1]['objective']:8.3f} "
-                  f"(optimum {opt}), grad std {log[-1]['grad_std']:.3g}, "
-                  f"{1000 * log[-1]['seconds'] / steps:.2f} ms/step, {time.perf_counter() - t0:.0f} s", flush=True)
+            for seed in range(args.seed, args.seed + seeds):
+                t0 = time.perf_counter()
+                log = train(s, e, steps=steps, n=args.n, eval_every=every, eval_samples=samples,
+                            seed=seed, progress=False if args.no_progress else None)
+                rows += [{"structure": s, "estimator": e, "seed": seed, "n": args.n, "num_samples": 3,
+                          "eval_samples": samples, "optimum": opt, "start": log[0]["objective"], **r} for r in log]
+                print(f"{s:14s} {e:13s} seed {seed}: objective {log[0]['objective']:8.3f} -> "
+                      f"{log[-1]['objective']:8.3f} (optimum {opt}), grad std {log[-1]['grad_std']:.3g}, "
+                      f"{1000 * log[-1]['seconds'] / steps:.2f} ms/step, {time.perf_counter() - t0:.0f} s", flush=True)
         write_csv(rows, out / "toys.csv")
         try:
             plot(rows, s, out / f"{s}.png")

@@ -296,14 +296,34 @@ def test_toy_cli_writes_log_and_figure(tmp_path, capsys):
     from structdsl.__main__ import main
     from structdsl.toys import read_csv
     rc = main(["toy", "--structure", "top_k", "--estimator", "t_reinforce+", "--estimator", "relax",
-               "--steps", "40", "--eval-every", "20", "--eval-samples", "50", "--out", str(tmp_path),
+               "--steps", "40", "--eval-every", "20", "--eval-samples", "50", "--seeds", "2", "--out", str(tmp_path),
                "--no-progress"])
     assert rc == 0
     rows = read_csv(tmp_path / "toys.csv")
-    assert [(r["estimator"], r["step"]) for r in rows] == [
-        (e, s) for e in ("t_reinforce+", "relax") for s in (0.0, 20.0, 40.0)]
+    assert [(r["estimator"], r["seed"], r["step"]) for r in rows] == [
+        (e, seed, s) for e in ("t_reinforce+", "relax") for seed in (0, 1) for s in (0.0, 20.0, 40.0)]
+    assert {r["eval_samples"] for r in rows} == {50.0}
     assert all(math.isfinite(r["objective"]) and r["grad_std"] >= 0 for r in rows)
     assert (tmp_path / "top_k.png").stat().st_size > 10_000
     assert "top_k" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--structure"):
         main(["toy", "--out", str(tmp_path)])
+
+
+def test_toy_figure_says_what_it_draws(tmp_path):
+    """The figure names the evaluation size it used, n, K and what '+' means, has a
+    wall-clock panel, and draws an exactly zero gradient std as a marker, not as a value."""
+    from structdsl.toys import plot, summary
+    rows = [{"structure": "top_k", "estimator": est, "seed": seed, "n": 10.0, "num_samples": 3.0,
+             "eval_samples": 300.0, "step": float(step), "objective": 2.0 / (1 + step) + 0.01 * seed,
+             "grad_std": 0.0 if (est == "relax" and step == 20) else 1.0 / (1 + step),
+             "seconds": 0.001 * step, "optimum": 0.0, "start": 2.0}
+            for est in ("t_reinforce+", "relax") for seed in (0, 1, 2) for step in (0, 10, 20)]
+    drawn = plot(rows, "top_k", tmp_path / "top_k.png")
+    assert drawn["ylabel"] == "mean loss (300 samples)"
+    assert "n = 10" in drawn["title"] and "K = 3" in drawn["title"] and "leave-one-out" in drawn["title"]
+    assert "3 seeds" in drawn["title"] and "seconds" in drawn["xlabel_time"]
+    assert drawn["zero_std_markers"] == 1                   # relax at step 20 only (its mean over seeds is 0)
+    table = {r["estimator"]: r for r in summary(rows)}
+    assert table["t_reinforce+"]["seeds"] == 3
+    assert table["t_reinforce+"]["final_min"] < table["t_reinforce+"]["final"] < table["t_reinforce+"]["final_max"]
