@@ -22,15 +22,28 @@ Which are unbiased, and why:
   are unbiased: ``E[f * d log p] = d E[f]`` for any density.  ``t_reinforce`` is the
   conditional expectation of ``e_reinforce`` given ``T`` (the structure is a function of
   ``T``, and ``E[d log p(E) | T] = d log p(T)``), so its variance is never larger.
-* ``num_samples=K > 1`` uses the leave-one-out baseline by default: each sample's loss is
-  compared with the mean of the *other* ``K - 1``, which is independent of that sample, so
-  the baseline adds no bias.  The estimate is ``1/K sum_k (f_k - mean_{j!=k} f_j) score_k``
-  ``= 1/(K-1) sum_k (f_k - mean_j f_j) score_k``.  (``leave_one_out=False`` averages ``K``
-  plain estimates instead.)
+* ``num_samples=K`` means the same in every estimator: ``K`` samples per batch element,
+  averaged into one estimate.  Whether the samples share a baseline is a separate argument,
+  ``leave_one_out``: each sample's loss is compared with the mean of the *other* ``K - 1``,
+  which is independent of that sample, so the baseline adds no bias.  The estimate is
+  ``1/K sum_k (f_k - mean_{j!=k} f_j) score_k = 1/(K-1) sum_k (f_k - mean_j f_j) score_k``;
+  without it, ``K`` plain estimates are averaged.  Defaults: ``t_reinforce`` and
+  ``e_reinforce`` use it when ``K > 1`` ("T-REINFORCE+"); :class:`RELAX`, whose critic is its
+  control variate, does not unless asked (``leave_one_out=True``: the leave-one-out baseline
+  on top of the critic, still unbiased).
 * :class:`RELAX` with the reparameterised conditional noise ``E~ ~ E | T`` is unbiased for
   any critic ``c``: ``E[c(E~) d log p(T)] = E[d c(E)] - E[d c(E~)]`` (the control variate has
   mean zero), so the critic can be trained freely to cut the variance.
 * :func:`exact_gradient` enumerates every trace (small sizes) and is exact.
+
+Precision: for float16/bfloat16 logits (``torch.autocast``) every estimator works on the
+distribution's float32 version (:meth:`~structdsl.torch.RaceDistribution.in_working_precision`):
+the draw, the scores and the estimate are computed in float32 (float64 on the CPU fast
+path) and the gradient reaches the logits in their own dtype, rounded once.
+
+The estimators use only the distribution's public methods (``sample_and_score``,
+``sample_with_structure``, ``log_prob``, ``conditional_noise``, ``noise_log_prob``,
+``enumerate_supports``, ``cpu_fast_path``), so any distribution that provides them works.
 """
 from __future__ import annotations
 
@@ -45,86 +58,114 @@ __all__ = ["t_reinforce", "e_reinforce", "RELAX", "exact_gradient", "MLPCritic"]
 
 
 def t_reinforce(dist, f, num_samples=1, leave_one_out=None):
-    """Surrogate loss of T-REINFORCE (the score of the trace), "T-REINFORCE+" for
-    ``num_samples > 1`` (leave-one-out baseline unless ``leave_one_out=False``).  Unbiased."""
+    """Surrogate loss of T-REINFORCE (the score of the trace): ``num_samples`` samples per
+    batch element, "T-REINFORCE+" for ``num_samples > 1`` (the leave-one-out baseline unless
+    ``leave_one_out=False``).  Unbiased."""
     K, loo = _samples(num_samples, leave_one_out)
+    dist = dist.in_working_precision()
     lead = (K,) + dist.batch_shape
-    if _native(dist):            # CPU fast path: one native call draws and scores the traces
-        d = dist._draw_native((K,), None, score=True)
-        return _NativeScoreSurrogate.apply(_losses(f, d.structure, lead, screen=False), dist.logits, d.grad, loo)
-    trace, structure, _ = dist._draw((K,), None)       # no reparameterised noise needed
-    losses = _losses(f, structure, lead)
-    return _score_surrogate(losses, dist._log_prob(trace), loo)   # its own traces: no validation
+    if dist.cpu_fast_path:       # one native call draws and scores the traces
+        s = dist.sample_and_score((K,), score="trace")
+        return _NativeScoreSurrogate.apply(_losses(f, s.structure, lead, screen=False), dist.logits,
+                                           _flat_numpy(s.score, K, dist), loo)
+    s = dist.sample_with_structure((K,))          # the lock-step path: autograd through log p
+    losses = _losses(f, s.structure, lead)
+    return _score_surrogate(losses, dist.log_prob(s.trace), loo)
 
 
 def e_reinforce(dist, f, num_samples=1, leave_one_out=None):
     """Surrogate loss of E-REINFORCE (the score of the exponential noise
-    ``dist.noise_log_prob(E)``), "E-REINFORCE+" for ``num_samples > 1``.  Unbiased, but its
-    variance is never below T-REINFORCE's: prefer :func:`t_reinforce`."""
+    ``dist.noise_log_prob(E)``): ``num_samples`` samples per batch element, "E-REINFORCE+"
+    for ``num_samples > 1``.  Unbiased, but its variance is never below T-REINFORCE's:
+    prefer :func:`t_reinforce`."""
     K, loo = _samples(num_samples, leave_one_out)
+    dist = dist.in_working_precision()
     lead = (K,) + dist.batch_shape
-    if _native(dist):            # CPU fast path: the noise's score is 1 - E_1 per live atom
-        d = dist._draw_native((K,), None, noise_score=True)
-        return _NativeScoreSurrogate.apply(_losses(f, d.structure, lead, screen=False), dist.logits, d.grad, loo)
-    trace, structure, log_noise = dist._draw((K,), None)
-    losses = _losses(f, structure, lead)
-    return _score_surrogate(losses, dist.noise_log_prob(log_noise.exp()), loo)
+    if dist.cpu_fast_path:       # the noise's score is 1 - E_1 per live atom
+        s = dist.sample_and_score((K,), score="noise")
+        return _NativeScoreSurrogate.apply(_losses(f, s.structure, lead, screen=False), dist.logits,
+                                           _flat_numpy(s.score, K, dist), loo)
+    s = dist.sample_with_structure((K,))
+    losses = _losses(f, s.structure, lead)
+    return _score_surrogate(losses, dist.noise_log_prob(s.log_noise.detach().exp()), loo)
+
+
+def _flat_numpy(score, K, dist):
+    """A fast-path score tensor ``[K, *batch, *atom]`` as the float64 ``[K * batch, A]`` array
+    the native kernels take (no copy)."""
+    return score.numpy().reshape(K * dist.batch_shape.numel(), -1)
 
 
 class RELAX(nn.Module):
     """RELAX with the conditional noise ``E~ ~ E | T`` and a learned critic ``c``:
 
-        g = (f(T) - c(E~)) d log p(T) + d c(E) - d c(E~)
+        g = (f(T) - b - c(E~)) d log p(T) + d c(E) - d c(E~)
 
-    where ``E`` is the reparameterised noise that produced ``T`` and ``E~`` is drawn from
-    ``E | T`` (reparameterised too).  ``c(E~)`` has the same mean derivative as ``c(E)``, so
-    ``g`` is unbiased for every critic; the critic is trained to minimise the variance of
+    where ``E`` is the reparameterised noise that produced ``T``, ``E~`` is drawn from
+    ``E | T`` (reparameterised too) and ``b`` is 0 or, with ``leave_one_out=True``, the mean
+    loss of the element's other samples.  ``c(E~)`` has the same mean derivative as ``c(E)``,
+    so ``g`` is unbiased for every critic; the critic is trained to minimise the variance of
     ``g``.  **Critic loss**: ``sum over batch and atoms of g**2`` (its gradient in the
     critic's parameters is that of the variance, since ``E[g]`` does not depend on them);
     the surrogate carries this gradient to the critic, so one optimiser over the model's and
     this module's parameters trains both.
 
-    critic: any ``nn.Module`` mapping the Gumbel-perturbed logits ``z = -log E``
-    (``[*lead, *atom_shape]``, 0 at atoms that cannot race) to ``[*lead]`` (or
-    ``[*lead, 1]``).  Default: :class:`MLPCritic` over the flattened atoms, built for
-    ``atom_shape`` here (pass it, so that the optimiser sees the critic's parameters) or
-    lazily at the first call.  Its output layer starts at zero, so RELAX starts as
-    T-REINFORCE.
+    **The critic's call signature**: ``critic(z)``, or ``critic(z, context)`` when the call
+    passes ``context=``.  ``z = -log E`` are the Gumbel-perturbed logits, ``[K, *batch_shape,
+    *atom_shape]`` (0 at atoms that cannot race; in the critic's parameters' dtype);
+    ``context`` is passed through unchanged (e.g. the model's features ``[*batch_shape, d]``:
+    broadcast them over the leading sample dimension ``K`` yourself).  It returns ``[K,
+    *batch_shape]`` (or ``[K, *batch_shape, 1]``).  The estimator differentiates the critic in
+    ``z`` only: the context is held fixed (it gets no gradient from the estimate, and ``g``
+    stays unbiased whatever it holds).  Default: :class:`MLPCritic` over the flattened atoms
+    (and, with ``context_dim``, the context), built for ``atom_shape`` here (pass it, so that
+    the optimiser sees the critic's parameters) or lazily at the first call.  Its output
+    layer starts at zero, so RELAX starts as T-REINFORCE.
 
-    Calling it, ``relax(dist, f, num_samples=1)``, returns the surrogate loss (value: the
-    mean sampled loss); ``num_samples`` averages that many independent estimates.  It needs
-    ``dist.logits`` to require grad (it differentiates the estimate in the critic).
+    Calling it, ``relax(dist, f, num_samples=1, context=None, leave_one_out=False)``, returns
+    the surrogate loss (value: the mean sampled loss).  ``num_samples`` means what it means
+    for :func:`t_reinforce`: ``K`` samples per batch element, averaged into one estimate;
+    RELAX's default is ``leave_one_out=False`` (``K`` independent estimates: the critic is
+    the baseline), ``True`` adds the leave-one-out baseline of ``t_reinforce(num_samples=K)``
+    on top (``K >= 2``).  It needs ``dist.logits`` to require grad (it differentiates the
+    estimate in the critic).  With the default critic on the CPU fast path and no context,
+    the estimate is computed in closed form (one Numba kernel, linear in the atoms per race
+    for nested specs).
     """
 
-    def __init__(self, critic=None, atom_shape=None, hidden=64):
+    def __init__(self, critic=None, atom_shape=None, hidden=64, context_dim=None):
         super().__init__()
         self.hidden = hidden
+        self.context_dim = context_dim
         if critic is None and atom_shape is not None:
-            critic = MLPCritic(atom_shape, hidden)
+            critic = MLPCritic(atom_shape, hidden, context_dim=context_dim)
         self.critic = critic
 
-    def forward(self, dist, f, num_samples=1):
-        K, _ = _samples(num_samples, False)
+    def forward(self, dist, f, num_samples=1, context=None, leave_one_out=False):
+        K, loo = _samples(num_samples, leave_one_out)
+        dist = dist.in_working_precision()
         x = dist.logits
         if not x.requires_grad:
             raise ValueError("RELAX differentiates its estimate in the critic, so dist.logits must "
                              "require grad (they are what the estimate is for)")
         if self.critic is None:
-            self.critic = MLPCritic(dist.atom_shape, self.hidden).to(x.device, x.dtype)
+            self.critic = MLPCritic(dist.atom_shape, self.hidden, context_dim=self.context_dim).to(x.device, x.dtype)
         lead = (K,) + dist.batch_shape
-        if _native(dist) and type(self.critic) is MLPCritic and self.critic._plain_cpu():
-            return _NativeRelax.surrogate(self.critic, dist, f, K)
+        if (context is None and dist.cpu_fast_path and type(self.critic) is MLPCritic
+                and self.critic.context_dim is None and self.critic._plain_cpu()):
+            return _NativeRelax.surrogate(self.critic, dist, f, K, loo)
         s = dist.sample_with_structure((K,))
         losses = _losses(f, s.structure, lead)
         log_e = s.log_noise                                      # reparameterised in the logits
-        log_tilde = _log(dist.conditional_noise(s.trace))        # E | T, reparameterised
-        logp = dist._log_prob(s.trace)                           # its own traces: no validation
-        c_e = self._critic(_gumbel(log_e, x), lead)
-        c_tilde = self._critic(_gumbel(log_tilde, x), lead)
+        u = _conditional_uniforms(dist, K)
+        log_tilde = _log(dist.conditional_noise(s.trace, uniforms=u))   # E | T, reparameterised
+        logp = dist.log_prob(s.trace)
+        c_e = self._critic(_gumbel(log_e, x), lead, context)
+        c_tilde = self._critic(_gumbel(log_tilde, x), lead, context)
         # the score's coefficient moves with the critic but not with the logits
-        c_coef = self._critic(_gumbel(log_tilde.detach(), x.detach()), lead)
+        c_coef = self._critic(_gumbel(log_tilde.detach(), x.detach()), lead, context)
         n = losses.numel()
-        theta_part = (((losses.detach() - c_coef) * logp).sum() + c_e.sum() - c_tilde.sum()) / n
+        theta_part = (((_advantages(losses.detach(), loo) - c_coef) * logp).sum() + c_e.sum() - c_tilde.sum()) / n
         params = [p for p in self.critic.parameters() if p.requires_grad]
         (g,) = torch.autograd.grad(theta_part, x, create_graph=bool(params))
         if not torch.isfinite(g).all():
@@ -139,9 +180,10 @@ class RELAX(nn.Module):
                     surrogate = surrogate + _inject(p, gp)
         return surrogate
 
-    def _critic(self, z, lead):
+    def _critic(self, z, lead, context=None):
         p = next(self.critic.parameters(), None)
-        out = self.critic(z if p is None else z.to(p.dtype))   # a float32 critic on float64 logits
+        z = z if p is None else z.to(p.dtype)                  # a float32 critic on float64 logits
+        out = self.critic(z) if context is None else self.critic(z, context)
         if torch.is_tensor(out) and out.dtype != z.dtype:
             out = out.to(z.dtype)
         if out.shape == lead + (1,):
@@ -154,12 +196,18 @@ class RELAX(nn.Module):
 
 class MLPCritic(nn.Module):
     """The default RELAX critic: ``[*lead, *atom_shape] -> [*lead]``, a one-hidden-layer
-    tanh MLP over the flattened atoms; the output layer starts at zero (critic = 0)."""
+    tanh MLP over the flattened atoms; the output layer starts at zero (critic = 0).
 
-    def __init__(self, atom_shape, hidden=64):
+    ``context_dim=d``: the critic is called ``critic(z, context)`` with ``context``
+    ``[..., d]`` broadcasting with ``lead`` (e.g. ``[*batch_shape, d]`` features, shared by
+    the ``K`` samples), concatenated to the flattened atoms."""
+
+    def __init__(self, atom_shape, hidden=64, context_dim=None):
         super().__init__()
         self.atom_shape = tuple(atom_shape)
-        self.net = nn.Sequential(nn.Linear(math.prod(self.atom_shape), hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.context_dim = context_dim
+        inputs = math.prod(self.atom_shape) + (context_dim or 0)
+        self.net = nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
@@ -180,10 +228,22 @@ class MLPCritic(nn.Module):
             raise ValueError(f"MLPCritic expects [*lead, {', '.join(map(str, self.atom_shape))}], "
                              f"got {tuple(z_shape)}")
 
-    def forward(self, z):
+    def forward(self, z, context=None):
         self._check(z.shape)
         k = len(self.atom_shape)
-        return self.net(z.reshape(z.shape[:z.dim() - k] + (-1,))).squeeze(-1)
+        lead = z.shape[:z.dim() - k]
+        flat = z.reshape(lead + (-1,))
+        if (context is None) != (self.context_dim is None):
+            raise TypeError(f"this MLPCritic was built with context_dim={self.context_dim}: call it "
+                            + ("with a context [..., context_dim] (RELAX(...)(dist, f, context=features))"
+                               if context is None else "without a context (build it with context_dim=d)"))
+        if context is not None:
+            c = torch.as_tensor(context, dtype=flat.dtype, device=flat.device)
+            if c.dim() < 1 or c.shape[-1] != self.context_dim:
+                raise ValueError(f"MLPCritic(context_dim={self.context_dim}) expects a context [..., "
+                                 f"{self.context_dim}], got {tuple(c.shape)}")
+            flat = torch.cat([flat, c.expand(lead + (self.context_dim,))], -1)
+        return self.net(flat).squeeze(-1)
 
 
 def exact_gradient(dist, f):
@@ -192,18 +252,18 @@ def exact_gradient(dist, f):
     the exact gradient (in the logits, and in ``f``'s parameters).  ``f`` is called once on
     all traces: ``sample_shape = (N,)``, ``N`` the largest support in the batch (smaller
     supports are padded with zero-probability copies of their first trace)."""
+    dist = dist.in_working_precision()
     x = dist.logits
     batch = dist.batch_shape
     flat = batch.numel()
-    patterns = dist._live_patterns()
-    n = max(len(dist._support_of(p)) for p in patterns)
+    supports = dist.enumerate_supports()
+    n = max(len(t) for t, _ in supports)
     R = dist.event_shape[0]
     traces = torch.empty((n, flat, R), dtype=torch.int64, device=x.device)
     weight = torch.zeros((n, flat), dtype=x.dtype, device=x.device)
-    for pattern, lanes in patterns.items():
-        t = dist._support_of(pattern)
+    for t, lanes in supports:
         pad = t[:1].expand(n - len(t), R)
-        for b in lanes:
+        for b in lanes.tolist():
             traces[:, b] = torch.cat([t, pad])
             weight[:len(t), b] = 1.0
     traces = traces.reshape((n,) + batch + (R,))
@@ -255,19 +315,28 @@ def _screen(out):
     return out
 
 
+def _advantages(fd, loo):
+    """The score's coefficient from detached losses ``[K, *batch]``: the losses, or with
+    ``loo`` their leave-one-out advantages ``f_k - mean_{j != k} f_j``."""
+    K = fd.shape[0]
+    return (fd - fd.mean(0)) * (K / (K - 1)) if loo else fd
+
+
 def _score_surrogate(losses, score, loo):
     """``mean(losses) + mean(adv * (score - stop(score)))``: value the mean loss, gradient
     the (leave-one-out) score-function estimate of the batch mean's gradient."""
-    fd = losses.detach()
-    K = fd.shape[0]
-    adv = (fd - fd.mean(0)) * (K / (K - 1)) if loo else fd      # f_k - mean_{j != k} f_j
+    adv = _advantages(losses.detach(), loo)
     return losses.mean() + (adv * (score - score.detach())).mean()
 
 
-def _native(dist):
-    """Whether ``dist`` takes the CPU fast path (a tensor subclass, e.g. Pyro's provenance
-    tracking, goes through torch ops, which see it)."""
-    return dist._numba is not None and type(dist.logits) is torch.Tensor
+def _conditional_uniforms(dist, K):
+    """The uniforms of ``E | T`` for ``K`` samples per element, ``[K, *batch, R + A]``, as
+    ``conditional_noise`` would draw them (``torch.rand`` in ``working_dtype``, a 0 clamped to
+    the smallest normal): drawn here, so that the closed form and autograd agree."""
+    R, A = dist.event_shape[0], math.prod(dist.atom_shape)
+    dtype = dist.working_dtype
+    u = torch.rand((K,) + dist.batch_shape + (R + A,), dtype=dtype, device=dist.logits.device)
+    return u.clamp_min(torch.finfo(dtype).tiny)
 
 
 class _NativeScoreSurrogate(torch.autograd.Function):
@@ -318,25 +387,24 @@ class _NativeRelax(torch.autograd.Function):
     gradient give the critic loss's gradient without a double backward."""
 
     @staticmethod
-    def surrogate(critic, dist, f, K):
+    def surrogate(critic, dist, f, K, loo=False):
         from .backends.numba_estimators import relax_mlp
         x = dist.logits
         critic._check(torch.Size((K,)) + dist.batch_shape + dist.atom_shape)
-        d = dist._draw_native((K,), None, score=True, members=True)
-        losses = _losses(f, d.structure, (K,) + dist.batch_shape)
-        shape = d.log_noise.shape                                   # [K, *batch, *atom]
-        L, (R, A) = losses.numel(), (dist.instance.max_races, dist.instance.num_atoms)
-        u = dist._uniforms((L, R + A)).double().numpy()          # as conditional_noise draws them
-        lanes = (L, A)
-        # the logits the draw used: invalid atoms' entries (ignored, even a NaN) as 0
-        xb = np.ascontiguousarray(np.broadcast_to(dist._x(detach=True).double().numpy(), shape).reshape(lanes))
-        live = np.ascontiguousarray(np.broadcast_to(dist._live.numpy(), shape).reshape(lanes))
+        s = dist.sample_and_score((K,), score="trace", members=True)
+        losses = _losses(f, s.structure, (K,) + dist.batch_shape)
+        L, R, A = losses.numel(), dist.event_shape[0], math.prod(dist.atom_shape)
+        u = _conditional_uniforms(dist, K).double().numpy().reshape(L, R + A)
+        log_noise = s.log_noise.double().numpy().reshape(L, A)
+        live = np.isfinite(log_noise)                             # +inf exactly where an atom cannot race
+        # the logits the draw used; the kernel reads them at live atoms only (0 elsewhere)
+        xb = np.where(live, np.broadcast_to(x.detach().double().numpy(), s.log_noise.shape).reshape(L, A), 0.0)
         W1, b1, w2, b2 = (p.detach().double().numpy() for p in
                           (critic.net[0].weight, critic.net[0].bias, critic.net[2].weight, critic.net[2].bias))
-        G, *grad_p = relax_mlp(xb, live, d.members, d.trace.numpy().reshape(L, R),
-                               d.grad, losses.detach().double().numpy().reshape(L),
-                               d.log_noise.double().numpy().reshape(lanes), u, np.ascontiguousarray(W1), b1,
-                               np.ascontiguousarray(w2[0]), float(b2[0]), K)
+        coef = _advantages(losses.detach().double(), loo).numpy().reshape(L)
+        G, *grad_p = relax_mlp(xb, live, s.members.numpy().reshape(L, R, A), s.trace.numpy().reshape(L, R),
+                               s.score.numpy().reshape(L, A), np.ascontiguousarray(coef), log_noise, u,
+                               np.ascontiguousarray(W1), b1, np.ascontiguousarray(w2[0]), float(b2[0]), K)
         if not np.isfinite(G).all():
             raise FloatingPointError("RELAX produced a non-finite gradient estimate")
         return _NativeRelax.apply(losses, x, (G.reshape(x.shape) / (L // K), grad_p), *critic.parameters())

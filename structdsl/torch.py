@@ -10,6 +10,13 @@
 The event is the padded trace (winners in execution order, ``-1`` after the last race); its
 structure is decoded by replaying it.  When Pyro is installed the class also carries Pyro's
 ``TorchDistributionMixin`` (so ``pyro.sample("z", dist)`` works unchanged).
+
+Beyond the ``torch.distributions`` protocol: :meth:`RaceDistribution.entropy` (exact, by
+enumeration), :meth:`RaceDistribution.argmax` (the algorithm on noise-free weights),
+:meth:`RaceDistribution.sample_and_score` (a draw with its score, what the estimators of
+:mod:`structdsl.estimators` build on), ``conditional_noise`` (``E | T``) and
+``noise_log_prob``.  float16 and bfloat16 logits (what ``torch.autocast`` produces) are
+accepted: the races run in float32 or float64 (see the class's "Precision").
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ from torch.distributions import Distribution, constraints
 
 from . import races
 from .dsl import Spec
-from .program import naming_lanes
+from .errors import EnumerationLimitError
+from .program import Solution, naming_lanes
 
 try:        # Pyro's sample sites call the distribution and ask it for score parts
     from pyro.distributions.torch_distribution import TorchDistributionMixin as _PyroMixin
@@ -105,13 +113,36 @@ def _broadcast(a, b):
     return torch.Size(out)
 
 
-class _Draw(NamedTuple):
-    trace: torch.Tensor                    # [*lead, R]
-    structure: tuple                       # fields [*lead, ...]
-    log_noise: torch.Tensor                # [*lead, *atom_shape]
-    logp: Optional[np.ndarray]             # float64 [L]  (L = flat lead)
-    grad: Optional[np.ndarray]             # float64 [L, A]
-    members: Optional[np.ndarray]          # bool [L, R, A]
+#: logits of these dtypes race in float32 (see RaceDistribution's "Precision")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class ScoredSample(NamedTuple):
+    """Result of :meth:`RaceDistribution.sample_and_score` (``lead = sample_shape +
+    batch_shape``, ``R = max_races``, ``A = prod(atom_shape)``); nothing in it carries a
+    gradient.
+
+    trace: int64 ``[*lead, R]``.  structure: the spec's fields, each ``[*lead, *field_shape]``.
+    log_noise: ``log E`` ``[*lead, *atom_shape]`` in ``working_dtype`` (``+inf`` at atoms that
+    cannot race).  log_prob: ``[*lead]``, the log-density whose gradient ``score`` is:
+    ``log p(trace)`` (``score="trace"``) or the noise's ``noise_log_prob(E)``
+    (``score="noise"``).  score: its gradient in the logits, ``[*lead, *atom_shape]``.
+    members: with ``members=True``, bool ``[*lead, R, A]``: race ``r``'s member set (the
+    atoms that took part in it), else None.  log_prob and score are float64 on the CPU fast
+    path (where they are computed in float64), else in ``working_dtype``.
+    """
+    trace: torch.Tensor
+    structure: tuple
+    log_noise: torch.Tensor
+    log_prob: torch.Tensor
+    score: torch.Tensor
+    members: Optional[torch.Tensor]
+
+
+class SupportTooLarge(EnumerationLimitError, NotImplementedError):
+    """:meth:`RaceDistribution.entropy` needs the support enumerated and it is too large
+    (an :class:`~structdsl.errors.EnumerationLimitError`, and a ``NotImplementedError`` as
+    ``torch.distributions`` raise for an entropy they do not have)."""
 
 
 class RaceDistribution(Distribution, _PyroMixin):
@@ -131,6 +162,19 @@ class RaceDistribution(Distribution, _PyroMixin):
     pathwise gradients through it are zero.  Train the logits with the score-function
     estimators of :mod:`structdsl.estimators` (``log_prob`` is exact and differentiable;
     ``conditional_noise`` gives the reparameterised ``E | T`` that RELAX needs).
+
+    **Precision.** Logits may be float64, float32, float16 or bfloat16.  The races never run
+    in half precision (a bfloat16 uniform has 8 significant bits: ties and a distorted law):
+    ``working_dtype`` is float32 for float16/bfloat16 logits, else the logits' dtype; the
+    uniforms are drawn in it, the lock-step path (other devices, ``fast_cpu=False``) races
+    and scores in it, and the CPU fast path races and scores in float64 (as for float32
+    logits).  The cast is differentiable, so gradients reach the logits in their own dtype.
+    Log-probabilities (``log_prob``, ``noise_log_prob``, ``entropy``) are returned in the
+    logits' dtype, rounded once at the end (bfloat16: about 3 significant digits, float16:
+    about 4); noise (``sample_with_noise``, ``conditional_noise``) is returned in
+    ``working_dtype``, since noise rounded to half precision would not reproduce its trace.
+    For the same generator state, float16/bfloat16 logits give the same traces as the same
+    values in float32.
     """
 
     has_rsample = False
@@ -214,12 +258,39 @@ class RaceDistribution(Distribution, _PyroMixin):
                                  f"{ignored}")
         return True
 
+    @property
+    def working_dtype(self):
+        """The floating dtype the races run in off the CPU fast path, and the uniforms and
+        the noise's dtype on every path: float32 for float16/bfloat16 logits, else the
+        logits' dtype (see the class's "Precision")."""
+        return torch.float32 if self.logits.dtype in _HALF else self.logits.dtype
+
+    @property
+    def cpu_fast_path(self):
+        """Whether this distribution samples and scores through the numba backend on the CPU
+        (``fast_cpu=True``, CPU logits that are a plain tensor, numba installed), computing
+        in float64; else the torch backend runs in lock-step on the logits' device (a tensor
+        subclass, e.g. Pyro's provenance tracking, takes torch ops, which it sees)."""
+        return self._numba is not None and type(self.logits) is torch.Tensor
+
+    def in_working_precision(self):
+        """``self``, or for float16/bfloat16 logits the same law on the logits cast to float32
+        (a differentiable cast: gradients flow back to the logits in their dtype).  The
+        estimators compute on it, so that no intermediate is rounded to half precision."""
+        if self.logits.dtype not in _HALF:
+            return self
+        return RaceDistribution(self.program, self.logits.to(torch.float32), validate_args=False,
+                                fast_cpu=self.fast_cpu)
+
     def _x(self, detach=False):
         """The logits every entry point computes with: ``self.logits`` (checked, see
-        :attr:`_checked_logits`), or, when an invalid atom holds a NaN or ``+inf``, with the
-        invalid atoms' entries replaced by 0 (their value is ignored; the gradient there
-        is 0).  A new ``where`` per call: a cached one would be freed by the first backward."""
+        :attr:`_checked_logits`) in ``working_dtype``, or, when an invalid atom holds a NaN or
+        ``+inf``, with the invalid atoms' entries replaced by 0 (their value is ignored; the
+        gradient there is 0).  A new cast and ``where`` per call: a cached one would be freed
+        by the first backward."""
         x = self.logits.detach() if detach else self.logits
+        if x.dtype in _HALF:
+            x = x.to(torch.float32)
         if not self._checked_logits:
             return x
         valid = self.program.atom_mask(self.instance, x.device).reshape(self.atom_shape)
@@ -249,8 +320,9 @@ class RaceDistribution(Distribution, _PyroMixin):
         return self.program.numba_twin()
 
     def _uniforms(self, shape, generator=None):
-        u = torch.rand(shape, generator=generator, dtype=self.logits.dtype, device=self.logits.device)
-        return u.clamp_min(torch.finfo(self.logits.dtype).tiny)
+        dtype = self.working_dtype
+        u = torch.rand(shape, generator=generator, dtype=dtype, device=self.logits.device)
+        return u.clamp_min(torch.finfo(dtype).tiny)
 
     def sample(self, sample_shape=torch.Size(), generator=None):
         """Traces ``sample_shape + batch_shape + (max_races,)`` (int64, no gradient)."""
@@ -258,9 +330,10 @@ class RaceDistribution(Distribution, _PyroMixin):
 
     def sample_with_noise(self, sample_shape=torch.Size(), generator=None):
         """``(trace, noise)``: the trace and the exponential noise ``E`` that produced it
-        (``sample_shape + batch_shape + atom_shape``, ``+inf`` at atoms that cannot race).
-        The noise is reparameterised: ``E = E_1 / exp(logits)`` with ``E_1 ~ Exp(1)`` held
-        fixed, so it is differentiable in the logits (``dE/dlogits = -E``), as RELAX needs."""
+        (``sample_shape + batch_shape + atom_shape``, ``+inf`` at atoms that cannot race, in
+        ``working_dtype``).  The noise is reparameterised: ``E = E_1 / exp(logits)`` with
+        ``E_1 ~ Exp(1)`` held fixed, so it is differentiable in the logits (``dE/dlogits =
+        -E``), as RELAX needs."""
         s = self.sample_with_structure(sample_shape, generator)
         return s.trace, s.noise
 
@@ -270,33 +343,34 @@ class RaceDistribution(Distribution, _PyroMixin):
         no second replay needed) and the reparameterised noise (``log_noise``, ``noise``)."""
         from .program import Sample
         trace, structure, log_noise = self._draw(sample_shape, generator)
-        x = self.logits
-        if x.requires_grad:             # value unchanged; d log E / d logits = -1 at live atoms
+        if self.logits.requires_grad:   # value unchanged; d log E / d logits = -1 at live atoms
+            x = self._x()
             log_noise = log_noise + torch.where(self._live, x.detach() - x, 0.0)
         return Sample(trace, structure, log_noise)
 
     def _draw(self, sample_shape, generator):
         """(trace, structure, log noise), nothing differentiable."""
         if self._numba is not None:
-            d = self._draw_native(sample_shape, generator)
-            return d.trace, d.structure, d.log_noise
+            return self._draw_native(sample_shape, generator)[:3]
         shape = torch.Size(sample_shape) + self.batch_shape + self.atom_shape
         with torch.no_grad():
             s = self.program.sample(self._x(detach=True).expand(shape), uniforms=self._uniforms(shape, generator))
         return s.trace, s.structure, s.log_noise
 
-    def _draw_native(self, sample_shape, generator, score=False, members=False, noise_score=False):
-        """The CPU fast path's draw (requires ``self._numba``): a :class:`_Draw`; with
-        ``score`` its ``logp`` (``[L]``, ``L`` the flat ``sample_shape + batch_shape``) and
-        ``grad`` (its gradient in the logits, ``[L, A]``), with ``members`` the races' member
-        sets (``[L, R, A]``, as ``replay_flat`` reports them), with ``noise_score`` (instead of ``score``)
-        ``grad`` = the gradient of :meth:`noise_log_prob` of the drawn noise: float64 / bool
-        NumPy arrays, for the estimators' native paths.  NumPy from here on: a torch op costs
-        ~5 us at a training step's sizes."""
+    def _draw_native(self, sample_shape, generator, score=None, members=False):
+        """The CPU fast path's draw (requires ``self._numba``): ``(trace, structure,
+        log_noise, logp, grad, members)``, the first three tensors (``log_noise`` in
+        ``working_dtype``); with ``score="trace"`` ``logp`` (``[L]``, ``L`` the flat
+        ``sample_shape + batch_shape``) and ``grad`` (its gradient in the logits, ``[L, A]``),
+        with ``score="noise"`` the noise's log-density and its gradient, with ``members`` the
+        races' member sets (``[L, R, A]``, as ``replay_flat`` reports them): float64 / bool
+        NumPy arrays (else None).  NumPy from here on: a torch op costs ~5 us at a training
+        step's sizes."""
         shape = torch.Size(sample_shape) + self.batch_shape + self.atom_shape
         k = len(self.atom_shape)
         lead = shape[:len(shape) - k]
-        u = torch.rand(shape, generator=generator, dtype=self.logits.dtype).numpy()   # torch's RNG stream
+        dtype = self.working_dtype
+        u = torch.rand(shape, generator=generator, dtype=dtype).numpy()   # torch's RNG stream
         # a 0 is clamped to the dtype's smallest normal, as the lock-step path does: for
         # float64 the kernel does it as it draws
         un = u if u.dtype == np.float64 else np.maximum(u, np.finfo(u.dtype).tiny).astype(np.float64)
@@ -308,23 +382,66 @@ class RaceDistribution(Distribution, _PyroMixin):
         else:
             xb = np.empty((un.size // A if A else lead.numel(), A))
             xb.reshape(shape)[...] = xn                        # the batch's logits, once per sample
-        fast, dtype = self._numba, self.logits.dtype
+        fast = self._numba
         inst = fast.instance(self.atom_shape)
         logp = grad = mem = None
         with naming_lanes(tuple(lead)):
-            if score or members:
+            if score == "trace" or members:
                 (trace, fields, log_noise), scores = fast.draw_and_score_flat(inst, un.reshape(-1, A), xb, check,
                                                                               members=members)
-                logp, grad = scores.logp, scores.grad
+                if score == "trace":
+                    logp, grad = scores.logp, scores.grad
                 mem = scores.replay.races.members if members else None
             else:
                 trace, fields, log_noise = fast.draw_flat(inst, un.reshape(-1, A), xb, check)
-                if noise_score:
-                    grad = races.noise_score(xb, log_noise)
+        if score == "noise":
+            grad = races.noise_score(xb, log_noise)
+            with np.errstate(over="ignore", invalid="ignore"):
+                logp = races.noise_log_prob(xb, np.exp(log_noise), np.isfinite(log_noise))
         structure = self.program.Structure(*(torch.from_numpy(f.reshape(lead + f.shape[1:])) for f in fields))
         log_noise = torch.from_numpy(log_noise.reshape(shape))
-        return _Draw(torch.from_numpy(trace.reshape(lead + trace.shape[1:])), structure,
-                     log_noise if log_noise.dtype == dtype else log_noise.to(dtype), logp, grad, mem)
+        return (torch.from_numpy(trace.reshape(lead + trace.shape[1:])), structure,
+                log_noise if log_noise.dtype == dtype else log_noise.to(dtype), logp, grad, mem)
+
+    def sample_and_score(self, sample_shape=torch.Size(), generator=None, score="trace", members=False):
+        """Draw traces and score them in one pass: a :class:`ScoredSample` (shapes there,
+        ``lead = sample_shape + batch_shape``).
+
+        ``score="trace"``: ``log_prob`` is ``log p(trace)`` and ``score`` its gradient in the
+        logits, ``[i won a race] - sum_{races r with i in M_r} softmax(logits[M_r])_i``
+        (what T-REINFORCE weighs by the losses); ``score="noise"``: the noise's log-density
+        :meth:`noise_log_prob` and its gradient ``1 - exp(logits) E`` at live atoms
+        (E-REINFORCE's).  ``members=True`` adds the races' member sets.  The same generator
+        state gives the same traces as :meth:`sample`.  On the CPU fast path one native call
+        draws, scores and records the member sets (float64 NumPy-backed tensors, no copy);
+        elsewhere the torch backend samples, then replays the traces once.  Nothing is
+        differentiable: use :meth:`log_prob` for a log-probability with a graph."""
+        if score not in ("trace", "noise"):
+            raise ValueError(f"score must be 'trace' or 'noise', got {score!r}")
+        lead = torch.Size(sample_shape) + self.batch_shape
+        R, A = self.instance.max_races, self.instance.num_atoms
+        if self._numba is not None:
+            trace, structure, log_noise, logp, grad, mem = self._draw_native(sample_shape, generator, score, members)
+            logp, grad = torch.from_numpy(logp), torch.from_numpy(grad)
+            mem = torch.from_numpy(mem) if members else None
+        else:
+            trace, structure, log_noise = self._draw(sample_shape, generator)
+            t = trace.reshape(-1, R)
+            x = self._x(detach=True).expand(lead + self.atom_shape).reshape(-1, A)
+            mem = None
+            with torch.no_grad():
+                if score == "trace" or members:
+                    rep = self.program.replay_flat(self.instance, t, x)
+                    if score == "trace":
+                        logp, grad = races.log_prob(x, t, rep.races), races.trace_score(x, t, rep.races)
+                    if members:
+                        mem = rep.races.members if isinstance(rep.races, races.Members) else \
+                            rep.races.exit_race[:, None, :] >= torch.arange(R, device=x.device)[None, :, None]
+                if score == "noise":
+                    ln = log_noise.reshape(-1, A)
+                    logp, grad = races.noise_log_prob(x, ln.exp(), torch.isfinite(ln)), races.noise_score(x, ln)
+        return ScoredSample(trace, structure, log_noise, logp.reshape(lead), grad.reshape(lead + self.atom_shape),
+                            None if mem is None else mem.reshape(lead + (R, A)))
 
     def enumerate_support(self, expand=True):
         """Every trace with positive probability: ``[N] + batch_shape + (max_races,)`` (or
@@ -345,6 +462,17 @@ class RaceDistribution(Distribution, _PyroMixin):
         t = traces.reshape((traces.shape[0],) + (1,) * nb + traces.shape[1:])
         return t.expand((traces.shape[0],) + self.batch_shape + traces.shape[1:]) if expand else t
 
+    def enumerate_supports(self):
+        """The support of every batch element, also for a ragged batch: a list of ``(traces,
+        elements)``, one per set of atoms alive (the support depends only on which atoms
+        are at ``-inf``), ``traces`` int64 ``[N, max_races]`` every trace with positive
+        probability, ``elements`` int64 ``[m]`` the batch elements (indices into the flattened
+        ``batch_shape``) that share it.  Each support is enumerated once per distribution;
+        more than 20000 traces raise :class:`~structdsl.errors.EnumerationLimitError`."""
+        self._checked_logits
+        return [(self._support_of(pattern), torch.as_tensor(lanes, dtype=torch.int64, device=self.logits.device))
+                for pattern, lanes in self._live_patterns().items()]
+
     def _live_patterns(self):
         """``{live mask as bytes: [flat batch indices]}`` over the batch."""
         live = self._live.expand(self.batch_shape + self.atom_shape).reshape(-1, *self.atom_shape).cpu().numpy()
@@ -363,7 +491,16 @@ class RaceDistribution(Distribution, _PyroMixin):
         return cache[pattern]
 
     def _log_prob(self, value):
+        """log p(value) without validation, in the logits' dtype."""
+        lp = self._log_prob_work(value)
+        return lp if lp.dtype == self.logits.dtype else lp.to(self.logits.dtype)
+
+    def _log_prob_work(self, value, x=None):
+        """log p(value) in the working precision under logits ``x`` (default: this
+        distribution's, in ``working_dtype``), differentiable in them."""
         self._check_trace_dtype(value)
+        x = self._x() if x is None else x
+        batch_shape = x.shape[:x.dim() - len(self.atom_shape)]
         fast = self._numba
         # a tensor subclass (e.g. Pyro's provenance tracking) takes the lock-step path, whose
         # every op goes through its __torch_function__; NumPy would drop what it tracks
@@ -372,15 +509,18 @@ class RaceDistribution(Distribution, _PyroMixin):
             if value.dim() < 1 or value.shape[-1] != R:
                 raise ValueError(f"trace must have shape [..., {R}] (max_races of {self.program.ir.name} for "
                                  f"atoms {self.atom_shape}), got {tuple(value.shape)}")
-            shape = _broadcast(value.shape[:-1], self.batch_shape)
+            shape = _broadcast(value.shape[:-1], batch_shape)
             t = value.expand(shape + (R,)).reshape(-1, R)
-            x = self._x().expand(shape + self.atom_shape).reshape((-1,) + self.atom_shape)
+            x = x.expand(shape + self.atom_shape).reshape((-1,) + self.atom_shape)
             return _TraceScore.apply(x, t, fast).reshape(shape)
-        return self.program.log_prob(value, self._x())
+        return self.program.log_prob(value, x)
 
     def log_prob(self, value):
         """Exact ``log p(trace)``, differentiable in the logits (``-inf`` outside the support
-        when validation is off)."""
+        when validation is off).  value: int ``[*sample, *batch_shape, max_races]`` (or any
+        shape broadcasting with the batch); returns ``broadcast(value.shape[:-1],
+        batch_shape)`` in the logits' dtype (computed in float64 on the CPU fast path, else
+        in ``working_dtype``)."""
         if not self._validate_args:
             return self._log_prob(value)
         # torch's shape checks, then the support from this one replay (not a second one)
@@ -396,9 +536,9 @@ class RaceDistribution(Distribution, _PyroMixin):
         except ValueError:
             raise ValueError(f"Value is not broadcastable with batch_shape+event_shape: {tuple(value.shape)} "
                              f"vs {tuple(self.batch_shape + self.event_shape)}.") from None
-        try:
+        try:         # only a bad trace is outside the support (a TypeError is not: it propagates)
             lp = self._log_prob(value)
-        except (ValueError, TypeError) as exc:
+        except ValueError as exc:
             raise ValueError(f"Expected value argument (trace tensor of shape {tuple(value.shape)}) to be "
                              f"within the support of {self!r}: {exc}") from None
         if not bool(lp.detach().min() > -math.inf):       # one reduction (NaN fails too)
@@ -418,8 +558,10 @@ class RaceDistribution(Distribution, _PyroMixin):
         """``E | T`` (reparameterised: differentiable, twice, in the logits given the
         uniforms); shape ``broadcast(trace.shape[:-1], batch_shape) + atom_shape``.
         ``uniforms``: ``[*that batch, max_races + num_atoms]`` (race minima first, then the
-        fresh noise of each atom), drawn here when None.  On the CPU fast path the races'
-        member sets come from the numba replay and the noise is assembled here in closed form."""
+        fresh noise of each atom), drawn here when None.  Returned in ``working_dtype`` (so
+        that solving it reproduces ``trace``; see the class's "Precision").  On the CPU fast
+        path the races' member sets come from the numba replay and the noise is assembled
+        here in closed form."""
         self._check_trace_dtype(trace)
         fast = self._numba
         if fast is None or type(trace) is not torch.Tensor or type(self.logits) is not torch.Tensor:
@@ -447,17 +589,90 @@ class RaceDistribution(Distribution, _PyroMixin):
 
     def noise_log_prob(self, noise):
         """log density of independent ``Exp(exp(logits))`` noise, summed over the atoms that
-        can race (``[*lead, *atom_shape]`` -> ``[*lead]``): the score E-REINFORCE uses."""
+        can race (``[*lead, *atom_shape]`` -> ``[*lead]``): the score E-REINFORCE uses.
+        Computed in ``working_dtype`` (or the noise's dtype, if wider), returned in the
+        logits' dtype."""
         self._checked_logits                   # a NaN at a valid atom raises; at an invalid one it is ignored
         k = len(self.atom_shape)
         live, x = self._live, self.logits
+        if x.dtype in _HALF or noise.dtype in _HALF:
+            work = torch.promote_types(torch.promote_types(self.working_dtype, noise.dtype), torch.float32)
+            x, noise = x.to(work), noise.to(work)
         shape = torch.broadcast_shapes(noise.shape, x.shape)
         flat = lambda v: v.expand(shape).reshape(shape[:len(shape) - k] + (-1,))   # noqa: E731
-        return races.noise_log_prob(flat(x), flat(noise), flat(live))
+        lp = races.noise_log_prob(flat(x), flat(noise), flat(live))
+        return lp if lp.dtype == self.logits.dtype else lp.to(self.logits.dtype)
+
+    def entropy(self):
+        """The exact entropy of the trace law, ``H = -sum_T p(T) log p(T)`` over every trace
+        of each batch element's support: ``[*batch_shape]`` in the logits' dtype (computed in
+        ``working_dtype``, or float64 on the CPU fast path), differentiable in the logits.
+
+        This is the entropy of the *trace* (the event), which is at least that of the
+        structure: several traces may give one structure (a spanning tree's ``n - 1`` edges
+        in any order).  Each support is enumerated once (:meth:`enumerate_supports`, small
+        sizes only); past 20000 traces this raises :class:`SupportTooLarge` (an
+        ``EnumerationLimitError`` and a ``NotImplementedError``), whose message names the
+        unbiased Monte Carlo estimate ``-dist.log_prob(dist.sample((n,))).mean(0)``."""
+        try:
+            supports = self.enumerate_supports()
+        except EnumerationLimitError as exc:
+            raise SupportTooLarge(
+                f"entropy() of {self!r} is exact by enumeration, and this support is too large to "
+                f"enumerate ({exc}). Use the Monte Carlo estimate -dist.log_prob(dist.sample((n,))).mean(0) "
+                f"(unbiased; its gradient needs the score-function term, e.g. "
+                f"structdsl.estimators.t_reinforce with f = -log p)") from None
+        x = self._x()
+        A = self.atom_shape
+        flat = x.expand(self.batch_shape + A).reshape((-1,) + A)
+        out = torch.zeros(flat.shape[0], dtype=x.dtype, device=x.device)
+        for traces, elements in supports:
+            lp = self._log_prob_work(traces[:, None, :], flat[elements])            # [N, m]
+            # every listed trace is in the support; a log p of -inf (an underflow) adds nothing
+            plogp = torch.where(torch.isfinite(lp), torch.exp(lp) * lp, 0.0)
+            h = -plogp.sum(0)
+            out = out.index_put((elements,), h.to(out.dtype))
+        h = out.reshape(self.batch_shape)
+        return h if h.dtype == self.logits.dtype else h.to(self.logits.dtype)
+
+    def argmax(self):
+        """The algorithm's output on noise-free weights: the spec run on the noise
+        ``E = exp(-logits)``, each atom's noise at its mean ``1 / rate`` (equivalently the
+        Gumbel-max trick with zero Gumbel noise, ``z = logits``).  For races whose member sets
+        only shrink (a nested spec) every race is won by its member of largest logit: a
+        top-k is the k largest logits in order, a spanning tree the maximum spanning tree of
+        the logits (Kruskal's order).  This is the perturb-and-MAP solver at zero noise that
+        straight-through and I-MLE baselines use.
+
+        It is **not** the mode of the trace law in general (nor of the structure law): the
+        most probable trace or structure need not be the one the noise-free weights select
+        (e.g. a spanning tree's law sums over edge orders).  Ties between equal logits go to
+        the lower flat index, as in every race.  Returns a
+        :data:`structdsl.program.Solution`: ``trace`` int64 ``[*batch_shape, max_races]``
+        and ``structure`` (fields ``[*batch_shape, *field_shape]``); nothing differentiable.
+        Solved in log space (``log E = -logits``), so logits of any size are exact."""
+        self._checked_logits
+        x = self._x(detach=True)
+        A = self.instance.num_atoms
+        batch = tuple(self.batch_shape)
+        live = self._live.expand(self.batch_shape + self.atom_shape).reshape(-1, A)
+        log_e = torch.where(live, -x.expand(self.batch_shape + self.atom_shape).reshape(-1, A), math.inf)
+        if self._numba is not None:
+            fast = self._numba
+            with naming_lanes(batch):
+                trace, fields = fast.solve_flat(fast.instance(self.atom_shape),
+                                                np.ascontiguousarray(log_e.numpy(), dtype=np.float64), log_space=True)
+            trace = torch.from_numpy(trace)
+            fields = [torch.from_numpy(np.asarray(f)) for f in fields]
+        else:
+            with torch.no_grad(), naming_lanes(batch):
+                trace, fields = self.program.solve_flat(self.instance, log_e, log_space=True)
+        structure = self.program.Structure(*(f.reshape(batch + tuple(f.shape[1:])) for f in fields))
+        return Solution(trace.reshape(batch + (self.instance.max_races,)), structure)
 
     def __repr__(self):
         return (f"RaceDistribution({self.program.ir.name}, batch_shape={tuple(self.batch_shape)}, "
                 f"atom_shape={self.atom_shape}, max_races={self.instance.max_races})")
 
 
-__all__ = ["RaceDistribution"]
+__all__ = ["RaceDistribution", "ScoredSample", "SupportTooLarge"]
