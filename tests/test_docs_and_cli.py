@@ -1,4 +1,5 @@
-"""The README's Python examples run as written, and the main-job CLI works."""
+"""The Python examples of the README and of docs/laws.md's symbolic section run as written
+(docs/laws.md's race-law examples are checked by tests/test_laws.py), and the main-job CLI works."""
 import re
 import subprocess
 import sys
@@ -10,6 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_readme_python_blocks_run(tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert len(blocks) >= 2
+    symbolic = (ROOT / "docs" / "laws.md").read_text().split("## Exact laws with symbolic rates")[1]
+    blocks += re.findall(r"```python\n(.*?)```", symbolic, re.S)
     script = tmp_path / "readme_examples.py"      # specs need a source file to be read from
     script.write_text("\n".join(blocks))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)

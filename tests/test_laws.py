@@ -1,8 +1,8 @@
 """Which law a race program has: Kruskal (nested) versus Prim written as races (not nested).
 
-The README's "Which law do you get" section shows both exact laws on a small graph.  Here
-we check that (1) the two laws differ and each sums to one, (2) every figure the README
-shows is what its code prints *and* equals an independent computation without structdsl,
+``docs/laws.md`` ("Which law do you get", linked from the README) shows both exact laws on a
+small graph.  Here we check that (1) the two laws differ and each sums to one, (2) every figure
+the document shows is what its code prints *and* equals an independent computation without structdsl,
 and (3) ``check_spec`` with a minimum-spanning-tree reference accepts Kruskal and reports
 a solver disagreement for Prim-as-races (while the rest of Prim's battery passes).
 """
@@ -24,7 +24,7 @@ from structdsl.testing import check_spec
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 
-# The README example: the cycle 0-1-2-3-0 and the chord 0-2, with these integer rates.
+# The docs/laws.md example: the cycle 0-1-2-3-0 and the chord 0-2, with these integer rates.
 EXAMPLE = {(0, 1): 1, (0, 2): 1, (0, 3): 3, (1, 2): 2, (2, 3): 1}
 K4_EQUAL = {(u, v): 1 for u in range(4) for v in range(u + 1, 4)}
 
@@ -110,11 +110,11 @@ def mst_by_sorting(w):
     return adjacency
 
 
-# ---- the README section ---------------------------------------------------------------------
+# ---- the docs/laws.md section ---------------------------------------------------------------------
 def readme_section():
-    text = (ROOT / "README.md").read_text()
-    m = re.search(r"^## Which law do you get\n(.*?)(?=^## )", text, re.S | re.M)
-    assert m, "README has no 'Which law do you get' section"
+    text = (ROOT / "docs" / "laws.md").read_text()
+    m = re.search(r"^# Which law do you get\n(.*?)(?=^## )", text, re.S | re.M)
+    assert m, "docs/laws.md has no 'Which law do you get' section"
     return m.group(1)
 
 
@@ -157,11 +157,11 @@ def test_kruskal_with_equal_rates_is_not_uniform():
     star = {t: p for t, p in law.items() if any(sum(x in e for e in t) == 3 for x in range(4))}
     assert len(star) == 4 and set(star.values()) == {Fraction(1, 15)}
     assert {p for t, p in law.items() if t not in star} == {Fraction(11, 180)}
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    assert "each star has probability 1/15 and each path 11/180" in readme
+    laws = " ".join((ROOT / "docs" / "laws.md").read_text().split())
+    assert "each star has probability 1/15 and each path 11/180" in laws
 
 
-# ---- (2) the README's figures ----------------------------------------------------------------
+# ---- (2) the figures of docs/laws.md ----------------------------------------------------------------
 def test_readme_prim_spec_is_law_specs_prim_tree():
     code, _ = readme_blocks()[0]
     spec_text = re.search(r"@spec\ndef prim_tree.*?return adjacency\n", code, re.S).group(0)
@@ -196,7 +196,7 @@ def test_readme_table_matches_independent_laws():
 
 # ---- (3) check_spec against a minimum-spanning-tree reference ---------------------------------
 def test_check_spec_tells_prim_from_kruskal():
-    # fewer samples than the README's default keep this test fast; the outcome is the same
+    # fewer samples than the default keep this test fast; the outcome is the same
     kruskal = check_spec(spanning_tree, reference=mst_by_sorting, samples=1000,
                          raise_on_failure=False)
     assert kruskal.ok and kruskal.reference_checked == 50
@@ -208,7 +208,7 @@ def test_check_spec_tells_prim_from_kruskal():
     assert len(prim.failures) == 1
     assert prim.failures[0].startswith(
         "solve disagrees with the reference solver on field 'adjacency'")
-    # the README shows exactly these outcomes
+    # docs/laws.md shows exactly these outcomes
     _, shown = readme_blocks()[1]
     outcome = [str(kruskal.reference_checked), str(prim.ok), str(len(prim.failures))]
     assert shown.split()[:3] == outcome
