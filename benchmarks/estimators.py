@@ -51,8 +51,9 @@ def step_times(rounds, steps):
 def spec_vs_program(rounds, steps, n=10):
     """The spanning-tree toy's T-REINFORCE+ step (3 samples, Adam, one thread) with the
     distribution built every step from the spec (``RaceDistribution(specs.spanning_tree,
-    logits)``, which compiles through the compile cache) and from a compiled program: best
-    of ``rounds`` rounds of ``steps`` steps, the two alternating; ms per step."""
+    logits)``, which compiles through the compile cache) and from a compiled program; ms per
+    step, the best of ``rounds`` short blocks of ``steps`` steps, the two alternating block by
+    block (so that a change in the machine's load hits both)."""
     import time
     import torch
     from structdsl import compile as compile_spec, estimators, specs, toys
@@ -71,17 +72,13 @@ def spec_vs_program(rounds, steps, n=10):
             opt.step()
         return (time.perf_counter() - t0) / count
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with toys._threads(1):                       # torch and numba, as the toys' step table
         for how in sources.values():
             run(how, 20)                          # warm up (the first spec step compiles)
         best = {k: math.inf for k in sources}
         for _ in range(rounds):
             for k, how in sources.items():
                 best[k] = min(best[k], run(how, steps))
-    finally:
-        torch.set_num_threads(before)
     return {k: 1000 * v for k, v in best.items()}
 
 
@@ -158,7 +155,7 @@ def main(argv=None):
         print("\nStep time per toy (ms; n = 10, 3 samples, 1 thread; ratio = ours / authors', target <= 0.5)")
         print(table(["toy", "T-REINFORCE", "T-REINFORCE+", "RELAX", "authors T", "authors RELAX",
                      "ratio T", "ratio RELAX"], out, args.markdown))
-        sp = spec_vs_program(rounds=3 if args.quick else 5, steps=100 if args.quick else 300)
+        sp = spec_vs_program(rounds=20 if args.quick else 60, steps=25)
         print("\nDistribution from the spec every step vs from a compiled program (spanning_tree toy, "
               "T-REINFORCE+, n = 10, 3 samples, 1 thread; ms per step; target: ratio <= 1.2)")
         print(table(["toy", "from spec", "from program", "ratio"],
