@@ -182,8 +182,27 @@ def spec_from_source(state):
     with _lock:
         spec = _source_specs.get(key)
         if spec is None:
-            spec = _source_specs[key] = _rebuild_spec(state, key)
+            spec = _defined_here(state) or _rebuild_spec(state, key)
+            _source_specs[key] = spec
     return spec
+
+
+def _defined_here(state):
+    """The loading process's own spec of that name and source, if it has one: a spawned
+    worker re-runs the top level of the parent's ``__main__`` file, which defines its specs
+    again (the worker then compiles each once)."""
+    from .dsl import Spec
+    try:
+        spec = _lookup(state["module"], state["qualname"])
+        if not isinstance(spec, Spec) or spec.nested != state["nested"] \
+                or spec_source(spec)[1:] != (state["first"], state["text"]):
+            return None
+        fn = inspect.unwrap(spec.fn)
+        if fn.__defaults__ == state["defaults"] and _outer_constants(fn, state["text"]) == state["constants"]:
+            return spec
+    except (OSError, TypeError, AttributeError):
+        pass
+    return None
 
 
 def _lookup(module, qualname, importing=False):

@@ -338,11 +338,20 @@ from structdsl import atoms, race, spec
 LIMIT = 2
 
 
-def work(prog):
+@spec
+def at_top_level(n):
+    item = atoms(n)
+    w = race(item)
+    return w
+
+
+def work(prog, top):
     """In the spawned child: the spec below was never defined here (it sits under the
-    __main__ guard), so it must come from its pickled source."""
+    __main__ guard), so it must come from its pickled source; the top-level one is defined
+    again here (the child runs the file's top level), and the unpickled program uses it."""
     import __main__
     assert not hasattr(__main__, "pick_two")
+    assert top.spec is __main__.at_top_level and top is structdsl.compile(__main__.at_top_level)
     return prog.sample(np.zeros((3, 4)), uniforms=np.full((3, 4), 0.5) ** np.arange(1, 5)).trace.tolist()
 
 
@@ -357,7 +366,7 @@ if __name__ == "__main__":
     prog = structdsl.compile(pick_two)
     here = prog.sample(np.zeros((3, 4)), uniforms=np.full((3, 4), 0.5) ** np.arange(1, 5)).trace.tolist()
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        there = pool.apply(work, (prog,))
+        there = pool.apply(work, (prog, structdsl.compile(at_top_level)))
     print(json.dumps({"here": here, "there": there}))
 '''
 
