@@ -31,10 +31,13 @@ may be set on their own).
 them gives back the very same object (the built-in specs, any spec at the top level of an
 importable module), else (a spec defined in ``__main__``, a notebook cell or a function) by
 its source text, its file and first line, ``nested``, the parameters' defaults and the plain
-constants it reads from outside.  Unpickling such a spec executes no code from the pickle: the
-text is parsed and verified by the frontend like any spec (the ``def`` is compiled, never
-run); the file's other lines are not needed.  Equal source specs unpickled in one process are
-one object (a weak table), so their programs are shared too.  A ``reference=`` solver travels
+constants it reads from outside.  Loading such a spec parses and verifies the text like any
+spec (a ``def`` is compiled so that the frontend can find its lines, and never called; its
+decorators, defaults and annotations are not evaluated); the file's other lines are not
+needed.  (Unpickling is as trusting as ``pickle`` itself: load only what you trust.)  Equal
+source specs load as one object per process (a weak table), and as the process's own spec
+when it defines one of that name and source (a spawned worker re-runs the parent's
+``__main__`` top level), so their programs are shared too.  A ``reference=`` solver travels
 with a source spec only when it is importable by reference itself.  A program pickles as
 ``(spec, backend name, parameter values)`` and is rebuilt through this cache on load (numba's
 on-disk cache makes that fast in a fresh process); ``copy.deepcopy`` of a spec or a program
