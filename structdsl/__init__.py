@@ -38,7 +38,7 @@ def compile(spec, backend="numpy", **static_params):  # noqa: A001 - the natural
     return compile_cached(spec, backend, static_params, lambda: cls(spec, **static_params))
 
 
-__all__ = ["compile", "cache_clear", "cache_info", "spec", "Spec", "atoms", "race", "race_groups", "live", "arange", "zeros", "ones",
-           "full", "where", "minimum", "maximum", "argmin", "argmax", "require", "SpecError", "RaceError",
+__all__ = ["compile", "cache_clear", "cache_info", "spec", "Spec", "atoms", "race", "race_groups", "live",
+           "arange", "zeros", "ones", "full", "where", "minimum", "maximum", "argmin", "argmax", "require", "SpecError", "RaceError",
            "EmptyRaceError", "NestingError", "EnumerationLimitError", "SpecIndexError",
            "SpecOverflowError", "SpecValueError", "SpecZeroDivisionError"]
