@@ -16,8 +16,9 @@ picks the helper.  Every race becomes a call ``__rt.race(...)`` / ``__rt.race_gr
   subtract the minimum from every member, retire the winner;
 * :class:`Replayer`   - feeds a trace's winners back and records every race's member set
   (log p, its gradient and ``E | T`` follow from them in :mod:`structdsl.races`);
-* :class:`Enumerator` - replays a prefix of winners and, at the first race past it, stops
-  with the race's member sets so the caller can branch on every possible winner.
+* :class:`Enumerator` - replays a prefix of winners, then runs on taking the first member of
+  every later race and records the choices it did not take, so the caller can branch on
+  every possible winner (one run per trace; see :meth:`Program.enumerate_flat`).
 
 Predicates (``lambda *idx``) mean "evaluated for one atom with its scalar indices".  Each is
 lowered twice: a grid version run once on read-only broadcasting index grids (used when the
@@ -27,6 +28,7 @@ version raises: short-circuits like ``i > 0 and x[i - 1]`` hold per atom, not on
 from __future__ import annotations
 
 import ast
+import heapq
 import itertools
 import math
 from collections import namedtuple
@@ -600,13 +602,6 @@ class _Impossible(Exception):
     """A replayed winner was not a live member: the trace has probability zero."""
 
 
-class _Branch(Exception):
-    """Enumeration reached the first race past its prefix."""
-
-    def __init__(self, masks):
-        self.masks = masks
-
-
 class _Lane:
     """State shared by every race handler of one lane: live atoms, retirements, checks."""
 
@@ -759,22 +754,29 @@ class Replayer(_Lane):
 
 
 class Enumerator(_Lane):
-    """Replays a prefix, recording member sets; at the first race past it, raises :class:`_Branch`."""
+    """Replays a prefix, recording member sets, then runs on to the end of the program taking
+    the first member of every race past the prefix; ``branches`` records, for each of those
+    races, its trace position and each member set's atoms (the choices not taken)."""
 
-    def __init__(self, prog, inst, prefix, weights, exact):
-        live = inst.valid.reshape(-1) & (weights > 0 if exact else ~np.isneginf(weights))
+    def __init__(self, prog, inst, prefix, weights, exact, live=None):
+        if live is None:
+            live = inst.valid.reshape(-1) & (weights > 0 if exact else ~np.isneginf(weights))
         super().__init__(prog, inst, live)
         self.prefix = prefix
+        self.taken = list(prefix)
+        self.branches = []
         self.members = np.zeros((inst.max_races, inst.num_atoms), dtype=bool)
 
     def pick(self, masks):
-        if self.slot + len(masks) > len(self.prefix):
-            raise _Branch(masks)
+        if self.slot >= len(self.prefix):
+            choices = [np.flatnonzero(m).tolist() for m in masks]
+            self.branches.append((self.slot, choices))
+            self.taken.extend(c[0] for c in choices)
         winners = []
         for m in masks:
             slot = self._take_slot()
             self.members[slot] = m
-            winners.append(self.prefix[slot])
+            winners.append(self.taken[slot])
         return winners
 
 
@@ -850,22 +852,36 @@ class Program(_BaseProgram):
 
     def enumerate_flat(self, inst, weights, exact, max_traces):
         """Every trace of ``inst`` under ``weights`` ``[A]`` (exact rates or logits): traces,
-        fields, probabilities, log-probabilities (:meth:`Program.enumerate`)."""
-        done, stack = [], [()]
-        while stack:
-            prefix = stack.pop()
-            lane = Enumerator(self, inst, prefix, weights, exact)
-            try:
-                outs = self._call(lane, inst, None)
-            except _Branch as branch:
-                choices = [np.flatnonzero(m).tolist() for m in branch.masks]
-                if len(done) + len(stack) + math.prod(map(len, choices)) > max_traces:
-                    self._too_many(inst, max_traces)      # before building the combinations
-                stack.extend(prefix + c for c in reversed(list(itertools.product(*choices))))
-                continue
-            done.append((prefix, outs, lane.members))
-            if len(done) > max_traces:
-                self._too_many(inst, max_traces)
+        fields, probabilities, log-probabilities (:meth:`Program.enumerate`), in the
+        lexicographic order of the traces.
+
+        Each run of the program replays a waiting prefix and goes on to the end taking the
+        first member of every later race (:class:`Enumerator`): one run per trace.  The
+        choices it did not take become waiting prefixes, each of which ends in at least one
+        trace (a race has a live member, or the run raises), so ``finished + waiting`` is a
+        lower bound on the number of traces, raised by ``b - 1`` at every race past the
+        prefix that branches ``b`` ways.  Waiting prefixes run shallowest first, where they
+        branch the most, and the walk stops with :class:`EnumerationLimitError` as soon as the
+        bound passes ``max_traces``: after about ``max_traces / (sum of b - 1 along a
+        trace)`` runs, where walking depth first and counting only finished traces needed
+        about ``max_traces``."""
+        live = inst.valid.reshape(-1) & (weights > 0 if exact else ~np.isneginf(weights))
+        done, queue = [], [(0, ())]            # a heap of waiting prefixes, shortest first
+        while queue:
+            _, prefix = heapq.heappop(queue)
+            lane = Enumerator(self, inst, prefix, weights, exact, live)
+            outs = self._call(lane, inst, None)
+            done.append((tuple(lane.taken), outs, lane.members))
+            more = sum(math.prod(map(len, choices)) - 1 for _, choices in lane.branches)
+            if len(done) + len(queue) + more > max_traces:
+                self._too_many(inst, max_traces)      # before building the other choices
+            for slot, choices in lane.branches:
+                head = tuple(lane.taken[:slot])
+                combos = itertools.product(*choices)
+                next(combos)                          # the one this run took
+                for c in combos:
+                    heapq.heappush(queue, (slot, head + c))
+        done.sort(key=lambda d: d[0])                 # no trace is a prefix of another
         traces = np.full((len(done), inst.max_races), -1, dtype=np.int64)
         for i, (prefix, _, _) in enumerate(done):
             traces[i, :len(prefix)] = prefix
