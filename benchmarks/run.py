@@ -35,6 +35,7 @@ the package's __pycache__), and cached (a second process reusing the first one's
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -122,7 +123,8 @@ class Programs:
             t0 = time.perf_counter()
             self.cache[key] = structdsl.compile(getattr(specs, self.name), backend=compiled_as(backend),
                                                 **statics(self.name, n))
-            if backend == "cuda-eager":
+            if backend == "cuda-eager":      # a private copy: compile() shares one program per arguments
+                self.cache[key] = copy.copy(self.cache[key])
                 self.cache[key].cuda_graphs = False
             self.setup[backend] = self.setup.get(backend, 0.0) + time.perf_counter() - t0
         return self.cache[key]
@@ -476,7 +478,7 @@ def reinforce_steps(sizes, batch, repeat, markdown, fast=True, cpu=True, cuda=Fa
             logits = torch.randn((batch, n, n), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
             logits = logits.to(device).requires_grad_(True)
             weights = torch.randn((n, n), generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
-            prog = structdsl.compile(specs.spanning_tree, backend="torch")
+            prog = copy.copy(structdsl.compile(specs.spanning_tree, backend="torch"))
             prog.cuda_graphs = how == "cuda"
             dist = RaceDistribution(prog, logits=logits, fast_cpu=how != "lock-step")
 

@@ -217,7 +217,15 @@ def test_a_race_outside_the_previous_one_breaks_the_nesting_promise(bad, backend
         assert type(err) is NestingError and err.line == bad_line(bad)
 
 
-def test_a_run_past_the_static_race_bound_raises(backend, monkeypatch):
+@pytest.fixture
+def fresh_compiles():
+    """A test that monkeypatches the compiler must not get, nor leave, a cached program."""
+    structdsl.cache_clear()
+    yield
+    structdsl.cache_clear()
+
+
+def test_a_run_past_the_static_race_bound_raises(backend, monkeypatch, fresh_compiles):
     """The bound on the number of races is proven; if the proof were wrong, every backend
     must raise rather than return a truncated trace."""
     import structdsl.program as program
@@ -237,7 +245,7 @@ def test_a_run_past_the_static_race_bound_raises(backend, monkeypatch):
         assert_same_error(got, want)
 
 
-def test_a_recursion_that_outruns_its_proven_bound_raises(backend, monkeypatch):
+def test_a_recursion_that_outruns_its_proven_bound_raises(backend, monkeypatch, fresh_compiles):
     """The dispatch loop's step bound is proven (docs/design.md 3.10); with a wrong proof
     (simulated by shrinking it) frames are left on the stack, and every backend raises at
     the call instead of returning a truncated result."""
@@ -254,6 +262,7 @@ def test_a_recursion_that_outruns_its_proven_bound_raises(backend, monkeypatch):
     assert errs[0].line == bad_line(H.recursion_with_a_proven_bound)
     assert_same_error(errs[1], errs[0])
     monkeypatch.undo()
+    structdsl.cache_clear()
     ok = Runner(structdsl.spec(H.recursion_with_a_proven_bound.fn), backend).sample(logits, uniforms=u)
     assert sorted(ok.structure.order[0].tolist()) == list(range(7))
 

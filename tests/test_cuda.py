@@ -19,6 +19,7 @@ from shared_specs import (SIZES, SPECS, STATICS, atom_shape, bad_line, careless,
                           divides, empty, false_promise, structure_loss)
 from structdsl import EmptyRaceError, NestingError, SpecIndexError, SpecZeroDivisionError, specs  # noqa: E402
 from structdsl import estimators  # noqa: E402
+from structdsl.backends import program_class  # noqa: E402
 from structdsl.torch import RaceDistribution  # noqa: E402
 
 DEV = torch.device(os.environ.get("STRUCTDSL_TEST_DEVICE", "cuda"))
@@ -216,7 +217,8 @@ def test_estimators_on_the_device_are_unbiased(name):
 
 
 def fresh(name, graphs):
-    prog = structdsl.compile(SPECS[name], backend="torch", **STATICS.get(name, {}))
+    # a new program, not compile()'s shared one: its own graphs, its own cuda_graphs setting
+    prog = program_class("torch")(SPECS[name], **STATICS.get(name, {}))
     prog.cuda_graphs = graphs
     return prog
 
@@ -268,7 +270,7 @@ def test_graph_replays_equal_eager_calls(name):
 
 
 def test_a_replayed_graph_still_raises_the_first_lanes_error():
-    graphed, eager = (structdsl.compile(careless, backend="torch") for _ in range(2))
+    graphed, eager = (program_class("torch")(careless) for _ in range(2))
     eager.cuda_graphs = False
     logits = torch.zeros((3, 4), device=DEV, dtype=torch.float64)
     fine = torch.full((3, 4), 0.5, device=DEV, dtype=torch.float64)

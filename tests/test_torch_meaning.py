@@ -7,6 +7,7 @@ line, batch element and message.  Each spec that fails marks its offending line 
 backend's check (``>=`` turned into ``>``, a condition dropped) that they fail.
 """
 import ast
+import copy
 import dataclasses
 
 import numpy as np
@@ -274,6 +275,8 @@ def grouped_rounds(n):
 def squeezed(prog, shape, by=1):
     """``prog`` with the trace length of ``shape`` lowered by ``by``: a bound below what a run
     can use (the static bound is proven, so only a bug could make it so)."""
+    prog = copy.copy(prog)                       # not compile()'s shared program
+    prog._instances = dict(prog._instances)
     inst = prog.instance(shape)
     prog._instances[shape] = dataclasses.replace(inst, max_races=inst.max_races - by)
     return prog
