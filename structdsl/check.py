@@ -41,7 +41,8 @@ from .errors import SpecError
 from .testing import atom_shape_at, check_spec, compare_solve, reference_fields
 
 __all__ = ["is_order_only", "ordering_law", "reference_certificate", "ReferenceCertificate",
-           "load_spec_file", "SpecFileError", "check_file"]
+           "load_spec_file", "SpecFileError", "check_file", "CheckUsageError", "load_data",
+           "resolve_params"]
 
 
 # ---- is the reference a function of the order of the weights? ------------------------------
@@ -520,23 +521,268 @@ def _indent(text, pad=" " * 22, width=100):
     return ("\n" + pad).join(lines)
 
 
-def _check_one(spec, path, *, exact, backend, samples, seed, params, out, reports):
-    """Check one spec; print its section; return the number of failed checks."""
+# ---- the command line's parameters, data and shapes --------------------------------------
+class CheckUsageError(Exception):
+    """A usage error of ``python -m structdsl check PATH``: a parameter a spec needs and was
+    not given, one no checked spec takes, a data file that cannot be read, a shape of the
+    wrong rank.  The message names the flag to add or fix; the command line reports it as a
+    usage error (exit code 2)."""
+
+
+DATA_SUFFIXES = (".npy", ".npz", ".json")
+
+
+def parse_assignment(text, flag):
+    """``NAME=VALUE`` or ``SPEC.NAME=VALUE`` -> ``(spec or None, name, value)``."""
+    key, eq, value = text.partition("=")
+    key = key.strip()
+    spec_name, dot, name = key.rpartition(".")
+    if not eq or not name.isidentifier() or (dot and not spec_name.isidentifier()):
+        raise CheckUsageError(f"{flag} wants NAME=VALUE or SPEC.NAME=VALUE, got {text!r}")
+    return (spec_name or None), name, value.strip()
+
+
+def parse_param(text):
+    """``--param [SPEC.]NAME=INT`` -> ``(spec or None, name, int)``."""
+    spec_name, name, value = parse_assignment(text, "--param")
+    try:
+        return spec_name, name, int(value)
+    except ValueError:
+        raise CheckUsageError(f"--param wants [SPEC.]NAME=INT, got {text!r} (an array goes with "
+                              f"--data {name}=FILE.npy)") from None
+
+
+def load_data(path):
+    """A data parameter's array from ``path``: ``FILE.npy``, ``FILE.npz`` holding one array,
+    ``FILE.npz:KEY``, or ``FILE.json`` (nested lists of ints or bools).  Int and bool arrays
+    only (the DSL has no floats).  Raises :class:`CheckUsageError` naming the file."""
+    import json
+    key = None
+    base, colon, tail = path.rpartition(":")
+    if colon and base.lower().endswith(".npz") and not os.path.exists(path):
+        path, key = base, tail
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in DATA_SUFFIXES:
+        raise CheckUsageError(f"{path}: a data file must be .npy, .npz (one array, or FILE.npz:KEY) "
+                              f"or .json (nested lists), not {suffix or 'a file without a suffix'}")
+    if not os.path.isfile(path):
+        raise CheckUsageError(f"{path}: no such file")
+    try:
+        if suffix == ".json":
+            with open(path) as f:
+                array = np.asarray(json.load(f))
+        elif suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                keys = list(npz.keys())
+                if key is None and len(keys) != 1:
+                    raise CheckUsageError(f"{path} holds {len(keys)} arrays ({', '.join(keys) or 'none'}): "
+                                          f"name one as {path}:KEY")
+                if key is not None and key not in keys:
+                    raise CheckUsageError(f"{path} has no array {key!r}; it holds {', '.join(keys)}")
+                array = npz[key if key is not None else keys[0]]
+    except CheckUsageError:
+        raise
+    except Exception as exc:           # a malformed file: say which and why
+        raise CheckUsageError(f"{path}: cannot be read as {suffix}: {type(exc).__name__}: {exc}") from None
+    if array.dtype != bool and not np.issubdtype(array.dtype, np.integer):
+        raise CheckUsageError(f"{path}: holds {array.dtype} values of shape {array.shape}; data parameters "
+                              f"are int or bool arrays")
+    return array
+
+
+def parse_data(text):
+    """``--data [SPEC.]NAME=FILE`` -> ``(spec or None, name, array)`` (:func:`load_data`)."""
+    spec_name, name, value = parse_assignment(text, "--data")
+    try:
+        return spec_name, name, load_data(value)
+    except CheckUsageError as exc:
+        raise CheckUsageError(f"--data {text}: {exc}") from None
+
+
+def parse_shape(text):
+    """``--shape [SPEC=]N[,M...]`` (or ``NxM``) -> ``(spec or None, shape tuple)``."""
+    spec_name, eq, dims = text.rpartition("=")
+    try:
+        shape = tuple(int(d) for d in dims.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if (eq and not spec_name.strip().isidentifier()) or not shape or min(shape) < 1:
+        raise CheckUsageError(f"--shape wants the atoms' dims, N or N,M (optionally SPEC=N,M), "
+                              f"positive ints; got {text!r}")
+    return (spec_name.strip() or None), shape
+
+
+def _array_uses(spec):
+    """``{parameter: line}`` of the parameters the spec's source indexes or reduces (an array
+    parameter: ``dag[:, i]``, ``any(mask)``)."""
+    import ast
+    import inspect
+    try:
+        lines, first = inspect.getsourcelines(spec.fn)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    params = set(spec.ir.params)
+    found = {}
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
+            names = [node.value]
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("any", "all", "sum", "len", "count", "argmin", "argmax")):
+            names = [a for a in node.args if isinstance(a, ast.Name)]
+        for n in names:
+            if n.id in params:
+                found.setdefault(n.id, first + n.lineno - 1)
+    return found
+
+
+def _flag_for(spec, name, array_uses):
+    """The flag that gives parameter ``name`` of ``spec``, as a usage message shows it."""
+    if name in array_uses and name not in spec.ir.static_names:
+        return f"--data {name}=FILE.npy"
+    return f"--param {name}=INT"
+
+
+def resolve_params(specs, params, shapes=None, *, sources=None, path=None, file_specs=None):
+    """Give each spec the parameters (and atoms' shape) meant for it.
+
+    specs: ``{name: Spec}`` being checked.  params: ``{(spec or None, name): value}`` (ints
+    from ``--param``, arrays from ``--data``); an unscoped one goes to every spec that takes
+    a parameter of that name, a scoped one (``SPEC.NAME``) to that spec only, and wins over
+    an unscoped one.  shapes: ``{spec or None: shape}`` likewise.  Returns ``{name: plan}``
+    with ``plan = dict(params, shape, given, ignored)`` (``given``: how each parameter was
+    given; ``ignored``: the unscoped flags this spec takes no parameter for).  Raises
+    :class:`CheckUsageError` for a parameter no checked spec takes, a scope that names no
+    spec, an int for an array parameter (or the reverse), a shape of the wrong rank, or
+    parameters a spec needs and was not given (all of them, each with its flag)."""
+    import inspect
+    shapes = dict(shapes or {})
+    plans = {}
+    flags = {}
+    irs = {}
+    for sname, spec in specs.items():
+        try:
+            irs[sname] = spec.ir
+        except SpecError:
+            irs[sname] = None              # rejected: its verifier row says why
+    names = {k: (ir.params if ir is not None else tuple(inspect.signature(specs[k].fn).parameters))
+             for k, ir in irs.items()}
+    for (scope, name), value in params.items():
+        flag = "--data" if isinstance(value, np.ndarray) else "--param"
+        flags[scope, name] = (sources or {}).get((scope, name)) or (
+            f"{flag} {scope + '.' if scope else ''}{name}=" + (str(value) if flag == "--param" else "..."))
+        if scope is not None and scope not in specs:
+            raise CheckUsageError(f"{flags[scope, name]}: no spec named {scope!r} is checked; the specs "
+                                  f"checked are {', '.join(sorted(specs))}")
+        if scope is not None and name not in names[scope]:
+            raise CheckUsageError(f"{flags[scope, name]}: spec {scope!r} has no parameter {name!r}; its "
+                                  f"parameters are {', '.join(names[scope])}")
+        everyone = {**{k: tuple(inspect.signature(f.fn).parameters) for k, f in (file_specs or {}).items()},
+                    **names}
+        if scope is None and not any(name in ps for ps in everyone.values()):
+            takes = "; ".join(f"{k}: {', '.join(ps)}" for k, ps in everyone.items())
+            raise CheckUsageError(f"{flags[scope, name]}: no spec in the file takes a parameter {name!r} "
+                                  f"(parameters: {takes})")
+    for scope in shapes:
+        if scope is not None and scope not in specs:
+            raise CheckUsageError(f"--shape {scope}=...: no spec named {scope!r} is checked; the specs "
+                                  f"checked are {', '.join(sorted(specs))}")
+    missing = []
+    for sname, spec in specs.items():
+        p = irs[sname]
+        values, given, ignored = {}, {}, []
+        for (scope, name), value in sorted(params.items(), key=lambda kv: kv[0][0] is not None):
+            if scope not in (None, sname):
+                continue
+            if name not in names[sname]:
+                ignored.append(flags[scope, name])
+                continue
+            values[name], given[name] = value, flags[scope, name]
+        shape = shapes.get(sname, shapes.get(None))
+        plans[sname] = dict(params=values, given=given, ignored=ignored, shape=shape)
+        if p is None:
+            continue
+        uses = _array_uses(spec)
+        for name, value in values.items():
+            if isinstance(value, np.ndarray) and name in p.static_names:
+                raise CheckUsageError(
+                    f"{given[name]}: parameter {name!r} of spec {sname!r} is used as a size or bound at "
+                    f"{p.where(p.static_names[name])}: it is an int, give it with --param {name}=INT")
+            if not isinstance(value, np.ndarray) and name in uses and name not in p.static_names:
+                raise CheckUsageError(
+                    f"{given[name]}: parameter {name!r} of spec {sname!r} is an array (indexed at "
+                    f"{p.where(uses[name])}): give it with --data {name}=FILE.npy (.npz, .json)")
+        need = [s for s in p.statics if s not in values and s not in p.defaults]
+        for name in need:
+            flag = _flag_for(spec, name, uses)
+            scoped = flag.replace(f" {name}=", f" {sname}.{name}=")
+            kind = "an array" if flag.startswith("--data") else "an int"
+            missing.append(f"spec {sname!r} ({path or p.file}:{spec.fn.__code__.co_firstlineno}) needs parameter "
+                           f"{name!r} ({kind}): add {flag}" + (f" (or {scoped} for this spec only)"
+                                                                if len(specs) > 1 else ""))
+        if shape is not None and len(shape) != len(p.atoms.dims):
+            raise CheckUsageError(f"--shape {'x'.join(map(str, shape))}: spec {sname!r} has atoms of rank "
+                                  f"{len(p.atoms.dims)} ({', '.join(_ast_text(d) for d in p.atoms.dims)}), "
+                                  f"so --shape wants {len(p.atoms.dims)} dim(s)")
+    if missing:
+        raise CheckUsageError("a parameter is missing:\n  " + "\n  ".join(missing) if len(missing) == 1 else
+                              f"{len(missing)} parameters are missing:\n  " + "\n  ".join(missing))
+    return plans
+
+
+def _ast_text(node):
+    import ast
+    return ast.unparse(node)
+
+
+def _describe(value):
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} array of shape {tuple(value.shape)}"
+    return str(value)
+
+
+def _error_text(exc):
+    """``Type: message`` and the exception's notes (PEP 678), for a report row."""
+    notes = getattr(exc, "__notes__", None) or []
+    return "\n".join([f"{type(exc).__name__}: {exc}"] + [str(n) for n in notes])
+
+
+# ---- checking one spec ---------------------------------------------------------------------
+def _check_one(spec, path, *, exact, backend, samples, seed, plan, strict, out, reports, summary):
+    """Check one spec; print its section; return the number of failed checks.  Appends the
+    spec's row of the final table to ``summary``."""
     from . import compile as compile_spec
+    from .errors import EnumerationLimitError
+    params = plan["params"]
     line = spec.fn.__code__.co_firstlineno
     ref = spec.reference
     ref_name = getattr(ref, "__name__", repr(ref)) if ref is not None else None
     print(f"\n{spec.name}  ({path}:{line}){f', reference {ref_name}' if ref is not None else ''}", file=out)
     failed = 0
+    row_of = dict(name=spec.name, atoms="-", sizes="-", traces="-", structures="-", result="FAIL")
+    summary.append(row_of)
 
     def row(what, verdict, text):
         print(f"  {what:<13s}{verdict:<6s} {_indent(text)}", file=out)
+
+    if params:
+        row("parameters", "", "; ".join(f"{k} = {_describe(v)} ({plan['given'][k]})" for k, v in params.items()))
+    for flag in plan["ignored"]:
+        row("parameters", "", f"{flag} not used: {spec.name} takes no parameter "
+                              f"{flag.split('=')[0].split()[-1].split('.')[-1]!r}")
 
     t0 = time.perf_counter()
     try:
         prog = compile_spec(spec, backend=backend, **params)
     except SpecError as exc:
-        row("verifier", "FAIL", f"rejected: {exc}")
+        hints = [f"\n({plan['given'][k]} gave an int array of 0s and 1s: if the spec reads {k} as bools, "
+                 f"give a bool array (true/false in JSON))"
+                 for k, v in params.items() if isinstance(v, np.ndarray) and v.dtype != bool
+                 and v.size and np.isin(v, (0, 1)).all()]
+        row("verifier", "FAIL", f"rejected: {exc}" + "".join(hints))
         return 1
     except (TypeError, ValueError) as exc:
         row("verifier", "FAIL", f"cannot compile: {exc}")
@@ -545,23 +791,37 @@ def _check_one(spec, path, *, exact, backend, samples, seed, params, out, report
     row("verifier", "pass", f"accepted: atoms {prog.expected_shape()}, {len(prog.ir.races)} race site(s){nested}, "
                             f"fields {', '.join(prog.Structure._fields)}")
     try:
-        report = check_spec(spec, backend=backend, reference=False, samples=samples, seed=seed,
-                            raise_on_failure=False, **params)
+        report = check_spec(spec, plan["shape"], backend=backend, reference=False, samples=samples, seed=seed,
+                            raise_on_failure=False, strict=strict, **params)
+    except EnumerationLimitError as exc:
+        row("battery", "FAIL", f"{exc}\nthe battery enumerates every trace: check a smaller --shape")
+        return failed + 1
     except Exception as exc:
-        row("battery", "FAIL", f"{type(exc).__name__}: {exc}")
+        text = _error_text(exc)
+        if plan["shape"] is not None:
+            text += (f"\n(at --shape {'x'.join(map(str, plan['shape']))}, the atoms' shape you gave; "
+                     f"pass another with --shape)")
+        row("battery", "FAIL", text)
         return failed + 1
     reports.append(report)
     shape = report.atom_shape
     atoms = "x".join(map(str, shape))
-    summary = (f"atoms {atoms}: {report.traces} traces, {report.structures} structures, exact sum of p "
-               f"= {report.total_probability}, worst GOF p {report.worst_gof_p:.3f}, worst E|T p "
-               f"{report.worst_marginal_p:.3f}, atoms at -inf {'tested' if report.neg_inf_checked else 'n/a'}, "
-               f"{samples} samples per scenario ({time.perf_counter() - t0:.1f}s)")
+    sizes = ", ".join(f"{k} = {v}" for k, v in report.sizes.items()) or "none"
+    row_of.update(atoms=atoms, sizes=sizes.replace(" ", ""), traces=str(report.traces),
+                  structures=str(report.structures))
+    source = "given with --shape" if report.shape_source == "given" else f"picked: {report.shape_source}"
+    row("size", "", f"atoms {atoms} (sizes: {sizes}), {source}")
+    for w in report.warnings if not strict else ():           # (strict: a battery failure below)
+        row("size", "warn", w + " (--strict makes this a failure)")
+    summary_text = (f"atoms {atoms}: {report.traces} traces, {report.structures} structures, exact sum of p "
+                    f"= {report.total_probability}, worst GOF p {report.worst_gof_p:.3f}, worst E|T p "
+                    f"{report.worst_marginal_p:.3f}, atoms at -inf {'tested' if report.neg_inf_checked else 'n/a'}, "
+                    f"{samples} samples per scenario ({time.perf_counter() - t0:.1f}s)")
     if report.ok:
-        row("battery", "pass", summary)
+        row("battery", "pass", summary_text)
     else:
         failed += 1
-        row("battery", "FAIL", summary + "".join(f"\n! {f}" for f in report.failures))
+        row("battery", "FAIL", summary_text + "".join(f"\n! {f}" for f in report.failures))
 
     if ref is not None:
         try:
@@ -622,37 +882,63 @@ def _check_one(spec, path, *, exact, backend, samples, seed, params, out, report
 
 
 def check_file(path, spec_name=None, *, exact=None, backend="numpy", samples=4000, seed=0,
-               params=None, out=None, reports=None):
+               params=None, shape=None, strict=False, out=None, reports=None, sources=None):
     """``python -m structdsl check PATH``: check the specs of a user's file; print a report.
 
     spec_name: check only this spec (default: every spec defined in the file).  exact: also
     prove normalisation symbolically, and the reference certificate when the spec names a
-    reference, with every size parameter set to ``exact``.  params: static parameters for
-    ``compile``.  reports: a list that receives each battery's :class:`SpecReport`.  Returns
-    the exit code: 0 when every check passes, 1 when one fails, 2 when the file cannot be
-    checked at all (the message says why, with the file and line).
+    reference, with every size parameter set to ``exact``.  params: parameters for
+    ``compile``, ints and (data parameters) int/bool arrays, keyed ``NAME`` (given to every
+    checked spec that takes a parameter of that name; the report says which did not) or
+    ``SPEC.NAME`` (that spec only).  shape: the atoms' shape the battery checks, a tuple for
+    every spec or ``{SPEC: tuple}`` (default: :func:`structdsl.testing.pick_shape`).
+    strict: a law with fewer than 3 structures fails (else a warning).  sources: ``{key of
+    params: the flag that gave it}``, for the report.  reports: a list that
+    receives each battery's :class:`SpecReport`.  Returns the exit code: 0 when every check
+    passes, 1 when one fails, 2 when the file cannot be checked at all (the message says why,
+    with the file and line).  Raises :class:`CheckUsageError` when the parameters or shapes
+    given do not fit the specs (the message names the flag to add or fix).
     """
     out = out or sys.stdout
-    params = dict(params or {})
+    scoped, labels = {}, {}
+    for key, value in (params or {}).items():
+        scope, _, name = key.rpartition(".") if isinstance(key, str) else (key[0] or "", "", key[1])
+        scoped[scope or None, name] = value
+        if sources and key in sources:
+            labels[scope or None, name] = sources[key]
+    shapes = shape if isinstance(shape, dict) else ({None: tuple(shape)} if shape is not None else {})
     reports = [] if reports is None else reports
     try:
         _, specs = load_spec_file(path)
     except SpecFileError as exc:
         print(f"structdsl check: {exc}", file=out)
         return 2
+    file_specs = specs
     if spec_name is not None:
         if spec_name not in specs:
             print(f"structdsl check: {path}: no spec named {spec_name!r}; the file defines "
                   f"{', '.join(sorted(specs))}", file=out)
             return 2
         specs = {spec_name: specs[spec_name]}
+        scoped = {k: v for k, v in scoped.items() if k[0] in (None, spec_name)}
+        shapes = {k: v for k, v in shapes.items() if k in (None, spec_name)}
+    plans = resolve_params(specs, scoped, shapes, sources=labels, path=path, file_specs=file_specs)
     print(f"structdsl check {path} ({backend} backend, {samples} samples per scenario, seed {seed}"
-          f"{f', exact at n = {exact}' if exact is not None else ''}): {len(specs)} spec(s)", file=out)
-    failed_specs = []
+          f"{f', exact at n = {exact}' if exact is not None else ''}{', strict' if strict else ''}): "
+          f"{len(specs)} spec(s)", file=out)
+    failed_specs, summary = [], []
     for name, spec in specs.items():
-        if _check_one(spec, path, exact=exact, backend=backend, samples=samples, seed=seed,
-                      params=params, out=out, reports=reports):
+        failed = _check_one(spec, path, exact=exact, backend=backend, samples=samples, seed=seed,
+                            plan=plans[name], strict=strict, out=out, reports=reports, summary=summary)
+        summary[-1]["result"] = "FAIL" if failed else "pass"
+        if failed:
             failed_specs.append(name)
+    width = max(len("spec"), *(len(r["name"]) for r in summary))
+    print(f"\n{'spec':<{width}s}  {'atoms':>7s}  {'sizes':<12s} {'traces':>7s} {'structures':>10s}  result",
+          file=out)
+    for r in summary:
+        print(f"{r['name']:<{width}s}  {r['atoms']:>7s}  {r['sizes']:<12s} {r['traces']:>7s} "
+              f"{r['structures']:>10s}  {r['result']}", file=out)
     if failed_specs:
         print(f"\nFAIL: {len(failed_specs)} of {len(specs)} spec(s) failed a check: {', '.join(failed_specs)}", file=out)
         return 1

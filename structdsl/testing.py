@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
 
 from . import compile as _compile
-from .errors import EmptyRaceError, RaceError
+from .errors import EmptyRaceError, EnumerationLimitError, RaceError, SpecError
 
 
 @dataclass
@@ -56,6 +57,12 @@ class SpecReport:
     failures: list = field(default_factory=list)
     #: per sampling scenario: (label, exact trace probabilities, sampled frequencies)
     fits: list = field(default_factory=list)
+    #: the size parameters at ``atom_shape`` (``{"n": 4}``)
+    sizes: dict = field(default_factory=dict)
+    #: where ``atom_shape`` came from: ``"given"`` (``shape=``), or the checker's choice and why
+    shape_source: str = "given"
+    #: what the battery could not vouch for without failing (a law with too few structures)
+    warnings: list = field(default_factory=list)
 
     @property
     def ok(self):
@@ -176,12 +183,28 @@ def ks_uniform_p(u):
 
 
 # ---- the battery ------------------------------------------------------------------------
+#: A law with fewer structures than this is degenerate: the battery passes it whatever the
+#: sampler does (one structure: every check is trivially met).  ``check_spec`` warns, and
+#: fails under ``strict=True``.
+MIN_STRUCTURES = 3
+
+
 def check_spec(spec, shape=None, *, backend="numpy", reference=None, samples=4000, seed=0,
-               alpha=1e-3, solve_trials=50, excluded_trials=0, raise_on_failure=True, **static_params):
+               alpha=1e-3, solve_trials=50, excluded_trials=0, raise_on_failure=True, strict=False,
+               **static_params):
     """Run the property battery on ``spec`` for atoms of shape ``shape``.
 
-    shape: the atoms' shape; by default the largest size ``n <= 6`` (every size parameter
-    set to ``n``) whose exact enumeration has at most 200 traces.
+    shape: the atoms' shape.  By default it is taken from the data parameters when their
+    dimensions fix the sizes (a ``dag`` array of shape ``[4, 4]`` given for ``atoms(n)``
+    whose predicate reads ``dag[:, i]``: ``n = 4``), else it is the largest size ``n <= 6``
+    (every free size parameter set to ``n``) whose exact enumeration has at most 200
+    traces.  ``report.shape_source`` says which; when the battery fails at a size it
+    picked, the exception carries a note naming that size and ``shape=``.
+
+    strict: fail (not only warn) when the law checked has fewer than
+    :data:`MIN_STRUCTURES` structures, where the battery cannot tell a right sampler from
+    a wrong one; the warning is in ``report.warnings`` (and a ``UserWarning`` when
+    ``raise_on_failure``).
 
     reference: ``f(weights[*shape]) -> structure`` (a dict of some of the spec's fields, a
     tuple in field order, or one array) from an independent solver, compared with ``solve``
@@ -194,9 +217,52 @@ def check_spec(spec, shape=None, *, backend="numpy", reference=None, samples=400
     ``raise_on_failure=False``.
     """
     prog = numpy_view(_compile(spec, backend=backend, **static_params))
-    shape = _default_shape(prog) if shape is None else tuple(shape)
+    if shape is not None:
+        return _battery(spec, prog, tuple(int(s) for s in shape), "given", reference, samples, seed,
+                        alpha, solve_trials, excluded_trials, raise_on_failure, strict)
+    shape, source = pick_shape(prog)
+    try:
+        return _battery(spec, prog, shape, source, reference, samples, seed, alpha, solve_trials,
+                        excluded_trials, raise_on_failure, strict)
+    except AssertionError:
+        raise                                  # the battery's own verdict names the shape
+    except Exception as exc:
+        sizes = _sizes_text(prog, shape)
+        _add_note(exc, f"check_spec picked atoms of shape {shape}{f' ({sizes})' if sizes else ''}: "
+                       f"{source}; pass another with check_spec({spec.name}, shape=...) "
+                       f"(python -m structdsl check FILE --shape ...)")
+        raise
+
+
+def _add_note(exc, note):
+    """Attach ``note`` to ``exc`` (PEP 678, shown under the message; Python 3.10 has no notes:
+    the note is appended to the message)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    elif exc.args and isinstance(exc.args[0], str):           # pragma: no cover - Python 3.10
+        exc.args = (f"{exc.args[0]}\n{note}",) + exc.args[1:]
+
+
+def _sizes_text(prog, shape):
+    """``"n = 4"``: the size parameters at atoms of ``shape`` (fixed ones included)."""
+    sizes = _sizes_at(prog, shape)
+    return ", ".join(f"{k} = {v}" for k, v in sizes.items())
+
+
+def _sizes_at(prog, shape):
+    p = prog.ir
+    try:
+        params = prog.instance(tuple(shape)).params
+    except Exception:                          # the shape itself is refused: read the dims
+        params = {d.id: s for d, s in zip(p.atoms.dims, shape) if getattr(d, "id", None) in p.sizes}
+    return {k: int(params[k]) for k in p.sizes if k in params}
+
+
+def _battery(spec, prog, shape, source, reference, samples, seed, alpha, solve_trials,
+             excluded_trials, raise_on_failure, strict):
     inst = prog.instance(shape)
-    report = SpecReport(spec.name, shape, dict(inst.params))
+    report = SpecReport(spec.name, shape, dict(inst.params), sizes=_sizes_at(prog, shape),
+                        shape_source=source)
     rng = np.random.default_rng(seed)
     fail = report.failures.append
 
@@ -204,6 +270,17 @@ def check_spec(spec, shape=None, *, backend="numpy", reference=None, samples=400
     rates = np.where(inst.valid, rng.integers(1, 6, size=shape), 0).astype(object)
     enum = prog.enumerate(rates=rates)
     report.traces, report.structures = len(enum), len(enum.by_structure())
+    if report.structures < MIN_STRUCTURES:
+        sizes = f" ({_sizes_text(prog, shape)})" if report.sizes else ""
+        what = "one structure" if report.structures == 1 else f"{report.structures} structures"
+        advice = ("check a larger size (shape=, or --shape on the command line)" if not prog.data else
+                  "check a larger size or data that leave more freedom (shape= and the data "
+                  "parameters, or --shape and --data on the command line)")
+        report.warnings.append(
+            f"degenerate size: the law checked at atoms {shape}{sizes} has only {what}, too few "
+            f"for the battery to tell a right sampler from a wrong one; {advice}")
+        if strict:
+            fail(report.warnings[-1] + " [strict]")
     report.total_probability = sum(enum.probs, Fraction(0))
     if report.total_probability != 1:
         fail(f"enumerated probabilities sum to {report.total_probability}, not exactly 1")
@@ -234,6 +311,9 @@ def check_spec(spec, shape=None, *, backend="numpy", reference=None, samples=400
 
     if raise_on_failure and report.failures:
         raise AssertionError(f"check_spec({spec.name}, {shape}) failed:\n  - " + "\n  - ".join(report.failures))
+    if raise_on_failure:
+        for w in report.warnings:
+            warnings.warn(f"check_spec({spec.name}): {w}", UserWarning, stacklevel=3)
     return report
 
 
@@ -247,25 +327,110 @@ def atom_shape_at(prog, n):
     return tuple(static_eval(d, env, p.file) for d in p.atoms.dims)
 
 
-def _default_shape(prog, max_traces=200):
-    """The largest all-sizes-equal atoms shape (n <= 6) that enumerates in few traces."""
-    from .errors import EnumerationLimitError, SpecError
+def _shape_at(prog, values):
+    """The atoms' shape of compiled ``prog`` with the size parameters ``values`` (a dict;
+    sizes fixed at compile time keep their values)."""
+    from .program import static_eval
     p = prog.ir
-    best, why = None, None
+    env = p.static_values({**{s: int(v) for s, v in values.items()}, **prog.static_params},
+                          lambda e, env: static_eval(e, env, p.file))
+    return tuple(static_eval(d, env, p.file) for d in p.atoms.dims)
+
+
+def _free_sizes(prog):
+    """The size parameters read off the logits' shape (not fixed at compile time)."""
+    return [s for s in prog.ir.sizes if s not in prog.static_params]
+
+
+def pick_shape(prog, max_traces=200):
+    """The atoms' shape :func:`check_spec` checks when given none, and why:
+    ``(shape, reason)``.
+
+    When the program has data parameters (arrays) whose dimensions fix the free sizes (the
+    program accepts sizes equal to dimensions of the data, and its type pass refuses each
+    size one more or one less: the shapes meet), those sizes (the largest such assignment).
+    Else the largest ``n <= 6`` (every free size set to ``n``) whose exact enumeration has
+    at most ``max_traces`` traces (with data parameters, a size at which a data array is
+    indexed out of range is skipped).  Raises ``ValueError`` when no size qualifies."""
+    from .errors import SpecIndexError
+    shape = _shape_from_data(prog)
+    if shape is not None:
+        return shape
+    p = prog.ir
+    free = _free_sizes(prog)
+    if not free:
+        shape = _shape_at(prog, {})
+        return shape, f"the sizes given to compile ({_sizes_text(prog, shape)})"
+    skip = (ValueError, EmptyRaceError, SpecError) + ((SpecIndexError,) if prog.data else ())
+    best, why, out_of_range = None, None, []
     for n in range(1, 7):
-        shape = atom_shape_at(prog, n)
+        shape = (n,) * len(p.atoms.dims)       # (for a note, should the shape itself fail)
         try:
+            shape = _shape_at(prog, {s: n for s in free})
             prog.enumerate(rates=np.ones(shape, dtype=int).astype(object), max_traces=max_traces)
-        except (ValueError, EmptyRaceError, SpecError) as exc:
+        except skip as exc:
             why = exc                # a require(), the structure or a data shape rules it out
+            if isinstance(exc, SpecIndexError):
+                out_of_range.append(n)
             continue
         except EnumerationLimitError:
             break
-        best = shape
+        except Exception as exc:
+            _add_note(exc, f"check_spec was trying atoms of shape {shape} (every size {n}) to pick "
+                           f"a size to check; pass one with check_spec({p.name}, shape=...) "
+                           f"(python -m structdsl check FILE --shape ...)")
+            raise
+        best, best_n = shape, n
     if best is None:
         raise ValueError(f"check_spec: no size n <= 6 of {p.name} enumerates in at most "
                          f"{max_traces} traces; pass shape= explicitly (last problem: {why})")
-    return best
+    n = best_n
+    values = ", ".join(f"{s} = {n}" for s in free)
+    reason = f"{values}: the largest n <= 6 whose enumeration has at most {max_traces} traces"
+    later = [m for m in out_of_range if m > n]
+    if later:
+        reason += f" (at n = {', '.join(map(str, later))} the spec indexes its data out of range)"
+    return best, reason
+
+
+def _default_shape(prog, max_traces=200):
+    """The atoms' shape :func:`pick_shape` picks (without the reason)."""
+    return pick_shape(prog, max_traces)[0]
+
+
+def _shape_from_data(prog, max_assignments=256):
+    """``(shape, reason)`` with the free sizes taken from the data parameters' dimensions,
+    or None (no data, no free size, or no assignment the program accepts)."""
+    import itertools
+    free = _free_sizes(prog)
+    if not prog.data or not free:
+        return None
+    dims = sorted({int(d) for a in prog.data.values() for d in a.shape if d > 0})
+    if not dims or len(dims) ** len(free) > max_assignments:
+        return None
+
+    def accepted(values):
+        try:
+            shape = _shape_at(prog, values)
+            prog.instance(shape)          # the type pass at these sizes, the require()s
+        except (ValueError, SpecError, NameError):
+            return None
+        return shape
+
+    found = []
+    for combo in itertools.product(dims, repeat=len(free)):
+        values = dict(zip(free, combo))
+        shape = accepted(values)
+        # fixed: the program refuses each size one more and one less than this one
+        if shape is not None and all(accepted({**values, s: values[s] + d}) is None
+                                     for s in free for d in (-1, 1) if values[s] + d >= 1):
+            found.append((combo, shape))
+    if not found:
+        return None
+    combo, shape = max(found)
+    data = ", ".join(f"{k} of shape {tuple(a.shape)}" for k, a in prog.data.items())
+    values = ", ".join(f"{s} = {v}" for s, v in zip(free, combo))
+    return shape, f"{values}, fixed by the data ({data})"
 
 
 def _neg_inf_scenario(prog, inst, rng, tries=40):
