@@ -304,6 +304,8 @@ def _losses(f, structure, lead, screen=True):
 def _screen(out):
     """``out`` if every loss is finite, else FloatingPointError naming the first bad one."""
     d = out.detach()
+    if d.dtype in (torch.float16, torch.bfloat16):    # NumPy has no bfloat16
+        d = d.float()
     total = d.numpy().sum() if d.device.type == "cpu" else float(d.sum())
     if d.numel() and math.isfinite(total):            # one reduction screens every entry
         return out
@@ -347,9 +349,9 @@ class _NativeScoreSurrogate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, losses, logits, grad, loo):
         from .backends.numba_estimators import weigh_scores
-        fd = losses.detach().numpy()
+        fd = losses.detach().double().numpy()          # float16/bfloat16 losses too (autocast)
         K = fd.shape[0]
-        g, mean, finite = weigh_scores(np.ascontiguousarray(fd, dtype=np.float64).reshape(K, -1), grad, loo)
+        g, mean, finite = weigh_scores(np.ascontiguousarray(fd).reshape(K, -1), grad, loo)
         if not finite:
             _screen(losses)                  # names the first NaN or infinite loss (or passes: an overflow)
         g = torch.from_numpy(g.reshape(logits.shape))
@@ -384,7 +386,14 @@ class _NativeRelax(torch.autograd.Function):
     ``Exp(rate)`` of a non-winner), hence ``dz~_a/dx_b = sum_r rho[r, a] P[r, b] + phi_a
     [a = b]`` with ``rho[r, a] = m_r / E~_a`` and ``phi_a = F_a / E~_a``.  The critic
     ``c(z) = w2 . tanh(W1 z + b1) + b2``; ``D(z, d) = grad_z c(z) . d`` and its parameter
-    gradient give the critic loss's gradient without a double backward."""
+    gradient give the critic loss's gradient without a double backward.
+
+    Scaling: ``J = rho^T P + diag(phi)`` is never formed (it was, as two float ``[L, R, A]``
+    arrays: 128 MB per lane at a 200-node spanning tree, and strided passes over them); the
+    kernel takes ``J^T v`` and ``J v`` from each lane's member sets, as prefix and suffix sums
+    over the atoms' exit races when the sets are nested (``O(A + R)``), else over member
+    lists, one batch element at a time.  The member sets come from the distribution's
+    ``sample_and_score(members=True)`` (bool ``[L, R, A]``)."""
 
     @staticmethod
     def surrogate(critic, dist, f, K, loo=False):

@@ -89,6 +89,23 @@ class _TraceScore(torch.autograd.Function):
         return g.reshape(g.shape + (1,) * (grad.dim() - g.dim())) * grad, None, None
 
 
+def _member_sets(program, inst, trace, logits):
+    """The races' member sets, bool ``[B, R, A]``, of traces ``[B, R]`` under ``logits``
+    ``[B, A]`` (NumPy), by the program's ``replay_flat`` over chunks of lanes: a replay may
+    need ``O(R A)`` floats of scratch per lane (64 MB at a 200-node spanning tree), so a
+    chunk holds at most ``2**23 / (R A)`` lanes."""
+    B, R = trace.shape
+    A = logits.shape[1]
+    out = np.empty((B, R, A), dtype=bool)
+    step = max(1, (1 << 23) // max(1, R * A))
+    for i in range(0, B, step):
+        rep = program.replay_flat(inst, trace[i:i + step], logits[i:i + step])
+        form = rep.races
+        out[i:i + step] = form.members if isinstance(form, races.Members) else \
+            np.asarray(form.exit_race)[:, None, :] >= np.arange(R)[None, :, None]
+    return out
+
+
 def _integer_trace(value):
     """Whether ``value`` (a trace) may be scored: anything but a float, complex or bool tensor
     (arrays and lists go to the Program API, which checks them itself)."""
@@ -386,14 +403,13 @@ class RaceDistribution(Distribution, _PyroMixin):
         inst = fast.instance(self.atom_shape)
         logp = grad = mem = None
         with naming_lanes(tuple(lead)):
-            if score == "trace" or members:
-                (trace, fields, log_noise), scores = fast.draw_and_score_flat(inst, un.reshape(-1, A), xb, check,
-                                                                              members=members)
-                if score == "trace":
-                    logp, grad = scores.logp, scores.grad
-                mem = scores.replay.races.members if members else None
+            if score == "trace":
+                (trace, fields, log_noise), scores = fast.draw_and_score_flat(inst, un.reshape(-1, A), xb, check)
+                logp, grad = scores.logp, scores.grad
             else:
                 trace, fields, log_noise = fast.draw_flat(inst, un.reshape(-1, A), xb, check)
+        if members:
+            mem = _member_sets(fast, inst, trace, xb)
         if score == "noise":
             grad = races.noise_score(xb, log_noise)
             with np.errstate(over="ignore", invalid="ignore"):
@@ -613,15 +629,16 @@ class RaceDistribution(Distribution, _PyroMixin):
         in any order).  Each support is enumerated once (:meth:`enumerate_supports`, small
         sizes only); past 20000 traces this raises :class:`SupportTooLarge` (an
         ``EnumerationLimitError`` and a ``NotImplementedError``), whose message names the
-        unbiased Monte Carlo estimate ``-dist.log_prob(dist.sample((n,))).mean(0)``."""
+        unbiased Monte Carlo estimate ``-dist.log_prob(dist.sample((n,))).mean(0)`` (its
+        gradient: that of ``-((lp.detach() + 1) * lp).mean(0)``, ``lp`` those log-probs)."""
         try:
             supports = self.enumerate_supports()
         except EnumerationLimitError as exc:
             raise SupportTooLarge(
                 f"entropy() of {self!r} is exact by enumeration, and this support is too large to "
                 f"enumerate ({exc}). Use the Monte Carlo estimate -dist.log_prob(dist.sample((n,))).mean(0) "
-                f"(unbiased; its gradient needs the score-function term, e.g. "
-                f"structdsl.estimators.t_reinforce with f = -log p)") from None
+                f"(unbiased); for its gradient, with lp = dist.log_prob(dist.sample((n,))), differentiate "
+                f"-((lp.detach() + 1) * lp).mean(0) (the score-function form)") from None
         x = self._x()
         A = self.atom_shape
         flat = x.expand(self.batch_shape + A).reshape((-1,) + A)
