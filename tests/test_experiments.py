@@ -301,3 +301,17 @@ def test_bias_variance_smoke(tmp_path):
     assert (tmp_path / "bias_variance.csv").exists()
     if pytest.importorskip("matplotlib"):
         assert (tmp_path / "bias_variance.png").stat().st_size > 0
+
+
+def test_gumbel_kl_closed_form_and_its_shift_minimum():
+    """theta + exp(-theta) - 1 per valid atom; with shift=True the minimum over a common
+    shift of the logits (the tree law is shift-invariant), found here by a grid."""
+    valid = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+    theta = torch.as_tensor(np.random.default_rng(4).normal(size=(2, 5, 5)) - 3.0)
+    direct = B.gumbel_kl(theta, valid)
+    want = torch.where(valid, theta + torch.exp(-theta) - 1, 0.0).sum((-1, -2))
+    torch.testing.assert_close(direct, want)
+    shifted = B.gumbel_kl(theta, valid, shift=True)
+    grid = torch.stack([B.gumbel_kl(theta + c, valid) for c in np.linspace(-10, 10, 20001)])
+    torch.testing.assert_close(shifted, grid.min(0).values, rtol=0, atol=1e-6)
+    assert (shifted <= direct).all() and (shifted >= 0).all()

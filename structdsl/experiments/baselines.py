@@ -189,13 +189,24 @@ def sst_spanning_tree(theta, t=1.0, hard=False, solve=None, generator=None, max_
     return h + (soft - soft.detach()), u          # exactly h forward
 
 
-def gumbel_kl(theta, valid):
+def gumbel_kl(theta, valid, shift=False):
     """``KL(Gumbel(theta, 1) || Gumbel(0, 1)) = theta + exp(-theta) - 1`` summed over the
     valid atoms (SST's ``kl_gumbel`` counts each undirected edge twice, once per direction;
-    :func:`structdsl.experiments.graph_layout` reports its convention)."""
+    :func:`structdsl.experiments.graph_layout.evaluate` states its convention).
+
+    ``shift=True``: the minimum over a common shift ``theta + c`` (the race law, hence the
+    tree's law, does not change when every logit moves by ``c``): ``sum(theta) + m c`` with
+    ``c = log(sum exp(-theta) / m)``, ``m`` valid atoms.  Still an upper bound on the tree's
+    KL (data processing), and the fair one for logits trained without this KL."""
     v = torch.as_tensor(valid, device=theta.device)
+    dims = tuple(range(theta.dim() - v.dim(), theta.dim()))
+    if shift:
+        m = int(v.sum())
+        t = torch.where(v, theta, 0.0)
+        c = torch.logsumexp(torch.where(v, -theta, -math.inf), dim=dims) - math.log(m)
+        return t.sum(dims) + m * c
     k = theta + torch.exp(-theta) - 1.0
-    return torch.where(v, k, 0.0).flatten(theta.dim() - v.dim()).sum(-1)
+    return torch.where(v, k, 0.0).sum(dims)
 
 
 # ---- independent Bernoulli atoms --------------------------------------------------------------

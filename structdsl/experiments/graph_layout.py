@@ -175,9 +175,14 @@ def training_loss(cfg, model, parts, x, relax=None):
     raise ValueError(f"unknown estimator {est!r}; choose from {', '.join(ESTIMATORS)}")
 
 
-def _precision(pred, gold):
-    """Edge precision per graph: |pred ∩ gold| / |pred| over undirected edges (u < v)."""
-    p, g = torch.triu(pred.bool(), 1), torch.triu(gold.bool(), 1)
+def _precision(pred, gold, complement=False):
+    """Edge precision per graph: |pred ∩ gold| / |pred| over undirected edges (u < v); with
+    ``complement`` the precision of the edges *not* in ``pred``."""
+    n = pred.shape[-1]
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)
+    p, g = pred.bool() & upper, gold.bool() & upper
+    if complement:
+        p = upper & ~p
     tp = (p & g).sum((-1, -2)).to(torch.float64)
     return tp / p.sum((-1, -2)).clamp_min(1).to(torch.float64)
 
@@ -191,12 +196,18 @@ def evaluate(cfg, model, parts, data, generator=None):
       NLL, and the KL estimate ``log q(T) - log p0(T)`` of that sample (tree models), or the
       exact Bernoulli KL (Bernoulli model);
     * ``elbo_sst``: SST's reported quantity: the same NLL, with SST's Gumbel KL of the logits
-      (summed over both directions of every edge, as SST's ``kl_gumbel``);
+      (summed over both directions of every edge, as SST's ``kl_gumbel``), at the shift of
+      the logits that minimises it (the tree law is shift-invariant; models trained with the
+      trace KL leave the logits' level free, and the unshifted Gumbel KL can be arbitrarily
+      large for them);
     * ``nll_tf``, ``nll_rollout``: teacher-forced / rolled-out NLL of the sampled tree;
       ``nll_tf_map``: teacher-forced NLL of the MAP tree (maximum spanning tree of the logits;
       Bernoulli: logits > 0);
     * ``precision``: edge precision of the sampled tree (= recall for trees), ``precision_map``
-      of the MAP tree."""
+      of the MAP tree; ``precision_complement``: of the edges the sample leaves out.  SST's
+      reported metric (``sampling_edge_metrics``) is the larger of the mean ``precision`` and
+      the mean ``precision_complement``, since with two message-passing edge types either
+      type may end up meaning "edge" (:func:`summarise` shows it)."""
     model.eval()
     x_all = torch.as_tensor(data.positions, dtype=torch.float32)
     gold_all = torch.as_tensor(data.adjacency)
@@ -223,9 +234,10 @@ def evaluate(cfg, model, parts, data, generator=None):
             "nll_tf_map": model.nll(zmap, x, cfg.variance, teacher_forcing=True),
             "kl": kl / n,
             "elbo": -(nll_tf.double() + kl / n),
-            "elbo_sst": (-(nll_tf.double() + 2 * B.gumbel_kl(theta, parts.valid) / n)
+            "elbo_sst": (-(nll_tf.double() + 2 * B.gumbel_kl(theta, parts.valid, shift=True) / n)
                          if cfg.estimator != "bernoulli" else torch.full_like(kl, math.nan)),
             "precision": _precision(z, gold),
+            "precision_complement": _precision(z, gold, complement=True),
             "precision_map": _precision(zmap, gold),
         }
         for k, v in vals.items():
@@ -247,12 +259,13 @@ def _set_threads(k):
 
 CSV_FIELDS = ("step", "train_seconds", "ms_per_step", "train_loss", "train_nll", "train_kl", "train_elbo",
               "test_elbo", "test_elbo_sst", "test_nll_tf", "test_nll_rollout", "test_nll_tf_map", "test_kl",
-              "test_precision", "test_precision_map")
+              "test_precision", "test_precision_map", "test_precision_complement")
 
 
 def train(cfg, data=None, progress=True, log=print):
-    """Train one run; writes ``<out>/<estimator>-seed<seed>.csv`` (one row per evaluation)
-    and ``.json`` (the config and the final row).  Returns the list of rows."""
+    """Train one run; writes ``<out>/<estimator>-seed<seed>.csv`` (one row per evaluation),
+    ``.json`` (the config and the final row) and ``.pt`` (the final weights).  Returns the
+    list of rows."""
     _set_threads(cfg.threads)
     if cfg.estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {cfg.estimator!r}; choose from {', '.join(ESTIMATORS)}")
@@ -328,6 +341,8 @@ def train(cfg, data=None, progress=True, log=print):
                 bar.set_postfix(test_elbo=f"{row['test_elbo']:.0f}", prec=f"{row['test_precision']:.3f}")
     if bar is not None:
         bar.close()
+    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)},
+               os.path.join(cfg.out, cfg.run_name() + ".pt"))           # for re-evaluation
     with open(os.path.join(cfg.out, cfg.run_name() + ".json"), "w") as fh:
         json.dump({"config": dataclasses.asdict(cfg), "final": rows[-1], "torch": torch.__version__}, fh, indent=1)
     if log:
@@ -368,16 +383,33 @@ def _load_runs(out):
     return runs
 
 
+def _config_n(out, est):
+    for name in os.listdir(out):
+        if name.startswith(est + "-seed") and name.endswith(".json"):
+            with open(os.path.join(out, name)) as fh:
+                return json.load(fh)["config"]["n"]
+    return Config.n
+
+
 def summarise(out):
     """A markdown table of the final evaluation: mean ± standard deviation over seeds."""
     runs = _load_runs(out)
     cols = (("test_elbo", "test ELBO", 1), ("test_elbo_sst", "ELBO, SST's KL", 1), ("test_nll_tf_map", "NLL (MAP tree)", 1),
-            ("test_precision", "edge precision", 3), ("test_precision_map", "precision (MAP)", 3),
+            ("test_precision", "edge precision", 3), ("precision_sst", "SST's metric", 3),
+            ("test_precision_map", "precision (MAP)", 3),
             ("ms_per_step", "ms / step", 1))
     lines = ["| estimator | seeds | steps | " + " | ".join(c[1] for c in cols) + " |",
              "|---|---:|---:|" + "---:|" * len(cols)]
     for est in [e for e in ESTIMATORS if e in runs] + [e for e in runs if e not in ESTIMATORS]:
-        finals = [r[-1] for r in runs[est]]
+        finals = [dict(r[-1]) for r in runs[est]]
+        for f in finals:                 # SST's metric: the better of the two edge-type readings
+            comp = f.get("test_precision_complement", math.nan)
+            if not math.isfinite(comp) and est != "bernoulli":
+                # a CSV from before the column: every sample is a tree with n - 1 of the
+                # n (n - 1) / 2 edges, so the complement's mean precision follows exactly
+                n = _config_n(out, est)
+                comp = (n - 1) * (1 - f["test_precision"]) / (n * (n - 1) / 2 - (n - 1))
+            f["precision_sst"] = max(f["test_precision"], comp) if math.isfinite(comp) else f["test_precision"]
         cells = []
         for key, _, digits in cols:
             v = np.array([f[key] for f in finals], dtype=float)
@@ -399,6 +431,7 @@ def plot_curves(out, path=None):
     import matplotlib.pyplot as plt
     runs = _load_runs(out)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    later = []                       # ELBO values after the first evaluation (the y range)
     for est, seeds in runs.items():
         m = min(len(r) for r in seeds)
         for row, key in enumerate(("test_elbo", "test_precision")):
@@ -406,6 +439,8 @@ def plot_curves(out, path=None):
                 ax = axes[row, col]
                 xs = np.array([[r[i][xkey] for i in range(m)] for r in seeds])
                 ys = np.array([[r[i][key] for i in range(m)] for r in seeds])
+                if key == "test_elbo" and m > 1:
+                    later.extend(ys[:, 1:].ravel().tolist())
                 xm = xs.mean(0)
                 line, = ax.plot(xm, ys.mean(0), label=f"{LABELS.get(est, est)} ({len(seeds)})")
                 if len(seeds) > 1:
@@ -414,8 +449,12 @@ def plot_curves(out, path=None):
         ax.set_xlabel(("training steps", "training wall-clock seconds")[col])
         ax.set_ylabel(("test ELBO (per graph / n)", "test edge precision")[row])
         ax.grid(alpha=0.3)
-    axes[0, 0].set_yscale("symlog")
-    axes[0, 1].set_yscale("symlog")
+    later = [v for v in later if math.isfinite(v)]
+    if later:                        # the first evaluation (untrained decoder) is far below
+        lo, hi = min(later), max(later)
+        pad = 0.05 * (hi - lo or abs(hi) or 1.0)
+        for ax in axes[0]:
+            ax.set_ylim(lo - pad, hi + pad)
     axes[1, 1].axhline(0.2, color="grey", ls=":", lw=1)
     axes[1, 0].axhline(0.2, color="grey", ls=":", lw=1, label="random tree (0.2)")
     axes[1, 0].legend(fontsize=8)
