@@ -71,8 +71,8 @@ def test_generator_is_seeded_and_normalised():
     tr, te = d["train"].positions, d["test"].positions
     assert tr.min() == -1.0 and tr.max() == 1.0         # min-max on the training set
     lo, hi = d["range"]
-    np.testing.assert_allclose((te + 1) * (hi - lo) / 2 + lo, generate(32, np.random.SeedSequence(1).spawn(3)[1]).positions,
-                               atol=1e-12)
+    raw_test = generate(32, np.random.SeedSequence(1).spawn(3)[1]).positions
+    np.testing.assert_allclose((te + 1) * (hi - lo) / 2 + lo, raw_test, atol=1e-12)
     assert d["train"].adjacency.sum((1, 2)).tolist() == [18] * 64      # trees on 10 nodes
 
 

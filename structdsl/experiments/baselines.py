@@ -282,8 +282,6 @@ def trace_kl(dist, prior, num_samples=4, score="trace"):
 def compile_numba_or_numpy(spec, **static):
     """The spec compiled for the numba backend when numba is installed, else NumPy (for
     ``solve`` in the MAP oracle)."""
-    try:
-        import numba  # noqa: F401
-        return structdsl.compile(spec, backend="numba", **static)
-    except ImportError:              # pragma: no cover - numba is in the toys/test extras
-        return structdsl.compile(spec, backend="numpy", **static)
+    import importlib.util
+    backend = "numba" if importlib.util.find_spec("numba") is not None else "numpy"
+    return structdsl.compile(spec, backend=backend, **static)

@@ -56,7 +56,8 @@ class Instance:
 
 
 def _arborescence_embed(structure, atom_shape, valid=None):
-    parent = torch.as_tensor(np.asarray(structure.parent)) if not torch.is_tensor(structure.parent) else structure.parent
+    parent = structure.parent
+    parent = parent if torch.is_tensor(parent) else torch.as_tensor(np.asarray(parent))
     n = atom_shape[-1]
     onehot = torch.nn.functional.one_hot(parent.clamp_min(0), n).to(torch.float64)    # [..., v, u]
     onehot = onehot * (parent >= 0)[..., None]
@@ -64,7 +65,8 @@ def _arborescence_embed(structure, atom_shape, valid=None):
 
 
 def _permutation_embed(structure, atom_shape, valid=None):
-    rank = torch.as_tensor(np.asarray(structure.rank)) if not torch.is_tensor(structure.rank) else structure.rank
+    rank = structure.rank
+    rank = rank if torch.is_tensor(rank) else torch.as_tensor(np.asarray(rank))
     return (atom_shape[-1] - 1 - rank).to(torch.float64)
 
 

@@ -34,7 +34,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -378,7 +378,8 @@ def _load_runs(out):
             continue
         est = name[:name.rindex("-seed")]
         with open(os.path.join(out, name)) as fh:
-            rows = [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(fh)]
+            rows = [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()}
+                    for r in csv.DictReader(fh)]
         runs.setdefault(est, []).append(rows)
     return runs
 
@@ -394,7 +395,8 @@ def _config_n(out, est):
 def summarise(out):
     """A markdown table of the final evaluation: mean ± standard deviation over seeds."""
     runs = _load_runs(out)
-    cols = (("test_elbo", "test ELBO", 1), ("test_elbo_sst", "ELBO, SST's KL", 1), ("test_nll_tf_map", "NLL (MAP tree)", 1),
+    cols = (("test_elbo", "test ELBO", 1), ("test_elbo_sst", "ELBO, SST's KL", 1),
+            ("test_nll_tf_map", "NLL (MAP tree)", 1),
             ("test_precision", "edge precision", 3), ("precision_sst", "SST's metric", 3),
             ("test_precision_map", "precision (MAP)", 3),
             ("ms_per_step", "ms / step", 1))
@@ -419,7 +421,8 @@ def summarise(out):
                 cells.append(f"{np.nanmean(v):.{digits}f} ± {np.nanstd(v, ddof=1):.{digits}f}")
             else:
                 cells.append(f"{v[0]:.{digits}f}")
-        lines.append(f"| {LABELS.get(est, est)} | {len(finals)} | {int(finals[0]['step'])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LABELS.get(est, est)} | {len(finals)} | {int(finals[0]['step'])} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
