@@ -208,6 +208,9 @@ def build_parser():
     c.add_argument("--backend", default="numpy", choices=BACKENDS, metavar="BACKEND",
                    help="the backend the battery runs on: numpy (the reference, default), numba or torch "
                         "(the battery converts every backend's results to NumPy)")
+    sub.add_parser("experiment", add_help=False,      # parsed by structdsl.experiments (see main)
+                   help="the latent-structure experiments against SST and I-MLE (docs/experiments.md); "
+                        "python -m structdsl experiment --help")
     t = sub.add_parser("toy", help="train the toy problems with the gradient estimators (CSV and PNG)",
                        description=TOY_DESCRIPTION, formatter_class=fmt)
     from .toys import add_arguments as add_toy_arguments      # argparse only; torch loads at run time
@@ -217,6 +220,10 @@ def build_parser():
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["experiment"]:    # its own parser: python -m structdsl experiment graph-layout ...
+        from .experiments.__main__ import main as experiments_main
+        return experiments_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     parser = parser.subcommands.get(args.command, parser)      # its usage line in errors

@@ -45,3 +45,13 @@ def test_reference_backend_needs_numpy_only():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_experiment_command_reaches_the_experiments_cli(capsys):
+    from structdsl.__main__ import main
+    try:
+        main(["experiment", "--help"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    out = capsys.readouterr().out
+    assert "graph-layout" in out and "bias-variance" in out
