@@ -436,26 +436,26 @@ class RaceDistribution(Distribution, _PyroMixin):
             raise ValueError(f"score must be 'trace' or 'noise', got {score!r}")
         lead = torch.Size(sample_shape) + self.batch_shape
         R, A = self.instance.max_races, self.instance.num_atoms
-        if self._numba is not None:
+        if self._numba is not None:          # NumPy reshapes: a torch op costs ~5 us at these sizes
             trace, structure, log_noise, logp, grad, mem = self._draw_native(sample_shape, generator, score, members)
-            logp, grad = torch.from_numpy(logp), torch.from_numpy(grad)
-            mem = torch.from_numpy(mem) if members else None
-        else:
-            trace, structure, log_noise = self._draw(sample_shape, generator)
-            t = trace.reshape(-1, R)
-            x = self._x(detach=True).expand(lead + self.atom_shape).reshape(-1, A)
-            mem = None
-            with torch.no_grad():
-                if score == "trace" or members:
-                    rep = self.program.replay_flat(self.instance, t, x)
-                    if score == "trace":
-                        logp, grad = races.log_prob(x, t, rep.races), races.trace_score(x, t, rep.races)
-                    if members:
-                        mem = rep.races.members if isinstance(rep.races, races.Members) else \
-                            rep.races.exit_race[:, None, :] >= torch.arange(R, device=x.device)[None, :, None]
-                if score == "noise":
-                    ln = log_noise.reshape(-1, A)
-                    logp, grad = races.noise_log_prob(x, ln.exp(), torch.isfinite(ln)), races.noise_score(x, ln)
+            return ScoredSample(trace, structure, log_noise, torch.from_numpy(logp.reshape(lead)),
+                                torch.from_numpy(grad.reshape(lead + self.atom_shape)),
+                                torch.from_numpy(mem.reshape(lead + (R, A))) if members else None)
+        trace, structure, log_noise = self._draw(sample_shape, generator)
+        t = trace.reshape(-1, R)
+        x = self._x(detach=True).expand(lead + self.atom_shape).reshape(-1, A)
+        mem = None
+        with torch.no_grad():
+            if score == "trace" or members:
+                rep = self.program.replay_flat(self.instance, t, x)
+                if score == "trace":
+                    logp, grad = races.log_prob(x, t, rep.races), races.trace_score(x, t, rep.races)
+                if members:
+                    mem = rep.races.members if isinstance(rep.races, races.Members) else \
+                        rep.races.exit_race[:, None, :] >= torch.arange(R, device=x.device)[None, :, None]
+            if score == "noise":
+                ln = log_noise.reshape(-1, A)
+                logp, grad = races.noise_log_prob(x, ln.exp(), torch.isfinite(ln)), races.noise_score(x, ln)
         return ScoredSample(trace, structure, log_noise, logp.reshape(lead), grad.reshape(lead + self.atom_shape),
                             None if mem is None else mem.reshape(lead + (R, A)))
 
