@@ -74,7 +74,8 @@ CASES = [("top_k", dict(k=2), (4,), lambda x: plackett_luce_traces(x, 2)),
 
 
 @PATHS
-@pytest.mark.parametrize("name, statics, shape, law", CASES, ids=lambda c: str(c) if isinstance(c, (str, tuple)) else "")
+@pytest.mark.parametrize("name, statics, shape, law", CASES,
+                         ids=lambda c: str(c) if isinstance(c, (str, tuple)) else "")
 def test_entropy_is_the_brute_force_entropy_of_the_traces(name, statics, shape, law, fast):
     """Exact entropy of the trace law for a batch of random logits: equal to the entropy of
     the brute-force law (every trace listed, probabilities from the race definition), the
