@@ -256,6 +256,33 @@ def _lane_races(nested, members, x, trace, u, ptr, idx, exit_race, bucket, lse, 
 
 
 @njit(cache=True)
+def _critic(W1, b1, w2, b2, z_e, z_t, h_e, h_t, gz_e, gz_t):
+    """The default critic ``c(z) = w2 . tanh(W1 z + b1) + b2`` at ``z`` (``z_e``) and ``z~``
+    (``z_t``): fills the hidden activations ``h_e``, ``h_t`` ``[H]`` and the input gradients
+    ``gz_e``, ``gz_t`` ``[A]``; returns ``c(z~)``."""
+    H, A = W1.shape
+    c_t = b2
+    for j in range(H):
+        pe = b1[j]
+        pt = b1[j]
+        for a in range(A):
+            pe += W1[j, a] * z_e[a]
+            pt += W1[j, a] * z_t[a]
+        h_e[j] = math.tanh(pe)
+        h_t[j] = math.tanh(pt)
+        c_t += w2[j] * h_t[j]
+    gz_e[:] = 0.0
+    gz_t[:] = 0.0
+    for j in range(H):
+        ke = w2[j] * (1.0 - h_e[j] ** 2)
+        kt = w2[j] * (1.0 - h_t[j] ** 2)
+        for a in range(A):
+            gz_e[a] += ke * W1[j, a]
+            gz_t[a] += kt * W1[j, a]
+    return c_t
+
+
+@njit(cache=True)
 def relax_mlp(x, live, members, trace, score, losses, log_noise, u, W1, b1, w2, b2, K):
     """One RELAX estimate per lane (lane ``l = k * nb + b``: sample ``k`` of batch element
     ``b``), averaged over the ``K`` samples of each element.
@@ -342,25 +369,7 @@ def relax_mlp(x, live, members, trace, score, losses, log_noise, u, W1, b1, w2, 
                 z_e[k, a] = -log_noise[l, a]
                 if log_f > -np.inf:
                     phi[k, a] = math.exp(log_f - log_et[k, a])
-            # the critic at z and z~, and its input gradients
-            c_t = b2
-            for j in range(H):
-                pe = b1[j]
-                pt = b1[j]
-                for a in range(A):
-                    pe += W1[j, a] * z_e[k, a]
-                    pt += W1[j, a] * z_t[k, a]
-                h_e[k, j] = math.tanh(pe)
-                h_t[k, j] = math.tanh(pt)
-                c_t += w2[j] * h_t[k, j]
-            gz_e[:] = 0.0
-            gz_t[:] = 0.0
-            for j in range(H):
-                ke = w2[j] * (1.0 - h_e[k, j] ** 2)
-                kt = w2[j] * (1.0 - h_t[k, j] ** 2)
-                for a in range(A):
-                    gz_e[a] += ke * W1[j, a]
-                    gz_t[a] += kt * W1[j, a]
+            c_t = _critic(W1, b1, w2, b2, z_e[k], z_t[k], h_e[k], h_t[k], gz_e, gz_t)
             # g = (f - c(z~)) score + d c(z) - J^T grad c(z~)
             if nested[k]:
                 _exit_jt(exit_race[k], live[l], x[l], lse[k], log_m[k], log_cum[k], log_et[k], phi[k],

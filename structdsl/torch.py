@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -30,8 +29,9 @@ from torch.distributions import Distribution, constraints
 
 from . import races
 from .dsl import Spec
-from .errors import EnumerationLimitError
-from .program import Solution, naming_lanes
+from .distribution_exact import ExactLaw, SupportTooLarge
+from .distribution_sampling import Sampling, ScoredSample
+from .program import naming_lanes
 
 try:        # Pyro's sample sites call the distribution and ask it for score parts
     from pyro.distributions.torch_distribution import TorchDistributionMixin as _PyroMixin
@@ -89,23 +89,6 @@ class _TraceScore(torch.autograd.Function):
         return g.reshape(g.shape + (1,) * (grad.dim() - g.dim())) * grad, None, None
 
 
-def _member_sets(program, inst, trace, logits):
-    """The races' member sets, bool ``[B, R, A]``, of traces ``[B, R]`` under ``logits``
-    ``[B, A]`` (NumPy), by the program's ``replay_flat`` over chunks of lanes: a replay may
-    need ``O(R A)`` floats of scratch per lane (64 MB at a 200-node spanning tree), so a
-    chunk holds at most ``2**23 / (R A)`` lanes."""
-    B, R = trace.shape
-    A = logits.shape[1]
-    out = np.empty((B, R, A), dtype=bool)
-    step = max(1, (1 << 23) // max(1, R * A))
-    for i in range(0, B, step):
-        rep = program.replay_flat(inst, trace[i:i + step], logits[i:i + step])
-        form = rep.races
-        out[i:i + step] = form.members if isinstance(form, races.Members) else \
-            np.asarray(form.exit_race)[:, None, :] >= np.arange(R)[None, :, None]
-    return out
-
-
 def _integer_trace(value):
     """Whether ``value`` (a trace) may be scored: anything but a float, complex or bool tensor
     (arrays and lists go to the Program API, which checks them itself)."""
@@ -134,35 +117,7 @@ def _broadcast(a, b):
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class ScoredSample(NamedTuple):
-    """Result of :meth:`RaceDistribution.sample_and_score` (``lead = sample_shape +
-    batch_shape``, ``R = max_races``, ``A = prod(atom_shape)``); nothing in it carries a
-    gradient.
-
-    trace: int64 ``[*lead, R]``.  structure: the spec's fields, each ``[*lead, *field_shape]``.
-    log_noise: ``log E`` ``[*lead, *atom_shape]`` in ``working_dtype`` (``+inf`` at atoms that
-    cannot race).  log_prob: ``[*lead]``, the log-density whose gradient ``score`` is:
-    ``log p(trace)`` (``score="trace"``) or the noise's ``noise_log_prob(E)``
-    (``score="noise"``).  score: its gradient in the logits, ``[*lead, *atom_shape]``.
-    members: with ``members=True``, bool ``[*lead, R, A]``: race ``r``'s member set (the
-    atoms that took part in it), else None.  log_prob and score are float64 on the CPU fast
-    path (where they are computed in float64), else in ``working_dtype``.
-    """
-    trace: torch.Tensor
-    structure: tuple
-    log_noise: torch.Tensor
-    log_prob: torch.Tensor
-    score: torch.Tensor
-    members: Optional[torch.Tensor]
-
-
-class SupportTooLarge(EnumerationLimitError, NotImplementedError):
-    """:meth:`RaceDistribution.entropy` needs the support enumerated and it is too large
-    (an :class:`~structdsl.errors.EnumerationLimitError`, and a ``NotImplementedError`` as
-    ``torch.distributions`` raise for an entropy they do not have)."""
-
-
-class RaceDistribution(Distribution, _PyroMixin):
+class RaceDistribution(Sampling, ExactLaw, Distribution, _PyroMixin):
     """The law of a spec's execution traces under exponential races with log-rates ``logits``.
 
     spec_or_program: a ``@spec`` function (compiled here with ``**static``) or a compiled
@@ -336,175 +291,6 @@ class RaceDistribution(Distribution, _PyroMixin):
             return None
         return self.program.numba_twin()
 
-    def _uniforms(self, shape, generator=None):
-        dtype = self.working_dtype
-        u = torch.rand(shape, generator=generator, dtype=dtype, device=self.logits.device)
-        return u.clamp_min(torch.finfo(dtype).tiny)
-
-    def sample(self, sample_shape=torch.Size(), generator=None):
-        """Traces ``sample_shape + batch_shape + (max_races,)`` (int64, no gradient)."""
-        return self._draw(sample_shape, generator)[0]
-
-    def sample_with_noise(self, sample_shape=torch.Size(), generator=None):
-        """``(trace, noise)``: the trace and the exponential noise ``E`` that produced it
-        (``sample_shape + batch_shape + atom_shape``, ``+inf`` at atoms that cannot race, in
-        ``working_dtype``).  The noise is reparameterised: ``E = E_1 / exp(logits)`` with
-        ``E_1 ~ Exp(1)`` held fixed, so it is differentiable in the logits (``dE/dlogits =
-        -E``), as RELAX needs."""
-        s = self.sample_with_structure(sample_shape, generator)
-        return s.trace, s.noise
-
-    def sample_with_structure(self, sample_shape=torch.Size(), generator=None):
-        """A :class:`structdsl.program.Sample`: ``trace`` ``sample_shape + batch_shape +
-        (max_races,)``, ``structure`` (each field ``sample_shape + batch_shape + field_shape``,
-        no second replay needed) and the reparameterised noise (``log_noise``, ``noise``)."""
-        from .program import Sample
-        trace, structure, log_noise = self._draw(sample_shape, generator)
-        if self.logits.requires_grad:   # value unchanged; d log E / d logits = -1 at live atoms
-            x = self._x()
-            log_noise = log_noise + torch.where(self._live, x.detach() - x, 0.0)
-        return Sample(trace, structure, log_noise)
-
-    def _draw(self, sample_shape, generator):
-        """(trace, structure, log noise), nothing differentiable."""
-        if self._numba is not None:
-            return self._draw_native(sample_shape, generator)[:3]
-        shape = torch.Size(sample_shape) + self.batch_shape + self.atom_shape
-        with torch.no_grad():
-            s = self.program.sample(self._x(detach=True).expand(shape), uniforms=self._uniforms(shape, generator))
-        return s.trace, s.structure, s.log_noise
-
-    def _draw_native(self, sample_shape, generator, score=None, members=False):
-        """The CPU fast path's draw (requires ``self._numba``): ``(trace, structure,
-        log_noise, logp, grad, members)``, the first three tensors (``log_noise`` in
-        ``working_dtype``); with ``score="trace"`` ``logp`` (``[L]``, ``L`` the flat
-        ``sample_shape + batch_shape``) and ``grad`` (its gradient in the logits, ``[L, A]``),
-        with ``score="noise"`` the noise's log-density and its gradient, with ``members`` the
-        races' member sets (``[L, R, A]``, as ``replay_flat`` reports them): float64 / bool
-        NumPy arrays (else None).  NumPy from here on: a torch op costs ~5 us at a training
-        step's sizes."""
-        shape = torch.Size(sample_shape) + self.batch_shape + self.atom_shape
-        k = len(self.atom_shape)
-        lead = shape[:len(shape) - k]
-        dtype = self.working_dtype
-        u = torch.rand(shape, generator=generator, dtype=dtype).numpy()   # torch's RNG stream
-        # a 0 is clamped to the dtype's smallest normal, as the lock-step path does: for
-        # float64 the kernel does it as it draws
-        un = u if u.dtype == np.float64 else np.maximum(u, np.finfo(u.dtype).tiny).astype(np.float64)
-        xn = self._x(detach=True).numpy()
-        check = functools.partial(self.program.check_logits, xn)   # NaN, +inf: the lanes report them
-        A = self.instance.num_atoms
-        if math.prod(sample_shape) == 1 and xn.dtype == np.float64 and xn.flags.c_contiguous:
-            xb = xn.reshape(-1, A)                             # the kernels only read the logits
-        else:
-            xb = np.empty((un.size // A if A else lead.numel(), A))
-            xb.reshape(shape)[...] = xn                        # the batch's logits, once per sample
-        fast = self._numba
-        inst = fast.instance(self.atom_shape)
-        logp = grad = mem = None
-        with naming_lanes(tuple(lead)):
-            if score == "trace":
-                (trace, fields, log_noise), scores = fast.draw_and_score_flat(inst, un.reshape(-1, A), xb, check)
-                logp, grad = scores.logp, scores.grad
-            else:
-                trace, fields, log_noise = fast.draw_flat(inst, un.reshape(-1, A), xb, check)
-        if members:
-            mem = _member_sets(fast, inst, trace, xb)
-        if score == "noise":
-            grad = races.noise_score(xb, log_noise)
-            with np.errstate(over="ignore", invalid="ignore"):
-                logp = races.noise_log_prob(xb, np.exp(log_noise), np.isfinite(log_noise))
-        structure = self.program.Structure(*(torch.from_numpy(f.reshape(lead + f.shape[1:])) for f in fields))
-        log_noise = torch.from_numpy(log_noise.reshape(shape))
-        return (torch.from_numpy(trace.reshape(lead + trace.shape[1:])), structure,
-                log_noise if log_noise.dtype == dtype else log_noise.to(dtype), logp, grad, mem)
-
-    def sample_and_score(self, sample_shape=torch.Size(), generator=None, score="trace", members=False):
-        """Draw traces and score them in one pass: a :class:`ScoredSample` (shapes there,
-        ``lead = sample_shape + batch_shape``).
-
-        ``score="trace"``: ``log_prob`` is ``log p(trace)`` and ``score`` its gradient in the
-        logits, ``[i won a race] - sum_{races r with i in M_r} softmax(logits[M_r])_i``
-        (what T-REINFORCE weighs by the losses); ``score="noise"``: the noise's log-density
-        :meth:`noise_log_prob` and its gradient ``1 - exp(logits) E`` at live atoms
-        (E-REINFORCE's).  ``members=True`` adds the races' member sets.  The same generator
-        state gives the same traces as :meth:`sample`.  On the CPU fast path one native call
-        draws, scores and records the member sets (float64 NumPy-backed tensors, no copy);
-        elsewhere the torch backend samples, then replays the traces once.  Nothing is
-        differentiable: use :meth:`log_prob` for a log-probability with a graph."""
-        if score not in ("trace", "noise"):
-            raise ValueError(f"score must be 'trace' or 'noise', got {score!r}")
-        lead = torch.Size(sample_shape) + self.batch_shape
-        R, A = self.instance.max_races, self.instance.num_atoms
-        if self._numba is not None:          # NumPy reshapes: a torch op costs ~5 us at these sizes
-            trace, structure, log_noise, logp, grad, mem = self._draw_native(sample_shape, generator, score, members)
-            return ScoredSample(trace, structure, log_noise, torch.from_numpy(logp.reshape(lead)),
-                                torch.from_numpy(grad.reshape(lead + self.atom_shape)),
-                                torch.from_numpy(mem.reshape(lead + (R, A))) if members else None)
-        trace, structure, log_noise = self._draw(sample_shape, generator)
-        t = trace.reshape(-1, R)
-        x = self._x(detach=True).expand(lead + self.atom_shape).reshape(-1, A)
-        mem = None
-        with torch.no_grad():
-            if score == "trace" or members:
-                rep = self.program.replay_flat(self.instance, t, x)
-                if score == "trace":
-                    logp, grad = races.log_prob(x, t, rep.races), races.trace_score(x, t, rep.races)
-                if members:
-                    mem = rep.races.members if isinstance(rep.races, races.Members) else \
-                        rep.races.exit_race[:, None, :] >= torch.arange(R, device=x.device)[None, :, None]
-            if score == "noise":
-                ln = log_noise.reshape(-1, A)
-                logp, grad = races.noise_log_prob(x, ln.exp(), torch.isfinite(ln)), races.noise_score(x, ln)
-        return ScoredSample(trace, structure, log_noise, logp.reshape(lead), grad.reshape(lead + self.atom_shape),
-                            None if mem is None else mem.reshape(lead + (R, A)))
-
-    def enumerate_support(self, expand=True):
-        """Every trace with positive probability: ``[N] + batch_shape + (max_races,)`` (or
-        ``[N] + (1,) * len(batch_shape) + (max_races,)`` with ``expand=False``).
-
-        Small sizes only (the reference enumerates; more than 20000 traces raise
-        :class:`~structdsl.errors.EnumerationLimitError`).  The support depends only on which
-        atoms are at ``-inf``; a batch whose elements differ in that (ragged sizes) has no
-        common support and raises ValueError: enumerate its elements one by one."""
-        self._checked_logits
-        patterns = self._live_patterns()
-        if len(patterns) != 1:
-            raise ValueError(f"enumerate_support needs one support for the whole batch; these logits "
-                             f"mask {len(patterns)} different sets of atoms with -inf (ragged sizes): "
-                             f"enumerate the batch elements one by one")
-        traces = self._support_of(next(iter(patterns)))
-        nb = len(self.batch_shape)
-        t = traces.reshape((traces.shape[0],) + (1,) * nb + traces.shape[1:])
-        return t.expand((traces.shape[0],) + self.batch_shape + traces.shape[1:]) if expand else t
-
-    def enumerate_supports(self):
-        """The support of every batch element, also for a ragged batch: a list of ``(traces,
-        elements)``, one per set of atoms alive (the support depends only on which atoms
-        are at ``-inf``), ``traces`` int64 ``[N, max_races]`` every trace with positive
-        probability, ``elements`` int64 ``[m]`` the batch elements (indices into the flattened
-        ``batch_shape``) that share it.  Each support is enumerated once per distribution;
-        more than 20000 traces raise :class:`~structdsl.errors.EnumerationLimitError`."""
-        self._checked_logits
-        return [(self._support_of(pattern), torch.as_tensor(lanes, dtype=torch.int64, device=self.logits.device))
-                for pattern, lanes in self._live_patterns().items()]
-
-    def _live_patterns(self):
-        """``{live mask as bytes: [flat batch indices]}`` over the batch."""
-        live = self._live.expand(self.batch_shape + self.atom_shape).reshape(-1, *self.atom_shape).cpu().numpy()
-        patterns = {}
-        for b, m in enumerate(live):
-            patterns.setdefault(m.tobytes(), []).append(b)
-        return patterns
-
-    def _support_of(self, pattern):
-        """The traces (int64 ``[N, max_races]``) of the atoms alive in ``pattern``."""
-        cache = self.__dict__.setdefault("_supports", {})
-        if pattern not in cache:
-            rates = np.frombuffer(pattern, dtype=bool).reshape(self.atom_shape).astype(np.int64)
-            e = self.program.enumerate(rates=rates)
-            cache[pattern] = torch.as_tensor(np.asarray(e.traces), device=self.logits.device)
-        return cache[pattern]
 
     def _log_prob(self, value):
         """log p(value) without validation, in the logits' dtype."""
@@ -619,73 +405,6 @@ class RaceDistribution(Distribution, _PyroMixin):
         lp = races.noise_log_prob(flat(x), flat(noise), flat(live))
         return lp if lp.dtype == self.logits.dtype else lp.to(self.logits.dtype)
 
-    def entropy(self):
-        """The exact entropy of the trace law, ``H = -sum_T p(T) log p(T)`` over every trace
-        of each batch element's support: ``[*batch_shape]`` in the logits' dtype (computed in
-        ``working_dtype``, or float64 on the CPU fast path), differentiable in the logits.
-
-        This is the entropy of the *trace* (the event), which is at least that of the
-        structure: several traces may give one structure (a spanning tree's ``n - 1`` edges
-        in any order).  Each support is enumerated once (:meth:`enumerate_supports`, small
-        sizes only); past 20000 traces this raises :class:`SupportTooLarge` (an
-        ``EnumerationLimitError`` and a ``NotImplementedError``), whose message names the
-        unbiased Monte Carlo estimate ``-dist.log_prob(dist.sample((n,))).mean(0)`` (its
-        gradient: that of ``-((lp.detach() + 1) * lp).mean(0)``, ``lp`` those log-probs)."""
-        try:
-            supports = self.enumerate_supports()
-        except EnumerationLimitError as exc:
-            raise SupportTooLarge(
-                f"entropy() of {self!r} is exact by enumeration, and this support is too large to "
-                f"enumerate ({exc}). Use the Monte Carlo estimate -dist.log_prob(dist.sample((n,))).mean(0) "
-                f"(unbiased); for its gradient, with lp = dist.log_prob(dist.sample((n,))), differentiate "
-                f"-((lp.detach() + 1) * lp).mean(0) (the score-function form)") from None
-        x = self._x()
-        A = self.atom_shape
-        flat = x.expand(self.batch_shape + A).reshape((-1,) + A)
-        out = torch.zeros(flat.shape[0], dtype=x.dtype, device=x.device)
-        for traces, elements in supports:
-            lp = self._log_prob_work(traces[:, None, :], flat[elements])            # [N, m]
-            # every listed trace is in the support; a log p of -inf (an underflow) adds nothing
-            plogp = torch.where(torch.isfinite(lp), torch.exp(lp) * lp, 0.0)
-            h = -plogp.sum(0)
-            out = out.index_put((elements,), h.to(out.dtype))
-        h = out.reshape(self.batch_shape)
-        return h if h.dtype == self.logits.dtype else h.to(self.logits.dtype)
-
-    def argmax(self):
-        """The algorithm's output on noise-free weights: the spec run on the noise
-        ``E = exp(-logits)``, each atom's noise at its mean ``1 / rate`` (equivalently the
-        Gumbel-max trick with zero Gumbel noise, ``z = logits``).  For races whose member sets
-        only shrink (a nested spec) every race is won by its member of largest logit: a
-        top-k is the k largest logits in order, a spanning tree the maximum spanning tree of
-        the logits (Kruskal's order).  This is the perturb-and-MAP solver at zero noise that
-        straight-through and I-MLE baselines use.
-
-        It is **not** the mode of the trace law in general (nor of the structure law): the
-        most probable trace or structure need not be the one the noise-free weights select
-        (e.g. a spanning tree's law sums over edge orders).  Ties between equal logits go to
-        the lower flat index, as in every race.  Returns a
-        :data:`structdsl.program.Solution`: ``trace`` int64 ``[*batch_shape, max_races]``
-        and ``structure`` (fields ``[*batch_shape, *field_shape]``); nothing differentiable.
-        Solved in log space (``log E = -logits``), so logits of any size are exact."""
-        self._checked_logits
-        x = self._x(detach=True)
-        A = self.instance.num_atoms
-        batch = tuple(self.batch_shape)
-        live = self._live.expand(self.batch_shape + self.atom_shape).reshape(-1, A)
-        log_e = torch.where(live, -x.expand(self.batch_shape + self.atom_shape).reshape(-1, A), math.inf)
-        if self._numba is not None:
-            fast = self._numba
-            with naming_lanes(batch):
-                trace, fields = fast.solve_flat(fast.instance(self.atom_shape),
-                                                np.ascontiguousarray(log_e.numpy(), dtype=np.float64), log_space=True)
-            trace = torch.from_numpy(trace)
-            fields = [torch.from_numpy(np.asarray(f)) for f in fields]
-        else:
-            with torch.no_grad(), naming_lanes(batch):
-                trace, fields = self.program.solve_flat(self.instance, log_e, log_space=True)
-        structure = self.program.Structure(*(f.reshape(batch + tuple(f.shape[1:])) for f in fields))
-        return Solution(trace.reshape(batch + (self.instance.max_races,)), structure)
 
     def __repr__(self):
         return (f"RaceDistribution({self.program.ir.name}, batch_shape={tuple(self.batch_shape)}, "
