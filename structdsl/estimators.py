@@ -57,35 +57,36 @@ from torch import nn
 __all__ = ["t_reinforce", "e_reinforce", "RELAX", "exact_gradient", "MLPCritic"]
 
 
-def t_reinforce(dist, f, num_samples=1, leave_one_out=None):
+def t_reinforce(dist, f, num_samples=1, leave_one_out=None, generator=None):
     """Surrogate loss of T-REINFORCE (the score of the trace): ``num_samples`` samples per
     batch element, "T-REINFORCE+" for ``num_samples > 1`` (the leave-one-out baseline unless
-    ``leave_one_out=False``).  Unbiased."""
+    ``leave_one_out=False``).  Unbiased.  ``generator``: the ``torch.Generator`` the draw
+    uses (default: torch's global stream), e.g. one per rank under ``torch.distributed``."""
     K, loo = _samples(num_samples, leave_one_out)
     dist = dist.in_working_precision()
     lead = (K,) + dist.batch_shape
     if dist.cpu_fast_path:       # one native call draws and scores the traces
-        s = dist.sample_and_score((K,), score="trace")
+        s = dist.sample_and_score((K,), generator, score="trace")
         return _NativeScoreSurrogate.apply(_losses(f, s.structure, lead, screen=False), dist.logits,
                                            _flat_numpy(s.score, K, dist), loo)
-    s = dist.sample_with_structure((K,))          # the lock-step path: autograd through log p
+    s = dist.sample_with_structure((K,), generator)     # the lock-step path: autograd through log p
     losses = _losses(f, s.structure, lead)
     return _score_surrogate(losses, dist.log_prob(s.trace), loo)
 
 
-def e_reinforce(dist, f, num_samples=1, leave_one_out=None):
+def e_reinforce(dist, f, num_samples=1, leave_one_out=None, generator=None):
     """Surrogate loss of E-REINFORCE (the score of the exponential noise
     ``dist.noise_log_prob(E)``): ``num_samples`` samples per batch element, "E-REINFORCE+"
     for ``num_samples > 1``.  Unbiased, but its variance is never below T-REINFORCE's:
-    prefer :func:`t_reinforce`."""
+    prefer :func:`t_reinforce`.  ``generator`` as for :func:`t_reinforce`."""
     K, loo = _samples(num_samples, leave_one_out)
     dist = dist.in_working_precision()
     lead = (K,) + dist.batch_shape
     if dist.cpu_fast_path:       # the noise's score is 1 - E_1 per live atom
-        s = dist.sample_and_score((K,), score="noise")
+        s = dist.sample_and_score((K,), generator, score="noise")
         return _NativeScoreSurrogate.apply(_losses(f, s.structure, lead, screen=False), dist.logits,
                                            _flat_numpy(s.score, K, dist), loo)
-    s = dist.sample_with_structure((K,))
+    s = dist.sample_with_structure((K,), generator)
     losses = _losses(f, s.structure, lead)
     return _score_surrogate(losses, dist.noise_log_prob(s.log_noise.detach().exp()), loo)
 
@@ -122,8 +123,8 @@ class RELAX(nn.Module):
     the optimiser sees the critic's parameters) or lazily at the first call.  Its output
     layer starts at zero, so RELAX starts as T-REINFORCE.
 
-    Calling it, ``relax(dist, f, num_samples=1, context=None, leave_one_out=False)``, returns
-    the surrogate loss (value: the mean sampled loss).  ``num_samples`` means what it means
+    Calling it, ``relax(dist, f, num_samples=1, context=None, leave_one_out=False,
+    generator=None)``, returns the surrogate loss (value: the mean sampled loss).  ``num_samples`` means what it means
     for :func:`t_reinforce`: ``K`` samples per batch element, averaged into one estimate;
     RELAX's default is ``leave_one_out=False`` (``K`` independent estimates: the critic is
     the baseline), ``True`` adds the leave-one-out baseline of ``t_reinforce(num_samples=K)``
@@ -141,7 +142,7 @@ class RELAX(nn.Module):
             critic = MLPCritic(atom_shape, hidden, context_dim=context_dim)
         self.critic = critic
 
-    def forward(self, dist, f, num_samples=1, context=None, leave_one_out=False):
+    def forward(self, dist, f, num_samples=1, context=None, leave_one_out=False, generator=None):
         K, loo = _samples(num_samples, leave_one_out)
         dist = dist.in_working_precision()
         x = dist.logits
@@ -153,11 +154,11 @@ class RELAX(nn.Module):
         lead = (K,) + dist.batch_shape
         if (context is None and dist.cpu_fast_path and type(self.critic) is MLPCritic
                 and self.critic.context_dim is None and self.critic._plain_cpu()):
-            return _NativeRelax.surrogate(self.critic, dist, f, K, loo)
-        s = dist.sample_with_structure((K,))
+            return _NativeRelax.surrogate(self.critic, dist, f, K, loo, generator)
+        s = dist.sample_with_structure((K,), generator)
         losses = _losses(f, s.structure, lead)
         log_e = s.log_noise                                      # reparameterised in the logits
-        u = _conditional_uniforms(dist, K)
+        u = _conditional_uniforms(dist, K, generator)
         log_tilde = _log(dist.conditional_noise(s.trace, uniforms=u))   # E | T, reparameterised
         logp = dist.log_prob(s.trace)
         c_e = self._critic(_gumbel(log_e, x), lead, context)
@@ -331,13 +332,13 @@ def _score_surrogate(losses, score, loo):
     return losses.mean() + (adv * (score - score.detach())).mean()
 
 
-def _conditional_uniforms(dist, K):
+def _conditional_uniforms(dist, K, generator=None):
     """The uniforms of ``E | T`` for ``K`` samples per element, ``[K, *batch, R + A]``, as
     ``conditional_noise`` would draw them (``torch.rand`` in ``working_dtype``, a 0 clamped to
     the smallest normal): drawn here, so that the closed form and autograd agree."""
     R, A = dist.event_shape[0], math.prod(dist.atom_shape)
     dtype = dist.working_dtype
-    u = torch.rand((K,) + dist.batch_shape + (R + A,), dtype=dtype, device=dist.logits.device)
+    u = torch.rand((K,) + dist.batch_shape + (R + A,), generator=generator, dtype=dtype, device=dist.logits.device)
     return u.clamp_min(torch.finfo(dtype).tiny)
 
 
@@ -396,14 +397,14 @@ class _NativeRelax(torch.autograd.Function):
     ``sample_and_score(members=True)`` (bool ``[L, R, A]``)."""
 
     @staticmethod
-    def surrogate(critic, dist, f, K, loo=False):
+    def surrogate(critic, dist, f, K, loo=False, generator=None):
         from .backends.numba_estimators import relax_mlp
         x = dist.logits
         critic._check(torch.Size((K,)) + dist.batch_shape + dist.atom_shape)
-        s = dist.sample_and_score((K,), score="trace", members=True)
+        s = dist.sample_and_score((K,), generator, score="trace", members=True)
         losses = _losses(f, s.structure, (K,) + dist.batch_shape)
         L, R, A = losses.numel(), dist.event_shape[0], math.prod(dist.atom_shape)
-        u = _conditional_uniforms(dist, K).double().numpy().reshape(L, R + A)
+        u = _conditional_uniforms(dist, K, generator).double().numpy().reshape(L, R + A)
         log_noise = s.log_noise.double().numpy().reshape(L, A)
         live = np.isfinite(log_noise)                             # +inf exactly where an atom cannot race
         # the logits the draw used; the kernel reads them at live atoms only (0 elsewhere)

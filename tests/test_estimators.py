@@ -520,3 +520,29 @@ def test_relax_closed_form_at_a_larger_spanning_tree():
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
     assert out[0][0].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fast_cpu", [True, False], ids=["fast", "lockstep"])
+@pytest.mark.parametrize("estimator", ["t_reinforce", "e_reinforce", "relax"])
+def test_a_generator_gives_each_caller_its_own_stream(estimator, fast_cpu):
+    """``generator=`` (one stream per rank under torch.distributed): the same generator state
+    gives the same estimate whatever the global stream does, and another state another one."""
+    prog = structdsl.compile(specs.spanning_tree, backend="torch")
+    f = TOYS["spanning_tree"].make_loss(5, torch.device("cpu"))
+
+    def grad(seed, global_seed):
+        torch.manual_seed(global_seed)
+        x = torch.zeros(5, 5, dtype=torch.float64, requires_grad=True)
+        dist = RaceDistribution(prog, x, fast_cpu=fast_cpu)
+        g = torch.Generator().manual_seed(seed)
+        if estimator == "relax":
+            torch.manual_seed(7)                          # the critic's initial weights
+            relax = estimators.RELAX(atom_shape=(5, 5), hidden=4).double()
+            torch.manual_seed(global_seed)
+            loss = relax(dist, f, num_samples=3, generator=g)
+        else:
+            loss = getattr(estimators, estimator)(dist, f, num_samples=3, generator=g)
+        loss.backward()
+        return x.grad
+    assert torch.equal(grad(1, global_seed=0), grad(1, global_seed=123))
+    assert not torch.equal(grad(1, global_seed=0), grad(2, global_seed=0))
