@@ -12,6 +12,9 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+# NumPy and Numba run inside the entry points marked @_eager: torch.compile breaks its graph
+# there and runs them eagerly, the same code as eager mode (docs/design.md 4.6)
+from torch.compiler import disable as _eager
 
 from . import races
 from .program import naming_lanes
@@ -64,10 +67,12 @@ class Sampling:
         u = torch.rand(shape, generator=generator, dtype=dtype, device=self.logits.device)
         return u.clamp_min(torch.finfo(dtype).tiny)
 
+    @_eager
     def sample(self, sample_shape=torch.Size(), generator=None):
         """Traces ``sample_shape + batch_shape + (max_races,)`` (int64, no gradient)."""
         return self._draw(sample_shape, generator)[0]
 
+    @_eager
     def sample_with_noise(self, sample_shape=torch.Size(), generator=None):
         """``(trace, noise)``: the trace and the exponential noise ``E`` that produced it
         (``sample_shape + batch_shape + atom_shape``, ``+inf`` at atoms that cannot race, in
@@ -77,6 +82,7 @@ class Sampling:
         s = self.sample_with_structure(sample_shape, generator)
         return s.trace, s.noise
 
+    @_eager
     def sample_with_structure(self, sample_shape=torch.Size(), generator=None):
         """A :class:`structdsl.program.Sample`: ``trace`` ``sample_shape + batch_shape +
         (max_races,)``, ``structure`` (each field ``sample_shape + batch_shape + field_shape``,
@@ -142,6 +148,7 @@ class Sampling:
         return (torch.from_numpy(trace.reshape(lead + trace.shape[1:])), structure,
                 log_noise if log_noise.dtype == dtype else log_noise.to(dtype), logp, grad, mem)
 
+    @_eager
     def sample_and_score(self, sample_shape=torch.Size(), generator=None, score="trace", members=False):
         """Draw traces and score them in one pass: a :class:`ScoredSample` (shapes there,
         ``lead = sample_shape + batch_shape``).

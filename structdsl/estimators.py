@@ -52,11 +52,15 @@ import math
 import numpy as np
 
 import torch
+# NumPy and Numba run inside the entry points marked @_eager: torch.compile breaks its graph
+# there and runs them eagerly, the same code as eager mode (docs/design.md 4.6)
+from torch.compiler import disable as _eager
 from torch import nn
 
 __all__ = ["t_reinforce", "e_reinforce", "RELAX", "exact_gradient", "MLPCritic"]
 
 
+@_eager
 def t_reinforce(dist, f, num_samples=1, leave_one_out=None, generator=None):
     """Surrogate loss of T-REINFORCE (the score of the trace): ``num_samples`` samples per
     batch element, "T-REINFORCE+" for ``num_samples > 1`` (the leave-one-out baseline unless
@@ -74,6 +78,7 @@ def t_reinforce(dist, f, num_samples=1, leave_one_out=None, generator=None):
     return _score_surrogate(losses, dist.log_prob(s.trace), loo)
 
 
+@_eager
 def e_reinforce(dist, f, num_samples=1, leave_one_out=None, generator=None):
     """Surrogate loss of E-REINFORCE (the score of the exponential noise
     ``dist.noise_log_prob(E)``): ``num_samples`` samples per batch element, "E-REINFORCE+"
@@ -142,6 +147,7 @@ class RELAX(nn.Module):
             critic = MLPCritic(atom_shape, hidden, context_dim=context_dim)
         self.critic = critic
 
+    @_eager
     def forward(self, dist, f, num_samples=1, context=None, leave_one_out=False, generator=None):
         K, loo = _samples(num_samples, leave_one_out)
         dist = dist.in_working_precision()
@@ -247,6 +253,7 @@ class MLPCritic(nn.Module):
         return self.net(flat).squeeze(-1)
 
 
+@_eager
 def exact_gradient(dist, f):
     """Surrogate loss whose value is ``mean_batch E[f]`` computed exactly, by enumerating
     every trace of every batch element (small sizes only), and whose gradient is therefore

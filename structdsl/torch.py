@@ -25,6 +25,9 @@ import math
 
 import numpy as np
 import torch
+# NumPy and Numba run inside the entry points marked @_eager: torch.compile breaks its graph
+# there and runs them eagerly, the same code as eager mode (docs/design.md 4.6)
+from torch.compiler import disable as _eager
 from torch.distributions import Distribution, constraints
 
 from . import races
@@ -153,6 +156,7 @@ class RaceDistribution(Sampling, ExactLaw, Distribution, _PyroMixin):
     has_enumerate_support = True
     arg_constraints = {"logits": _LogRates()}
 
+    @_eager
     def __init__(self, spec_or_program, logits, validate_args=None, fast_cpu=True, **static):
         if isinstance(spec_or_program, Spec):
             from . import compile as compile_spec
@@ -194,6 +198,7 @@ class RaceDistribution(Sampling, ExactLaw, Distribution, _PyroMixin):
     def support(self):
         return _Traces(self)
 
+    @_eager
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(RaceDistribution, _instance)
         batch_shape = torch.Size(batch_shape)
@@ -317,6 +322,7 @@ class RaceDistribution(Sampling, ExactLaw, Distribution, _PyroMixin):
             return _TraceScore.apply(x, t, fast).reshape(shape)
         return self.program.log_prob(value, x)
 
+    @_eager
     def log_prob(self, value):
         """Exact ``log p(trace)``, differentiable in the logits (``-inf`` outside the support
         when validation is off).  value: int ``[*sample, *batch_shape, max_races]`` (or any
@@ -351,11 +357,13 @@ class RaceDistribution(Sampling, ExactLaw, Distribution, _PyroMixin):
         return lp
 
     # ---- structured extras ----------------------------------------------------------------
+    @_eager
     def structure(self, trace):
         """The spec's structure record decoded from ``trace`` (``[*lead, max_races]``): each
         field ``[*lead, *field_shape]`` as a tensor."""
         return self.program.decode(trace, self._x(detach=True))
 
+    @_eager
     def conditional_noise(self, trace, uniforms=None, generator=None):
         """``E | T`` (reparameterised: differentiable, twice, in the logits given the
         uniforms); shape ``broadcast(trace.shape[:-1], batch_shape) + atom_shape``.
@@ -389,6 +397,7 @@ class RaceDistribution(Sampling, ExactLaw, Distribution, _PyroMixin):
         noise = races.noise_given_trace(x, t, races.Members(torch.from_numpy(members)), u, live)
         return noise.reshape(shape + self.atom_shape)
 
+    @_eager
     def noise_log_prob(self, noise):
         """log density of independent ``Exp(exp(logits))`` noise, summed over the atoms that
         can race (``[*lead, *atom_shape]`` -> ``[*lead]``): the score E-REINFORCE uses.
