@@ -1,6 +1,7 @@
 """References between the repository's own files resolve: every ``docs/design.md`` section a
-source file, test or document cites exists, and no file cites a design document at the top
-level, which does not exist (it is ``docs/design.md``)."""
+source file, test or document cites exists, no file cites a design document at the top
+level, which does not exist (it is ``docs/design.md``), and every image the README embeds is
+a tracked file, so a fresh clone has it."""
 import re
 import subprocess
 from pathlib import Path
@@ -40,3 +41,12 @@ def test_no_file_cites_a_document_that_is_not_there():
            if name in line and not (ROOT / name).exists()]
     assert not bad, bad
 
+
+
+def test_every_readme_image_is_in_the_repository():
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)", readme) + re.findall(r'<img[^>]+src="([^"]+)"', readme)
+    tracked = {p.resolve() for p in _tracked("*.png", "*.svg", "*.jpg", "*.gif")}
+    missing = [link for link in links if not link.startswith("http")
+               and (ROOT / link).resolve() not in tracked]
+    assert not missing, f"README images that a fresh clone lacks: {missing}"
