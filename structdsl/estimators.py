@@ -357,7 +357,10 @@ class _NativeScoreSurrogate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, losses, logits, grad, loo):
         from .backends.numba_estimators import weigh_scores
-        fd = losses.detach().double().numpy()          # float16/bfloat16 losses too (autocast)
+        fd = losses.detach()
+        if fd.dtype != torch.float64:                  # float32, float16/bfloat16 (autocast) losses
+            fd = fd.double()                           # (a no-op .double() still costs a dispatch)
+        fd = fd.numpy()
         K = fd.shape[0]
         g, mean, finite = weigh_scores(np.ascontiguousarray(fd).reshape(K, -1), grad, loo)
         if not finite:
