@@ -580,20 +580,17 @@ def test_enumeration_past_the_limit_is_refused_after_few_runs(monkeypatch):
     """spanning_tree on K6 has 6^4 * 5! = 155520 traces.  Depth first, counting only finished
     traces, the guard (20000) tripped after about 20000 runs of the program (9-19 s on 2
     loaded cores); breadth first, counting every waiting prefix as at least one trace, it
-    trips after about 1300 runs (0.6 s)."""
-    import time
+    trips after about 1300 runs (0.6 s).  The runs are counted here; the time is the
+    benchmarks' business."""
     from structdsl import EnumerationLimitError
     prog = structdsl.compile(specs.spanning_tree)
     module = sys.modules[type(prog).__module__]
     runs = []
     init = module.Enumerator.__init__
     monkeypatch.setattr(module.Enumerator, "__init__", lambda self, *a, **k: runs.append(1) or init(self, *a, **k))
-    t0 = time.perf_counter()
     with pytest.raises(EnumerationLimitError, match=r"more than 20000 traces"):
         prog.enumerate(rates=np.ones((6, 6), dtype=int))
-    seconds = time.perf_counter() - t0
     assert len(runs) < 2000, len(runs)
-    assert seconds < 8, seconds
     # a small limit: refused after a handful of runs
     runs.clear()
     with pytest.raises(EnumerationLimitError, match=r"more than 200 traces"):
