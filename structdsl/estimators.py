@@ -57,7 +57,7 @@ import torch
 from torch.compiler import disable as _eager
 from torch import nn
 
-__all__ = ["t_reinforce", "e_reinforce", "RELAX", "exact_gradient", "MLPCritic"]
+__all__ = ["t_reinforce", "e_reinforce", "RELAX", "exact_gradient", "MLPCritic", "score_surrogate"]
 
 
 @_eager
@@ -75,7 +75,7 @@ def t_reinforce(dist, f, num_samples=1, leave_one_out=None, generator=None):
                                            _flat_numpy(s.score, K, dist), loo)
     s = dist.sample_with_structure((K,), generator)     # the lock-step path: autograd through log p
     losses = _losses(f, s.structure, lead)
-    return _score_surrogate(losses, dist.log_prob(s.trace), loo)
+    return score_surrogate(losses, dist.log_prob(s.trace), loo)
 
 
 @_eager
@@ -93,7 +93,7 @@ def e_reinforce(dist, f, num_samples=1, leave_one_out=None, generator=None):
                                            _flat_numpy(s.score, K, dist), loo)
     s = dist.sample_with_structure((K,), generator)
     losses = _losses(f, s.structure, lead)
-    return _score_surrogate(losses, dist.noise_log_prob(s.log_noise.detach().exp()), loo)
+    return score_surrogate(losses, dist.noise_log_prob(s.log_noise.detach().exp()), loo)
 
 
 def _flat_numpy(score, K, dist):
@@ -332,9 +332,13 @@ def _advantages(fd, loo):
     return (fd - fd.mean(0)) * (K / (K - 1)) if loo else fd
 
 
-def _score_surrogate(losses, score, loo):
+def score_surrogate(losses, score, loo=True):
     """``mean(losses) + mean(adv * (score - stop(score)))``: value the mean loss, gradient
-    the (leave-one-out) score-function estimate of the batch mean's gradient."""
+    the (leave-one-out) score-function estimate of the batch mean's gradient.  ``losses`` and
+    ``score`` (a differentiable log-density of each sample) ``[K, *batch]``; ``loo``: the
+    advantages are the leave-one-out ones (``K >= 2``), else the losses.  What
+    :func:`t_reinforce` and :func:`e_reinforce` build on; public for models that score
+    something else the same way (a KL term, a Bernoulli baseline)."""
     adv = _advantages(losses.detach(), loo)
     return losses.mean() + (adv * (score - score.detach())).mean()
 
@@ -350,7 +354,7 @@ def _conditional_uniforms(dist, K, generator=None):
 
 
 class _NativeScoreSurrogate(torch.autograd.Function):
-    """:func:`_score_surrogate` in one autograd node, from the analytic scores ``grad`` of
+    """:func:`score_surrogate` in one autograd node, from the analytic scores ``grad`` of
     the traces or of the noise (NumPy ``[K * batch, A]``): value ``mean(losses)``; gradient
     ``1/n`` in the losses and ``mean_k,batch adv * grad`` in the logits ``[*batch, *atom]``."""
 

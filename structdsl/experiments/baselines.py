@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 import structdsl
+from structdsl.estimators import score_surrogate
 
 __all__ = ["valid_mask", "default_embed", "map_solver", "sum_of_gamma", "gumbel", "imle",
            "spanning_tree_marginals", "sst_spanning_tree", "gumbel_kl", "IndependentBernoulli",
-           "trace_kl", "reinforce_loo", "compile_numba_or_numpy"]
+           "trace_kl", "compile_numba_or_numpy"]
 
 
 # ---- specs' atoms, structures and MAP ------------------------------------------------------
@@ -240,16 +241,6 @@ class IndependentBernoulli:
         return ((self.theta.detach() > 0) & self.valid).to(self.theta.dtype)
 
 
-def reinforce_loo(losses, score):
-    """``mean(losses) + mean(adv * (score - stop(score)))`` with leave-one-out advantages
-    over the first dim (``K >= 2``): the score-function surrogate (the same form as
-    :mod:`structdsl.estimators`' leave-one-out surrogate)."""
-    f = losses.detach()
-    K = f.shape[0]
-    adv = (f - f.mean(0)) * (K / (K - 1))
-    return losses.mean() + (adv * (score - score.detach())).mean()
-
-
 # ---- KL of the trace law ------------------------------------------------------------------------
 def trace_kl(dist, prior, num_samples=4, score="trace"):
     """``KL(q(T) || p0(T))`` between two race distributions of one spec (``dist`` and
@@ -274,9 +265,7 @@ def trace_kl(dist, prior, num_samples=4, score="trace"):
     else:
         raise ValueError(f"score must be 'trace' or 'noise', got {score!r}")
     kl = lq - prior.log_prob(trace).detach()
-    if K < 2:
-        return kl.mean() + (kl * (s - s.detach())).mean(), kl
-    return reinforce_loo(kl, s), kl
+    return score_surrogate(kl, s, loo=K >= 2), kl
 
 
 def compile_numba_or_numpy(spec, **static):

@@ -169,7 +169,7 @@ def training_loss(cfg, model, parts, x, relax=None):
         z = q.sample(K)
         nll = model.nll(_symmetric(z), x, var)
         kl = q.kl_to_uniform() / n
-        loss = B.reinforce_loo(nll, q.log_prob(z)) + kl.mean()
+        loss = estimators.score_surrogate(nll, q.log_prob(z)) + kl.mean()
         nv, kv = float(nll.detach().mean()), float(kl.detach().mean())
         return loss, {"nll": nv, "kl": kv, "elbo": -(nv + kv)}
     raise ValueError(f"unknown estimator {est!r}; choose from {', '.join(ESTIMATORS)}")
