@@ -288,7 +288,7 @@ class Codegen:
         """A call's arguments lowered, with their types: as views, since every primitive builds
         a new array or a scalar, except ``where`` on a scalar test."""
         t, ts = self.t(node), [self.t(a) for a in node.args]
-        view = not (node.func.id == "where" and not t.ndim)
+        view = not (self.types.primitive(node).name == "where" and not t.ndim)
         return [self.operand(a) if view else self.expr(a) for a in node.args], ts, t
 
     # ---- statements ----------------------------------------------------------------------------
