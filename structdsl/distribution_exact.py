@@ -7,10 +7,8 @@ import math
 
 import numpy as np
 import torch
-# NumPy and Numba run inside the entry points marked @_eager: torch.compile breaks its graph
-# there and runs them eagerly, the same code as eager mode (docs/design.md 4.6)
-from torch.compiler import disable as _eager
 
+from .eager import eager
 from .errors import EnumerationLimitError
 from .program import Solution, naming_lanes
 
@@ -24,7 +22,7 @@ class SupportTooLarge(EnumerationLimitError, NotImplementedError):
 class ExactLaw:
     """Enumeration, entropy and argmax of :class:`structdsl.torch.RaceDistribution`."""
 
-    @_eager
+    @eager
     def enumerate_support(self, expand=True):
         """Every trace with positive probability: ``[N] + batch_shape + (max_races,)`` (or
         ``[N] + (1,) * len(batch_shape) + (max_races,)`` with ``expand=False``).
@@ -44,7 +42,7 @@ class ExactLaw:
         t = traces.reshape((traces.shape[0],) + (1,) * nb + traces.shape[1:])
         return t.expand((traces.shape[0],) + self.batch_shape + traces.shape[1:]) if expand else t
 
-    @_eager
+    @eager
     def enumerate_supports(self):
         """The support of every batch element, also for a ragged batch: a list of ``(traces,
         elements)``, one per set of atoms alive (the support depends only on which atoms
@@ -73,7 +71,7 @@ class ExactLaw:
             cache[pattern] = torch.as_tensor(np.asarray(e.traces), device=self.logits.device)
         return cache[pattern]
 
-    @_eager
+    @eager
     def entropy(self):
         """The exact entropy of the trace law, ``H = -sum_T p(T) log p(T)`` over every trace
         of each batch element's support: ``[*batch_shape]`` in the logits' dtype (computed in
@@ -107,7 +105,7 @@ class ExactLaw:
         h = out.reshape(self.batch_shape)
         return h if h.dtype == self.logits.dtype else h.to(self.logits.dtype)
 
-    @_eager
+    @eager
     def argmax(self):
         """The algorithm's output on noise-free weights: the spec run on the noise
         ``E = exp(-logits)``, each atom's noise at its mean ``1 / rate`` (equivalently the

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional
-
 import numpy as np
 import torch
-# NumPy and Numba run inside the entry points marked @_eager: torch.compile breaks its graph
-# there and runs them eagerly, the same code as eager mode (docs/design.md 4.6)
-from torch.compiler import disable as _eager
 
 from . import races
+from .eager import eager
 from .program import naming_lanes
 
 
-class ScoredSample(NamedTuple):
+class ScoredSample:
     """Result of :meth:`RaceDistribution.sample_and_score` (``lead = sample_shape +
     batch_shape``, ``R = max_races``, ``A = prod(atom_shape)``); nothing in it carries a
     gradient.
@@ -33,13 +29,47 @@ class ScoredSample(NamedTuple):
     members: with ``members=True``, bool ``[*lead, R, A]``: race ``r``'s member set (the
     atoms that took part in it), else None.  log_prob and score are float64 on the CPU fast
     path (where they are computed in float64), else in ``working_dtype``.
+
+    ``log_prob``, ``score`` and ``members`` are made on first read (the noise's log-density
+    is computed then; the fast path's arrays become tensors then: a conversion costs about
+    1.3 us, a tenth of a training step's glue).  :meth:`array` hands the fast path's NumPy
+    array itself to a caller that computes in NumPy, as the estimators do.
     """
-    trace: torch.Tensor
-    structure: tuple
-    log_noise: torch.Tensor
-    log_prob: torch.Tensor
-    score: torch.Tensor
-    members: Optional[torch.Tensor]
+    __slots__ = ("trace", "structure", "log_noise", "_lazy")
+
+    def __init__(self, trace, structure, log_noise, log_prob, score, members=None):
+        self.trace, self.structure, self.log_noise = trace, structure, log_noise
+        # each value: a tensor, a NumPy array (made a tensor when read), a callable (called
+        # when read) or None
+        self._lazy = {"log_prob": log_prob, "score": score, "members": members}
+
+    def array(self, name):
+        """``log_prob``, ``score`` or ``members`` as a NumPy array (the CPU fast path's own
+        array, no copy; a CPU tensor's ``.numpy()`` elsewhere), shaped as the field."""
+        v = self._lazy[name]
+        if callable(v):
+            v = self._lazy[name] = v()
+        return v.numpy() if torch.is_tensor(v) else v
+
+    def _field(name):
+        def read(self):
+            v = self._lazy[name]
+            if callable(v):
+                v = v()
+            if isinstance(v, np.ndarray):
+                v = torch.from_numpy(v)
+            self._lazy[name] = v
+            return v
+        return property(read, doc=f"``{name}`` (see the class), made on first read.")
+
+    log_prob, score, members = _field("log_prob"), _field("score"), _field("members")
+    del _field
+
+    def __repr__(self):
+        return f"ScoredSample(trace={self.trace!r}, ...)"
+
+
+_MEMBER_CHUNK = 1 << 23     # entries of member-set scratch one replay may hold
 
 
 def _member_sets(program, inst, trace, logits):
@@ -50,13 +80,20 @@ def _member_sets(program, inst, trace, logits):
     B, R = trace.shape
     A = logits.shape[1]
     out = np.empty((B, R, A), dtype=bool)
-    step = max(1, (1 << 23) // max(1, R * A))
+    step = max(1, _MEMBER_CHUNK // max(1, R * A))
     for i in range(0, B, step):
         rep = program.replay_flat(inst, trace[i:i + step], logits[i:i + step])
         form = rep.races
         out[i:i + step] = form.members if isinstance(form, races.Members) else \
             np.asarray(form.exit_race)[:, None, :] >= np.arange(R)[None, :, None]
     return out
+
+
+def _noise_log_prob(logits, log_noise, lead):
+    """``noise_log_prob`` of the fast path's noise ``[L, A]`` under ``logits`` ``[L, A]``:
+    float64 ``lead`` (NumPy)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return races.noise_log_prob(logits, np.exp(log_noise), np.isfinite(log_noise)).reshape(lead)
 
 
 class Sampling:
@@ -67,12 +104,12 @@ class Sampling:
         u = torch.rand(shape, generator=generator, dtype=dtype, device=self.logits.device)
         return u.clamp_min(torch.finfo(dtype).tiny)
 
-    @_eager
+    @eager
     def sample(self, sample_shape=torch.Size(), generator=None):
         """Traces ``sample_shape + batch_shape + (max_races,)`` (int64, no gradient)."""
         return self._draw(sample_shape, generator)[0]
 
-    @_eager
+    @eager
     def sample_with_noise(self, sample_shape=torch.Size(), generator=None):
         """``(trace, noise)``: the trace and the exponential noise ``E`` that produced it
         (``sample_shape + batch_shape + atom_shape``, ``+inf`` at atoms that cannot race, in
@@ -82,7 +119,7 @@ class Sampling:
         s = self.sample_with_structure(sample_shape, generator)
         return s.trace, s.noise
 
-    @_eager
+    @eager
     def sample_with_structure(self, sample_shape=torch.Size(), generator=None):
         """A :class:`structdsl.program.Sample`: ``trace`` ``sample_shape + batch_shape +
         (max_races,)``, ``structure`` (each field ``sample_shape + batch_shape + field_shape``,
@@ -97,21 +134,18 @@ class Sampling:
     def _draw(self, sample_shape, generator):
         """(trace, structure, log noise), nothing differentiable."""
         if self._numba is not None:
-            return self._draw_native(sample_shape, generator)[:3]
+            s = self._draw_native(sample_shape, generator)
+            return s.trace, s.structure, s.log_noise
         shape = torch.Size(sample_shape) + self.batch_shape + self.atom_shape
         with torch.no_grad():
             s = self.program.sample(self._x(detach=True).expand(shape), uniforms=self._uniforms(shape, generator))
         return s.trace, s.structure, s.log_noise
 
     def _draw_native(self, sample_shape, generator, score=None, members=False):
-        """The CPU fast path's draw (requires ``self._numba``): ``(trace, structure,
-        log_noise, logp, grad, members)``, the first three tensors (``log_noise`` in
-        ``working_dtype``); with ``score="trace"`` ``logp`` (``[L]``, ``L`` the flat
-        ``sample_shape + batch_shape``) and ``grad`` (its gradient in the logits, ``[L, A]``),
-        with ``score="noise"`` the noise's log-density and its gradient, with ``members`` the
-        races' member sets (``[L, R, A]``, as ``replay_flat`` reports them): float64 / bool
-        NumPy arrays (else None).  NumPy from here on: a torch op costs ~5 us at a training
-        step's sizes."""
+        """The CPU fast path's draw (requires ``self._numba``): a :class:`ScoredSample`
+        whose scores are float64 / bool tensors backed by the kernels' NumPy arrays, or None
+        where not asked for (``score=None``: a plain draw).  NumPy from here on: a torch op
+        costs ~5 us at a training step's sizes."""
         shape = torch.Size(sample_shape) + self.batch_shape + self.atom_shape
         k = len(self.atom_shape)
         lead = shape[:len(shape) - k]
@@ -131,24 +165,32 @@ class Sampling:
         fast = self._numba
         inst = fast.instance(self.atom_shape)
         logp = grad = mem = None
+        # the member sets in the scoring pass itself while they fit in 2**23 floats
+        one_pass = members and score == "trace" and xb.shape[0] * inst.max_races * A <= _MEMBER_CHUNK
         with naming_lanes(tuple(lead)):
             if score == "trace":
-                (trace, fields, log_noise), scores = fast.draw_and_score_flat(inst, un.reshape(-1, A), xb, check)
+                (trace, fields, log_noise), scores = fast.draw_and_score_flat(inst, un.reshape(-1, A), xb, check,
+                                                                               members=one_pass)
                 logp, grad = scores.logp, scores.grad
+                if one_pass:
+                    mem = scores.replay.races.members
             else:
                 trace, fields, log_noise = fast.draw_flat(inst, un.reshape(-1, A), xb, check)
-        if members:
+        if members and not one_pass:
             mem = _member_sets(fast, inst, trace, xb)
         if score == "noise":
             grad = races.noise_score(xb, log_noise)
-            with np.errstate(over="ignore", invalid="ignore"):
-                logp = races.noise_log_prob(xb, np.exp(log_noise), np.isfinite(log_noise))
+            logp = functools.partial(_noise_log_prob, xb, log_noise, lead)      # made if read
+        elif logp is not None:
+            logp = logp.reshape(lead)
         structure = self.program.Structure(*(torch.from_numpy(f.reshape(lead + f.shape[1:])) for f in fields))
-        log_noise = torch.from_numpy(log_noise.reshape(shape))
-        return (torch.from_numpy(trace.reshape(lead + trace.shape[1:])), structure,
-                log_noise if log_noise.dtype == dtype else log_noise.to(dtype), logp, grad, mem)
+        ln = torch.from_numpy(log_noise.reshape(shape))
+        return ScoredSample(torch.from_numpy(trace.reshape(lead + trace.shape[1:])), structure,
+                            ln if ln.dtype == dtype else ln.to(dtype), logp,
+                            None if grad is None else grad.reshape(shape),
+                            None if mem is None else mem.reshape(lead + mem.shape[1:]))
 
-    @_eager
+    @eager
     def sample_and_score(self, sample_shape=torch.Size(), generator=None, score="trace", members=False):
         """Draw traces and score them in one pass: a :class:`ScoredSample` (shapes there,
         ``lead = sample_shape + batch_shape``).
@@ -164,13 +206,10 @@ class Sampling:
         differentiable: use :meth:`log_prob` for a log-probability with a graph."""
         if score not in ("trace", "noise"):
             raise ValueError(f"score must be 'trace' or 'noise', got {score!r}")
+        if self._numba is not None:
+            return self._draw_native(sample_shape, generator, score, members)
         lead = torch.Size(sample_shape) + self.batch_shape
         R, A = self.instance.max_races, self.instance.num_atoms
-        if self._numba is not None:          # NumPy reshapes: a torch op costs ~5 us at these sizes
-            trace, structure, log_noise, logp, grad, mem = self._draw_native(sample_shape, generator, score, members)
-            return ScoredSample(trace, structure, log_noise, torch.from_numpy(logp.reshape(lead)),
-                                torch.from_numpy(grad.reshape(lead + self.atom_shape)),
-                                torch.from_numpy(mem.reshape(lead + (R, A))) if members else None)
         trace, structure, log_noise = self._draw(sample_shape, generator)
         t = trace.reshape(-1, R)
         x = self._x(detach=True).expand(lead + self.atom_shape).reshape(-1, A)

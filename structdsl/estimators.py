@@ -52,15 +52,14 @@ import math
 import numpy as np
 
 import torch
-# NumPy and Numba run inside the entry points marked @_eager: torch.compile breaks its graph
-# there and runs them eagerly, the same code as eager mode (docs/design.md 4.6)
-from torch.compiler import disable as _eager
 from torch import nn
+
+from .eager import eager
 
 __all__ = ["t_reinforce", "e_reinforce", "RELAX", "exact_gradient", "MLPCritic", "score_surrogate"]
 
 
-@_eager
+@eager
 def t_reinforce(dist, f, num_samples=1, leave_one_out=None, generator=None):
     """Surrogate loss of T-REINFORCE (the score of the trace): ``num_samples`` samples per
     batch element, "T-REINFORCE+" for ``num_samples > 1`` (the leave-one-out baseline unless
@@ -72,13 +71,13 @@ def t_reinforce(dist, f, num_samples=1, leave_one_out=None, generator=None):
     if dist.cpu_fast_path:       # one native call draws and scores the traces
         s = dist.sample_and_score((K,), generator, score="trace")
         return _NativeScoreSurrogate.apply(_losses(f, s.structure, lead, screen=False), dist.logits,
-                                           _flat_numpy(s.score, K, dist), loo)
+                                           s.array("score").reshape(-1, dist.instance.num_atoms), loo)
     s = dist.sample_with_structure((K,), generator)     # the lock-step path: autograd through log p
     losses = _losses(f, s.structure, lead)
     return score_surrogate(losses, dist.log_prob(s.trace), loo)
 
 
-@_eager
+@eager
 def e_reinforce(dist, f, num_samples=1, leave_one_out=None, generator=None):
     """Surrogate loss of E-REINFORCE (the score of the exponential noise
     ``dist.noise_log_prob(E)``): ``num_samples`` samples per batch element, "E-REINFORCE+"
@@ -90,16 +89,10 @@ def e_reinforce(dist, f, num_samples=1, leave_one_out=None, generator=None):
     if dist.cpu_fast_path:       # the noise's score is 1 - E_1 per live atom
         s = dist.sample_and_score((K,), generator, score="noise")
         return _NativeScoreSurrogate.apply(_losses(f, s.structure, lead, screen=False), dist.logits,
-                                           _flat_numpy(s.score, K, dist), loo)
+                                           s.array("score").reshape(-1, dist.instance.num_atoms), loo)
     s = dist.sample_with_structure((K,), generator)
     losses = _losses(f, s.structure, lead)
     return score_surrogate(losses, dist.noise_log_prob(s.log_noise.detach().exp()), loo)
-
-
-def _flat_numpy(score, K, dist):
-    """A fast-path score tensor ``[K, *batch, *atom]`` as the float64 ``[K * batch, A]`` array
-    the native kernels take (no copy)."""
-    return score.numpy().reshape(K * dist.batch_shape.numel(), -1)
 
 
 class RELAX(nn.Module):
@@ -147,7 +140,7 @@ class RELAX(nn.Module):
             critic = MLPCritic(atom_shape, hidden, context_dim=context_dim)
         self.critic = critic
 
-    @_eager
+    @eager
     def forward(self, dist, f, num_samples=1, context=None, leave_one_out=False, generator=None):
         K, loo = _samples(num_samples, leave_one_out)
         dist = dist.in_working_precision()
@@ -253,7 +246,7 @@ class MLPCritic(nn.Module):
         return self.net(flat).squeeze(-1)
 
 
-@_eager
+@eager
 def exact_gradient(dist, f):
     """Surrogate loss whose value is ``mean_batch E[f]`` computed exactly, by enumerating
     every trace of every batch element (small sizes only), and whose gradient is therefore
@@ -426,8 +419,8 @@ class _NativeRelax(torch.autograd.Function):
         W1, b1, w2, b2 = (p.detach().double().numpy() for p in
                           (critic.net[0].weight, critic.net[0].bias, critic.net[2].weight, critic.net[2].bias))
         coef = _advantages(losses.detach().double(), loo).numpy().reshape(L)
-        G, *grad_p = relax_mlp(xb, live, s.members.numpy().reshape(L, R, A), s.trace.numpy().reshape(L, R),
-                               s.score.numpy().reshape(L, A), np.ascontiguousarray(coef), log_noise, u,
+        G, *grad_p = relax_mlp(xb, live, s.array("members").reshape(L, R, A), s.trace.numpy().reshape(L, R),
+                               s.array("score").reshape(L, A), np.ascontiguousarray(coef), log_noise, u,
                                np.ascontiguousarray(W1), b1, np.ascontiguousarray(w2[0]), float(b2[0]), K)
         if not np.isfinite(G).all():
             raise FloatingPointError("RELAX produced a non-finite gradient estimate")

@@ -241,8 +241,9 @@ def test_sample_and_score_on_both_paths(name):
         for idx in itertools.product(range(3), range(2), range(R)):
             w = int(s.trace[idx])
             assert (w < 0) == (not bool(s.members[idx].any())) and (w < 0 or bool(s.members[idx][w]))
-        n = d.sample_and_score((3,), generator=gen(7), score="noise")
+        n = d.sample_and_score((3,), generator=gen(7), score="noise", members=True)
         assert torch.equal(n.trace, s.trace) and torch.equal(n.log_noise, s.log_noise)
+        assert torch.equal(n.members, s.members)      # a replay after the draw, not the scoring pass
         e = n.log_noise.exp()
         e1 = (e * x.detach().exp()).detach()
         xv = x.detach().clone().requires_grad_(True)
