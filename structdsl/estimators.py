@@ -59,12 +59,26 @@ from .eager import eager
 __all__ = ["t_reinforce", "e_reinforce", "RELAX", "exact_gradient", "MLPCritic", "score_surrogate"]
 
 
-@eager
 def t_reinforce(dist, f, num_samples=1, leave_one_out=None, generator=None):
     """Surrogate loss of T-REINFORCE (the score of the trace): ``num_samples`` samples per
     batch element, "T-REINFORCE+" for ``num_samples > 1`` (the leave-one-out baseline unless
     ``leave_one_out=False``).  Unbiased.  ``generator``: the ``torch.Generator`` the draw
-    uses (default: torch's global stream), e.g. one per rank under ``torch.distributed``."""
+    uses (default: torch's global stream), e.g. one per rank under ``torch.distributed``.
+
+    Under ``torch.compile`` the graph breaks at the draw only: ``f`` and the surrogate are
+    traced, with ``dist.log_prob`` as a custom operator on the CPU fast path when the
+    distribution does not validate its arguments (see :mod:`structdsl.ops`); eagerly, one
+    native call draws and scores the traces.  Both give the same estimate."""
+    if torch.compiler.is_compiling():
+        K, loo = _samples(num_samples, leave_one_out)
+        dist = dist.in_working_precision()
+        s = dist.sample_with_structure((K,), generator)
+        losses = _losses(f, s.structure, (K,) + dist.batch_shape)
+        return score_surrogate(losses, dist.log_prob(s.trace), loo)
+    return _t_reinforce(dist, f, num_samples, leave_one_out, generator)
+
+
+def _t_reinforce(dist, f, num_samples, leave_one_out, generator):
     K, loo = _samples(num_samples, leave_one_out)
     dist = dist.in_working_precision()
     lead = (K,) + dist.batch_shape

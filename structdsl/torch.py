@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.distributions import Distribution, constraints
 
-from . import races
+from . import ops, races
 from .dsl import Spec
 from .eager import eager
 from .distribution_exact import ExactLaw, SupportTooLarge
@@ -65,29 +65,6 @@ class _Traces(constraints.Constraint):
 
     def check(self, value):
         return torch.isfinite(self.dist._log_prob(value))
-
-
-class _TraceScore(torch.autograd.Function):
-    """log p(trace) on the numba backend, with the analytic trace score as its backward."""
-
-    @staticmethod
-    def forward(ctx, logits, trace, program):
-        x = logits.detach()
-        t = np.ascontiguousarray(trace.numpy(), dtype=np.int64)
-        A = math.prod(x.shape[1:])
-        if t.size and not (t.min() >= -1 and t.max() < A):
-            raise ValueError(f"trace entries must be flat atom indices in [0, {A}) or -1 padding")
-        inst = program.instance(tuple(x.shape[1:]))
-        with naming_lanes((t.shape[0],)):
-            scores = program.score_flat(inst, t, np.ascontiguousarray(x.numpy(), dtype=np.float64).reshape(-1, A),
-                                        want_grad=True)
-        ctx.save_for_backward(torch.from_numpy(scores.grad.reshape(x.shape)).to(x.dtype))
-        return torch.from_numpy(scores.logp).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        return g.reshape(g.shape + (1,) * (grad.dim() - g.dim())) * grad, None, None
 
 
 def _integer_trace(value):
@@ -190,6 +167,7 @@ class RaceDistribution(Sampling, ExactLaw, Distribution, _PyroMixin):
         self._validate_args = validate
         if validate:
             self._checked_logits      # NaN or +inf at a valid atom: ValueError naming the batch element
+        self._numba                   # resolved here: torch.compile reads it as a plain attribute
 
     # ---- the torch.distributions protocol ------------------------------------------------
     @constraints.dependent_property(is_discrete=True, event_dim=1)
@@ -205,6 +183,7 @@ class RaceDistribution(Sampling, ExactLaw, Distribution, _PyroMixin):
         new.logits = self.logits.expand(batch_shape + self.atom_shape)
         super(RaceDistribution, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
+        new._numba                    # as in __init__
         return new
 
     @functools.cached_property
@@ -323,16 +302,34 @@ class RaceDistribution(Sampling, ExactLaw, Distribution, _PyroMixin):
             shape = _broadcast(value.shape[:-1], batch_shape)
             t = value.expand(shape + (R,)).reshape(-1, R)
             x = x.expand(shape + self.atom_shape).reshape((-1,) + self.atom_shape)
-            return _TraceScore.apply(x, t, fast).reshape(shape)
+            return ops.log_prob_and_score(ops.handle(fast), t, x)[0].reshape(shape)
         return self.program.log_prob(value, x)
 
-    @eager
     def log_prob(self, value):
         """Exact ``log p(trace)``, differentiable in the logits (``-inf`` outside the support
         when validation is off).  value: int ``[*sample, *batch_shape, max_races]`` (or any
         shape broadcasting with the batch); returns ``broadcast(value.shape[:-1],
         batch_shape)`` in the logits' dtype (computed in float64 on the CPU fast path, else
-        in ``working_dtype``)."""
+        in ``working_dtype``).  Under ``torch.compile``, on the CPU fast path and with
+        ``validate_args=False``, it is one custom operator in the graph
+        (``structdsl::log_prob_and_score``); elsewhere the graph breaks here."""
+        if torch.compiler.is_compiling() and not self._validate_args and self._numba is not None:
+            return self._log_prob_in_graph(value)
+        return self._log_prob_checked(value)
+
+    def _log_prob_in_graph(self, value):
+        """:meth:`log_prob` as torch.compile traces it: shapes, then the operator (the
+        kernels read the logits at valid atoms only, so no ``_x`` masking is needed)."""
+        x = self.logits.to(self.working_dtype)
+        R = self.event_shape[0]
+        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        t = value.expand(shape + (R,)).reshape(-1, R)
+        x = x.expand(shape + self.atom_shape).reshape((-1,) + self.atom_shape)
+        lp = ops.log_prob_and_score(ops.handle(self._numba), t, x)[0].reshape(shape)
+        return lp.to(self.logits.dtype)
+
+    @eager
+    def _log_prob_checked(self, value):
         if not self._validate_args:
             return self._log_prob(value)
         # torch's shape checks, then the support from this one replay (not a second one)
