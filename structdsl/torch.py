@@ -302,7 +302,7 @@ class RaceDistribution(Sampling, ExactLaw, Distribution, _PyroMixin):
             shape = _broadcast(value.shape[:-1], batch_shape)
             t = value.expand(shape + (R,)).reshape(-1, R)
             x = x.expand(shape + self.atom_shape).reshape((-1,) + self.atom_shape)
-            return ops.log_prob_and_score(ops.handle(fast), t, x)[0].reshape(shape)
+            return ops.log_prob(fast, t, x).reshape(shape)
         return self.program.log_prob(value, x)
 
     def log_prob(self, value):
@@ -325,7 +325,7 @@ class RaceDistribution(Sampling, ExactLaw, Distribution, _PyroMixin):
         shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
         t = value.expand(shape + (R,)).reshape(-1, R)
         x = x.expand(shape + self.atom_shape).reshape((-1,) + self.atom_shape)
-        lp = ops.log_prob_and_score(ops.handle(self._numba), t, x)[0].reshape(shape)
+        lp = ops.log_prob(self._numba, t, x).reshape(shape)
         return lp.to(self.logits.dtype)
 
     @eager

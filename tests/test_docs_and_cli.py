@@ -15,7 +15,7 @@ def test_readme_python_blocks_run(tmp_path):
     blocks += re.findall(r"```python\n(.*?)```", symbolic, re.S)
     script = tmp_path / "readme_examples.py"      # specs need a source file to be read from
     script.write_text("\n".join(blocks))
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "96 16 1" in out.stdout                # K4: 96 traces, 16 trees, total probability 1
 
