@@ -13,7 +13,8 @@ import torch
 
 from . import races
 from .eager import eager
-from .program import naming_lanes
+from .errors import RaceError
+from .program import name_lane
 
 
 class ScoredSample:
@@ -167,7 +168,7 @@ class Sampling:
         logp = grad = mem = None
         # the member sets in the scoring pass itself while they fit in 2**23 floats
         one_pass = members and score == "trace" and xb.shape[0] * inst.max_races * A <= _MEMBER_CHUNK
-        with naming_lanes(tuple(lead)):
+        try:                             # (naming_lanes, without a context manager's cost per step)
             if score == "trace":
                 (trace, fields, log_noise), scores = fast.draw_and_score_flat(inst, un.reshape(-1, A), xb, check,
                                                                                members=one_pass)
@@ -176,6 +177,9 @@ class Sampling:
                     mem = scores.replay.races.members
             else:
                 trace, fields, log_noise = fast.draw_flat(inst, un.reshape(-1, A), xb, check)
+        except RaceError as exc:
+            name_lane(exc, tuple(lead))
+            raise
         if members and not one_pass:
             mem = _member_sets(fast, inst, trace, xb)
         if score == "noise":

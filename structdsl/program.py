@@ -535,11 +535,11 @@ class naming_lanes:
 
     def __exit__(self, kind, exc, tb):
         if exc is not None and isinstance(exc, RaceError):
-            _name_lane(exc, self.batch)
+            name_lane(exc, self.batch)
         return False
 
 
-def _name_lane(exc, batch):
+def name_lane(exc, batch):
     """Backends report a run-time error's lane as a flat index: name it in ``batch``."""
     if isinstance(exc.lane, (int, np.integer)):
         exc.lane = tuple(int(i) for i in np.unravel_index(int(exc.lane), batch)) if batch else None

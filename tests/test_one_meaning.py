@@ -642,3 +642,20 @@ def test_an_atom_coordinate_reads_in_range_only_where_the_array_is_long_enough(b
     w = ok.sample(x, uniforms=u if backend != "torch" else torch.as_tensor(u)).trace
     want = structdsl.compile(long_table).sample(logits, uniforms=u).trace
     assert np.array_equal(np.asarray(w), want) and 0 not in want[:, 0]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "lockstep"])
+def test_a_distributions_runtime_error_names_the_sample_and_batch_element(fast):
+    """Through ``RaceDistribution``, on the CPU fast path (numba) and the lock-step path, a
+    spec error names its lane in ``sample_shape + batch_shape``: here batch element (1, 2) of
+    every sample (the only lane where item 0 can win) fails first in sample 0."""
+    torch = pytest.importorskip("torch")
+    from structdsl.torch import RaceDistribution
+    logits = torch.zeros(2, 3, 4, dtype=torch.float64)
+    logits[..., 0] = -np.inf                   # item 0 (whose win divides by zero) races only in (1, 2),
+    logits[1, 2] = torch.tensor([0.0, -np.inf, -np.inf, -np.inf])   # alone there
+    d = RaceDistribution(structdsl.compile(divides_by_zero, backend="torch"), logits, fast_cpu=fast)
+    for draw in (lambda: d.sample((2,)), lambda: d.sample_and_score((2,))):
+        with pytest.raises(SpecZeroDivisionError) as info:
+            draw()
+        assert info.value.lane == (0, 1, 2) and info.value.line == bad_line(divides_by_zero), str(info.value)
