@@ -23,9 +23,34 @@ def _name(x, ctx=None):
     return ast.Name(x, ctx or ast.Load())
 
 
+#: The kernels of ``numba_kernels`` the generated code calls (as ``__ck`` for ``ck``...).
+KERNELS = ("arg_extreme", "extreme", "ck", "ck2", "ck3", "fail", "finish_score", "gather1", "mask_set", "sel",
+           "race", "race_groups", "total_ck", "add_s", "sub_s", "mul_s", "floordiv_s", "mod_s", "lshift_s",
+           "rshift_s", "neg_s", "abs_s", "add_a", "sub_a", "mul_a", "floordiv_a", "mod_a", "lshift_a", "rshift_a",
+           "neg_a", "abs_a", "take", "total", "heap_init", "heap_pop", "prepare_sample", "prepare_solve",
+           "score_nested", "score_snap", "finish_nested")
+_KERNEL_NAMES = frozenset("__" + k for k in KERNELS)
+
+
 def _call(fn, *args):
+    """``fn(*args)``; a kernel's int constant arguments (error codes, constant indices and
+    operands) are passed as ``__np.int64(c)``: Numba compiles a called function once per
+    argument type, and a bare constant types as ``Literal[int](c)``, so every error code
+    compiled its own copy of ``ck``, ``fail_with``... (83 of ``fail_with`` for one spec, 7 of
+    its 30 seconds of compilation).  Bool constants stay literal: a kernel's flags prune its
+    branches at compile time, and they have two values."""
     func = _name(fn) if isinstance(fn, str) else fn
+    if isinstance(fn, str) and fn in _KERNEL_NAMES:
+        args = [_int64(a) for a in args]
     return ast.Call(func, list(args), [])
+
+
+def _int64(node):
+    """``node``, or ``__np.int64(node)`` for an int constant (a literal type to Numba)."""
+    c = node.operand if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) else node
+    if isinstance(c, ast.Constant) and type(c.value) is int:
+        return ast.Call(_np("int64"), [node], [])
+    return node
 
 
 def _attr(value, attr):

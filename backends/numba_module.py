@@ -14,7 +14,7 @@ import ast
 import hashlib
 from pathlib import Path
 
-from .numba_ast import LANE_STATE, _attr, _call, _const, _mode, _name, _np
+from .numba_ast import KERNELS, LANE_STATE, _attr, _call, _const, _mode, _name, _np
 from .numba_kernels import (MODE_SAMPLE_SCORE, MODE_SAMPLE_SCORE_NESTED, MODE_SCORE, ST_CANDIDATES,
                             ST_STATUS)
 
@@ -63,18 +63,7 @@ def module_source(gen):
         "# every name the generated code uses starts with '__': spec names never do",
         "import numpy as __np",
         "from numba import njit, prange",
-        "from structdsl.backends.numba_kernels import arg_extreme as __arg_extreme, extreme as __extreme, \\",
-        "    ck as __ck, ck2 as __ck2, ck3 as __ck3, fail as __fail, finish_score as __finish_score, \\",
-        "    gather1 as __gather1, mask_set as __mask_set, sel as __sel, race as __race, \\",
-        "    race_groups as __race_groups, total_ck as __total_ck, \\",
-        "    add_s as __add_s, sub_s as __sub_s, mul_s as __mul_s, floordiv_s as __floordiv_s, \\",
-        "    mod_s as __mod_s, lshift_s as __lshift_s, rshift_s as __rshift_s, neg_s as __neg_s, abs_s as __abs_s, \\",
-        "    add_a as __add_a, sub_a as __sub_a, mul_a as __mul_a, floordiv_a as __floordiv_a, \\",
-        "    mod_a as __mod_a, lshift_a as __lshift_a, rshift_a as __rshift_a, neg_a as __neg_a, abs_a as __abs_a, \\",
-        "    take as __take, total as __total, heap_init as __heap_init, heap_pop as __heap_pop, \\",
-        "    prepare_sample as __prepare_sample, prepare_solve as __prepare_solve, \\",
-        "    score_nested as __score_nested, score_snap as __score_snap, \\",
-        "    finish_nested as __finish_nested",
+        "from structdsl.backends.numba_kernels import " + ", ".join(f"{k} as __{k}" for k in KERNELS),
         "__range, __min, __max, __abs = range, min, max, abs",
         *_constant_arrays(gen.constants),
         "", "",
