@@ -1,8 +1,8 @@
 """Numba backend: every spec compiled to native code, parallel over the batch.
 
 The IR and its types are lowered to the source of one ``lane`` function (the spec's own
-statements, per batch element) and two drivers, ``solve_all`` and ``score_all``, that run
-``lane`` over the batch with ``prange``.  The source is written once to a per-user cache
+statements, per batch element) and one driver, ``run_all``, that runs ``lane`` over the
+batch with ``prange`` in every mode.  The source is written once to a per-user cache
 directory under a name keyed by the hash of the source itself, so Numba's on-disk cache
 (``cache=True``) serves every later process.  Nothing here knows any structure: predicates
 become loops over the atoms, races calls to the kernels of :mod:`numba_kernels`.
@@ -222,8 +222,9 @@ class Program(_BaseProgram):
         mode = MODE_SOLVE if score is None else MODE_SAMPLE_SCORE_NESTED if self._fast else MODE_SAMPLE_SCORE
         fs, grad, lsum, flags = score or (np.zeros((B, 1)), none, none, 0)
         # the callers hand over writable C-contiguous float64 arrays: one lane signature
-        self._run("solve_all", *self._solve_consts(inst), uniforms if draw else none, logits if draw else none,
-                  res, log_noise, tr, st, log_space, draw, mode, fs, grad, lsum, flags, *outs)
+        self._run("run_all", *self._solve_consts(inst), uniforms if draw else none, logits if draw else none,
+                  res, log_noise, np.empty((B, A), dtype=bool), tr, st, log_space, draw, mode, fs, grad, lsum,
+                  none, none, flags, *outs)
         self._raise(st, inst, (check_logits or (lambda: self.check_logits(logits))) if draw else None)
         return tr, outs, log_noise
 
@@ -278,7 +279,8 @@ class Program(_BaseProgram):
     def _score(self, inst, traces, logits, want_grad, uniforms, want_members=False):
         """``(log p, grad or None, E | T noise or None)``; with ``want_members`` the third is
         the races' member sets, bool ``[B, R, A]`` (written where E | T's buffer would be)."""
-        from .numba_kernels import IMPOSSIBLE, ST_NESTING, ST_STATUS, ST_WIDTH, WANT_GRAD, WANT_MEMBERS, WANT_NOISE
+        from .numba_kernels import (IMPOSSIBLE, MODE_SCORE, ST_NESTING, ST_STATUS, ST_WIDTH, WANT_GRAD, WANT_MEMBERS,
+                                    WANT_NOISE)
         B, A = logits.shape
         R = inst.max_races
         alive = inst.valid.reshape(-1) & ~np.isneginf(logits)
@@ -293,8 +295,9 @@ class Program(_BaseProgram):
         u = np.array(uniforms, dtype=np.float64) if noisy else np.empty((B, 0))   # read only for E | T
         flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0) | (WANT_MEMBERS if want_members else 0)
         outs = [o[:1] for o in self._outputs(inst, 1)]
-        self._run("score_all", *self._args(inst), self._unravel_table(inst), alive, np.array(logits, dtype=np.float64),
-                               tr, st, fs, grad, lsum, u, noise, np.int64(flags), np.bool_(False), *outs)
+        x = np.array(logits, dtype=np.float64)
+        self._run("run_all", *self._solve_consts(inst), np.empty((B, 0)), x, x, np.empty((B, 0)), alive, tr, st,
+                  False, False, MODE_SCORE, fs, grad, lsum, u, noise, flags, *outs)
         self._raise(st, inst)
         logp = np.where(st[:, ST_STATUS] == IMPOSSIBLE, -np.inf, fs[:, 0])
         if want_members:

@@ -156,7 +156,7 @@ def test_a_numba_compile_failure_becomes_a_clear_error(monkeypatch):
 
     def rejects(*args):
         raise TypingError("Cannot unify array(int64, 1d, C) and bool for 'x'")
-    monkeypatch.setattr(fast._module, "solve_all", rejects)
+    monkeypatch.setattr(fast._module, "run_all", rejects)
     with pytest.raises(LoweringError, match=r"could not compile spec 'categorical' \(TypingError: Cannot unify") as info:
         fast.solve(np.ones(3))
     assert info.value.file.endswith("categorical.py") and "backend='numpy'" in str(info.value)
