@@ -121,6 +121,9 @@ class Program(_BaseProgram):
     #: checked int64 arithmetic (the DSL's meaning); only ``benchmarks/run.py`` compiles a
     #: subclass without it, to measure what the checks cost (such a program wraps on overflow)
     check_overflow = True
+    #: batches of at least this many lanes run on the parallel driver, smaller ones on the
+    #: serial one (no threads to start; it also compiles in a third of the time)
+    parallel_from = 64
 
     def __init__(self, spec, **static_params):
         super().__init__(spec, **static_params)
@@ -173,6 +176,10 @@ class Program(_BaseProgram):
                                 dtype=bool if t.dtype == "bool" else np.int64))
         return out
 
+    def _driver(self, lanes):
+        """The driver for a batch of ``lanes``: the parallel one from ``parallel_from`` lanes."""
+        return "run_all_parallel" if lanes >= self.parallel_from else "run_all"
+
     def _run(self, kernel, *args):
         """Call a compiled driver; a Numba typing failure (a construct this backend lowers
         into code Numba rejects) becomes a clear error instead of a raw Numba traceback."""
@@ -222,7 +229,7 @@ class Program(_BaseProgram):
         mode = MODE_SOLVE if score is None else MODE_SAMPLE_SCORE_NESTED if self._fast else MODE_SAMPLE_SCORE
         fs, grad, lsum, flags = score or (np.zeros((B, 1)), none, none, 0)
         # the callers hand over writable C-contiguous float64 arrays: one lane signature
-        self._run("run_all", *self._solve_consts(inst), uniforms if draw else none, logits if draw else none,
+        self._run(self._driver(B), *self._solve_consts(inst), uniforms if draw else none, logits if draw else none,
                   res, log_noise, np.empty((B, A), dtype=bool), tr, st, log_space, draw, mode, fs, grad, lsum,
                   none, none, flags, *outs)
         self._raise(st, inst, (check_logits or (lambda: self.check_logits(logits))) if draw else None)
@@ -296,7 +303,7 @@ class Program(_BaseProgram):
         flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0) | (WANT_MEMBERS if want_members else 0)
         outs = [o[:1] for o in self._outputs(inst, 1)]
         x = np.array(logits, dtype=np.float64)
-        self._run("run_all", *self._solve_consts(inst), np.empty((B, 0)), x, x, np.empty((B, 0)), alive, tr, st,
+        self._run(self._driver(B), *self._solve_consts(inst), np.empty((B, 0)), x, x, np.empty((B, 0)), alive, tr, st,
                   False, False, MODE_SCORE, fs, grad, lsum, u, noise, flags, *outs)
         self._raise(st, inst)
         logp = np.where(st[:, ST_STATUS] == IMPOSSIBLE, -np.inf, fs[:, 0])

@@ -15,6 +15,7 @@ times, < 1).  Compilation is excluded as in ``run.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -39,6 +40,21 @@ def package_view(tree: Path, into: Path) -> Path:
         (pkg / sub).symlink_to(tree / sub)
     shutil.copytree(tree / "benchmarks", into / "benchmarks")
     return into
+
+
+@contextlib.contextmanager
+def two_trees(rev: str):
+    """``{"head": view of this tree, "base": view of ``rev``}`` (see :func:`package_view`),
+    ``rev`` checked out into a temporary git worktree that is removed afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        worktree = tmp / "earlier"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), rev],
+                       check=True, capture_output=True)
+        try:
+            yield {"head": package_view(ROOT, tmp / "head"), "base": package_view(worktree, tmp / "base")}
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], capture_output=True)
 
 
 def run(view: Path, script: str, args: list[str]) -> str:
@@ -108,24 +124,16 @@ def main():
     cut = argv.index("--") if "--" in argv else len(argv)
     a = p.parse_args(argv[:cut])
     run_args = argv[cut + 1:] or RUN_DEFAULT              # arguments for run.py, after --
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        worktree = tmp / "earlier"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), a.rev],
-                       check=True, capture_output=True)
-        try:
-            views = {"head": package_view(ROOT, tmp / "head"), "base": package_view(worktree, tmp / "base")}
-            rates, steps = defaultdict(lambda: defaultdict(list)), defaultdict(lambda: defaultdict(list))
-            for r in range(a.rounds):
-                for side in ("head", "base") if r % 2 == 0 else ("base", "head"):
-                    print(f"round {r + 1}: {side}", file=sys.stderr, flush=True)
-                    for key, v in parse_run(run(views[side], "run.py", run_args)).items():
-                        rates[key][side].append(v)
-                    if not a.no_steps:
-                        for key, v in parse_steps(run(views[side], "estimators.py", ["--quick", "--only", "steps"])).items():
-                            steps[key][side].append(v)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], capture_output=True)
+    with two_trees(a.rev) as views:
+        rates, steps = defaultdict(lambda: defaultdict(list)), defaultdict(lambda: defaultdict(list))
+        for r in range(a.rounds):
+            for side in ("head", "base") if r % 2 == 0 else ("base", "head"):
+                print(f"round {r + 1}: {side}", file=sys.stderr, flush=True)
+                for key, v in parse_run(run(views[side], "run.py", run_args)).items():
+                    rates[key][side].append(v)
+                if not a.no_steps:
+                    for key, v in parse_steps(run(views[side], "estimators.py", ["--quick", "--only", "steps"])).items():
+                        steps[key][side].append(v)
     print(f"# this tree vs {a.rev}, {a.rounds} alternating rounds; medians")
     table("lanes per second (benchmarks/run.py)", rates, "lanes/s")
     if steps:

@@ -21,11 +21,9 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from collections import defaultdict
-from pathlib import Path
 
-from compare import ROOT, package_view
+from compare import two_trees
 
 CHILD = """
 import sys, json
@@ -51,31 +49,22 @@ def main():
     p.add_argument("--steps", type=int, default=200)
     a = p.parse_args()
     pin = shutil.which("taskset") is not None
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        worktree = tmp / "earlier"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), a.rev],
-                       check=True, capture_output=True)
-        try:
-            views = {"head": package_view(ROOT, tmp / "head"), "base": package_view(worktree, tmp / "base")}
-            times = defaultdict(lambda: defaultdict(list))
-            for r in range(a.rounds):
-                print(f"round {r + 1} of {a.rounds}", file=sys.stderr, flush=True)
-                procs = {}
-                for core, side in enumerate(("head", "base") if r % 2 == 0 else ("base", "head")):
-                    cmd = [sys.executable, "-c", CHILD, a.toys, a.estimators, str(a.blocks), str(a.steps)]
-                    procs[side] = subprocess.Popen((["taskset", "-c", str(core)] if pin else []) + cmd,
-                                                   env={**os.environ, "PYTHONPATH": str(views[side])},
-                                                   cwd=views[side], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                   text=True)
-                for side, proc in procs.items():
-                    out, err = proc.communicate()
-                    if proc.returncode:
-                        raise SystemExit(f"{side} failed:\n{err[-2000:]}")
-                    for cell, us in json.loads(out.strip().splitlines()[-1]).items():
-                        times[cell][side].append(us)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], capture_output=True)
+    times = defaultdict(lambda: defaultdict(list))
+    with two_trees(a.rev) as views:
+        for r in range(a.rounds):
+            print(f"round {r + 1} of {a.rounds}", file=sys.stderr, flush=True)
+            procs = {}
+            for core, side in enumerate(("head", "base") if r % 2 == 0 else ("base", "head")):
+                cmd = [sys.executable, "-c", CHILD, a.toys, a.estimators, str(a.blocks), str(a.steps)]
+                procs[side] = subprocess.Popen((["taskset", "-c", str(core)] if pin else []) + cmd,
+                                               env={**os.environ, "PYTHONPATH": str(views[side])}, cwd=views[side],
+                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for side, proc in procs.items():
+                out, err = proc.communicate()
+                if proc.returncode:
+                    raise SystemExit(f"{side} failed:\n{err[-2000:]}")
+                for cell, us in json.loads(out.strip().splitlines()[-1]).items():
+                    times[cell][side].append(us)
     print(f"# us per training step, this tree vs {a.rev}: {a.rounds} rounds, both trees at once "
           f"({'pinned to one core each' if pin else 'unpinned'}); medians")
     print("\n| toy estimator | this tree | earlier | median of ratios |")

@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("numba")
 
 import regression_fixture as R
+import shared_specs
 from conformance import Runner, assert_same_values
 from structdsl.backends import numba_backend
 from structdsl.backends.numba_lowering import PASSES, Codegen
@@ -63,3 +64,31 @@ def test_an_unknown_pass_is_refused():
     prog = numba_backend.Program(spec, **statics)
     with pytest.raises(ValueError, match="unknown passes"):
         Codegen(prog.ir, prog.types, passes=("loop_fusion", "vectorize"))
+
+
+def _parallel_from(lanes):
+    class Variant(numba_backend.Program):
+        parallel_from = lanes
+    return Variant
+
+
+@pytest.mark.parametrize("name", sorted(shared_specs.SPECS))
+def test_the_parallel_driver_means_what_the_serial_one_means(name):
+    """``run_all`` (a plain loop, batches under ``parallel_from`` lanes) and
+    ``run_all_parallel`` (``prange``) are one template: the same outputs and errors."""
+    spec, (lo, hi), statics, shape_of = _case(name)
+    serial, parallel = Runner(spec, "numba", **statics), Runner(spec, "numba", **statics)
+    serial.prog = _parallel_from(10 ** 9)(spec, **statics)
+    parallel.prog = _parallel_from(1)(spec, **statics)
+    assert "def run_all_parallel(" in parallel.prog.source and "prange(__B)" in parallel.prog.source
+    shape = tuple(shape_of(hi))
+    want = R.program_outputs(serial, name, shape)
+    got = R.program_outputs(parallel, name, shape)
+    assert set(got) == set(want) and any(k.endswith("/logp") for k in want), name
+    for key in sorted(want):
+        if key.endswith("/error"):
+            assert str(got[key]) == str(want[key]), key
+        else:
+            assert_same_values(got[key], want[key])
+    module = parallel.prog._module                    # one generated module holds both drivers
+    assert module.run_all.signatures and module.run_all_parallel.signatures
