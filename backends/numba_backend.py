@@ -110,8 +110,8 @@ class Program(_BaseProgram):
     """A spec compiled to native code with Numba (see :class:`structdsl.program.Program`).
 
     ``prog.source`` shows the generated module; the first call of each semantics compiles
-    it (or loads Numba's cache); the batch runs in parallel on ``numba.get_num_threads()``
-    threads.
+    it (or loads Numba's cache); a batch of at least :attr:`parallel_from` lanes runs in
+    parallel on ``numba.get_num_threads()`` threads, a smaller one in a plain loop.
     """
 
     backend = "numba"
