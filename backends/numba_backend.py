@@ -1,8 +1,9 @@
 """Numba backend: every spec compiled to native code, parallel over the batch.
 
 The IR and its types are lowered to the source of one ``lane`` function (the spec's own
-statements, per batch element) and one driver, ``run_all``, that runs ``lane`` over the
-batch with ``prange`` in every mode.  The source is written once to a per-user cache
+statements, per batch element) and one driver that runs ``lane`` over the batch in every
+mode, written twice: ``run_all`` (a plain loop, small batches) and ``run_all_parallel``
+(``prange``).  The source is written once to a per-user cache
 directory under a name keyed by the hash of the source itself, so Numba's on-disk cache
 (``cache=True``) serves every later process.  Nothing here knows any structure: predicates
 become loops over the atoms, races calls to the kernels of :mod:`numba_kernels`.

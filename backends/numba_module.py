@@ -5,8 +5,8 @@ The lane (one batch element: the spec's statements, lowered by :mod:`numba_lower
 its passes) becomes a function ``lane``; one driver runs it over the batch in the mode
 that each semantics needs (``numba_kernels.MODE_*``): one function for LLVM to optimise,
 not one per semantics, written twice: ``run_all`` (a plain loop, for small batches) and
-``run_all_parallel`` (``prange``).  The driver is a text template: it does not depend on the spec beyond its parameters, its
-outputs and which race path it takes.  Mode numbers and status columns are written from
+``run_all_parallel`` (``prange``).  The driver is a text template: it does not depend on
+the spec beyond its parameters, its outputs and which race path it takes.  Mode numbers and status columns are written from
 the kernels' named constants.
 """
 from __future__ import annotations
@@ -120,8 +120,8 @@ def _locate(node):
 
 _DRIVER = '''@njit({parallel}cache=True, error_model='numpy')
 def {driver}({params}__valid, __unr, __uni, __logits, __res, __log_noise, __alive, __tr, __st, __log_space, __draw, __mode, __fs, __grad, __lsum, __u, __noise, __flags{outs_comma}):
-    # One driver for every semantics (one parallel function for LLVM to optimise, not one
-    # per semantics).  __mode {MODE_SCORE}: replay the traces __tr under __logits (= __res)
+    # One driver for every semantics (one function for LLVM to optimise, not one per
+    # semantics; the module holds it as a plain loop and as a prange).  __mode {MODE_SCORE}: replay the traces __tr under __logits (= __res)
     # from the caller's __alive, scoring them: log p, its gradient, member sets or E | T
     # (__flags; E | T from the uniforms __u) into __fs, __grad, __lsum, __noise.  Other
     # modes fill __alive here and then sample (__draw: the noise is drawn from __uni and

@@ -69,24 +69,14 @@ def t_reinforce(dist, f, num_samples=1, leave_one_out=None, generator=None):
     traced, with ``dist.log_prob`` as a custom operator on the CPU fast path when the
     distribution does not validate its arguments (see :mod:`structdsl.ops`); eagerly, one
     native call draws and scores the traces.  Both give the same estimate."""
-    if torch.compiler.is_compiling():
-        K, loo = _samples(num_samples, leave_one_out)
-        dist = dist.in_working_precision()
-        s = dist.sample_with_structure((K,), generator)
-        losses = _losses(f, s.structure, (K,) + dist.batch_shape)
-        return score_surrogate(losses, dist.log_prob(s.trace), loo)
-    return _t_reinforce(dist, f, num_samples, leave_one_out, generator)
-
-
-def _t_reinforce(dist, f, num_samples, leave_one_out, generator):
     K, loo = _samples(num_samples, leave_one_out)
     dist = dist.in_working_precision()
     lead = (K,) + dist.batch_shape
-    if dist.cpu_fast_path:       # one native call draws and scores the traces
+    if not torch.compiler.is_compiling() and dist.cpu_fast_path:   # one native call draws and scores
         s = dist.sample_and_score((K,), generator, score="trace")
         return _NativeScoreSurrogate.apply(_losses(f, s.structure, lead, screen=False), dist.logits,
                                            s.array("score").reshape(-1, dist.instance.num_atoms), loo)
-    s = dist.sample_with_structure((K,), generator)     # the lock-step path: autograd through log p
+    s = dist.sample_with_structure((K,), generator)     # lock-step or compiled: autograd through log p
     losses = _losses(f, s.structure, lead)
     return score_surrogate(losses, dist.log_prob(s.trace), loo)
 

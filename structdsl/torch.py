@@ -299,11 +299,17 @@ class RaceDistribution(Sampling, ExactLaw, Distribution, _PyroMixin):
             if value.dim() < 1 or value.shape[-1] != R:
                 raise ValueError(f"trace must have shape [..., {R}] (max_races of {self.program.ir.name} for "
                                  f"atoms {self.atom_shape}), got {tuple(value.shape)}")
-            shape = _broadcast(value.shape[:-1], batch_shape)
-            t = value.expand(shape + (R,)).reshape(-1, R)
-            x = x.expand(shape + self.atom_shape).reshape((-1,) + self.atom_shape)
-            return ops.log_prob(fast, t, x).reshape(shape)
+            return self._fast_log_prob(value, x, batch_shape)
         return self.program.log_prob(value, x)
+
+    def _fast_log_prob(self, value, x, batch_shape):
+        """log p on the CPU fast path: traces ``[..., R]`` and logits ``[*batch_shape,
+        *atom_shape]`` broadcast to one flat batch, then :func:`structdsl.ops.log_prob`."""
+        R = self.instance.max_races
+        shape = _broadcast(value.shape[:-1], batch_shape)
+        t = value.expand(shape + (R,)).reshape(-1, R)
+        x = x.expand(shape + self.atom_shape).reshape((-1,) + self.atom_shape)
+        return ops.log_prob(self._numba, t, x).reshape(shape)
 
     def log_prob(self, value):
         """Exact ``log p(trace)``, differentiable in the logits (``-inf`` outside the support
@@ -320,12 +326,7 @@ class RaceDistribution(Sampling, ExactLaw, Distribution, _PyroMixin):
     def _log_prob_in_graph(self, value):
         """:meth:`log_prob` as torch.compile traces it: shapes, then the operator (the
         kernels read the logits at valid atoms only, so no ``_x`` masking is needed)."""
-        x = self.logits.to(self.working_dtype)
-        R = self.event_shape[0]
-        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
-        t = value.expand(shape + (R,)).reshape(-1, R)
-        x = x.expand(shape + self.atom_shape).reshape((-1,) + self.atom_shape)
-        lp = ops.log_prob(self._numba, t, x).reshape(shape)
+        lp = self._fast_log_prob(value, self.logits.to(self.working_dtype), self.batch_shape)
         return lp.to(self.logits.dtype)
 
     @eager
