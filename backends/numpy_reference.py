@@ -780,6 +780,26 @@ class Enumerator(_Lane):
         return winners
 
 
+class Probe(_Lane):
+    """One random root-to-leaf walk of the trace tree (Knuth, 1975): every race takes a
+    uniformly random member; ``estimate`` is the product of the member counts along the
+    walk, an unbiased estimate of the number of traces (:meth:`Program.enumerate_flat`)."""
+
+    def __init__(self, prog, inst, live, rng):
+        super().__init__(prog, inst, live)
+        self.rng = rng
+        self.estimate = 1
+
+    def pick(self, masks):
+        winners = []
+        for m in masks:
+            choices = np.flatnonzero(m)
+            self.estimate *= len(choices)
+            self._take_slot()
+            winners.append(int(choices[self.rng.integers(len(choices))]))
+        return winners
+
+
 # ---- the program -------------------------------------------------------------------------
 class Program(_BaseProgram):
     """A spec compiled for the NumPy reference backend (see :class:`structdsl.program.Program`)."""
@@ -866,6 +886,7 @@ class Program(_BaseProgram):
         trace)`` runs, where walking depth first and counting only finished traces needed
         about ``max_traces``."""
         live = inst.valid.reshape(-1) & (weights > 0 if exact else ~np.isneginf(weights))
+        self._refuse_if_clearly_too_many(inst, live, max_traces)
         done, queue = [], [(0, ())]            # a heap of waiting prefixes, shortest first
         while queue:
             _, prefix = heapq.heappop(queue)
@@ -897,9 +918,29 @@ class Program(_BaseProgram):
             probs = np.exp(logps)
         return traces, _stack([o for _, o, _ in done], len(self.ir.outputs), len(done)), probs, logps
 
-    def _too_many(self, inst, max_traces):
+    def _refuse_if_clearly_too_many(self, inst, live, max_traces, probes=16, low=4, factor=4):
+        """Refuse before the walk when the ``low``-th smallest of ``probes`` random walks'
+        estimates (:class:`Probe`, a fixed seed) exceeds ``factor * max_traces``.  Each
+        estimate is unbiased and non-negative, so by Markov's inequality it exceeds
+        ``factor`` times the true count with probability below ``1 / factor``; a law with at
+        most ``max_traces`` traces is refused only if ``probes - low + 1`` walks all do so,
+        a binomial tail below 4e-6 at the defaults.  Laws near the limit go on to the walk,
+        which counts."""
+        rng = np.random.default_rng(0)
+        estimates = []
+        for _ in range(probes):
+            walk = Probe(self, inst, live, rng)
+            self._call(walk, inst, None)
+            estimates.append(walk.estimate)
+            if sum(e <= factor * max_traces for e in estimates) >= low:
+                return
+        bound = sorted(estimates)[low - 1]
+        self._too_many(inst, max_traces, f" (random walks of the trace tree estimate {bound} "
+                                          f"or more: {low - 1} of {probes} estimated fewer)")
+
+    def _too_many(self, inst, max_traces, why=""):
         raise EnumerationLimitError(
-            f"{self.ir.name} with atoms {inst.atom_shape} has more than {max_traces} traces; "
+            f"{self.ir.name} with atoms {inst.atom_shape} has more than {max_traces} traces{why}; "
             f"enumerate(..., max_traces=N) raises the guard")
 
 

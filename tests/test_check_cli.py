@@ -580,8 +580,9 @@ def test_enumeration_past_the_limit_is_refused_after_few_runs(monkeypatch):
     """spanning_tree on K6 has 6^4 * 5! = 155520 traces.  Depth first, counting only finished
     traces, the guard (20000) tripped after about 20000 runs of the program (9-19 s on 2
     loaded cores); breadth first, counting every waiting prefix as at least one trace, it
-    trips after about 1300 runs (0.6 s).  The runs are counted here; the time is the
-    benchmarks' business."""
+    trips after about 1300 runs (0.6 s); random walks of the trace tree now refuse it
+    before any run (next test).  The runs are counted here; the time is the benchmarks'
+    business."""
     from structdsl import EnumerationLimitError
     prog = structdsl.compile(specs.spanning_tree)
     module = sys.modules[type(prog).__module__]
@@ -603,6 +604,38 @@ def test_enumeration_past_the_limit_is_refused_after_few_runs(monkeypatch):
     keys = [tuple(t) for t in enum.traces.tolist()]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     assert sum(enum.probs) == 1
+
+
+def test_random_walks_estimate_the_trace_count_and_refuse_before_the_walk(monkeypatch):
+    """Knuth's estimator (a random root-to-leaf walk, the product of the member counts) is
+    unbiased for the number of traces: its mean over many walks matches enumeration; on a
+    law whose every walk branches alike (permutations) each walk is exact.  A law far past
+    the limit is refused from the walks alone, before any enumeration run."""
+    prog = structdsl.compile(specs.spanning_tree)
+    module = sys.modules[type(prog).__module__]
+    inst = prog.instance((5, 5))
+    live = inst.valid.reshape(-1).copy()
+    rng = np.random.default_rng(1)
+    walks = []
+    for _ in range(3000):
+        w = module.Probe(prog, inst, live, rng)
+        prog._call(w, inst, None)
+        walks.append(w.estimate)
+    exact = len(prog.enumerate(rates=np.ones((5, 5), dtype=int)))
+    walks = np.array(walks, dtype=float)
+    assert abs(walks.mean() - exact) < 4 * walks.std() / np.sqrt(len(walks)), (walks.mean(), exact)
+    perm = structdsl.compile(specs.permutation)
+    pinst = perm.instance((6,))
+    w = module.Probe(perm, pinst, pinst.valid.reshape(-1).copy(), rng)
+    perm._call(w, pinst, None)
+    assert w.estimate == 720 == len(perm.enumerate(rates=np.ones(6, dtype=int)))
+    runs = []
+    init = module.Enumerator.__init__
+    monkeypatch.setattr(module.Enumerator, "__init__", lambda self, *a, **k: runs.append(1) or init(self, *a, **k))
+    from structdsl import EnumerationLimitError
+    with pytest.raises(EnumerationLimitError, match=r"more than 20000 traces \(random walks"):
+        structdsl.compile(specs.matching).enumerate(rates=np.ones((8, 8), dtype=int))
+    assert runs == []
 
 
 def test_cli_refuses_a_shape_past_the_enumeration_limit_quickly(tmp_path):
