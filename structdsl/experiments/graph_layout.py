@@ -64,11 +64,12 @@ class Config:
     n: int = 10
     frames: int = 10
     num_train: int = 10000
-    num_test: int = 1000
+    num_test: int = 500
     hidden: int = 64
-    batch_size: int = 128
-    steps: int = 2000
-    lr: float = 5e-4
+    batch_size: int = 32
+    steps: int = 1500
+    lr: float = 1e-3
+    skip_first: bool = True             # NRI's decoder option: "no edge" sends no message
     variance: float = 5e-5              # the Gaussian likelihood's fixed output variance
     num_samples: int = 4                # K latent samples per graph and step (every estimator)
     sst_temperature: float = 1.0
@@ -92,7 +93,7 @@ class GraphLayoutModel(nn.Module):
         super().__init__()
         self.n = cfg.n
         self.encoder = Encoder(cfg.n, cfg.frames * 2, cfg.hidden)
-        self.decoder = Decoder(cfg.n, 2, cfg.hidden)
+        self.decoder = Decoder(cfg.n, 2, cfg.hidden, skip_first=cfg.skip_first)
 
     def logits(self, x):
         """``[B, n, n]`` float64 symmetric edge logits (read at ``u < v`` by the spec)."""

@@ -111,9 +111,10 @@ def edge_types_from_adjacency(z):
 class Decoder(nn.Module):
     """NRI's MLP interaction decoder with ``edge_types`` message MLPs."""
 
-    def __init__(self, n, dims=2, hidden=64, edge_types=2):
+    def __init__(self, n, dims=2, hidden=64, edge_types=2, skip_first=False):
         super().__init__()
         self.n = n
+        self.skip_first = skip_first      # NRI's option: type 0 ("no edge") carries no message
         self.msg_fc1 = nn.ModuleList([nn.Linear(2 * dims, hidden) for _ in range(edge_types)])
         self.msg_fc2 = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(edge_types)])
         self.out_fc1 = nn.Linear(dims + hidden, hidden)
@@ -128,7 +129,7 @@ class Decoder(nn.Module):
         a frame dim if x has one more) -> the next positions."""
         pre = torch.cat([x[..., self.send, :], x[..., self.rec, :]], dim=-1)
         msgs = 0
-        for i in range(len(self.msg_fc1)):
+        for i in range(int(self.skip_first), len(self.msg_fc1)):
             m = F.relu(self.msg_fc2[i](F.relu(self.msg_fc1[i](pre))))
             msgs = msgs + m * rel_type[..., i:i + 1]
         agg = torch.zeros(x.shape[:-1] + (msgs.shape[-1],), dtype=x.dtype, device=x.device)
