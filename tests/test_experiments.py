@@ -315,3 +315,32 @@ def test_gumbel_kl_closed_form_and_its_shift_minimum():
     grid = torch.stack([B.gumbel_kl(theta + c, valid) for c in np.linspace(-10, 10, 20001)])
     torch.testing.assert_close(shifted, grid.min(0).values, rtol=0, atol=1e-6)
     assert (shifted <= direct).all() and (shifted >= 0).all()
+
+
+def test_skip_first_decoder_sends_no_message_on_non_edges_and_the_flag_parses():
+    """NRI's ``skip_first``: the "no edge" type is silent, so with an empty graph a node's
+    prediction ignores every other node, and an edge makes it depend on its neighbour; the
+    CLI reads ``--skip-first false`` as False (``bool("false")`` would be True)."""
+    from structdsl.experiments.__main__ import _config, build_parser
+    from structdsl.experiments.nri import Decoder, edge_types_from_adjacency
+    torch.manual_seed(0)
+    n = 4
+    x = torch.randn(1, n, 2)
+    moved = x.clone()
+    moved[0, 3] += 1.0                                   # move node 3
+    for skip, empty_ignores in ((True, True), (False, False)):
+        dec = Decoder(n, 2, 16, skip_first=skip)
+        empty = edge_types_from_adjacency(torch.zeros(1, n, n))
+        same = torch.allclose(dec.step(x, empty)[0, 0], dec.step(moved, empty)[0, 0])
+        assert same == empty_ignores
+    dec = Decoder(n, 2, 16, skip_first=True)
+    z = torch.zeros(1, n, n)
+    z[0, 0, 3] = z[0, 3, 0] = 1.0
+    edge = edge_types_from_adjacency(z)
+    assert not torch.allclose(dec.step(x, edge)[0, 0], dec.step(moved, edge)[0, 0])
+    assert torch.allclose(dec.step(x, edge)[0, 1], dec.step(moved, edge)[0, 1])   # node 1 has no edge
+    for text, value in (("false", False), ("true", True), ("0", False)):
+        args = build_parser().parse_args(["graph-layout", "--estimator", "imle", "--skip-first", text])
+        assert _config(args).skip_first is value
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["graph-layout", "--skip-first", "maybe"])

@@ -274,3 +274,70 @@ def compile_numba_or_numpy(spec, **static):
     import importlib.util
     backend = "numba" if importlib.util.find_spec("numba") is not None else "numpy"
     return structdsl.compile(spec, backend=backend, **static)
+
+
+# ---- SST: arborescences (appended for experiment 2) -----------------------------------------
+def arborescence_marginals(weights, root=0, mask=None):
+    """Edge marginals of the Gibbs distribution ``p(A) ∝ exp(sum_{(u -> v) in A} weights_uv)``
+    over the spanning arborescences rooted at ``root`` (the directed matrix-tree theorem, Koo et
+    al. 2007; Tutte): ``log Z = log det L_minor`` with the in-degree Laplacian ``L_vv = sum_u
+    W_uv``, ``L_uv = -W_uv`` (``u != v``), ``W_uv = exp(weights_uv)``, and the minor deleting
+    the root's row and column; the marginals are ``∂ log Z / ∂ weights`` by autograd with
+    ``create_graph=True`` (differentiable again), in float64.
+
+    weights: ``[*batch, n, n]``, entry ``[u, v]`` the edge ``u -> v``, read at ``u != v``,
+    ``v != root`` (the arborescence spec's valid atoms); ``-inf`` removes an edge.  mask: bool
+    ``[*batch, n]``, the present nodes (the root always is); absent nodes take no part (their
+    edges are ignored, whatever they hold).  Default: a node is present when one of its
+    valid edges (in or out) is above ``-inf``, the arborescence spec's padding rule.  Every
+    present node must be reachable from the root through edges above ``-inf`` (else ``Z = 0``).
+    Stabilised by subtracting each node's largest incoming weight (every arborescence has one
+    edge into each present non-root node, so ``log Z`` shifts by their sum).  Returns
+    ``[*batch, n, n]`` marginals, 0 at removed, invalid and absent edges; each present
+    non-root node's column sums to 1."""
+    n = weights.shape[-1]
+    dev = weights.device
+    x = weights.to(torch.float64)
+    if not x.requires_grad:
+        x = x.detach().requires_grad_(True)
+    idx = torch.arange(n, device=dev)
+    valid = (idx[:, None] != idx[None, :]) & (idx[None, :] != root)
+    live = valid & (x.detach() > -math.inf)
+    if mask is None:
+        present = live.any(-1) | live.any(-2)
+    else:
+        present = torch.as_tensor(mask, dtype=torch.bool, device=dev).expand(x.shape[:-1])
+    present = present | (idx == root)
+    live = live & present[..., :, None] & present[..., None, :]
+    with torch.enable_grad():
+        c = torch.where(live, x, -math.inf).amax(-2, keepdim=True).detach()      # [*, 1, n]
+        c = torch.where(c > -math.inf, c, 0.0)
+        w = torch.exp(torch.where(live, x - c, -math.inf))                         # 0 where not live
+        lap = torch.diag_embed(w.sum(-2) + (~present).to(torch.float64)) - w      # absent: identity
+        keep = torch.cat([idx[:root], idx[root + 1:]])
+        minor = lap.index_select(-2, keep).index_select(-1, keep)
+        shift = torch.where(present & (idx != root), c[..., 0, :], 0.0).sum(-1)
+        logz = torch.logdet(minor) + shift
+        (marg,) = torch.autograd.grad(logz.sum(), x, create_graph=True)
+    return torch.where(live, marg, 0.0).to(weights.dtype)
+
+
+def sst_arborescence(theta, t=1.0, hard=False, solve=None, generator=None, mask=None, root=0):
+    """SST's arborescence sample (Paulus et al. 2020): utilities ``U = theta + Gumbel`` (``-inf``
+    stays ``-inf``); soft: the Gibbs edge marginals of ``U / t`` (:func:`arborescence_marginals`);
+    ``hard`` (straight-through): the maximum-weight arborescence of ``U`` (``solve``, e.g.
+    :func:`map_solver` of the arborescence spec, Chu-Liu/Edmonds) in the forward pass, the
+    marginals' gradient in the backward pass.  Returns ``(z [*batch, n, n], U)``, ``z[u, v]``
+    for the edge ``u -> v``."""
+    g = gumbel(theta.shape, generator).to(theta.device)
+    u = theta.to(torch.float64) + g
+    soft = arborescence_marginals(u / t, root=root, mask=mask)
+    if not hard:
+        return soft, u
+    if solve is None:
+        raise ValueError("the straight-through sample needs solve (the MAP oracle)")
+    h = solve(u.detach())
+    return h + (soft - soft.detach()), u          # exactly h forward
+
+
+__all__ += ["arborescence_marginals", "sst_arborescence"]
