@@ -21,8 +21,8 @@ report, over the valid atoms:
 * ``var``: the variance per coordinate (mean over the valid atoms);
 * ``rel_bias = bias / |exact|``.
 
-The relaxations (SST's matrix-tree marginals, soft and straight-through, at t = 0.5 and 1)
-apply to the spanning tree only; I-MLE (the spec's solver as MAP oracle, ``(z - z') /
+The relaxations (SST's matrix-tree marginals, undirected for spanning trees and directed for
+arborescences, soft and straight-through, at t = 0.5 and 1) apply to those two; I-MLE (the spec's solver as MAP oracle, ``(z - z') /
 lambda``, Sum-of-Gamma or Gumbel noise) applies to all four.  The exact gradient is that of
 the race distribution's ``E[f]``; a relaxation or I-MLE that targets another quantity (a
 relaxed loss, a perturb-and-MAP law with other noise, a finite difference) shows that as bias.
@@ -53,6 +53,7 @@ class Instance:
     atom_shape: tuple
     imle_k: int                      # the structure's size (Sum-of-Gamma's k)
     embed: object = None             # structure record -> float [*lead, *atom_shape]
+    relaxation: object = None        # SST's relaxed sample (baselines.sst_*), where one exists
 
 
 def _arborescence_embed(structure, atom_shape, valid=None):
@@ -71,8 +72,10 @@ def _permutation_embed(structure, atom_shape, valid=None):
 
 
 INSTANCES = {
-    "spanning_tree": Instance("spanning_tree (n=5)", specs.spanning_tree, {}, (5, 5), 4),
-    "arborescence": Instance("arborescence (n=4)", specs.arborescence, {}, (4, 4), 3, _arborescence_embed),
+    "spanning_tree": Instance("spanning_tree (n=5)", specs.spanning_tree, {}, (5, 5), 4,
+                              relaxation=B.sst_spanning_tree),
+    "arborescence": Instance("arborescence (n=4)", specs.arborescence, {}, (4, 4), 3, _arborescence_embed,
+                             relaxation=B.sst_arborescence),
     "top_k": Instance("top_k (k=3 of 6)", specs.top_k, {"k": 3}, (6,), 3),
     "permutation": Instance("permutation (n=6)", specs.permutation, {}, (6,), 6, _permutation_embed),
 }
@@ -123,7 +126,7 @@ def estimators_for(inst_key):
     out = [("T-REINFORCE", "t", {"K": 1}), ("T-REINFORCE+ (K=4)", "t", {"K": 4}),
            ("E-REINFORCE", "e", {"K": 1}), ("E-REINFORCE+ (K=4)", "e", {"K": 4}),
            ("RELAX", "relax", {"K": 1})]
-    if inst_key == "spanning_tree":
+    if INSTANCES[inst_key].relaxation is not None:
         for t in (0.5, 1.0):
             out.append((f"SST soft (t={t:g})", "sst", {"t": t, "hard": False}))
             out.append((f"SST ST (t={t:g})", "sst", {"t": t, "hard": True}))
@@ -145,7 +148,7 @@ def _draws(kind, opts, setup, inst, N, relax_module=None):
         dist = RaceDistribution(setup["prog"], logits=x)
         relax_module(dist, setup["f"], num_samples=opts["K"]).backward()
     elif kind == "sst":
-        z, _ = B.sst_spanning_tree(x, opts["t"], hard=opts["hard"], solve=setup["solve"])
+        z, _ = inst.relaxation(x, opts["t"], hard=opts["hard"], solve=setup["solve"])
         setup["loss_of_embedding"](z).sum().backward()          # each copy's own loss
         return x.grad.detach()
     elif kind == "imle":

@@ -77,7 +77,7 @@ class Config:
     hidden: int = 64                    # BiLSTM units per direction, edge scorer and GNN width
     passes: int = 4                     # GNN message passes (>= max_depth reaches the root)
     batch_size: int = 32
-    steps: int = 2000
+    steps: int = 1000
     lr: float = 1e-3
     num_samples: int = 4                # K latent trees per sentence and step (every estimator)
     sst_temperature: float = 1.0
