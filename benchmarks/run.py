@@ -391,6 +391,40 @@ def print_compile_times(name, n, results, markdown):
     print()
 
 
+def print_compile_summary(table, n, markdown):
+    """One row per spec: a fresh process's first sample + log_prob_and_grad +
+    conditional_noise, seconds (import excluded), under each cache state."""
+    labels = [label for label, _, _, _ in table[0][1]]
+    short = [label.split(":")[0] for label in labels]
+    heads = ["spec (n = %d)" % n] + [f"{s} (s)" for s in short]
+    rows = []
+    for name, results in table:
+        cells = []
+        for _, r, _, _ in results:
+            cells.append("error" if r is None else f"{r['total'] - r['import']:.2f}")
+        rows.append([name] + cells)
+    print("numba compile table: seconds from structdsl.compile to the end of the first three calls "
+          "(import excluded), per cache state")
+    if markdown:
+        print("| " + " | ".join(heads) + " |")
+        print("|---|" + "|".join("---:" for _ in heads[1:]) + "|")
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+    else:
+        w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+        for r in [heads] + rows:
+            print(f"{r[0]:<{w[0]}}  " + " ".join(f"{x:>{w[i + 1]}}" for i, x in enumerate(r[1:])))
+    print()
+
+
+def _spec_list(text):
+    names = list(SPECS) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in SPECS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown spec(s) {bad}; choose from {', '.join(SPECS)} or 'all'")
+    return names
+
+
 # ---- what the numba backend's overflow checks cost -----------------------------------------
 def unchecked(name, n):
     """Spec ``name`` compiled for numba with its int64 overflow checks off (wrapping
@@ -543,8 +577,9 @@ def build_parser():
                         help="skip a numpy semantics whose single lane takes longer (50 ms)")
     parser.add_argument("--numba-budget", type=float, default=2.0,
                         help="no further repeat once a numba semantics has used this many seconds (2.0)")
-    parser.add_argument("--compile-spec", default="spanning_tree", choices=list(SPECS),
-                        help="spec whose numba compile time is measured (default spanning_tree)")
+    parser.add_argument("--compile-spec", default="spanning_tree", type=_spec_list,
+                        help="comma-separated specs (or 'all') whose numba compile times are measured, "
+                             "one table each and a summary row per spec (default spanning_tree)")
     parser.add_argument("--compile-size", type=int, default=8, help="n for the compile-time runs (8)")
     parser.add_argument("--no-steps", action="store_true",
                         help="skip the T-REINFORCE step table (printed when torch or cuda is timed)")
@@ -790,12 +825,17 @@ def print_extras(plan):
                               cpu="torch" in backends, cuda="cuda" in backends))
     if "numba" in backends and not args.no_compile_time:
         n = min(args.compile_size, 8) if args.quick else args.compile_size
-        if progress:
-            print(f"compile times of {args.compile_spec} (3 subprocesses)...", end="\r", file=sys.stderr, flush=True)
-        results = compile_times(args.compile_spec, n, args.threads, args.quick)
-        if progress:
-            print(" " * 70, end="\r", file=sys.stderr, flush=True)
-        print_compile_times(args.compile_spec, n, results, args.markdown)
+        table = []
+        for name in args.compile_spec:
+            if progress:
+                print(f"compile times of {name} (fresh subprocesses)...", end="\r", file=sys.stderr, flush=True)
+            results = compile_times(name, n, args.threads, args.quick)
+            if progress:
+                print(" " * 70, end="\r", file=sys.stderr, flush=True)
+            print_compile_times(name, n, results, args.markdown)
+            table.append((name, results))
+        if len(table) > 1:
+            print_compile_summary(table, n, args.markdown)
 
 
 def main(argv=None):
