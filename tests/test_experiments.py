@@ -345,3 +345,19 @@ def test_skip_first_decoder_sends_no_message_on_non_edges_and_the_flag_parses():
         assert _config(args).skip_first is value
     with pytest.raises(SystemExit):
         build_parser().parse_args(["graph-layout", "--skip-first", "maybe"])
+
+
+def test_time_steps_interleaves_estimators_and_reports_every_round(capsys):
+    """``time-steps``: every estimator timed in every round (positive ms), the median among
+    them, and the CLI's table names each estimator."""
+    from structdsl.experiments import graph_layout as gl
+    from structdsl.experiments.__main__ import main
+    from structdsl.experiments.timing import format_times, time_steps
+    base = gl.Config(num_train=32, num_test=8, batch_size=4, num_samples=2, hidden=8)
+    times = time_steps(gl, base, ["t_reinforce+", "sst_st"], steps=2, rounds=3, progress=False)
+    assert list(times) == ["t_reinforce+", "sst_st"]
+    for med, each in times.values():
+        assert len(each) == 3 and all(t > 0 for t in each) and med == sorted(each)[1]
+    assert "| SST (straight-through) |" in format_times(times, gl.LABELS)
+    with pytest.raises(SystemExit, match="unknown estimator"):
+        main(["time-steps", "graph-layout", "--estimators", "nope", "--no-progress"])

@@ -266,7 +266,7 @@ def test_listops_smoke_every_estimator(tmp_path):
     from structdsl.experiments import listops as lo
     cfg = lo.Config(num_train=48, num_test=24, max_len=20, steps=3, batch_size=8, eval_every=1, eval_batch=24,
                     num_samples=2, hidden=16, embed=16, passes=3, relax_hidden=16, out=str(tmp_path))
-    data = lo._data(cfg)
+    data = lo.make_data(cfg)
     assert data["train"].tokens.shape == (48, 20)
     for est in lo.ESTIMATORS + lo.REFERENCES:
         rows = lo.train(dataclasses.replace(cfg, estimator=est), data, progress=False, log=None)
@@ -298,7 +298,7 @@ def test_training_gradients_reach_the_parser_and_are_finite():
     from structdsl.experiments import listops as lo
     cfg = lo.Config(num_train=16, num_test=8, max_len=16, num_samples=2, hidden=8, embed=8, passes=2,
                     relax_hidden=8)
-    data = lo._data(cfg)
+    data = lo.make_data(cfg)
     batch = lo._batch(data["train"], np.arange(8))
     assert len(set(batch[1].tolist())) > 1              # ragged lengths: padding in play
     for est in lo.ESTIMATORS:

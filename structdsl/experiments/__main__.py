@@ -76,6 +76,13 @@ def build_parser():
     b.add_argument("--out", default="experiment-results/bias-variance")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--no-progress", action="store_true")
+    t = sub.add_parser("time-steps", help="ms per training step of every estimator, interleaved in one process")
+    t.add_argument("experiment", choices=("graph-layout", "listops"))
+    t.add_argument("--estimators", default=None, help="comma-separated (default: all of the experiment)")
+    t.add_argument("--steps", type=int, default=30, help="steps per run (30)")
+    t.add_argument("--rounds", type=int, default=3, help="rounds, estimators interleaved in each (3)")
+    t.add_argument("--threads", type=int, default=1, help="torch and numba threads (1, as the table's runs)")
+    t.add_argument("--no-progress", action="store_true")
     a = sub.add_parser("all", help="the three experiments")
     a.add_argument("--quick", action="store_true")
     a.add_argument("--out", default="experiment-results")
@@ -123,6 +130,23 @@ def main(argv=None):
     if args.command == "listops":
         from . import listops as lo
         return _run_experiment(lo, args, lo.ESTIMATORS + lo.REFERENCES)
+    if args.command == "time-steps":
+        from . import graph_layout as gl
+        from . import listops as lo
+        from .timing import format_times, time_steps
+        module = gl if args.experiment == "graph-layout" else lo
+        choices = module.ESTIMATORS + getattr(module, "REFERENCES", ())
+        ests = [e.strip() for e in args.estimators.split(",")] if args.estimators else list(choices)
+        bad = [e for e in ests if e not in choices]
+        if bad:
+            raise SystemExit(f"unknown estimator(s) {bad}; choose from {', '.join(choices)}")
+        if args.steps < 1 or args.rounds < 1:
+            raise SystemExit("--steps and --rounds must be positive")
+        base = module.Config(threads=args.threads)
+        times = time_steps(module, base, ests, args.steps, args.rounds, progress=not args.no_progress)
+        print(format_times(times, module.LABELS, f"{args.experiment}: {args.steps} steps x {args.rounds} "
+                                                 f"rounds, {args.threads} thread(s), default configuration"))
+        return 0
     if args.command == "bias-variance":
         from . import bias_variance as bv
         draws, critic = (500, 20) if args.quick else (args.draws, args.critic_steps)

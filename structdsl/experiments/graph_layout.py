@@ -47,7 +47,7 @@ from . import baselines as B
 from .graph_layout_data import make_splits
 from .nri import Decoder, Encoder, edge_logits, edge_types_from_adjacency, gaussian_nll
 
-__all__ = ["Config", "ESTIMATORS", "GraphLayoutModel", "train", "evaluate", "run_all",
+__all__ = ["Config", "ESTIMATORS", "GraphLayoutModel", "make_data", "train", "evaluate", "run_all",
            "summarise", "plot_curves"]
 
 ESTIMATORS = ("t_reinforce+", "e_reinforce+", "relax", "sst_soft", "sst_st", "imle", "bernoulli")
@@ -263,6 +263,11 @@ CSV_FIELDS = ("step", "train_seconds", "ms_per_step", "train_loss", "train_nll",
               "test_precision", "test_precision_map", "test_precision_complement")
 
 
+def make_data(cfg):
+    """The training and test sets of ``cfg`` (generated from ``cfg.data_seed``)."""
+    return make_splits(cfg.num_train, cfg.num_test, cfg.data_seed, cfg.n, cfg.frames)
+
+
 def train(cfg, data=None, progress=True, log=print):
     """Train one run; writes ``<out>/<estimator>-seed<seed>.csv`` (one row per evaluation),
     ``.json`` (the config and the final row) and ``.pt`` (the final weights).  Returns the
@@ -271,7 +276,7 @@ def train(cfg, data=None, progress=True, log=print):
     if cfg.estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {cfg.estimator!r}; choose from {', '.join(ESTIMATORS)}")
     if data is None:
-        data = make_splits(cfg.num_train, cfg.num_test, cfg.data_seed, cfg.n, cfg.frames)
+        data = make_data(cfg)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     parts = _Parts(cfg)
@@ -355,7 +360,7 @@ def train(cfg, data=None, progress=True, log=print):
 
 def run_all(base, estimators_=ESTIMATORS, seeds=(0, 1, 2), log=print, progress=True):
     """Every estimator for every seed on one dataset; then the summary table and figures."""
-    data = make_splits(base.num_train, base.num_test, base.data_seed, base.n, base.frames)
+    data = make_data(base)
     for est in estimators_:
         for seed in seeds:
             train(dataclasses.replace(base, estimator=est, seed=seed), data, progress=progress, log=log)

@@ -51,7 +51,7 @@ from . import baselines as B
 from .listops_data import CLOSE, NUM_CLASSES, PAD, VOCAB, make_splits
 
 __all__ = ["Config", "ESTIMATORS", "REFERENCES", "ListOpsModel", "arborescence_embed", "edge_mask",
-           "training_loss", "evaluate", "train", "run_all", "summarise", "plot_curves"]
+           "training_loss", "evaluate", "make_data", "train", "run_all", "summarise", "plot_curves"]
 
 ESTIMATORS = ("t_reinforce+", "e_reinforce+", "relax", "sst_soft", "sst_st", "imle")
 REFERENCES = ("gold", "flat", "random_tree")
@@ -354,7 +354,8 @@ CSV_FIELDS = ("step", "train_seconds", "ms_per_step", "train_loss", "train_acc",
               "test_precision_undirected", "test_precision_undirected_map")
 
 
-def _data(cfg):
+def make_data(cfg):
+    """The training and test sets of ``cfg`` (generated from ``cfg.data_seed``)."""
     return make_splits(cfg.num_train, cfg.num_test, cfg.data_seed, **cfg.data_kwargs())
 
 
@@ -366,7 +367,7 @@ def train(cfg, data=None, progress=True, log=print):
     if cfg.estimator not in ESTIMATORS + REFERENCES:
         raise ValueError(f"unknown estimator {cfg.estimator!r}; choose from {', '.join(ESTIMATORS + REFERENCES)}")
     if data is None:
-        data = _data(cfg)
+        data = make_data(cfg)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     parts = _Parts(cfg)
@@ -451,7 +452,7 @@ def train(cfg, data=None, progress=True, log=print):
 def run_all(base, estimators_=ESTIMATORS + REFERENCES, seeds=(0, 1, 2), log=print, progress=True):
     """Every estimator (and reference row) for every seed on one dataset; then the summary
     table and figures."""
-    data = _data(base)
+    data = make_data(base)
     for est in estimators_:
         for seed in seeds:
             train(dataclasses.replace(base, estimator=est, seed=seed), data, progress=progress, log=log)
