@@ -28,15 +28,11 @@ all of them; the Bernoulli model has its own.
 """
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
 import math
 import os
-import time
+import sys
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -44,6 +40,7 @@ import structdsl
 from structdsl import estimators, specs
 
 from . import baselines as B
+from . import runs
 from .graph_layout_data import make_splits
 from .nri import Decoder, Encoder, edge_logits, edge_types_from_adjacency, gaussian_nll
 
@@ -248,16 +245,6 @@ def evaluate(cfg, model, parts, data, generator=None):
     return {k: v / count for k, v in sums.items()}
 
 
-def _set_threads(k):
-    if k:
-        torch.set_num_threads(k)
-        try:
-            import numba
-            numba.set_num_threads(min(k, numba.config.NUMBA_NUM_THREADS))
-        except ImportError:          # pragma: no cover
-            pass
-
-
 CSV_FIELDS = ("step", "train_seconds", "ms_per_step", "train_loss", "train_nll", "train_kl", "train_elbo",
               "test_elbo", "test_elbo_sst", "test_nll_tf", "test_nll_rollout", "test_nll_tf_map", "test_kl",
               "test_precision", "test_precision_map", "test_precision_complement")
@@ -268,199 +255,59 @@ def make_data(cfg):
     return make_splits(cfg.num_train, cfg.num_test, cfg.data_seed, cfg.n, cfg.frames)
 
 
+def num_examples(train_set):
+    return train_set.positions.shape[0]
+
+
+def batch(train_set, idx):
+    """The positions ``[b, n, T, 2]`` (float32) of the examples ``idx``."""
+    return torch.as_tensor(train_set.positions[idx.numpy()], dtype=torch.float32)
+
+
+def relax_atoms(cfg):
+    return (cfg.n, cfg.n)
+
+
+def headline(row):
+    return (f"test ELBO {row['test_elbo']:.1f}, precision {row['test_precision']:.3f} "
+            f"(MAP {row['test_precision_map']:.3f})")
+
+
+Model, Parts = GraphLayoutModel, _Parts
+
+
 def train(cfg, data=None, progress=True, log=print):
-    """Train one run; writes ``<out>/<estimator>-seed<seed>.csv`` (one row per evaluation),
-    ``.json`` (the config and the final row) and ``.pt`` (the final weights).  Returns the
-    list of rows."""
-    _set_threads(cfg.threads)
-    if cfg.estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {cfg.estimator!r}; choose from {', '.join(ESTIMATORS)}")
-    if data is None:
-        data = make_data(cfg)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    parts = _Parts(cfg)
-    model = GraphLayoutModel(cfg)
-    params = list(model.parameters())
-    relax = None
-    if cfg.estimator == "relax":
-        relax = estimators.RELAX(atom_shape=(cfg.n, cfg.n), hidden=cfg.relax_hidden)
-        params += list(relax.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    os.makedirs(cfg.out, exist_ok=True)
-    path = os.path.join(cfg.out, cfg.run_name() + ".csv")
-    x_train = torch.as_tensor(data["train"].positions, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(cfg.seed + 1000)
-    eval_gen = torch.Generator().manual_seed(12345)
-    rows, seconds, since, acc = [], 0.0, 0, {"loss": 0.0, "nll": 0.0, "kl": 0.0, "elbo": 0.0}
-    perm, pos = torch.randperm(x_train.shape[0], generator=gen), 0
-
-    def record(step):
-        ev = evaluate(cfg, model, parts, data["test"], eval_gen)
-        row = {"step": step, "train_seconds": seconds,
-               "ms_per_step": 1000 * seconds / step if step else math.nan}
-        for k in ("loss", "nll", "kl", "elbo"):
-            row[f"train_{k}"] = acc[k] / since if since else math.nan
-        row.update({f"test_{k}": v for k, v in ev.items()})
-        rows.append(row)
-        with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
-        return row
-
-    record(0)
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.steps, desc=cfg.run_name(), leave=False, dynamic_ncols=True)
-        except ImportError:          # pragma: no cover
-            bar = None
-    for step in range(1, cfg.steps + 1):
-        if pos + cfg.batch_size > x_train.shape[0]:
-            perm, pos = torch.randperm(x_train.shape[0], generator=gen), 0
-        x = x_train[perm[pos:pos + cfg.batch_size]]
-        pos += cfg.batch_size
-        t0 = time.perf_counter()
-        loss, parts_logged = training_loss(cfg, model, parts, x, relax)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        seconds += time.perf_counter() - t0
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise FloatingPointError(f"{cfg.run_name()}: non-finite loss {lv} at step {step}")
-        acc["loss"] += lv
-        for k in ("nll", "kl", "elbo"):
-            acc[k] += parts_logged[k]
-        since += 1
-        if bar is not None:
-            bar.update(1)
-            if step % 25 == 0:
-                bar.set_postfix(nll=f"{parts_logged['nll']:.0f}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            row = record(step)
-            acc, since = {k: 0.0 for k in acc}, 0
-            if bar is not None:
-                bar.set_postfix(test_elbo=f"{row['test_elbo']:.0f}", prec=f"{row['test_precision']:.3f}")
-    if bar is not None:
-        bar.close()
-    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)},
-               os.path.join(cfg.out, cfg.run_name() + ".pt"))           # for re-evaluation
-    with open(os.path.join(cfg.out, cfg.run_name() + ".json"), "w") as fh:
-        json.dump({"config": dataclasses.asdict(cfg), "final": rows[-1], "torch": torch.__version__}, fh, indent=1)
-    if log:
-        r = rows[-1]
-        log(f"{cfg.run_name()}: test ELBO {r['test_elbo']:.1f}, precision {r['test_precision']:.3f} "
-            f"(MAP {r['test_precision_map']:.3f}), {r['ms_per_step']:.1f} ms/step")
-    return rows
+    """Train one run (:func:`.runs.train`); returns the logged rows."""
+    return runs.train(sys.modules[__name__], cfg, data, progress, log)
 
 
 def run_all(base, estimators_=ESTIMATORS, seeds=(0, 1, 2), log=print, progress=True):
-    """Every estimator for every seed on one dataset; then the summary table and figures."""
-    data = make_data(base)
-    for est in estimators_:
-        for seed in seeds:
-            train(dataclasses.replace(base, estimator=est, seed=seed), data, progress=progress, log=log)
-    table = summarise(base.out)
-    with open(os.path.join(base.out, "results.md"), "w") as fh:
-        fh.write(table + "\n")
-    if log:
-        log(table)
-    try:
-        plot_curves(base.out)
-    except ImportError:              # pragma: no cover - matplotlib is optional
-        if log:
-            log("matplotlib not installed: no figures")
-    return table
+    """Every estimator for every seed on one dataset, then the table and figures."""
+    return runs.run_all(sys.modules[__name__], base, estimators_, seeds, log, progress)
 
 
-def _load_runs(out):
-    runs = {}
-    for name in sorted(os.listdir(out)):
-        if not name.endswith(".csv") or "-seed" not in name:
-            continue
-        est = name[:name.rindex("-seed")]
-        with open(os.path.join(out, name)) as fh:
-            rows = [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()}
-                    for r in csv.DictReader(fh)]
-        runs.setdefault(est, []).append(rows)
-    return runs
+def _sst_metric(est, f):
+    """SST's reported metric: the better of the two edge-type readings."""
+    comp = f.get("test_precision_complement", math.nan)
+    f["precision_sst"] = max(f["test_precision"], comp) if math.isfinite(comp) else f["test_precision"]
 
 
 def summarise(out):
-    """A markdown table of the final evaluation: mean ± standard deviation over seeds."""
-    runs = _load_runs(out)
+    """A markdown table of the final evaluation: mean ± standard deviation over seeds, and
+    each seed's edge precision (the seeds can find different modes)."""
     cols = (("test_elbo", "test ELBO", 1), ("test_elbo_sst", "ELBO, SST's KL", 1),
             ("test_nll_tf_map", "NLL (MAP tree)", 1),
-            ("test_precision", "edge precision", 3), ("by_seed", "precision by seed", 2),
-            ("precision_sst", "SST's metric", 3),
-            ("test_precision_map", "precision (MAP)", 3),
+            ("test_precision", "edge precision", 3), ("by_seed:test_precision", "precision by seed", 2),
+            ("precision_sst", "SST's metric", 3), ("test_precision_map", "precision (MAP)", 3),
             ("ms_per_step", "ms / step", 1))
-    lines = ["| estimator | seeds | steps | " + " | ".join(c[1] for c in cols) + " |",
-             "|---|---:|---:|" + "---:|" * len(cols)]
-    for est in [e for e in ESTIMATORS if e in runs] + [e for e in runs if e not in ESTIMATORS]:
-        finals = [dict(r[-1]) for r in runs[est]]
-        for f in finals:                 # SST's metric: the better of the two edge-type readings
-            comp = f.get("test_precision_complement", math.nan)
-            f["precision_sst"] = max(f["test_precision"], comp) if math.isfinite(comp) else f["test_precision"]
-        cells = []
-        for key, _, digits in cols:
-            if key == "by_seed":         # the seeds can disagree on which mode they find
-                cells.append(" / ".join(f"{f['test_precision']:.{digits}f}" for f in finals))
-                continue
-            v = np.array([f[key] for f in finals], dtype=float)
-            if np.isnan(v).all():
-                cells.append("n/a")
-            elif len(v) > 1:
-                cells.append(f"{np.nanmean(v):.{digits}f} ± {np.nanstd(v, ddof=1):.{digits}f}")
-            else:
-                cells.append(f"{v[0]:.{digits}f}")
-        lines.append(f"| {LABELS.get(est, est)} | {len(finals)} | {int(finals[0]['step'])} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return runs.summary_table(runs.load_runs(out), ESTIMATORS, LABELS, cols, _sst_metric)
 
 
 def plot_curves(out, path=None):
-    """Learning curves (test ELBO and edge precision) against steps and against training
-    wall-clock seconds: the mean over seeds, a band from the smallest to the largest seed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    runs = _load_runs(out)
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    later = []                       # ELBO values after the first evaluation (the y range)
-    for est, seeds in runs.items():
-        m = min(len(r) for r in seeds)
-        for row, key in enumerate(("test_elbo", "test_precision")):
-            for col, xkey in enumerate(("step", "train_seconds")):
-                ax = axes[row, col]
-                xs = np.array([[r[i][xkey] for i in range(m)] for r in seeds])
-                ys = np.array([[r[i][key] for i in range(m)] for r in seeds])
-                if key == "test_elbo" and m > 1:
-                    later.extend(ys[:, 1:].ravel().tolist())
-                xm = xs.mean(0)
-                line, = ax.plot(xm, ys.mean(0), label=f"{LABELS.get(est, est)} ({len(seeds)})")
-                if len(seeds) > 1:
-                    ax.fill_between(xm, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
-    for (row, col), ax in np.ndenumerate(axes):
-        ax.set_xlabel(("training steps", "training wall-clock seconds")[col])
-        ax.set_ylabel(("test ELBO (per graph / n)", "test edge precision")[row])
-        ax.grid(alpha=0.3)
-    later = [v for v in later if math.isfinite(v)]
-    if later:                        # the first evaluation (untrained decoder) is far below
-        lo, hi = min(later), max(later)
-        pad = 0.05 * (hi - lo or abs(hi) or 1.0)
-        for ax in axes[0]:
-            ax.set_ylim(lo - pad, hi + pad)
-    axes[1, 1].axhline(0.2, color="grey", ls=":", lw=1)
-    axes[1, 0].axhline(0.2, color="grey", ls=":", lw=1, label="random tree (0.2)")
-    axes[1, 0].legend(fontsize=8)
-    fig.suptitle("Graph layout (n = 10, T = 10): mean over seeds, band = min..max")
-    fig.tight_layout()
-    path = path or os.path.join(out, "learning_curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    """Test ELBO and edge precision against steps and against training seconds (mean over
+    seeds, min..max band)."""
+    panels = (("test_elbo", "test ELBO (per graph / n)", None, True),
+              ("test_precision", "test edge precision", (0.2, "random tree (0.2)"), False))
+    return runs.plot_curves(runs.load_runs(out), ESTIMATORS, LABELS, panels,
+                            "Graph layout (n = 10, T = 10): mean over seeds, band = min..max",
+                            path or os.path.join(out, "learning_curves.png"))

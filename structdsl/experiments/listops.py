@@ -31,12 +31,9 @@ step and every evaluation).
 """
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
 import math
 import os
-import time
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +45,7 @@ import structdsl
 from structdsl import estimators, specs
 
 from . import baselines as B
+from . import runs
 from .listops_data import CLOSE, NUM_CLASSES, PAD, VOCAB, make_splits
 
 __all__ = ["Config", "ESTIMATORS", "REFERENCES", "ListOpsModel", "arborescence_embed", "edge_mask",
@@ -338,16 +336,6 @@ def evaluate(cfg, model, parts, data, generator=None):
     return {k: v / count for k, v in sums.items()}
 
 
-def _set_threads(k):
-    if k:
-        torch.set_num_threads(k)
-        try:
-            import numba
-            numba.set_num_threads(min(k, numba.config.NUMBA_NUM_THREADS))
-        except ImportError:          # pragma: no cover
-            pass
-
-
 CSV_FIELDS = ("step", "train_seconds", "ms_per_step", "train_loss", "train_acc",
               "test_acc", "test_acc_map", "test_precision", "test_precision_map",
               "test_precision_args", "test_precision_args_map",
@@ -359,193 +347,54 @@ def make_data(cfg):
     return make_splits(cfg.num_train, cfg.num_test, cfg.data_seed, **cfg.data_kwargs())
 
 
+def num_examples(train_set):
+    return len(train_set)
+
+
+def batch(train_set, idx):
+    """``(tokens, lengths, labels, gold parents)`` of the examples ``idx``."""
+    return _batch(train_set, idx.numpy())
+
+
+def relax_atoms(cfg):
+    return (cfg.max_len, cfg.max_len)
+
+
+def headline(row):
+    return (f"test accuracy {row['test_acc']:.3f} (MAP {row['test_acc_map']:.3f}), "
+            f"precision {row['test_precision']:.3f} (MAP {row['test_precision_map']:.3f})")
+
+
+Model, Parts = ListOpsModel, _Parts
+
+
 def train(cfg, data=None, progress=True, log=print):
-    """Train one run; writes ``<out>/<estimator>-seed<seed>.csv`` (one row per evaluation),
-    ``.json`` (the config and the final row) and ``.pt`` (the final weights).  Returns the
-    list of rows."""
-    _set_threads(cfg.threads)
-    if cfg.estimator not in ESTIMATORS + REFERENCES:
-        raise ValueError(f"unknown estimator {cfg.estimator!r}; choose from {', '.join(ESTIMATORS + REFERENCES)}")
-    if data is None:
-        data = make_data(cfg)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    parts = _Parts(cfg)
-    model = ListOpsModel(cfg)
-    params = list(model.parameters())
-    relax = None
-    if cfg.estimator == "relax":
-        relax = estimators.RELAX(atom_shape=(cfg.max_len, cfg.max_len), hidden=cfg.relax_hidden)
-        params += list(relax.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    os.makedirs(cfg.out, exist_ok=True)
-    path = os.path.join(cfg.out, cfg.run_name() + ".csv")
-    train_data = data["train"]
-    gen = torch.Generator().manual_seed(cfg.seed + 1000)
-    eval_gen = torch.Generator().manual_seed(12345)
-    N = len(train_data)
-    rows, seconds, since, acc = [], 0.0, 0, {"loss": 0.0, "acc": 0.0}
-    perm, pos = torch.randperm(N, generator=gen), 0
-
-    def record(step):
-        ev = evaluate(cfg, model, parts, data["test"], eval_gen)
-        row = {"step": step, "train_seconds": seconds,
-               "ms_per_step": 1000 * seconds / step if step else math.nan}
-        for k in ("loss", "acc"):
-            row[f"train_{k}"] = acc[k] / since if since else math.nan
-        row.update({f"test_{k}": v for k, v in ev.items()})
-        rows.append(row)
-        with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
-        return row
-
-    record(0)
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.steps, desc=cfg.run_name(), leave=False, dynamic_ncols=True)
-        except ImportError:          # pragma: no cover
-            bar = None
-    for step in range(1, cfg.steps + 1):
-        if pos + cfg.batch_size > N:
-            perm, pos = torch.randperm(N, generator=gen), 0
-        batch = _batch(train_data, perm[pos:pos + cfg.batch_size].numpy())
-        pos += cfg.batch_size
-        t0 = time.perf_counter()
-        loss, logged = training_loss(cfg, model, parts, batch, relax)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        seconds += time.perf_counter() - t0
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise FloatingPointError(f"{cfg.run_name()}: non-finite loss {lv} at step {step}")
-        for k in acc:
-            acc[k] += logged[k]
-        since += 1
-        if bar is not None:
-            bar.update(1)
-            if step % 25 == 0:
-                bar.set_postfix(loss=f"{logged['loss']:.3f}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            row = record(step)
-            acc, since = {k: 0.0 for k in acc}, 0
-            if bar is not None:
-                bar.set_postfix(acc=f"{row['test_acc']:.3f}", prec=f"{row['test_precision']:.3f}")
-    if bar is not None:
-        bar.close()
-    torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)},
-               os.path.join(cfg.out, cfg.run_name() + ".pt"))
-    with open(os.path.join(cfg.out, cfg.run_name() + ".json"), "w") as fh:
-        json.dump({"config": dataclasses.asdict(cfg), "final": rows[-1], "torch": torch.__version__}, fh, indent=1)
-    if log:
-        r = rows[-1]
-        log(f"{cfg.run_name()}: test accuracy {r['test_acc']:.3f} (MAP {r['test_acc_map']:.3f}), "
-            f"precision {r['test_precision']:.3f} (MAP {r['test_precision_map']:.3f}), {r['ms_per_step']:.1f} ms/step")
-    return rows
+    """Train one run (:func:`.runs.train`); returns the logged rows."""
+    return runs.train(sys.modules[__name__], cfg, data, progress, log)
 
 
 def run_all(base, estimators_=ESTIMATORS + REFERENCES, seeds=(0, 1, 2), log=print, progress=True):
-    """Every estimator (and reference row) for every seed on one dataset; then the summary
-    table and figures."""
-    data = make_data(base)
-    for est in estimators_:
-        for seed in seeds:
-            train(dataclasses.replace(base, estimator=est, seed=seed), data, progress=progress, log=log)
-    table = summarise(base.out)
-    with open(os.path.join(base.out, "results.md"), "w") as fh:
-        fh.write(table + "\n")
-    if log:
-        log(table)
-    try:
-        plot_curves(base.out)
-    except ImportError:              # pragma: no cover - matplotlib is optional
-        if log:
-            log("matplotlib not installed: no figures")
-    return table
-
-
-def _load_runs(out):
-    runs = {}
-    for name in sorted(os.listdir(out)):
-        if not name.endswith(".csv") or "-seed" not in name:
-            continue
-        est = name[:name.rindex("-seed")]
-        with open(os.path.join(out, name)) as fh:
-            rows = [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()}
-                    for r in csv.DictReader(fh)]
-        runs.setdefault(est, []).append(rows)
-    return runs
-
-
-def _order(runs):
-    known = ESTIMATORS + REFERENCES
-    return [e for e in known if e in runs] + [e for e in runs if e not in known]
+    """Every estimator (and reference row) for every seed on one dataset, then the table
+    and figures."""
+    return runs.run_all(sys.modules[__name__], base, estimators_, seeds, log, progress)
 
 
 def summarise(out):
     """A markdown table of the final evaluation: mean ± standard deviation over seeds (the
     spread over seeds is the point: it is what "more stable" is about)."""
-    runs = _load_runs(out)
     cols = (("test_acc", "accuracy (sample)", 3), ("test_acc_map", "accuracy (MAP)", 3),
             ("test_precision", "edge P = R (sample)", 3), ("test_precision_map", "edge P = R (MAP)", 3),
             ("test_precision_args_map", "argument edges (MAP)", 3),
             ("test_precision_undirected_map", "undirected (MAP)", 3),
             ("ms_per_step", "ms / step", 1))
-    lines = ["| estimator | seeds | steps | " + " | ".join(c[1] for c in cols) + " |",
-             "|---|---:|---:|" + "---:|" * len(cols)]
-    for est in _order(runs):
-        finals = [r[-1] for r in runs[est]]
-        cells = []
-        for key, _, digits in cols:
-            v = np.array([f.get(key, math.nan) for f in finals], dtype=float)
-            if np.isnan(v).all():
-                cells.append("n/a")
-            elif len(v) > 1:
-                cells.append(f"{np.nanmean(v):.{digits}f} ± {np.nanstd(v, ddof=1):.{digits}f}")
-            else:
-                cells.append(f"{v[0]:.{digits}f}")
-        lines.append(f"| {LABELS.get(est, est)} | {len(finals)} | {int(finals[0]['step'])} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return runs.summary_table(runs.load_runs(out), ESTIMATORS + REFERENCES, LABELS, cols)
 
 
 def plot_curves(out, path=None):
-    """Learning curves (test accuracy and edge precision of one sampled tree) against steps
-    and against training wall-clock seconds: the mean over seeds, a band from the smallest
-    to the largest seed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    runs = _load_runs(out)
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for est in _order(runs):
-        seeds = runs[est]
-        m = min(len(r) for r in seeds)
-        style = ":" if est in REFERENCES else "-"
-        for row, key in enumerate(("test_acc", "test_precision")):
-            for col, xkey in enumerate(("step", "train_seconds")):
-                ax = axes[row, col]
-                xs = np.array([[r[i][xkey] for i in range(m)] for r in seeds])
-                ys = np.array([[r[i][key] for i in range(m)] for r in seeds])
-                xm = xs.mean(0)
-                line, = ax.plot(xm, ys.mean(0), style, label=f"{LABELS.get(est, est)} ({len(seeds)})")
-                if len(seeds) > 1:
-                    ax.fill_between(xm, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
-    for (row, col), ax in np.ndenumerate(axes):
-        ax.set_xlabel(("training steps", "training wall-clock seconds")[col])
-        ax.set_ylabel(("test accuracy (one sampled tree)", "test edge precision = recall")[row])
-        ax.grid(alpha=0.3)
-    for ax in axes[0]:
-        ax.axhline(1 / NUM_CLASSES, color="grey", ls="--", lw=1)
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle("ListOps (MIN, MAX, MED): mean over seeds, band = min..max; dashed: chance (0.1)")
-    fig.tight_layout()
-    path = path or os.path.join(out, "learning_curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    """Test accuracy and edge precision of one sampled tree against steps and against
+    training seconds (mean over seeds, min..max band; reference rows dotted)."""
+    panels = (("test_acc", "test accuracy (one sampled tree)", (1 / NUM_CLASSES, "chance (0.1)"), False),
+              ("test_precision", "test edge precision = recall", None, False))
+    return runs.plot_curves(runs.load_runs(out), ESTIMATORS + REFERENCES, LABELS, panels,
+                            "ListOps (MIN, MAX, MED): mean over seeds, band = min..max",
+                            path or os.path.join(out, "learning_curves.png"), references=REFERENCES)
