@@ -304,10 +304,11 @@ def summarise(out):
 
 
 def plot_curves(out, path=None):
-    """Test ELBO and edge precision against steps and against training seconds (mean over
-    seeds, min..max band)."""
-    panels = (("test_elbo", "test ELBO (per graph / n)", None, True),
-              ("test_precision", "test edge precision", (0.2, "random tree (0.2)"), False))
+    """Test ELBO (mean over seeds, min..max band) and each seed's edge precision against
+    steps and against training seconds."""
+    panels = (("test_elbo", "test ELBO (per graph / n)", None, True, False),
+              ("test_precision", "test edge precision (each seed)", (0.2, "random tree (0.2)"), False, True))
     return runs.plot_curves(runs.load_runs(out), ESTIMATORS, LABELS, panels,
-                            "Graph layout (n = 10, T = 10): mean over seeds, band = min..max",
+                            "Graph layout (n = 10, T = 10, K = 4): ELBO mean over seeds (band: min..max), "
+                            "precision per seed",
                             path or os.path.join(out, "learning_curves.png"))

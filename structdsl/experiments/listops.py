@@ -393,8 +393,8 @@ def summarise(out):
 def plot_curves(out, path=None):
     """Test accuracy and edge precision of one sampled tree against steps and against
     training seconds (mean over seeds, min..max band; reference rows dotted)."""
-    panels = (("test_acc", "test accuracy (one sampled tree)", (1 / NUM_CLASSES, "chance (0.1)"), False),
-              ("test_precision", "test edge precision = recall", None, False))
+    panels = (("test_acc", "test accuracy (one sampled tree)", (1 / NUM_CLASSES, "chance (0.1)"), False, False),
+              ("test_precision", "test edge precision = recall", None, False, False))
     return runs.plot_curves(runs.load_runs(out), ESTIMATORS + REFERENCES, LABELS, panels,
-                            "ListOps (MIN, MAX, MED): mean over seeds, band = min..max",
+                            "ListOps (MIN, MAX, MED), K = 4: mean over seeds, band = min..max",
                             path or os.path.join(out, "learning_curves.png"), references=REFERENCES)

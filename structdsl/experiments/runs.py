@@ -203,11 +203,13 @@ def summary_table(runs, known, labels, cols, derive=None):
 
 
 def plot_curves(runs, known, labels, panels, title, path, references=()):
-    """One row of panels per ``(key, ylabel, hline, skip_first)`` in ``panels``, against
-    training steps (left) and training wall-clock seconds (right): the mean over seeds and
-    a band from the lowest to the highest seed; ``hline = (value, label)`` draws a reference
-    level; ``skip_first`` sets the y range from the evaluations after step 0 (an untrained
-    model's first value can be far off); estimators in ``references`` are dotted."""
+    """One row of panels per ``(key, ylabel, hline, skip_first, each_seed)`` in ``panels``,
+    against training steps (left) and training wall-clock seconds (right): the mean over
+    seeds and a band from the lowest to the highest seed, or with ``each_seed`` one thin line
+    per seed (when seeds land in different modes, a band hides it); ``hline = (value,
+    label)`` draws a reference level; ``skip_first`` sets the y range from the evaluations
+    after step 0 (an untrained model's first value can be far off); estimators in
+    ``references`` are dotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -216,17 +218,24 @@ def plot_curves(runs, known, labels, panels, title, path, references=()):
     for est in ordered(runs, known):
         seeds = runs[est]
         m = min(len(r) for r in seeds)
-        for row, (key, _, _, _) in enumerate(panels):
+        for row, (key, _, _, _, each_seed) in enumerate(panels):
             for col, xkey in enumerate(("step", "train_seconds")):
                 xs = np.array([[r[i][xkey] for i in range(m)] for r in seeds])
                 ys = np.array([[r[i][key] for i in range(m)] for r in seeds])
                 later[row].extend(ys[:, 1:].ravel().tolist())
                 xm = xs.mean(0)
-                line, = axes[row, col].plot(xm, ys.mean(0), ":" if est in references else "-",
-                                            label=f"{labels.get(est, est)} ({len(seeds)})")
+                style = ":" if est in references else "-"
+                label = f"{labels.get(est, est)} ({len(seeds)})"
+                if each_seed:
+                    for i in range(len(seeds)):
+                        line, = axes[row, col].plot(xs[i], ys[i], style, lw=1,
+                                                    color=None if i == 0 else line.get_color(),
+                                                    label=label if i == 0 else None)
+                    continue
+                line, = axes[row, col].plot(xm, ys.mean(0), style, label=label)
                 if len(seeds) > 1:
                     axes[row, col].fill_between(xm, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
-    for row, (_, ylabel, hline, skip_first) in enumerate(panels):
+    for row, (_, ylabel, hline, skip_first, _) in enumerate(panels):
         vals = [v for v in later[row] if math.isfinite(v)]
         for col in range(2):
             ax = axes[row, col]
