@@ -104,8 +104,12 @@ def _config(args, Config=None):
 
 def _run_experiment(module, args, choices):
     """``graph-layout`` / ``listops``: the table again, every run, or one run."""
-    if args.summarise:
-        print(module.summarise(args.summarise))
+    if args.summarise:                   # the table (also written to results.md) and figure again
+        import os
+        table = module.summarise(args.summarise)
+        with open(os.path.join(args.summarise, "results.md"), "w") as fh:
+            fh.write(table + "\n")
+        print(table)
         print(module.plot_curves(args.summarise))
         return 0
     cfg = _config(args, module.Config)
