@@ -345,7 +345,7 @@ def compile_times(name, n, threads, quick=False):
                 "NUMBA_CACHE_DIR": os.path.join(tmp, "a", "numba")}
         spec_only = {"STRUCTDSL_CACHE_DIR": os.path.join(tmp, "b", "structdsl")}
         cases = [("truly cold: fresh STRUCTDSL_CACHE_DIR + NUMBA_CACHE_DIR", both),
-                 ("spec cold, kernels' cache as found in backends/__pycache__", spec_only),
+                 ("spec cold: kernels' cache as found in backends/__pycache__", spec_only),
                  ("cached: 2nd process, same caches as truly cold", both)]
         if quick:
             del cases[1]
