@@ -223,7 +223,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["experiment"]:    # its own parser: python -m structdsl experiment graph-layout ...
         from .experiments.__main__ import main as experiments_main
-        return experiments_main(argv[1:])
+        return experiments_main(argv[1:], prog="python -m structdsl experiment")
     parser = build_parser()
     args = parser.parse_args(argv)
     parser = parser.subcommands.get(args.command, parser)      # its usage line in errors

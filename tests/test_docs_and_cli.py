@@ -54,4 +54,5 @@ def test_experiment_command_reaches_the_experiments_cli(capsys):
     except SystemExit as exc:
         assert exc.code == 0
     out = capsys.readouterr().out
-    assert "graph-layout" in out and "bias-variance" in out
+    assert "graph-layout" in out and "bias-variance" in out and "listops" in out
+    assert out.startswith("usage: python -m structdsl experiment ")     # the command the user typed

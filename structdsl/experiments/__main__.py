@@ -56,10 +56,10 @@ def _boolean(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def build_parser():
+def build_parser(prog="python -m structdsl.experiments"):
     from . import graph_layout as gl
     from . import listops as lo
-    p = argparse.ArgumentParser(prog="python -m structdsl.experiments",
+    p = argparse.ArgumentParser(prog=prog,
                                 description="latent-structure experiments (docs/experiments.md, "
                                             "docs/experiments-listops.md)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -126,8 +126,8 @@ def _run_experiment(module, args, choices):
     return 0
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog="python -m structdsl.experiments"):
+    args = build_parser(prog).parse_args(argv)
     if args.command == "graph-layout":
         from . import graph_layout as gl
         return _run_experiment(gl, args, gl.ESTIMATORS)
