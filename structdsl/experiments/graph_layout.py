@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -276,14 +275,7 @@ def headline(row):
 Model, Parts = GraphLayoutModel, _Parts
 
 
-def train(cfg, data=None, progress=True, log=print):
-    """Train one run (:func:`.runs.train`); returns the logged rows."""
-    return runs.train(sys.modules[__name__], cfg, data, progress, log)
-
-
-def run_all(base, estimators_=ESTIMATORS, seeds=(0, 1, 2), log=print, progress=True):
-    """Every estimator for every seed on one dataset, then the table and figures."""
-    return runs.run_all(sys.modules[__name__], base, estimators_, seeds, log, progress)
+train, run_all = runs.entry_points(__name__, ESTIMATORS)
 
 
 def _sst_metric(est, f):

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 
 from structdsl import estimators
 
-__all__ = ["set_threads", "train", "run_all", "load_runs", "ordered", "summary_table", "plot_curves"]
+__all__ = ["set_threads", "train", "run_all", "entry_points", "load_runs", "ordered", "summary_table", "plot_curves"]
 
 
 def set_threads(k):
@@ -153,6 +154,19 @@ def run_all(exp, base, estimators_, seeds=(0, 1, 2), log=print, progress=True):
     return table
 
 
+def entry_points(module_name, default_estimators):
+    """``(train, run_all)`` of the experiment module named ``module_name``: :func:`train` and
+    :func:`run_all` bound to it (``run_all``'s estimators default to ``default_estimators``)."""
+    def train_one(cfg, data=None, progress=True, log=print):
+        return train(sys.modules[module_name], cfg, data, progress, log)
+
+    def run_table(base, estimators_=default_estimators, seeds=(0, 1, 2), log=print, progress=True):
+        return run_all(sys.modules[module_name], base, estimators_, seeds, log, progress)
+
+    train_one.__doc__, run_table.__doc__ = train.__doc__, run_all.__doc__
+    return train_one, run_table
+
+
 def load_runs(out):
     """``{estimator: [rows of each seed's CSV]}`` from ``<estimator>-seed<k>.csv`` in ``out``
     (seeds in file-name order; values as floats, NaN where empty)."""
@@ -227,10 +241,11 @@ def plot_curves(runs, known, labels, panels, title, path, references=()):
                 style = ":" if est in references else "-"
                 label = f"{labels.get(est, est)} ({len(seeds)})"
                 if each_seed:
+                    color = None             # the first seed's line picks it, the others share it
                     for i in range(len(seeds)):
-                        line, = axes[row, col].plot(xs[i], ys[i], style, lw=1,
-                                                    color=None if i == 0 else line.get_color(),
-                                                    label=label if i == 0 else None)
+                        seed_line, = axes[row, col].plot(xs[i], ys[i], style, lw=1, color=color,
+                                                         label=label if i == 0 else None)
+                        color = seed_line.get_color()
                     continue
                 line, = axes[row, col].plot(xm, ys.mean(0), style, label=label)
                 if len(seeds) > 1:
