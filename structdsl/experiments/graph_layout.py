@@ -53,33 +53,15 @@ LABELS = {"t_reinforce+": "T-REINFORCE+", "e_reinforce+": "E-REINFORCE+", "relax
 
 
 @dataclass
-class Config:
-    estimator: str = "t_reinforce+"
-    seed: int = 0                       # model and estimator randomness
-    data_seed: int = 0                  # the data: the same for every run
+class Config(runs.TrainingConfig):
+    """Experiment 1 (the shared fields: :class:`.runs.TrainingConfig`)."""
     n: int = 10
     frames: int = 10
-    num_train: int = 10000
-    num_test: int = 500
     hidden: int = 64
-    batch_size: int = 32
     steps: int = 1500
-    lr: float = 1e-3
     skip_first: bool = True             # NRI's decoder option: "no edge" sends no message
     variance: float = 5e-5              # the Gaussian likelihood's fixed output variance
-    num_samples: int = 4                # K latent samples per graph and step (every estimator)
-    sst_temperature: float = 1.0
-    imle_lambda: float = 10.0
-    imle_noise: str = "sog"
-    imle_temperature: float = 1.0
-    relax_hidden: int = 64
-    eval_every: int = 250
-    eval_batch: int = 500
-    threads: int = 1
     out: str = "experiment-results/graph-layout"
-
-    def run_name(self):
-        return f"{self.estimator}-seed{self.seed}"
 
 
 class GraphLayoutModel(nn.Module):

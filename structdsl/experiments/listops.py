@@ -59,11 +59,8 @@ LABELS = {"t_reinforce+": "T-REINFORCE+", "e_reinforce+": "E-REINFORCE+", "relax
 
 
 @dataclass
-class Config:
-    estimator: str = "t_reinforce+"
-    seed: int = 0                       # model and estimator randomness
-    data_seed: int = 0                  # the data: the same for every run
-    num_train: int = 10000
+class Config(runs.TrainingConfig):
+    """Experiment 2 (the shared fields: :class:`.runs.TrainingConfig`)."""
     num_test: int = 1000
     max_len: int = 30                   # tokens per sentence (every batch is padded to it)
     max_depth: int = 3                  # operator nesting depth (the root alone is depth 1)
@@ -73,22 +70,7 @@ class Config:
     embed: int = 64                     # token embedding of the parser
     hidden: int = 64                    # BiLSTM units per direction, edge scorer and GNN width
     passes: int = 4                     # GNN message passes (>= max_depth reaches the root)
-    batch_size: int = 32
-    steps: int = 1000
-    lr: float = 1e-3
-    num_samples: int = 4                # K latent trees per sentence and step (every estimator)
-    sst_temperature: float = 1.0
-    imle_lambda: float = 10.0
-    imle_noise: str = "sog"
-    imle_temperature: float = 1.0
-    relax_hidden: int = 64
-    eval_every: int = 250
-    eval_batch: int = 500
-    threads: int = 1
     out: str = "experiment-results/listops"
-
-    def run_name(self):
-        return f"{self.estimator}-seed{self.seed}"
 
     def data_kwargs(self):
         return dict(max_len=self.max_len, max_depth=self.max_depth, min_depth=self.min_depth,

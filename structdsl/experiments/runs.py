@@ -25,13 +25,42 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from structdsl import estimators
 
-__all__ = ["set_threads", "train", "run_all", "entry_points", "load_runs", "ordered", "summary_table", "plot_curves"]
+__all__ = ["TrainingConfig", "set_threads", "train", "run_all", "entry_points", "load_runs", "ordered", "summary_table", "plot_curves"]
+
+
+@dataclass
+class TrainingConfig:
+    """The fields every experiment's ``Config`` shares; an experiment's ``Config`` subclasses
+    it, adds its data and model fields and may change a default (``steps``, ``num_test``,
+    ``out``)."""
+    estimator: str = "t_reinforce+"
+    seed: int = 0                       # model and estimator randomness
+    data_seed: int = 0                  # the data: the same for every run
+    num_train: int = 10000
+    num_test: int = 500
+    batch_size: int = 32
+    steps: int = 1000
+    lr: float = 1e-3                    # Adam
+    num_samples: int = 4                # K latent samples per example and step (every estimator)
+    sst_temperature: float = 1.0
+    imle_lambda: float = 10.0
+    imle_noise: str = "sog"
+    imle_temperature: float = 1.0
+    relax_hidden: int = 64
+    eval_every: int = 250
+    eval_batch: int = 500
+    threads: int = 1                    # torch and numba threads
+    out: str = "experiment-results"
+
+    def run_name(self):
+        return f"{self.estimator}-seed{self.seed}"
 
 
 def set_threads(k):
