@@ -151,10 +151,9 @@ def test_map_oracle_is_the_maximum_spanning_tree():
 def test_map_oracle_is_the_maximum_weight_arborescence():
     """Chu-Liu/Edmonds via solve on 1 + max - scores maximises the total score (brute force over
     every parent array at n = 4)."""
-    from structdsl.experiments.bias_variance import _arborescence_embed
     n = 4
     prog = B.compile_numba_or_numpy(specs.arborescence)
-    solve = B.map_solver(prog, embed=_arborescence_embed)
+    solve = B.map_solver(prog, embed=B.arborescence_embed)
     rng = np.random.default_rng(1)
     s = rng.normal(size=(20, n, n)) * 3
     z = solve(torch.as_tensor(s)).numpy()

@@ -194,8 +194,7 @@ def test_arborescence_marginals_are_differentiable_again():
 
 
 def _solver():
-    from structdsl.experiments.listops import arborescence_embed
-    return B.map_solver(B.compile_numba_or_numpy(specs.arborescence), embed=arborescence_embed)
+    return B.map_solver(B.compile_numba_or_numpy(specs.arborescence), embed=B.arborescence_embed)
 
 
 def test_map_oracle_is_the_maximum_weight_arborescence_with_padding():

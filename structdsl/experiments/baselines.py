@@ -27,7 +27,7 @@ import torch
 import structdsl
 from structdsl.estimators import score_surrogate
 
-__all__ = ["valid_mask", "default_embed", "map_solver", "sum_of_gamma", "gumbel", "imle",
+__all__ = ["valid_mask", "default_embed", "arborescence_embed", "map_solver", "sum_of_gamma", "gumbel", "imle",
            "spanning_tree_marginals", "sst_spanning_tree", "gumbel_kl", "IndependentBernoulli",
            "trace_kl", "compile_numba_or_numpy"]
 
@@ -41,7 +41,7 @@ def valid_mask(program, atom_shape):
 def default_embed(structure, atom_shape, valid=None):
     """The structure record's first field of the atoms' shape, as float64 (0 at invalid
     atoms): ``adjacency`` for spanning trees, ``subset`` for top-k.  Specs without such a
-    field need their own ``embed`` (e.g. an arborescence's ``parent`` one-hot)."""
+    field need their own ``embed`` (e.g. :func:`arborescence_embed`)."""
     k = len(atom_shape)
     for name, field in zip(structure._fields, structure):
         f = torch.as_tensor(np.asarray(field)) if not torch.is_tensor(field) else field
@@ -52,6 +52,17 @@ def default_embed(structure, atom_shape, valid=None):
             return out
     raise ValueError(f"no structure field has the atoms' shape {tuple(atom_shape)} "
                      f"(fields {structure._fields}); pass an embed function")
+
+
+def arborescence_embed(structure, atom_shape=None, valid=None):
+    """The arborescence spec's structure (``parent`` ``[..., n]``, -1 at the root and absent
+    nodes; or the ``parent`` tensor itself) as its edge indicator ``[..., n, n]`` float64,
+    ``[u, v] = 1`` iff ``parent[v] = u``: the atoms' layout (a :func:`map_solver` ``embed``)."""
+    parent = structure.parent if hasattr(structure, "parent") else structure
+    parent = parent if torch.is_tensor(parent) else torch.as_tensor(np.asarray(parent))
+    n = parent.shape[-1]
+    onehot = torch.nn.functional.one_hot(parent.clamp_min(0), n).to(torch.float64)    # [..., v, u]
+    return (onehot * (parent >= 0)[..., None]).transpose(-1, -2)                      # [..., u, v]
 
 
 def map_solver(program, embed=None):

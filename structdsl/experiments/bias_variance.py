@@ -56,15 +56,6 @@ class Instance:
     relaxation: object = None        # SST's relaxed sample (baselines.sst_*), where one exists
 
 
-def _arborescence_embed(structure, atom_shape, valid=None):
-    parent = structure.parent
-    parent = parent if torch.is_tensor(parent) else torch.as_tensor(np.asarray(parent))
-    n = atom_shape[-1]
-    onehot = torch.nn.functional.one_hot(parent.clamp_min(0), n).to(torch.float64)    # [..., v, u]
-    onehot = onehot * (parent >= 0)[..., None]
-    return onehot.transpose(-1, -2)                                                  # [..., u, v]
-
-
 def _permutation_embed(structure, atom_shape, valid=None):
     rank = structure.rank
     rank = rank if torch.is_tensor(rank) else torch.as_tensor(np.asarray(rank))
@@ -74,7 +65,7 @@ def _permutation_embed(structure, atom_shape, valid=None):
 INSTANCES = {
     "spanning_tree": Instance("spanning_tree (n=5)", specs.spanning_tree, {}, (5, 5), 4,
                               relaxation=B.sst_spanning_tree),
-    "arborescence": Instance("arborescence (n=4)", specs.arborescence, {}, (4, 4), 3, _arborescence_embed,
+    "arborescence": Instance("arborescence (n=4)", specs.arborescence, {}, (4, 4), 3, B.arborescence_embed,
                              relaxation=B.sst_arborescence),
     "top_k": Instance("top_k (k=3 of 6)", specs.top_k, {"k": 3}, (6,), 3),
     "permutation": Instance("permutation (n=6)", specs.permutation, {}, (6,), 6, _permutation_embed),

@@ -47,7 +47,7 @@ from . import baselines as B
 from . import runs
 from .listops_data import CLOSE, NUM_CLASSES, PAD, VOCAB, make_splits
 
-__all__ = ["Config", "ESTIMATORS", "REFERENCES", "ListOpsModel", "arborescence_embed", "edge_mask",
+__all__ = ["Config", "ESTIMATORS", "REFERENCES", "ListOpsModel", "edge_mask",
            "training_loss", "evaluate", "make_data", "train", "run_all", "summarise", "plot_curves"]
 
 ESTIMATORS = ("t_reinforce+", "e_reinforce+", "relax", "sst_soft", "sst_st", "imle")
@@ -78,17 +78,6 @@ class Config(runs.TrainingConfig):
 
 
 # ---- trees as adjacency matrices --------------------------------------------------------------
-def arborescence_embed(structure, atom_shape=None, valid=None):
-    """The arborescence spec's structure (``parent`` ``[..., n]``, -1 at the root and absent
-    nodes) as its edge indicator ``[..., n, n]`` float64, ``[u, v] = 1`` iff ``parent[v] = u``
-    (the atoms' layout; usable as :func:`~.baselines.map_solver`'s ``embed``)."""
-    parent = structure.parent if hasattr(structure, "parent") else structure
-    parent = parent if torch.is_tensor(parent) else torch.as_tensor(np.asarray(parent))
-    n = parent.shape[-1]
-    onehot = F.one_hot(parent.clamp_min(0), n).to(torch.float64) * (parent >= 0)[..., None]    # [..., v, u]
-    return onehot.transpose(-1, -2)
-
-
 def parents_of(adjacency):
     """``[..., n, n]`` hard edge indicators -> ``parent`` ``[..., n]`` (-1 where no edge enters)."""
     a = adjacency.detach()
@@ -195,7 +184,7 @@ class _Parts:
         self.RaceDistribution = RaceDistribution
         self.prog = structdsl.compile(specs.arborescence, backend="torch")
         self.solver_prog = B.compile_numba_or_numpy(specs.arborescence)
-        self.solve = B.map_solver(self.solver_prog, embed=arborescence_embed)
+        self.solve = B.map_solver(self.solver_prog, embed=B.arborescence_embed)
 
     def prior(self, lengths, n):
         """The race distribution at zero logits on the present tokens."""
@@ -216,13 +205,13 @@ def training_loss(cfg, model, parts, batch, relax=None):
     seen = {}
 
     def f(structure):                                 # [K, B] cross-entropies of sampled trees
-        ce, pred = model.loss(tokens, arborescence_embed(structure), labels)
+        ce, pred = model.loss(tokens, B.arborescence_embed(structure), labels)
         seen["acc"] = float((pred == labels).double().mean())
         return ce
 
     if est in ("gold", "flat"):
         parent = gold if est == "gold" else flat_tree(lengths, n)
-        ce, pred = model.loss(tokens, arborescence_embed(parent), labels)
+        ce, pred = model.loss(tokens, B.arborescence_embed(parent), labels)
         return ce.mean(), {"loss": float(ce.detach().mean()), "acc": float((pred == labels).double().mean())}
     if est == "random_tree":
         parent = parts.prior(lengths, n).sample_with_structure((K,)).structure.parent
@@ -306,7 +295,7 @@ def evaluate(cfg, model, parts, data, generator=None):
             mapt = parents_of(parts.solve(theta))
         vals = {}
         for key, tree in (("", sample), ("_map", mapt)):
-            out = model.class_logits(tokens, arborescence_embed(tree))
+            out = model.class_logits(tokens, B.arborescence_embed(tree))
             vals["acc" + key] = (out.argmax(-1) == labels).double()
             for k, v in attachment(tree, gold, tokens, lengths).items():
                 vals[("precision" if k == "all" else f"precision_{k}") + key] = v
