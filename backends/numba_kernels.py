@@ -343,6 +343,22 @@ def mask_set(x, mask, value):
 
 
 @njit(cache=True)
+def put(x, value):
+    """``x[...] = value``: ``x`` a view whose trailing axes have ``value``'s shape (the type
+    pass's rule for stores, checked with the sizes before a call runs), ``value`` repeated
+    over the leading ones.  Element by element: NumPy's slice assignment would compile its
+    shape-mismatch message (Numba's string formatting, 2-3 s per process and rank) for a
+    path the type pass has ruled out."""
+    v = np.ascontiguousarray(value).reshape(-1)
+    k = 0
+    for idx in np.ndindex(x.shape):
+        x[idx] = v[k]
+        k += 1
+        if k == v.size:
+            k = 0
+
+
+@njit(cache=True)
 def extreme(x, largest, st, code):
     """``min(x)`` / ``max(x)``; an empty array records ``code``."""
     f = x.reshape(-1)

@@ -310,14 +310,20 @@ class Codegen:
             x = _call(_attr(x, "copy"))
         return self.convert(x, t, self.types.locals[name].dtype)
 
-    def store(self, target, value, vtype, lowered=None, pre=()):
-        """``target[...] = value`` (``value`` lowered; ``pre``: the statements before it,
-        which :meth:`store_value` places after the indices when they must run first)."""
+    def store(self, target, value, vtype, lowered=None, pre=(), node=None):
+        """``target[...] = value`` (``value`` lowered from ``node``; ``pre``: the statements
+        before it, which :meth:`store_value` places after the indices when they must run first)."""
         elts = target.slice.elts if isinstance(target.slice, ast.Tuple) else [target.slice]
         sel = self.t(target)
         if sel.shape == ("mask",):
             return [*pre, ast.Expr(_call("__mask_set", self.expr(target.value), self.expr(elts[0]), value))]
         value = self.convert(value, vtype, self.types.locals[target.value.id].dtype)
+        if vtype.ndim:     # an array into a view: the value first (Python's order), then the kernel
+            v = self.temp("v")
+            if node is not None and any(isinstance(n, ast.Name) and n.id == target.value.id for n in ast.walk(node)):
+                value = _call(_attr(value, "copy"))       # a view of the target: copied, as NumPy does
+            return [*pre, ast.Assign([_name(v, ast.Store())], value),
+                    ast.Expr(_call("__put", self.subscript(target, "write", lowered), _name(v)))]
         return [*pre, ast.Assign([self.subscript(target, "write", lowered)], value)]
 
     def store_value(self, target, node):
@@ -329,7 +335,7 @@ class Codegen:
         trial = [None if isinstance(e, ast.Slice) else self.expr(e) for e in elts]
         if len(self.codes) == codes or self.t(target).shape == ("mask",):
             del self.codes[codes:]
-            return self.store(target, self.expr(node), self.t(node))
+            return self.store(target, self.expr(node), self.t(node), node=node)
         pre, lowered = [], []
         for e in trial:
             if e is None:
@@ -338,7 +344,7 @@ class Codegen:
             temp = self.temp("i")
             pre.append(ast.Assign([_name(temp, ast.Store())], e))
             lowered.append(_name(temp))
-        return self.store(target, self.expr(node), self.t(node), lowered, pre)
+        return self.store(target, self.expr(node), self.t(node), lowered, pre, node)
 
     def statement(self, s):
         if isinstance(s, ir.Assign):
@@ -353,7 +359,7 @@ class Codegen:
                         if isinstance(t, ast.Name):
                             out.append(ast.Assign([_name(t.id, ast.Store())], _name(temp)))
                         else:
-                            out += self.store(t, _name(temp), self.t(v))
+                            out += self.store(t, _name(temp), self.t(v), node=v)
                 elif isinstance(target, ast.Name):
                     reduced = self.fusion.reduction(s.value)
                     if reduced is not None:

@@ -48,7 +48,8 @@ def module_source(gen):
     body += gen.races.snapshot_buffers() + stmts       # the races tell which buffers there are
     body.append(gen.check())
     body += gen.races.exit_search()
-    writes = [ast.Assign([ast.Subscript(_name(o), _name("__b"), ast.Store())], _name(f))
+    writes = [ast.Expr(_call("__put", ast.Subscript(_name(o), _name("__b"), ast.Load()), _name(f))) if gen.types.locals[f].shape
+              else ast.Assign([ast.Subscript(_name(o), _name("__b"), ast.Store())], _name(f))
               for o, f in zip(outs, p.outputs)]
     body.append(ast.If(_mode(ast.NotEq(), MODE_SCORE), writes, []))   # solve, sample
     lane = _function("lane", lane_args, body, "@njit(cache=True, error_model='numpy')")

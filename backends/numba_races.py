@@ -141,7 +141,8 @@ class RaceLowering:
         site = self.site_of[id(s)]
         free = self.sites[site][1]
         slot = _st(ST_SLOT)
-        keep = [ast.Assign([ast.Subscript(_name(f"__sn{site}_{v}"), slot, ast.Store())], _name(v)) for v in free]
+        keep = [ast.Expr(_call("__put", ast.Subscript(_name(f"__sn{site}_{v}"), slot, ast.Load()), _name(v))) if self.gen.types.locals[v].shape
+                else ast.Assign([ast.Subscript(_name(f"__sn{site}_{v}"), slot, ast.Store())], _name(v)) for v in free]
         keep.append(ast.Assign([ast.Subscript(_name("__site"), slot, ast.Store())], ast.Constant(site)))
         return [ast.If(ast.Compare(slot, [ast.Lt()], [_attr(_name("__tr"), "size")]), keep, [])]
 

@@ -1,7 +1,7 @@
 """References between the repository's own files resolve: every ``docs/design.md`` section a
 source file, test or document cites exists, no file cites a design document at the top
-level, which does not exist (it is ``docs/design.md``), and every image the README embeds is
-a tracked file, so a fresh clone has it."""
+level, which does not exist (it is ``docs/design.md``), and every image the README embeds and
+every relative link of the Markdown documents names a tracked file, so a fresh clone has it."""
 import re
 import subprocess
 from pathlib import Path
@@ -50,3 +50,21 @@ def test_every_readme_image_is_in_the_repository():
     missing = [link for link in links if not link.startswith("http")
                and (ROOT / link).resolve() not in tracked]
     assert not missing, f"README images that a fresh clone lacks: {missing}"
+
+
+def test_every_relative_link_of_the_markdown_documents_resolves():
+    """``[text](path)`` in the README, ``docs/`` and ``benchmarks/`` names a tracked file
+    (or a folder holding one), relative to the document; ``#anchors`` are cut off."""
+    tracked = {p.resolve() for p in _tracked("*")}
+    folders = {parent for p in tracked for parent in p.parents}
+    bad = []
+    for doc in _tracked("README.md", "docs/*.md", "benchmarks/*.md"):
+        for n, line in enumerate(doc.read_text().splitlines(), 1):
+            for link in re.findall(r"\]\(([^)\s]+)\)", re.sub(r"`[^`]*`", "", line)):   # not in code
+                path = link.split("#")[0]
+                if not path or re.match(r"[a-z]+:", path):
+                    continue
+                target = (doc.parent / path).resolve()
+                if target not in tracked and target not in folders:
+                    bad.append(f"{doc.relative_to(ROOT)}:{n}: {link}")
+    assert not bad, "links a fresh clone cannot follow:\n" + "\n".join(bad)
