@@ -21,6 +21,7 @@ and batch element).  ``enumerate`` delegates to the reference backend.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -107,6 +108,25 @@ def load(source):
     return module
 
 
+@contextlib.contextmanager
+def _compile_lock(path):
+    """Hold a lock on ``path + '.lock'`` while this process compiles (or loads) a generated
+    module: processes that start together (test workers, data-loader workers, distributed
+    ranks) then compile each module once, the others loading it from Numba's cache, instead
+    of compiling it side by side.  No lock where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:                                      # pragma: no cover - Windows
+        yield
+        return
+    with open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Program(_BaseProgram):
     """A spec compiled to native code with Numba (see :class:`structdsl.program.Program`).
 
@@ -184,8 +204,12 @@ class Program(_BaseProgram):
     def _run(self, kernel, *args):
         """Call a compiled driver; a Numba typing failure (a construct this backend lowers
         into code Numba rejects) becomes a clear error instead of a raw Numba traceback."""
+        driver = getattr(self._module, kernel)
         try:
-            return getattr(self._module, kernel)(*args)
+            if getattr(driver, "signatures", ()):
+                return driver(*args)
+            with _compile_lock(self._module.__file__):      # the first call compiles or loads
+                return driver(*args)
         except Exception as exc:
             if type(exc).__module__.startswith("numba"):
                 first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__

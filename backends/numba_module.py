@@ -52,7 +52,7 @@ def module_source(gen):
               else ast.Assign([ast.Subscript(_name(o), _name("__b"), ast.Store())], _name(f))
               for o, f in zip(outs, p.outputs)]
     body.append(ast.If(_mode(ast.NotEq(), MODE_SCORE), writes, []))   # solve, sample
-    lane = _function("lane", lane_args, body, "@njit(cache=True, error_model='numpy')")
+    lane = _function("lane", lane_args, body, "@njit(cache=True, error_model='numpy', no_cpython_wrapper=True)")
     fmt = dict(params="".join(f"{x}, " for x in params), outs_comma="".join(f", {o}" for o in outs),
                finish=(_FINISH_NESTED if gen.fast else _FINISH_GENERIC).format(**_CONSTANTS))
     # the same driver twice: serial for small batches (it compiles in a third of the time and

@@ -123,9 +123,11 @@ def test_pyro_fits_a_guide_that_samples_this_distribution():
         logits = pyro.param("logits", torch.zeros(n, n, dtype=torch.float64))
         pyro.sample("tree", RaceDistribution(specs.spanning_tree, logits=logits))
 
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.1}), loss=TraceGraph_ELBO())
+    # TraceGraph_ELBO's provenance tensors send log_prob down the lock-step torch path
+    # (about 0.1 s a step): 50 steps at lr 0.3 end at 0.98-0.9995 for seeds 0-3
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.3}), loss=TraceGraph_ELBO())
     x = torch.tensor(1.0, dtype=torch.float64)
-    for _ in range(150):
+    for _ in range(50):
         loss = svi.step(x)
         assert math.isfinite(loss)
     q = RaceDistribution(specs.spanning_tree, logits=pyro.param("logits").detach())
