@@ -234,7 +234,20 @@ def _check_index(x, idx, what):
             raise SpecIndexError(f"{what} index {int(i)} is out of range for axis {axis} of size {dim}")
 
 
+def _in_range(x, idx):
+    """``idx`` names one element of ``x`` with int indices in range (the common case, which
+    needs none of :func:`_check_index`'s other cases)."""
+    if len(idx) != x.ndim:
+        return False
+    for i, d in zip(idx, x.shape):
+        if type(i) is not int or not 0 <= i < d:
+            return False
+    return True
+
+
 def _get(x, idx):
+    if _in_range(x, idx):
+        return x.item(idx)                                  # a Python int or bool
     _check_index(x, idx, "read")
     v = x[idx]
     if isinstance(v, np.generic):                           # an element (``_scalar``, inlined)
@@ -243,7 +256,8 @@ def _get(x, idx):
 
 
 def _set(x, idx, value):
-    _check_index(x, idx, "write")
+    if not _in_range(x, idx):
+        _check_index(x, idx, "write")
     x[idx] = value
 
 
