@@ -82,6 +82,9 @@ def _atom(flat, shape):
     return tuple(int(i) for i in np.unravel_index(flat, shape)) if 0 <= flat < int(np.prod(shape)) else flat
 
 
+_NO_KEY = np.zeros(2, dtype=np.uint64)      # the driver's Philox key when it draws from given uniforms
+
+
 def _writable_c64(a):
     """``a`` as a writable C-contiguous float64 array, copied only when it is not one (a
     read-only or strided array types as another Numba signature: a new compilation)."""
@@ -234,14 +237,15 @@ class Program(_BaseProgram):
             code = self._codes[int(st[lane, ST_STATUS]) - 1]
             raise getattr(errors, code.cls)(_message(code, st[lane], inst.atom_shape), self.ir.file, code.line, lane)
 
-    def _solve_all(self, inst, res, uniforms, logits, log_space, check_logits=None, score=None):
+    def _solve_all(self, inst, res, uniforms, logits, log_space, check_logits=None, score=None, key=None):
         """Run the solve driver: on given weights ``res``, or drawing ``res = log E`` from
         ``uniforms`` and ``logits`` when they are given.  Returns traces, fields, the log
         noise.  ``score``: ``(fs, grad, lsum, flags)`` buffers, to score the drawn traces in
         the same lanes (``MODE_SAMPLE_SCORE_NESTED`` on the nested fast path, else
-        ``MODE_SAMPLE_SCORE``)."""
+        ``MODE_SAMPLE_SCORE``).  ``key``: draw from the Philox stream of this uint64 ``[2]``
+        key inside the lanes instead of from ``uniforms`` (then ``None``)."""
         B, A = res.shape
-        draw = uniforms is not None
+        draw = uniforms is not None or key is not None
         none = np.zeros((B, 0))
         tr = np.full((B, inst.max_races), -1, dtype=np.int64)
         from .numba_kernels import MODE_SAMPLE_SCORE, MODE_SAMPLE_SCORE_NESTED, MODE_SOLVE, ST_NESTING, ST_WIDTH
@@ -254,7 +258,8 @@ class Program(_BaseProgram):
         mode = MODE_SOLVE if score is None else MODE_SAMPLE_SCORE_NESTED if self._fast else MODE_SAMPLE_SCORE
         fs, grad, lsum, flags = score or (np.zeros((B, 1)), none, none, 0)
         # the callers hand over writable C-contiguous float64 arrays: one lane signature
-        self._run(self._driver(B), *self._solve_consts(inst), uniforms if draw else none, logits if draw else none,
+        self._run(self._driver(B), *self._solve_consts(inst), uniforms if uniforms is not None else none,
+                  _NO_KEY if key is None else key, logits if draw else none,
                   res, log_noise, np.empty((B, A), dtype=bool), tr, st, log_space, draw, mode, fs, grad, lsum,
                   none, none, flags, *outs)
         self._raise(st, inst, (check_logits or (lambda: self.check_logits(logits))) if draw else None)
@@ -264,6 +269,14 @@ class Program(_BaseProgram):
     def solve_flat(self, inst, weights, log_space):
         tr, outs, _ = self._solve_all(inst, np.array(weights, dtype=np.float64), None, None, log_space)
         return tr, outs
+
+    def draw_seeded_flat(self, inst, seed, logits, check_logits=None):
+        """As the contract: each lane draws its own uniforms of the Philox stream inside the
+        compiled driver (in parallel, no ``[B, A]`` array of uniforms)."""
+        key = np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64)
+        tr, outs, log_noise = self._solve_all(inst, np.empty(logits.shape), None, _writable_c64(logits), True,
+                                              check_logits, key=key)
+        return Draw(tr, outs, log_noise)
 
     def draw_flat(self, inst, uniforms, logits, check_logits=None):
         """As the contract; ``uniforms`` in [0, 1) (a 0 counts as the smallest normal float)."""
@@ -328,8 +341,8 @@ class Program(_BaseProgram):
         flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0) | (WANT_MEMBERS if want_members else 0)
         outs = [o[:1] for o in self._outputs(inst, 1)]
         x = np.array(logits, dtype=np.float64)
-        self._run(self._driver(B), *self._solve_consts(inst), np.empty((B, 0)), x, x, np.empty((B, 0)), alive, tr, st,
-                  False, False, MODE_SCORE, fs, grad, lsum, u, noise, flags, *outs)
+        self._run(self._driver(B), *self._solve_consts(inst), np.empty((B, 0)), _NO_KEY, x, x, np.empty((B, 0)), alive,
+                  tr, st, False, False, MODE_SCORE, fs, grad, lsum, u, noise, flags, *outs)
         self._raise(st, inst)
         logp = np.where(st[:, ST_STATUS] == IMPOSSIBLE, -np.inf, fs[:, 0])
         if want_members:

@@ -836,6 +836,52 @@ def prepare_sample(valid, uni, logits, alive, res, log_noise, st):
         log_noise[k] = x
 
 
+# Philox4x32-10, the stream of ``seed=`` (structdsl.philox holds its definition; the tests
+# compare the two bit for bit)
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+_LO32, _S32, _S6 = np.uint64(0xFFFFFFFF), np.uint64(32), np.uint64(6)
+_S26 = np.uint64(1 << 26)
+
+
+@njit(cache=True)
+def philox_pair(pair, lane, k0, k1):
+    """The two uniforms of atoms ``2 * pair`` and ``2 * pair + 1`` of flat lane ``lane``
+    under key ``(k0, k1)`` (all uint64; see structdsl.philox)."""
+    c0, c1, c2, c3 = pair, lane & _LO32, lane >> _S32, np.uint64(0)
+    for _ in range(10):
+        p0, p1 = _M0 * c0, _M1 * c2
+        c0, c1, c2, c3 = (p1 >> _S32) ^ c1 ^ k0, p1 & _LO32, (p0 >> _S32) ^ c3 ^ k1, p0 & _LO32
+        k0, k1 = (k0 + _W0) & _LO32, (k1 + _W1) & _LO32
+    u0 = (float((c0 >> _S6) * _S26 + (c1 >> _S6)) + 0.5) / 4503599627370496.0    # 2**52
+    u1 = (float((c2 >> _S6) * _S26 + (c3 >> _S6)) + 0.5) / 4503599627370496.0
+    return u0, u1
+
+
+@njit(cache=True)
+def prepare_seeded(valid, key, lane, logits, alive, res, log_noise, st):
+    """:func:`prepare_sample` with the lane's uniforms drawn here, from the Philox stream of
+    ``key`` (uint64 ``[2]``) for flat lane ``lane``, only for the atoms that can race (each
+    counter gives two neighbouring atoms)."""
+    k0, k1 = key[0], key[1]
+    b = np.uint64(lane)
+    done = -1
+    u0 = u1 = 0.5
+    for k in range(logits.size):
+        if valid[k] and not logits[k] < np.inf:   # invalid atoms: ignored, NaN included
+            st[0] = BAD_LOGIT
+        ok = valid[k] and logits[k] > -np.inf
+        alive[k] = ok
+        x = np.inf
+        if ok:
+            if k >> 1 != done:
+                done = k >> 1
+                u0, u1 = philox_pair(np.uint64(done), b, k0, k1)
+            x = math.log(-math.log(u1 if k & 1 else u0)) - logits[k]
+        res[k] = x
+        log_noise[k] = x
+
+
 # ---- the nested fast path's score: exit races instead of per-race sums ------------------------
 @njit(cache=True)
 def score_nested(m, alive, tr, st, ex, allow_empty, code_empty, code_bound):

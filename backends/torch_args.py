@@ -52,14 +52,14 @@ class TensorArguments:
                 x = torch.where(valid, x, -math.inf)
         return x, tuple(x.shape[:x.dim() - k]), inst
 
-    def _uniforms_t(self, uniforms, generator, shape, like, what="uniforms", seed=None):
+    def _uniforms_t(self, uniforms, generator, shape, like, what="uniforms", seed=None, lane_ndim=1):
         if seed is not None:
-            # seed= means what it means on every backend: the reference's NumPy draw, so one
-            # seed gives one sample everywhere (generator= is torch's own stream)
+            # seed= means what it means on every backend: the Philox stream (structdsl.philox),
+            # so one seed gives one sample everywhere (generator= is torch's own stream)
             if uniforms is not None or generator is not None:
                 raise TypeError("give either uniforms= or seed=, not both" if uniforms is not None
                                 else "give either generator= or seed=, not both")
-            uniforms = self._uniforms(None, seed, tuple(shape), what)
+            uniforms = self._uniforms(None, seed, tuple(shape), what, lane_ndim)
         if uniforms is None:
             u = torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
             return u.clamp_min(torch.finfo(like.dtype).tiny)

@@ -172,14 +172,14 @@ class Program(TensorArguments, GraphedCalls, _BaseProgram):
         """Draw structures: ``log E = log(-log U) - logits`` raced in log space.
 
         logits: ``[*batch, *atom_shape]`` (float32 or float64, any device); uniforms:
-        ``sample_shape + batch + atom_shape`` in (0, 1); or ``seed`` (an int: the NumPy
-        reference's draw, so a seed gives the same sample on every backend); or drawn with
+        ``sample_shape + batch + atom_shape`` in (0, 1); or ``seed`` (an int: the Philox
+        stream of :mod:`structdsl.philox`, so a seed gives the same sample on every backend); or drawn with
         torch's ``generator`` (its default when none of the three is given).
         Returns :class:`~structdsl.program.Sample` of tensors (trace ``[*lead, max_races]``).
         """
         x, batch, inst = self._logits(logits)
         shape = tuple(sample_shape) + batch + inst.atom_shape
-        u = self._uniforms_t(uniforms, generator, shape, x, seed=seed)
+        u = self._uniforms_t(uniforms, generator, shape, x, seed=seed, lane_ndim=self.atom_ndim)
         lead = shape[:len(shape) - self.atom_ndim]
         A = inst.num_atoms
         xb = x.detach().expand(shape).reshape(-1, A)

@@ -12,7 +12,9 @@ flattened batch, without argument checks (``B`` lanes, ``A = prod(atom_shape)`` 
 * ``solve_flat(inst, weights[B, A], log_space)`` -> traces ``[B, R]`` and structure fields
   ``[B, ...]`` (``log_space``: the weights are ``log E`` and residuals are kept as logs);
 * ``draw_flat(inst, uniforms[B, A], logits[B, A], check_logits=None)`` -> :class:`Draw`
-  (the default races ``log E = log(-log U) - logits`` with ``solve_flat``);
+  (the default races ``log E = log(-log U) - logits`` with ``solve_flat``; its sibling
+  ``draw_seeded_flat(inst, seed, logits)`` draws the uniforms of :mod:`structdsl.philox`
+  first, or, in a backend that overrides it, inside its lanes);
 * ``replay_flat(inst, traces[B, R], logits[B, A])`` -> :class:`Replay`: which traces are
   possible and each race's member set, in the compact form the backend produces best
   (:class:`structdsl.races.Members` or :class:`structdsl.races.ExitRaces`);
@@ -36,7 +38,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from . import ir, races
+from . import ir, philox, races
 from .errors import RaceError
 from .ir import static_eval  # noqa: F401  (re-exported: structdsl.testing uses it)
 
@@ -311,7 +313,9 @@ class Program:
         uniforms: optional ``[*lead, *atom_shape]`` in (0, 1), ``lead`` broadcasting with
         ``sample_shape + batch`` (so uniforms may carry the sample dims); the noise is
         ``E = -log(U) * exp(-logits)``, so identical uniforms give identical traces on every
-        backend.  seed: seed for ``numpy.random.default_rng`` when uniforms are not given.
+        backend.  seed: when uniforms are not given, an int in ``[0, 2**64)`` (``None``: from
+        the OS's entropy) keying the Philox stream of :mod:`structdsl.philox`, which every
+        backend draws alike (the numba lanes draw their own, in parallel).
         The races run on ``log E``, so logits of any spread are exact; the returned ``noise``
         is ``exp`` of it and may overflow to ``inf`` (or underflow to 0) for atoms more than
         ~700 nats away from 0.
@@ -327,12 +331,15 @@ class Program:
             except ValueError:
                 raise ValueError(f"uniforms of shape {np.shape(uniforms)} do not broadcast with "
                                  f"logits of shape {logits.shape}") from None
-        u = self._uniforms(uniforms, seed, shape, "uniforms")
         logits = np.broadcast_to(logits, shape)
         lead = shape[:len(shape) - self.atom_ndim]
         A = inst.num_atoms
         with naming_lanes(lead):
-            traces, fields, log_noise = self.draw_flat(inst, u.reshape(-1, A), logits.reshape(-1, A))
+            if uniforms is None:                          # seed=: the Philox stream
+                traces, fields, log_noise = self.draw_seeded_flat(inst, philox.check_seed(seed), logits.reshape(-1, A))
+            else:
+                u = self._uniforms(uniforms, seed, shape, "uniforms")       # refuses both
+                traces, fields, log_noise = self.draw_flat(inst, u.reshape(-1, A), logits.reshape(-1, A))
         return Sample(traces.reshape(lead + (inst.max_races,)), self._structure(fields, lead),
                       log_noise.reshape(shape))
 
@@ -453,12 +460,13 @@ class Program:
         return t, logits, batch, inst
 
     @staticmethod
-    def _uniforms(uniforms, seed, shape, what):
+    def _uniforms(uniforms, seed, shape, what, lane_ndim=1):
+        """``uniforms`` checked (shape ``shape``, strictly inside (0, 1)), or the Philox
+        stream of ``seed`` (:mod:`structdsl.philox`), each lane's values being the last
+        ``lane_ndim`` dims of ``shape`` (flattened)."""
         if uniforms is None:
-            u = np.random.default_rng(seed).random(shape)     # in [0, 1): keep log(U) finite
-            if u.size and u.min() == 0.0:
-                u = np.where(u > 0, u, np.finfo(np.float64).tiny)
-            return u
+            cut = len(shape) - lane_ndim
+            return philox.uniforms(seed, math.prod(shape[:cut]), math.prod(shape[cut:])).reshape(shape)
         if seed is not None:
             raise TypeError("give either uniforms= or seed=, not both")
         u = np.asarray(uniforms, dtype=np.float64)
@@ -470,6 +478,13 @@ class Program:
         return u
 
     # ---- the backend contract (see the module docstring) ------------------------------------
+    def draw_seeded_flat(self, inst, seed, logits, check_logits=None):
+        """:meth:`draw_flat` on the uniforms of the Philox stream of ``seed`` (an int in
+        ``[0, 2**64)``) for lanes ``0 .. B - 1`` and atoms ``0 .. A - 1``; a backend may draw
+        them where its lanes run (the numba backend does, inside its compiled driver)."""
+        B, A = logits.shape
+        return self.draw_flat(inst, philox.uniforms(seed, B, A), logits, check_logits)
+
     def draw_flat(self, inst, uniforms, logits, check_logits=None):
         """Race ``log E = log(-log U) - logits`` (exact for any spread of the logits, where E
         itself would overflow and turn live atoms into +inf).  ``uniforms``, ``logits``:
