@@ -842,6 +842,174 @@ _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
 _LO32, _S32, _S6 = np.uint64(0xFFFFFFFF), np.uint64(32), np.uint64(6)
 _S26 = np.uint64(1 << 26)
+_EXP52 = np.uint64(0x4330000000000000)      # the bits of 2.0**52: | 52-bit x gives 2**52 + x
+_TWO52 = 4503599627370496.0
+_ULP52 = 2.220446049250313e-16              # 2**-52
+
+
+@njit(cache=True, inline="always")
+def _philox(c0, c1, c2, c3, k0, k1):
+    for _ in range(10):
+        p0, p1 = _M0 * c0, _M1 * c2
+        c0, c1, c2, c3 = (p1 >> _S32) ^ c1 ^ k0, p1 & _LO32, (p0 >> _S32) ^ c3 ^ k1, p0 & _LO32
+        k0, k1 = (k0 + _W0) & _LO32, (k1 + _W1) & _LO32
+    return c0, c1, c2, c3
+
+
+@njit(cache=True, inline="always")
+def _bits52(x, y):
+    """Two Philox words as the bits of the double ``2**52 + 52-bit value``."""
+    return ((x >> _S6) * _S26 + (y >> _S6)) | _EXP52
+
+
+@njit(cache=True)
+def philox_pair(pair, lane, k0, k1):
+    """The two uniforms of atoms ``2 * pair`` and ``2 * pair + 1`` of flat lane ``lane``
+    under key ``(k0, k1)`` (all uint64; see structdsl.philox)."""
+    w0, w1, w2, w3 = _philox(pair, lane & _LO32, lane >> _S32, np.uint64(0), k0, k1)
+    x = np.empty(2, np.uint64)
+    x[0], x[1] = _bits52(w0, w1), _bits52(w2, w3)
+    u = x.view(np.float64)
+    return (u[0] - _TWO52 + 0.5) * _ULP52, (u[1] - _TWO52 + 0.5) * _ULP52
+
+
+@njit(cache=True)
+def _philox_fill(k0, k1, lane, bits):
+    """``bits[a]``: the bits of ``2**52 + x`` for atom ``a``'s 52-bit draw of ``lane``."""
+    c1, c2 = lane & _LO32, lane >> _S32
+    A = bits.size
+    for p in range(A // 2):
+        w0, w1, w2, w3 = _philox(np.uint64(p), c1, c2, np.uint64(0), k0, k1)
+        bits[2 * p] = _bits52(w0, w1)
+        bits[2 * p + 1] = _bits52(w2, w3)
+    if A % 2:
+        w0, w1, w2, w3 = _philox(np.uint64(A // 2), c1, c2, np.uint64(0), k0, k1)
+        bits[A - 1] = _bits52(w0, w1)
+
+
+@njit(cache=True)
+def prepare_seeded(valid, key, lane, logits, alive, res, log_noise, st):
+    """:func:`prepare_sample` with the lane's uniforms drawn here, from the Philox stream of
+    ``key`` (uint64 ``[2]``) for flat lane ``lane``.  The stream is written first, as the
+    bits of ``2**52 + x``, into a scratch array (a loop without branches, which LLVM
+    vectorises: the 32 x 32-bit products are SIMD instructions; about 1 ns an atom), then
+    turned into noise.  Written into ``log_noise`` itself, the second loop ran half as fast."""
+    scratch = np.empty(logits.size)
+    _philox_fill(key[0], key[1], np.uint64(lane), scratch.view(np.uint64))
+    for k in range(logits.size):
+        if valid[k] and not logits[k] < np.inf:   # invalid atoms: ignored, NaN included
+            st[0] = BAD_LOGIT
+        ok = valid[k] and logits[k] > -np.inf
+        alive[k] = ok
+        u = (scratch[k] - _TWO52 + 0.5) * _ULP52
+        x = math.log(-math.log(u)) - logits[k] if ok else np.inf
+        res[k] = x
+        log_noise[k] = x
+
+
+# ---- the nested fast path's heap: atoms ordered by (noise, index) -------------------------------
+@njit(cache=True)
+def _before(ka, ia, kb, ib):
+    """(key, index) pairs compared lexicographically: ties go to the lower index, as argmin."""
+    return ka < kb or (ka == kb and ia < ib)
+
+
+@njit(cache=True)
+def _sift_down(hk, hi, n, k):
+    key, idx = hk[k], hi[k]
+    while True:
+        child = 2 * k + 1
+        if child >= n:
+            break
+        right = child + 1
+        if right < n and _before(hk[right], hi[right], hk[child], hi[child]):
+            child = right
+        if not _before(hk[child], hi[child], key, idx):
+            break
+        hk[k], hi[k] = hk[child], hi[child]
+        k = child
+    hk[k], hi[k] = key, idx
+
+
+@njit(cache=True)
+def heap_init(alive, res, hk, hi, size):
+    """A binary heap of the live atoms keyed by their raw noise (keys stored inline, no
+    indirection): O(A) to build, O(log A) a pop, and a nested spec pops only the atoms its
+    races examine."""
+    n = 0
+    for i in range(alive.size):
+        if alive[i]:
+            hk[n] = res[i]
+            hi[n] = i
+            n += 1
+    size[0] = n
+    for k in range(n // 2 - 1, -1, -1):
+        _sift_down(hk, hi, n, k)
+
+
+@njit(cache=True)
+def heap_pop(hk, hi, size):
+    n = size[0]
+    if n == 0:
+        return -1
+    top = hi[0]
+    n -= 1
+    size[0] = n
+    if n == 0:
+        return top
+    # bottom-up (Floyd): walk the hole down to a leaf along the smaller children (one
+    # comparison a level), then sift the last element up from there (usually a step or two)
+    k = 0
+    while True:
+        child = 2 * k + 1
+        if child >= n:
+            break
+        right = child + 1
+        if right < n and _before(hk[right], hi[right], hk[child], hi[child]):
+            child = right
+        hk[k], hi[k] = hk[child], hi[child]
+        k = child
+    key, idx = hk[n], hi[n]
+    while k > 0:
+        parent = (k - 1) // 2
+        if not _before(key, idx, hk[parent], hi[parent]):
+            break
+        hk[k], hi[k] = hk[parent], hi[parent]
+        k = parent
+    hk[k], hi[k] = key, idx
+    return top
+
+
+@njit(cache=True)
+def prepare_solve(valid, res, alive):
+    """One lane of ``solve``: the atoms with finite weights can race."""
+    for k in range(res.size):
+        alive[k] = valid[k] and res[k] < np.inf
+
+
+@njit(cache=True)
+def prepare_sample(valid, uni, logits, alive, res, log_noise, st):
+    """One lane's noise: ``log E = log(-log U) - logits`` at the atoms that can race (+inf
+    elsewhere), as the reference computes it, into ``res`` (the races' residuals) and
+    ``log_noise`` (kept for the caller; the same array when the races leave ``res`` alone).
+    A uniform of 0 counts as the smallest normal float, as torch's draws are clamped; a NaN
+    or +inf logit sets ``st[0] = BAD_LOGIT`` (the caller names the entry)."""
+    for k in range(uni.size):
+        if valid[k] and not logits[k] < np.inf:   # invalid atoms: ignored, NaN included
+            st[0] = BAD_LOGIT
+        ok = valid[k] and logits[k] > -np.inf
+        alive[k] = ok
+        x = math.log(-math.log(max(uni[k], _TINY))) - logits[k] if ok else np.inf
+        res[k] = x
+        log_noise[k] = x
+
+
+# Philox4x32-10, the stream of ``seed=`` (structdsl.philox holds its definition; the tests
+# compare the two bit for bit)
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+_LO32, _S32, _S6 = np.uint64(0xFFFFFFFF), np.uint64(32), np.uint64(6)
+_S26 = np.uint64(1 << 26)
 
 
 @njit(cache=True)
@@ -853,9 +1021,193 @@ def philox_pair(pair, lane, k0, k1):
         p0, p1 = _M0 * c0, _M1 * c2
         c0, c1, c2, c3 = (p1 >> _S32) ^ c1 ^ k0, p1 & _LO32, (p0 >> _S32) ^ c3 ^ k1, p0 & _LO32
         k0, k1 = (k0 + _W0) & _LO32, (k1 + _W1) & _LO32
-    u0 = (float((c0 >> _S6) * _S26 + (c1 >> _S6)) + 0.5) / 4503599627370496.0    # 2**52
-    u1 = (float((c2 >> _S6) * _S26 + (c3 >> _S6)) + 0.5) / 4503599627370496.0
+    # 52 bits each, converted through int64 (x86 has no direct uint64 -> double), * 2**-52
+    u0 = (float(np.int64((c0 >> _S6) * _S26 + (c1 >> _S6))) + 0.5) * 2.220446049250313e-16
+    u1 = (float(np.int64((c2 >> _S6) * _S26 + (c3 >> _S6))) + 0.5) * 2.220446049250313e-16
     return u0, u1
+
+
+@njit(cache=True)
+def _philox_fill(k0, k1, lane, bits):
+    """``bits[a]``: the bits of ``2**52 + x`` for atom ``a``'s 52-bit draw of ``lane``."""
+    c1, c2 = lane & _LO32, lane >> _S32
+    A = bits.size
+    for p in range(A // 2):
+        w0, w1, w2, w3 = _philox(np.uint64(p), c1, c2, np.uint64(0), k0, k1)
+        bits[2 * p] = _bits52(w0, w1)
+        bits[2 * p + 1] = _bits52(w2, w3)
+    if A % 2:
+        w0, w1, w2, w3 = _philox(np.uint64(A // 2), c1, c2, np.uint64(0), k0, k1)
+        bits[A - 1] = _bits52(w0, w1)
+
+
+@njit(cache=True)
+def prepare_seeded(valid, key, lane, logits, alive, res, log_noise, st):
+    """:func:`prepare_sample` with the lane's uniforms drawn here, from the Philox stream of
+    ``key`` (uint64 ``[2]``) for flat lane ``lane``: one counter per pair of neighbouring
+    atoms, drawn only when one of them can race."""
+    k0, k1 = key[0], key[1]
+    b = np.uint64(lane)
+    A = logits.size
+    for p in range((A + 1) // 2):
+        k = 2 * p
+        ok0 = _live_atom(valid, logits, k, st)
+        ok1 = k + 1 < A and _live_atom(valid, logits, k + 1, st)
+        u0 = u1 = 0.5
+        if ok0 or ok1:
+            u0, u1 = philox_pair(np.uint64(p), b, k0, k1)
+        _put_noise(k, ok0, u0, logits, alive, res, log_noise)
+        if k + 1 < A:
+            _put_noise(k + 1, ok1, u1, logits, alive, res, log_noise)
+
+
+@njit(cache=True, inline="always")
+def _live_atom(valid, logits, k, st):
+    if valid[k] and not logits[k] < np.inf:   # invalid atoms: ignored, NaN included
+        st[0] = BAD_LOGIT
+    return valid[k] and logits[k] > -np.inf
+
+
+@njit(cache=True, inline="always")
+def _put_noise(k, ok, u, logits, alive, res, log_noise):
+    alive[k] = ok
+    x = math.log(-math.log(u)) - logits[k] if ok else np.inf
+    res[k] = x
+    log_noise[k] = x
+
+
+# ---- the nested fast path's heap: atoms ordered by (noise, index) -------------------------------
+@njit(cache=True)
+def _before(ka, ia, kb, ib):
+    """(key, index) pairs compared lexicographically: ties go to the lower index, as argmin."""
+    return ka < kb or (ka == kb and ia < ib)
+
+
+@njit(cache=True)
+def _sift_down(hk, hi, n, k):
+    key, idx = hk[k], hi[k]
+    while True:
+        child = 2 * k + 1
+        if child >= n:
+            break
+        right = child + 1
+        if right < n and _before(hk[right], hi[right], hk[child], hi[child]):
+            child = right
+        if not _before(hk[child], hi[child], key, idx):
+            break
+        hk[k], hi[k] = hk[child], hi[child]
+        k = child
+    hk[k], hi[k] = key, idx
+
+
+@njit(cache=True)
+def heap_init(alive, res, hk, hi, size):
+    """A binary heap of the live atoms keyed by their raw noise (keys stored inline, no
+    indirection): O(A) to build, O(log A) a pop, and a nested spec pops only the atoms its
+    races examine."""
+    n = 0
+    for i in range(alive.size):
+        if alive[i]:
+            hk[n] = res[i]
+            hi[n] = i
+            n += 1
+    size[0] = n
+    for k in range(n // 2 - 1, -1, -1):
+        _sift_down(hk, hi, n, k)
+
+
+@njit(cache=True)
+def heap_pop(hk, hi, size):
+    n = size[0]
+    if n == 0:
+        return -1
+    top = hi[0]
+    n -= 1
+    size[0] = n
+    if n == 0:
+        return top
+    # bottom-up (Floyd): walk the hole down to a leaf along the smaller children (one
+    # comparison a level), then sift the last element up from there (usually a step or two)
+    k = 0
+    while True:
+        child = 2 * k + 1
+        if child >= n:
+            break
+        right = child + 1
+        if right < n and _before(hk[right], hi[right], hk[child], hi[child]):
+            child = right
+        hk[k], hi[k] = hk[child], hi[child]
+        k = child
+    key, idx = hk[n], hi[n]
+    while k > 0:
+        parent = (k - 1) // 2
+        if not _before(key, idx, hk[parent], hi[parent]):
+            break
+        hk[k], hi[k] = hk[parent], hi[parent]
+        k = parent
+    hk[k], hi[k] = key, idx
+    return top
+
+
+@njit(cache=True)
+def prepare_solve(valid, res, alive):
+    """One lane of ``solve``: the atoms with finite weights can race."""
+    for k in range(res.size):
+        alive[k] = valid[k] and res[k] < np.inf
+
+
+@njit(cache=True)
+def prepare_sample(valid, uni, logits, alive, res, log_noise, st):
+    """One lane's noise: ``log E = log(-log U) - logits`` at the atoms that can race (+inf
+    elsewhere), as the reference computes it, into ``res`` (the races' residuals) and
+    ``log_noise`` (kept for the caller; the same array when the races leave ``res`` alone).
+    A uniform of 0 counts as the smallest normal float, as torch's draws are clamped; a NaN
+    or +inf logit sets ``st[0] = BAD_LOGIT`` (the caller names the entry)."""
+    for k in range(uni.size):
+        if valid[k] and not logits[k] < np.inf:   # invalid atoms: ignored, NaN included
+            st[0] = BAD_LOGIT
+        ok = valid[k] and logits[k] > -np.inf
+        alive[k] = ok
+        x = math.log(-math.log(max(uni[k], _TINY))) - logits[k] if ok else np.inf
+        res[k] = x
+        log_noise[k] = x
+
+
+# Philox4x32-10, the stream of ``seed=`` (structdsl.philox holds its definition; the tests
+# compare the two bit for bit)
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+_LO32, _S32, _S6 = np.uint64(0xFFFFFFFF), np.uint64(32), np.uint64(6)
+_S26 = np.uint64(1 << 26)
+
+
+@njit(cache=True)
+def philox_pair(pair, lane, k0, k1):
+    """The two uniforms of atoms ``2 * pair`` and ``2 * pair + 1`` of flat lane ``lane``
+    under key ``(k0, k1)`` (all uint64; see structdsl.philox)."""
+    c0, c1, c2, c3 = pair, lane & _LO32, lane >> _S32, np.uint64(0)
+    for _ in range(10):
+        p0, p1 = _M0 * c0, _M1 * c2
+        c0, c1, c2, c3 = (p1 >> _S32) ^ c1 ^ k0, p1 & _LO32, (p0 >> _S32) ^ c3 ^ k1, p0 & _LO32
+        k0, k1 = (k0 + _W0) & _LO32, (k1 + _W1) & _LO32
+    # 52 bits each, converted through int64 (x86 has no direct uint64 -> double), * 2**-52
+    u0 = (float(np.int64((c0 >> _S6) * _S26 + (c1 >> _S6))) + 0.5) * 2.220446049250313e-16
+    u1 = (float(np.int64((c2 >> _S6) * _S26 + (c3 >> _S6))) + 0.5) * 2.220446049250313e-16
+    return u0, u1
+
+
+@njit(cache=True)
+def _philox_fill(k0, k1, lane, bits):
+    """``bits[a]``: the bits of ``2**52 + x`` for atom ``a``'s 52-bit draw of ``lane``."""
+    c1, c2 = lane & _LO32, lane >> _S32
+    A = bits.size
+    for p in range(A // 2):
+        w0, w1, w2, w3 = _philox(np.uint64(p), c1, c2, np.uint64(0), k0, k1)
+        bits[2 * p] = _bits52(w0, w1)
+        bits[2 * p + 1] = _bits52(w2, w3)
+    if A % 2:
+        w0, w1, w2, w3 = _philox(np.uint64(A // 2), c1, c2, np.uint64(0), k0, k1)
+        bits[A - 1] = _bits52(w0, w1)
 
 
 @njit(cache=True)
