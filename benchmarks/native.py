@@ -9,7 +9,9 @@ stream inside the compiled driver), ``log_prob_and_grad`` of those traces, the h
 heap-Kruskal kernel of ``benchmarks/yardstick.py`` (uniforms drawn inside its parallel
 loop), and the noise floor: NumPy's ``standard_exponential`` for the valid atoms, one
 thread.  Before timing, the yardstick's edge frequencies are checked against the
-backend's at n = 6 (20000 draws each), so that the bar is the same law.
+backend's at n = 6 (20000 draws each), so that the bar is the same law.  A second table
+times ``seed=`` (each lane draws the Philox stream inside the driver) against NumPy drawing
+the uniforms first (``uniforms=``), for four specs, interleaved in one process.
 """
 from __future__ import annotations
 
@@ -86,6 +88,31 @@ def main(argv=None):
         r1 = best["numba sample(seed=)"] / best["hand-written heap kernel"]
         r2 = best["numba log_prob_and_grad"] / best["noise floor (1 thread)"]
         print(f"| {n} | " + " | ".join(ms) + f" | {r1:.2f} | {r2:.2f} |")
+    seeded_draw_table(lambda name: structdsl.compile(getattr(specs, name), backend="numba"),
+                      [int(s) for s in args.sizes.split(",")], (64, args.batch), args.repeat * 3)
+
+
+def seeded_draw_table(prog_for, sizes, batches, repeat):
+    """``sample(seed=)`` (each lane draws the Philox stream inside the compiled driver)
+    against ``sample(uniforms=default_rng(seed).random(shape))`` (NumPy draws a ``[B, A]``
+    array on one thread first: what ``seed=`` did before), interleaved in one process."""
+    print("\nseed= (Philox inside the lanes) against uniforms= drawn by NumPy first, "
+          f"best of {repeat} interleaved calls; ratio > 1: seed= is faster\n")
+    print("| spec | n | batch | seed= (ms) | NumPy draw + uniforms= (ms) | ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, ndim in (("categorical", 1), ("binary_tree", 1), ("spanning_tree", 2), ("matching", 2)):
+        prog = prog_for(name)
+        for n in sizes:
+            for batch in batches:
+                shape = (batch,) + (n,) * ndim
+                x = np.random.default_rng(0).normal(size=shape)
+                a = lambda: prog.sample(x, seed=3)                                    # noqa: E731
+                b = lambda: prog.sample(x, uniforms=np.random.default_rng(3).random(shape))  # noqa: E731
+                a(), b()
+                ta = tb = np.inf
+                for _ in range(repeat):
+                    ta, tb = min(ta, _best(a, 1)), min(tb, _best(b, 1))
+                print(f"| {name} | {n} | {batch} | {ta * 1e3:.2f} | {tb * 1e3:.2f} | {tb / ta:.2f} |")
 
 
 if __name__ == "__main__":
