@@ -6,6 +6,7 @@ MLP encoder of per-example features into edge logits, ``RaceDistribution``,
 by reference, rebuilt through the compile cache in each rank).  Each rank samples from its
 own stream; DDP averages the gradients, so every rank ends with the same parameters."""
 import socket
+import time
 
 import pytest
 
@@ -79,6 +80,14 @@ def _rank(rank, port, program, initial, out_dir):
                     "program": (type(model.program).__name__, model.program.backend),
                     "same_program": model.program is structdsl.compile(spanning_tree, backend="torch")},
                    f"{out_dir}/rank{rank}.pt")
+        # Let gloo's worker threads finish before the DDP reducer (and with it the process
+        # group) is freed: one of them destroys its last work item's thread-local state, which
+        # needs the GIL, while the reducer's destructor joins it holding the GIL (a deadlock
+        # seen once in the suite, 2026-12-04). The barrier completes the work, the sleep hands
+        # them the GIL, and `del` frees the reducer here, not in the frame's teardown.
+        dist.barrier()
+        time.sleep(0.2)
+        del ddp, opt
     finally:
         dist.destroy_process_group()
 
