@@ -66,6 +66,14 @@ def _st(column, ctx=None):
     return ast.Subscript(_name("__st"), ast.Constant(column), ctx or ast.Load())
 
 
+def _set_row(buffer, row, value, array):
+    """``buffer[row] = value`` as the generated code's own stores write it: an array value
+    through the ``put`` kernel (no NumPy slice assignment, see ``numba_kernels.put``)."""
+    if array:
+        return ast.Expr(_call("__put", ast.Subscript(buffer, row, ast.Load()), value))
+    return ast.Assign([ast.Subscript(buffer, row, ast.Store())], value)
+
+
 def _const(value):
     """A constant as the generated source spells it: ``-9223372036854775808`` would read back
     as the negation of a number past int64 (Numba types it uint64), so INT64_MIN is written

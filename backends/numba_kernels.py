@@ -863,21 +863,14 @@ def _bits52(x, y):
 
 
 @njit(cache=True)
-def philox_pair(pair, lane, k0, k1):
-    """The two uniforms of atoms ``2 * pair`` and ``2 * pair + 1`` of flat lane ``lane``
-    under key ``(k0, k1)`` (all uint64; see structdsl.philox)."""
-    w0, w1, w2, w3 = _philox(pair, lane & _LO32, lane >> _S32, np.uint64(0), k0, k1)
-    x = np.empty(2, np.uint64)
-    x[0], x[1] = _bits52(w0, w1), _bits52(w2, w3)
-    u = x.view(np.float64)
-    return (u[0] - _TWO52 + 0.5) * _ULP52, (u[1] - _TWO52 + 0.5) * _ULP52
-
-
-@njit(cache=True)
-def _philox_fill(k0, k1, lane, bits):
-    """``bits[a]``: the bits of ``2**52 + x`` for atom ``a``'s 52-bit draw of ``lane``."""
+def philox_uniforms(k0, k1, lane, out):
+    """``out[a]``: the uniform of atom ``a`` of flat lane ``lane`` under key ``(k0, k1)``
+    (uint64; see structdsl.philox).  The words are written first as the bits of
+    ``2**52 + x`` (a loop without branches, which LLVM vectorises: the 32 x 32-bit products
+    are SIMD instructions; about 1 ns an atom), then turned into ``(x + 0.5) / 2**52``."""
+    bits = out.view(np.uint64)
     c1, c2 = lane & _LO32, lane >> _S32
-    A = bits.size
+    A = out.size
     for p in range(A // 2):
         w0, w1, w2, w3 = _philox(np.uint64(p), c1, c2, np.uint64(0), k0, k1)
         bits[2 * p] = _bits52(w0, w1)
@@ -885,26 +878,18 @@ def _philox_fill(k0, k1, lane, bits):
     if A % 2:
         w0, w1, w2, w3 = _philox(np.uint64(A // 2), c1, c2, np.uint64(0), k0, k1)
         bits[A - 1] = _bits52(w0, w1)
+    for a in range(A):
+        out[a] = (out[a] - _TWO52 + 0.5) * _ULP52
 
 
 @njit(cache=True)
 def prepare_seeded(valid, key, lane, logits, alive, res, log_noise, st):
-    """:func:`prepare_sample` with the lane's uniforms drawn here, from the Philox stream of
-    ``key`` (uint64 ``[2]``) for flat lane ``lane``.  The stream is written first, as the
-    bits of ``2**52 + x``, into a scratch array (a loop without branches, which LLVM
-    vectorises: the 32 x 32-bit products are SIMD instructions; about 1 ns an atom), then
-    turned into noise.  Written into ``log_noise`` itself, the second loop ran half as fast."""
-    scratch = np.empty(logits.size)
-    _philox_fill(key[0], key[1], np.uint64(lane), scratch.view(np.uint64))
-    for k in range(logits.size):
-        if valid[k] and not logits[k] < np.inf:   # invalid atoms: ignored, NaN included
-            st[0] = BAD_LOGIT
-        ok = valid[k] and logits[k] > -np.inf
-        alive[k] = ok
-        u = (scratch[k] - _TWO52 + 0.5) * _ULP52
-        x = math.log(-math.log(u)) - logits[k] if ok else np.inf
-        res[k] = x
-        log_noise[k] = x
+    """:func:`prepare_sample` on the lane's uniforms of the Philox stream of ``key`` (uint64
+    ``[2]``), drawn here into a scratch array (drawn into ``log_noise`` itself, the noise
+    loop ran half as fast)."""
+    u = np.empty(logits.size)
+    philox_uniforms(key[0], key[1], np.uint64(lane), u)
+    prepare_sample(valid, u, logits, alive, res, log_noise, st)
 
 
 # ---- the nested fast path's score: exit races instead of per-race sums ------------------------

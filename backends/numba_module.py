@@ -15,7 +15,7 @@ import ast
 import hashlib
 from pathlib import Path
 
-from .numba_ast import KERNELS, LANE_STATE, _attr, _call, _const, _mode, _name, _np
+from .numba_ast import KERNELS, LANE_STATE, _attr, _call, _const, _mode, _name, _np, _set_row
 from .numba_kernels import (MODE_SAMPLE_SCORE, MODE_SAMPLE_SCORE_NESTED, MODE_SCORE, ST_CANDIDATES,
                             ST_STATUS)
 
@@ -48,8 +48,7 @@ def module_source(gen):
     body += gen.races.snapshot_buffers() + stmts       # the races tell which buffers there are
     body.append(gen.check())
     body += gen.races.exit_search()
-    writes = [ast.Expr(_call("__put", ast.Subscript(_name(o), _name("__b"), ast.Load()), _name(f))) if gen.types.locals[f].shape
-              else ast.Assign([ast.Subscript(_name(o), _name("__b"), ast.Store())], _name(f))
+    writes = [_set_row(_name(o), _name("__b"), _name(f), bool(gen.types.locals[f].shape))
               for o, f in zip(outs, p.outputs)]
     body.append(ast.If(_mode(ast.NotEq(), MODE_SCORE), writes, []))   # solve, sample
     lane = _function("lane", lane_args, body, "@njit(cache=True, error_model='numpy', no_cpython_wrapper=True)")

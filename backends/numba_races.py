@@ -19,7 +19,7 @@ import ast
 
 from structdsl import ir
 
-from .numba_ast import LANE_STATE, _attr, _call, _mode, _name, _np, _st
+from .numba_ast import LANE_STATE, _attr, _call, _mode, _name, _np, _set_row, _st
 from .numba_kernels import (MODE_SAMPLE_SCORE_NESTED, MODE_SCORE, MODE_SOLVE, ST_ATOM, ST_CANDIDATES, ST_SLOT,
                             ST_STATUS)
 
@@ -141,8 +141,8 @@ class RaceLowering:
         site = self.site_of[id(s)]
         free = self.sites[site][1]
         slot = _st(ST_SLOT)
-        keep = [ast.Expr(_call("__put", ast.Subscript(_name(f"__sn{site}_{v}"), slot, ast.Load()), _name(v))) if self.gen.types.locals[v].shape
-                else ast.Assign([ast.Subscript(_name(f"__sn{site}_{v}"), slot, ast.Store())], _name(v)) for v in free]
+        keep = [_set_row(_name(f"__sn{site}_{v}"), slot, _name(v), bool(self.gen.types.locals[v].shape))
+                for v in free]
         keep.append(ast.Assign([ast.Subscript(_name("__site"), slot, ast.Store())], ast.Constant(site)))
         return [ast.If(ast.Compare(slot, [ast.Lt()], [_attr(_name("__tr"), "size")]), keep, [])]
 

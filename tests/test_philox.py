@@ -46,15 +46,11 @@ def test_a_seed_outside_the_stream_is_refused(seed, error):
 
 def test_the_numba_lanes_draw_the_stream_bit_for_bit():
     pytest.importorskip("numba")
-    from structdsl.backends.numba_kernels import philox_pair
-    for seed in (0, 12345678901234, 2 ** 64 - 1):
-        u = philox.uniforms(seed, 3, 7)
-        k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
-        got = [[x for p in range(4) for x in philox_pair(np.uint64(p), np.uint64(b), k0, k1)][:7] for b in range(3)]
-        assert np.array_equal(np.array(got), u)
-    b = 2 ** 40 + 5                                   # a lane index past 32 bits
-    assert philox_pair(np.uint64(1), np.uint64(b), np.uint64(7), np.uint64(9)) == \
-        tuple(philox.uniforms(7 + (9 << 32), 1, 4, first_lane=b)[0, 2:])
+    from structdsl.backends.numba_kernels import philox_uniforms
+    for seed, lane, atoms in ((0, 0, 7), (12345678901234, 2, 8), (2 ** 64 - 1, 1, 1), (7 + (9 << 32), 2 ** 40 + 5, 5)):
+        out = np.empty(atoms)                          # odd and even sizes; a lane past 32 bits
+        philox_uniforms(np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32), np.uint64(lane), out)
+        assert np.array_equal(out, philox.uniforms(seed, 1, atoms, first_lane=lane)[0])
 
 
 @pytest.mark.parametrize("name, shape, statics", [("spanning_tree", (5, 5), {}), ("arborescence", (4, 4), {}),
