@@ -85,12 +85,15 @@ def _atom(flat, shape):
 _NO_KEY = np.zeros(2, dtype=np.uint64)      # the driver's Philox key when it draws from given uniforms
 
 
-def _writable_c64(a):
-    """``a`` as a writable C-contiguous float64 array, copied only when it is not one (a
-    read-only or strided array types as another Numba signature: a new compilation)."""
-    if a.dtype == np.float64 and a.flags.c_contiguous and a.flags.writeable:
+def _lane_array(a, dtype=np.float64):
+    """``a`` as a writable C-contiguous array of ``dtype``, copied only when it is not one.
+    Numba types a read-only, Fortran-ordered or strided array as another signature, and
+    each signature compiles the whole driver again (3-15 s): a transposed logits array
+    must not cost a compilation."""
+    a = np.asarray(a)
+    if a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable:
         return a
-    return np.array(a, dtype=np.float64, order="C")
+    return np.array(a, dtype=dtype, order="C")
 
 
 def load(source):
@@ -180,7 +183,7 @@ class Program(_BaseProgram):
         args = []
         for p in self.ir.params:
             v = inst.params[p]
-            args.append(v if isinstance(v, np.ndarray) else np.int64(v))
+            args.append(_lane_array(v, v.dtype) if isinstance(v, np.ndarray) else np.int64(v))
         return args
 
     def _solve_consts(self, inst):
@@ -188,7 +191,7 @@ class Program(_BaseProgram):
         mask, the unravel table): made once per atom shape."""
         c = self._consts.get(inst.atom_shape)
         if c is None:
-            c = self._consts[inst.atom_shape] = (*self._args(inst), inst.valid.reshape(-1),
+            c = self._consts[inst.atom_shape] = (*self._args(inst), _lane_array(inst.valid.reshape(-1), bool),
                                                  self._unravel_table(inst))
         return c
 
@@ -267,21 +270,21 @@ class Program(_BaseProgram):
 
     # ---- the backend contract (structdsl.program) ---------------------------------------------
     def solve_flat(self, inst, weights, log_space):
-        tr, outs, _ = self._solve_all(inst, np.array(weights, dtype=np.float64), None, None, log_space)
+        tr, outs, _ = self._solve_all(inst, np.array(weights, dtype=np.float64, order="C"), None, None, log_space)
         return tr, outs
 
     def draw_seeded_flat(self, inst, seed, logits, check_logits=None):
         """As the contract: each lane draws its own uniforms of the Philox stream inside the
         compiled driver (in parallel, no ``[B, A]`` array of uniforms)."""
         key = np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64)
-        tr, outs, log_noise = self._solve_all(inst, np.empty(logits.shape), None, _writable_c64(logits), True,
+        tr, outs, log_noise = self._solve_all(inst, np.empty(logits.shape), None, _lane_array(logits), True,
                                               check_logits, key=key)
         return Draw(tr, outs, log_noise)
 
     def draw_flat(self, inst, uniforms, logits, check_logits=None):
         """As the contract; ``uniforms`` in [0, 1) (a 0 counts as the smallest normal float)."""
-        tr, outs, log_noise = self._solve_all(inst, np.empty(uniforms.shape), _writable_c64(uniforms),
-                                              _writable_c64(logits), True, check_logits)
+        tr, outs, log_noise = self._solve_all(inst, np.empty(uniforms.shape), _lane_array(uniforms),
+                                              _lane_array(logits), True, check_logits)
         return Draw(tr, outs, log_noise)
 
     def replay_flat(self, inst, traces, logits):
@@ -306,7 +309,7 @@ class Program(_BaseProgram):
         replays).  ``members``: the scores' replay holds the races' member sets."""
         B, A = uniforms.shape
         R = inst.max_races
-        u, x = _writable_c64(uniforms), _writable_c64(logits)
+        u, x = _lane_array(uniforms), _lane_array(logits)
         if self._fast and not self._snap:
             d = self.draw_flat(inst, u, x, check_logits)
             logp, grad, mem = self._score(inst, d.trace, x, True, None, want_members=members)
@@ -328,8 +331,7 @@ class Program(_BaseProgram):
                                     WANT_NOISE)
         B, A = logits.shape
         R = inst.max_races
-        alive = inst.valid.reshape(-1) & ~np.isneginf(logits)
-        tr = np.array(traces, dtype=np.int64)
+        tr = np.array(traces, dtype=np.int64, order="C")      # written by the lanes: a copy
         st = np.zeros((B, ST_WIDTH), dtype=np.int64)
         st[:, ST_NESTING] = 1 if self.ir.nested else 0
         fs = np.zeros((B, 1))
@@ -337,10 +339,11 @@ class Program(_BaseProgram):
         noisy = uniforms is not None
         lsum = np.zeros((B, R * A)) if want_members else np.full((B, A) if noisy else (B, 0), -np.inf)
         noise = np.zeros((B, A) if noisy else (B, 0))
-        u = np.array(uniforms, dtype=np.float64) if noisy else np.empty((B, 0))   # read only for E | T
+        u = _lane_array(uniforms) if noisy else np.empty((B, 0))   # read only for E | T
         flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0) | (WANT_MEMBERS if want_members else 0)
         outs = [o[:1] for o in self._outputs(inst, 1)]
-        x = np.array(logits, dtype=np.float64)
+        x = np.array(logits, dtype=np.float64, order="C")     # the lanes' residuals: a copy
+        alive = inst.valid.reshape(-1) & ~np.isneginf(x)
         self._run(self._driver(B), *self._solve_consts(inst), np.empty((B, 0)), _NO_KEY, x, x, np.empty((B, 0)), alive,
                   tr, st, False, False, MODE_SCORE, fs, grad, lsum, u, noise, flags, *outs)
         self._raise(st, inst)

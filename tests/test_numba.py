@@ -177,3 +177,43 @@ def test_a_zero_uniform_draws_as_the_smallest_normal_float():
         b = prog.draw_flat(inst, np.maximum(u, np.finfo(np.float64).tiny).reshape(flat), x.reshape(flat).copy())
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[2], b[2])
         assert np.isfinite(a[2][:, 1]).all()
+
+
+def test_array_layouts_do_not_compile_the_driver_again():
+    """Numba types a Fortran-ordered, strided or read-only array as a new signature, and a
+    new signature compiles the whole driver again (seconds): transposed logits, read-only
+    data and F-ordered traces must run on the signature a C-ordered call compiled."""
+    dag = np.asfortranarray(DAG)
+    dag.flags.writeable = False
+    prog = structdsl.compile(SPECS["topological"], backend="numba", dag=dag)
+    ref = compiled("topological", "numpy")
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 4))
+    trace = prog.sample(x, seed=1).trace
+    R = trace.shape[-1]
+    u, v = rng.uniform(size=(6, 4)), rng.uniform(size=(6, R + 4))
+
+    def run(x, t, u, v):
+        return [prog.log_prob(t, x), *prog.log_prob_and_grad(t, x), prog.conditional_noise(t, x, uniforms=v),
+                prog.solve(x).trace, prog.sample(x, uniforms=u).trace, prog.sample(x, uniforms=u).noise]
+
+    want = run(x, trace, u, v)                                     # the C-ordered signature
+    drivers = (prog._module.run_all, prog._module.run_all_parallel)
+    before = [len(d.signatures) for d in drivers]
+
+    def odd(a, how):
+        if how == "F":
+            return np.asfortranarray(a)
+        if how == "strided":
+            return np.repeat(a, 2, axis=0)[::2]
+        a = a.copy()
+        a.flags.writeable = False
+        return a
+
+    for how in ("F", "strided", "read-only"):
+        assert not odd(x, how).flags.c_contiguous or not odd(x, how).flags.writeable
+        got = run(odd(x, how), odd(trace, how), odd(u, how), odd(v, how))
+        for g, w in zip(got, want):
+            assert np.array_equal(g, w), how
+    assert [len(d.signatures) for d in drivers] == before, "\n".join(map(str, drivers[0].signatures))
+    assert np.allclose(want[0], ref.log_prob(trace, x))
