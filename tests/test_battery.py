@@ -23,16 +23,29 @@ REFERENCES = {
 NO_NEG_INF = {"permutation", "binary_tree", "matching"}
 
 
-def test_battery_on_builtin_spec(case):
+def _battery(case, backend, samples):
     name, spec, shape, statics = case
     reference = REFERENCES[name]
-    report = check_spec(spec, shape, reference=lambda w: reference(w, **statics),
-                        samples=4000, seed=0, **statics)
+    report = check_spec(spec, shape, reference=lambda w: reference(w, **statics), backend=backend,
+                        samples=samples, seed=0, **statics)
     assert report.ok
     assert report.total_probability == 1
     assert report.reference_checked == 50
     assert report.neg_inf_checked == (name not in NO_NEG_INF)
     assert report.worst_gof_p >= 1e-3 and report.worst_marginal_p >= 1e-3
+
+
+def test_battery_on_builtin_spec(case):
+    """Every check of the battery on the reference backend (the executable meaning)."""
+    _battery(case, "numpy", samples=1000)
+
+
+def test_battery_at_full_power_on_numba(case):
+    """The battery's goodness-of-fit and E | T marginals at 8000 draws a scenario: on the
+    numba backend, which the conformance suite holds to the reference bit for bit (same
+    uniforms, same traces), so this is the reference's law too, at an eighth of the time."""
+    pytest.importorskip("numba")
+    _battery(case, "numba", samples=8000)
 
 
 def test_battery_catches_a_wrong_reference():
