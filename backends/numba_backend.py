@@ -85,15 +85,19 @@ def _atom(flat, shape):
 _NO_KEY = np.zeros(2, dtype=np.uint64)      # the driver's Philox key when it draws from given uniforms
 
 
-def _lane_array(a, dtype=np.float64):
-    """``a`` as a writable C-contiguous array of ``dtype``, copied only when it is not one.
-    Numba types a read-only, Fortran-ordered or strided array as another signature, and
-    each signature compiles the whole driver again (3-15 s): a transposed logits array
-    must not cost a compilation."""
+def _lane_input(a, dtype=np.float64):
+    """``a`` as a read-only C-contiguous array of ``dtype``: a view of ``a`` itself when it
+    is one already, whether ``a`` is writable or not (the logits the public API hands over
+    are read-only broadcast views: copying them cost 2 ms a call at 1024 spanning trees of
+    n = 32), else a copy.  Every array a driver only reads comes through here, so its
+    Numba signature is always the same: a Fortran-ordered, strided or writable variant
+    would type as another signature and compile the whole driver again (3-15 s)."""
     a = np.asarray(a)
-    if a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable:
-        return a
-    return np.array(a, dtype=dtype, order="C")
+    if not (a.dtype == dtype and a.flags.c_contiguous):
+        a = np.ascontiguousarray(a, dtype=dtype)
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 def load(source):
@@ -183,7 +187,7 @@ class Program(_BaseProgram):
         args = []
         for p in self.ir.params:
             v = inst.params[p]
-            args.append(_lane_array(v, v.dtype) if isinstance(v, np.ndarray) else np.int64(v))
+            args.append(_lane_input(v, v.dtype) if isinstance(v, np.ndarray) else np.int64(v))
         return args
 
     def _solve_consts(self, inst):
@@ -191,7 +195,7 @@ class Program(_BaseProgram):
         mask, the unravel table): made once per atom shape."""
         c = self._consts.get(inst.atom_shape)
         if c is None:
-            c = self._consts[inst.atom_shape] = (*self._args(inst), _lane_array(inst.valid.reshape(-1), bool),
+            c = self._consts[inst.atom_shape] = (*self._args(inst), _lane_input(inst.valid.reshape(-1), bool),
                                                  self._unravel_table(inst))
         return c
 
@@ -249,7 +253,7 @@ class Program(_BaseProgram):
         key inside the lanes instead of from ``uniforms`` (then ``None``)."""
         B, A = res.shape
         draw = uniforms is not None or key is not None
-        none = np.zeros((B, 0))
+        none, read_none = np.zeros((B, 0)), _lane_input(np.zeros((B, 0)))   # the unused buffers
         tr = np.full((B, inst.max_races), -1, dtype=np.int64)
         from .numba_kernels import MODE_SAMPLE_SCORE, MODE_SAMPLE_SCORE_NESTED, MODE_SOLVE, ST_NESTING, ST_WIDTH
         st = np.zeros((B, ST_WIDTH), dtype=np.int64)
@@ -260,11 +264,11 @@ class Program(_BaseProgram):
         log_noise = res if (self._fast or not draw) else np.empty((B, A))
         mode = MODE_SOLVE if score is None else MODE_SAMPLE_SCORE_NESTED if self._fast else MODE_SAMPLE_SCORE
         fs, grad, lsum, flags = score or (np.zeros((B, 1)), none, none, 0)
-        # the callers hand over writable C-contiguous float64 arrays: one lane signature
-        self._run(self._driver(B), *self._solve_consts(inst), uniforms if uniforms is not None else none,
-                  _NO_KEY if key is None else key, logits if draw else none,
+        # inputs read-only through _lane_input, outputs fresh: one driver signature per spec
+        self._run(self._driver(B), *self._solve_consts(inst), read_none if uniforms is None else _lane_input(uniforms),
+                  _NO_KEY if key is None else key, _lane_input(logits) if draw else read_none,
                   res, log_noise, np.empty((B, A), dtype=bool), tr, st, log_space, draw, mode, fs, grad, lsum,
-                  none, none, flags, *outs)
+                  read_none, none, flags, *outs)
         self._raise(st, inst, (check_logits or (lambda: self.check_logits(logits))) if draw else None)
         return tr, outs, log_noise
 
@@ -277,14 +281,14 @@ class Program(_BaseProgram):
         """As the contract: each lane draws its own uniforms of the Philox stream inside the
         compiled driver (in parallel, no ``[B, A]`` array of uniforms)."""
         key = np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64)
-        tr, outs, log_noise = self._solve_all(inst, np.empty(logits.shape), None, _lane_array(logits), True,
+        tr, outs, log_noise = self._solve_all(inst, np.empty(logits.shape), None, logits, True,
                                               check_logits, key=key)
         return Draw(tr, outs, log_noise)
 
     def draw_flat(self, inst, uniforms, logits, check_logits=None):
         """As the contract; ``uniforms`` in [0, 1) (a 0 counts as the smallest normal float)."""
-        tr, outs, log_noise = self._solve_all(inst, np.empty(uniforms.shape), _lane_array(uniforms),
-                                              _lane_array(logits), True, check_logits)
+        tr, outs, log_noise = self._solve_all(inst, np.empty(uniforms.shape), uniforms, logits, True,
+                                              check_logits)
         return Draw(tr, outs, log_noise)
 
     def replay_flat(self, inst, traces, logits):
@@ -309,7 +313,7 @@ class Program(_BaseProgram):
         replays).  ``members``: the scores' replay holds the races' member sets."""
         B, A = uniforms.shape
         R = inst.max_races
-        u, x = _lane_array(uniforms), _lane_array(logits)
+        u, x = _lane_input(uniforms), _lane_input(logits)
         if self._fast and not self._snap:
             d = self.draw_flat(inst, u, x, check_logits)
             logp, grad, mem = self._score(inst, d.trace, x, True, None, want_members=members)
@@ -339,12 +343,13 @@ class Program(_BaseProgram):
         noisy = uniforms is not None
         lsum = np.zeros((B, R * A)) if want_members else np.full((B, A) if noisy else (B, 0), -np.inf)
         noise = np.zeros((B, A) if noisy else (B, 0))
-        u = _lane_array(uniforms) if noisy else np.empty((B, 0))   # read only for E | T
+        u = _lane_input(uniforms if noisy else np.empty((B, 0)))   # read only, for E | T
         flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0) | (WANT_MEMBERS if want_members else 0)
         outs = [o[:1] for o in self._outputs(inst, 1)]
         x = np.array(logits, dtype=np.float64, order="C")     # the lanes' residuals: a copy
         alive = inst.valid.reshape(-1) & ~np.isneginf(x)
-        self._run(self._driver(B), *self._solve_consts(inst), np.empty((B, 0)), _NO_KEY, x, x, np.empty((B, 0)), alive,
+        self._run(self._driver(B), *self._solve_consts(inst), _lane_input(np.empty((B, 0))), _NO_KEY, _lane_input(x), x,
+                  np.empty((B, 0)), alive,
                   tr, st, False, False, MODE_SCORE, fs, grad, lsum, u, noise, flags, *outs)
         self._raise(st, inst)
         logp = np.where(st[:, ST_STATUS] == IMPOSSIBLE, -np.inf, fs[:, 0])
