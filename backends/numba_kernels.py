@@ -473,8 +473,7 @@ def race(mode, members, alive, res, x, tr, st, fs, grad, lsum, u, pkey, log_spac
 @njit(cache=True)
 def _pick(mode, mask, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags, code_bound):
     """MODE_SOLVE: the winner from the residuals ``res`` (updated); MODE_SCORE: the trace's
-    winner scored against the logits (``res`` holds them); MODE_SAMPLE_SCORE: both, logits in
-    ``x``."""
+    winner scored against the logits ``x`` (``res`` unread); MODE_SAMPLE_SCORE: both."""
     A = alive.size
     slot = st[1]
     if slot >= tr.size:              # past the static bound (the reference raises too)
@@ -503,7 +502,7 @@ def _pick(mode, mask, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags
         if w < 0 or w >= A or not mask[w]:
             fail(st, IMPOSSIBLE)
             return -1
-        _score_race(mask, res, w, slot, fs, grad, lsum, u, flags)
+        _score_race(mask, x, w, slot, fs, grad, lsum, u, flags)
     alive[w] = False
     st[1] = slot + 1
     return w
@@ -628,7 +627,7 @@ def _pick_groups(mode, key, groups, present, alive, res, x, tr, st, fs, grad, ls
                 out[g] = best[g]
                 alive[best[g]] = False
     else:
-        if not _score_groups(key, G, present, res, tr, slot_of, st, fs, grad, lsum, u, flags, out, code_bound):
+        if not _score_groups(key, G, present, x, tr, slot_of, st, fs, grad, lsum, u, flags, out, code_bound):
             return False
         for g in range(G):
             if present[g]:

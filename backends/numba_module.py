@@ -121,7 +121,7 @@ def _locate(node):
 _DRIVER = '''@njit({parallel}cache=True, error_model='numpy')
 def {driver}({params}__valid, __unr, __uni, __key, __logits, __res, __log_noise, __alive, __tr, __st, __log_space, __draw, __mode, __fs, __grad, __lsum, __u, __noise, __flags{outs_comma}):
     # One driver for every semantics (one function for LLVM to optimise, not one per
-    # semantics; the module holds it as a plain loop and as a prange).  __mode {MODE_SCORE}: replay the traces __tr under __logits (= __res)
+    # semantics; the module holds it as a plain loop and as a prange).  __mode {MODE_SCORE}: replay the traces __tr under __logits (__res unread)
     # from the caller's __alive, scoring them: log p, its gradient, member sets or E | T
     # (__flags; E | T from the uniforms __u) into __fs, __grad, __lsum, __noise.  Other
     # modes fill __alive here and then sample (__draw: the noise is drawn from __uni, or from
