@@ -347,11 +347,10 @@ class Program(_BaseProgram):
         flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0) | (WANT_MEMBERS if want_members else 0)
         outs = [o[:1] for o in self._outputs(inst, 1)]
         x = _lane_input(logits)
-        alive = inst.valid.reshape(-1) & ~np.isneginf(x)
         # a replay reads the logits only: the residuals' buffer is never touched (never
         # faulted in), it only gives the driver its [B, A] type
         self._run(self._driver(B), *self._solve_consts(inst), _lane_input(np.empty((B, 0))), _NO_KEY, x,
-                  np.empty((B, A)), np.empty((B, 0)), alive,
+                  np.empty((B, A)), np.empty((B, 0)), np.empty((B, A), dtype=bool),   # the lanes fill alive
                   tr, st, False, False, MODE_SCORE, fs, grad, lsum, u, noise, flags, *outs)
         self._raise(st, inst)
         logp = np.where(st[:, ST_STATUS] == IMPOSSIBLE, -np.inf, fs[:, 0])

@@ -819,6 +819,14 @@ def prepare_solve(valid, res, alive):
 
 
 @njit(cache=True)
+def prepare_replay(valid, logits, alive):
+    """One lane of a replay: the atoms that can race are the valid ones whose logit is not
+    -inf (computed here, in the lanes, rather than as a [B, A] NumPy pass before them)."""
+    for k in range(logits.size):
+        alive[k] = valid[k] and logits[k] != -np.inf
+
+
+@njit(cache=True)
 def prepare_sample(valid, uni, logits, alive, res, log_noise, st):
     """One lane's noise: ``log E = log(-log U) - logits`` at the atoms that can race (+inf
     elsewhere), as the reference computes it, into ``res`` (the races' residuals) and

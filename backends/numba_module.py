@@ -121,10 +121,10 @@ def _locate(node):
 _DRIVER = '''@njit({parallel}cache=True, error_model='numpy')
 def {driver}({params}__valid, __unr, __uni, __key, __logits, __res, __log_noise, __alive, __tr, __st, __log_space, __draw, __mode, __fs, __grad, __lsum, __u, __noise, __flags{outs_comma}):
     # One driver for every semantics (one function for LLVM to optimise, not one per
-    # semantics; the module holds it as a plain loop and as a prange).  __mode {MODE_SCORE}: replay the traces __tr under __logits (__res unread)
-    # from the caller's __alive, scoring them: log p, its gradient, member sets or E | T
-    # (__flags; E | T from the uniforms __u) into __fs, __grad, __lsum, __noise.  Other
-    # modes fill __alive here and then sample (__draw: the noise is drawn from __uni, or from
+    # semantics; the module holds it as a plain loop and as a prange).  __mode {MODE_SCORE}: replay the traces __tr under __logits (__res unread),
+    # scoring them: log p, its gradient, member sets or E | T
+    # (__flags; E | T from the uniforms __u) into __fs, __grad, __lsum, __noise.  Every mode
+    # first fills the lane's __alive; the others then sample (__draw: the noise is drawn from __uni, or from
     # the Philox stream of __key when __uni has no columns, and __logits) or solve (__res holds given weights); __mode {MODE_SAMPLE_SCORE} (with __draw,
     # off the nested fast path) also scores each race against the logits as it runs;
     # __mode {MODE_SAMPLE_SCORE_NESTED} (the nested fast path) keeps the races' snapshots as
@@ -142,6 +142,8 @@ def {driver}({params}__valid, __unr, __uni, __key, __logits, __res, __log_noise,
                 __prepare_sample(__valid, __uni[__b], __logits[__b], __alive[__b], __res[__b], __log_noise[__b], __st[__b])
             else:
                 __prepare_solve(__valid, __res[__b], __alive[__b])
+        else:
+            __prepare_replay(__valid, __logits[__b], __alive[__b])
         __live0 = __alive[__b].copy()
         __pkey = __np.full(__A, -1, __np.int64)
         if __score or __mode == {MODE_SAMPLE_SCORE_NESTED}:     # exit races (the nested fast path)
