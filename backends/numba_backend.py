@@ -313,15 +313,14 @@ class Program(_BaseProgram):
         replays).  ``members``: the scores' replay holds the races' member sets."""
         B, A = uniforms.shape
         R = inst.max_races
-        u, x = _lane_input(uniforms), _lane_input(logits)
-        if self._fast and not self._snap:
-            d = self.draw_flat(inst, u, x, check_logits)
-            logp, grad, mem = self._score(inst, d.trace, x, True, None, want_members=members)
+        if self._fast and not self._snap:           # the callees take any layout (_lane_input)
+            d = self.draw_flat(inst, uniforms, logits, check_logits)
+            logp, grad, mem = self._score(inst, d.trace, logits, True, None, want_members=members)
             return d, Scores(logp, grad, None, Replay(logp > -np.inf, races.Members(mem)) if members else None)
         fs, grad = np.zeros((B, 1)), np.zeros((B, A))
         lsum = np.zeros((B, R * A) if members else (B, 0))
         flags = self._want_grad | (self._want_members if members else 0)
-        tr, outs, log_noise = self._solve_all(inst, np.empty((B, A)), u, x, True,
+        tr, outs, log_noise = self._solve_all(inst, np.empty((B, A)), uniforms, logits, True,
                                               check_logits or (lambda: self.check_logits(logits)),
                                               score=(fs, grad, lsum, flags))
         # a drawn trace always has positive probability: fs holds its log p
@@ -343,13 +342,14 @@ class Program(_BaseProgram):
         noisy = uniforms is not None
         lsum = np.zeros((B, R * A)) if want_members else np.full((B, A) if noisy else (B, 0), -np.inf)
         noise = np.zeros((B, A) if noisy else (B, 0))
-        u = _lane_input(uniforms if noisy else np.empty((B, 0)))   # read only, for E | T
+        unused = _lane_input(np.empty((B, 0)))                 # the read-only buffers a replay skips
+        u = _lane_input(uniforms) if noisy else unused          # read only, for E | T
         flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0) | (WANT_MEMBERS if want_members else 0)
         outs = [o[:1] for o in self._outputs(inst, 1)]
         x = _lane_input(logits)
         # a replay reads the logits only: the residuals' buffer is never touched (never
         # faulted in), it only gives the driver its [B, A] type
-        self._run(self._driver(B), *self._solve_consts(inst), _lane_input(np.empty((B, 0))), _NO_KEY, x,
+        self._run(self._driver(B), *self._solve_consts(inst), unused, _NO_KEY, x,
                   np.empty((B, A)), np.empty((B, 0)), np.empty((B, A), dtype=bool),   # the lanes fill alive
                   tr, st, False, False, MODE_SCORE, fs, grad, lsum, u, noise, flags, *outs)
         self._raise(st, inst)
