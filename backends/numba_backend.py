@@ -83,6 +83,7 @@ def _atom(flat, shape):
 
 
 _NO_KEY = np.zeros(2, dtype=np.uint64)      # the driver's Philox key when it draws from given uniforms
+PROBE_LANES = 2          # the nested fast path's probe: lanes run first to choose how the others start
 
 
 def _lane_input(a, dtype=np.float64):
@@ -255,7 +256,8 @@ class Program(_BaseProgram):
         draw = uniforms is not None or key is not None
         none, read_none = np.zeros((B, 0)), _lane_input(np.zeros((B, 0)))   # the unused buffers
         tr = np.full((B, inst.max_races), -1, dtype=np.int64)
-        from .numba_kernels import MODE_SAMPLE_SCORE, MODE_SAMPLE_SCORE_NESTED, MODE_SOLVE, ST_NESTING, ST_WIDTH
+        from .numba_kernels import (MODE_SAMPLE_SCORE, MODE_SAMPLE_SCORE_NESTED, MODE_SOLVE, ST_BLOCKS, ST_NESTING,
+                                    ST_WIDTH)
         st = np.zeros((B, ST_WIDTH), dtype=np.int64)
         if self.ir.nested:
             st[:, ST_NESTING] = 1
@@ -265,10 +267,17 @@ class Program(_BaseProgram):
         mode = MODE_SOLVE if score is None else MODE_SAMPLE_SCORE_NESTED if self._fast else MODE_SAMPLE_SCORE
         fs, grad, lsum, flags = score or (np.zeros((B, 1)), none, none, 0)
         # inputs read-only through _lane_input, outputs fresh: one driver signature per spec
-        self._run(self._driver(B), *self._solve_consts(inst), read_none if uniforms is None else _lane_input(uniforms),
-                  _NO_KEY if key is None else key, _lane_input(logits) if draw else read_none,
-                  res, log_noise, np.empty((B, A), dtype=bool), tr, st, log_space, draw, mode, fs, grad, lsum,
-                  read_none, none, flags, *outs)
+        args = (*self._solve_consts(inst), read_none if uniforms is None else _lane_input(uniforms),
+                _NO_KEY if key is None else key, _lane_input(logits) if draw else read_none,
+                res, log_noise, np.empty((B, A), dtype=bool), tr, st, log_space, draw, mode, fs, grad, lsum,
+                read_none, none, flags)
+        # the nested fast path's probe: when its first lanes all leave the heap for blocks, the
+        # others start in blocks (numba_races._BLOCK_RACE; the same winners either way)
+        probe, blocks0 = (PROBE_LANES if self._fast and B > PROBE_LANES else 0), False
+        if probe:
+            self._run(self._driver(B), *args, 0, probe, False, *outs)
+            blocks0 = bool((st[:probe, ST_BLOCKS] == 1).all())
+        self._run(self._driver(B), *args, probe, B, blocks0, *outs)
         self._raise(st, inst, (check_logits or (lambda: self.check_logits(logits))) if draw else None)
         return tr, outs, log_noise
 
@@ -351,7 +360,7 @@ class Program(_BaseProgram):
         # faulted in), it only gives the driver its [B, A] type
         self._run(self._driver(B), *self._solve_consts(inst), unused, _NO_KEY, x,
                   np.empty((B, A)), np.empty((B, 0)), np.empty((B, A), dtype=bool),   # the lanes fill alive
-                  tr, st, False, False, MODE_SCORE, fs, grad, lsum, u, noise, flags, *outs)
+                  tr, st, False, False, MODE_SCORE, fs, grad, lsum, u, noise, flags, 0, B, False, *outs)
         self._raise(st, inst)
         logp = np.where(st[:, ST_STATUS] == IMPOSSIBLE, -np.inf, fs[:, 0])
         if want_members:

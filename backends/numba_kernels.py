@@ -40,11 +40,13 @@ I64_MIN, I64_MAX = np.int64(-2**63), np.int64(2**63 - 1)
 # count (the previous race's members); the first error also records the values its message
 # names (an index and the dimension, an operation's operands, a group key...) in st[ST_A],
 # st[ST_B], st[ST_C]; a predicate's error, the atom (+1) it was evaluated for in st[ST_ATOM];
-# a nested spec's race, its line in st[ST_PREV] (the nesting message names the previous race).
+# a nested spec's race, its line in st[ST_PREV] (the nesting message names the previous race);
+# st[ST_BLOCKS], whether the lane raced through blocks (numba_races._BLOCK_RACE).
 # Python formats the message from them.
 ST_STATUS, ST_SLOT, ST_NESTING, ST_CANDIDATES = 0, 1, 2, 3
 ST_A, ST_B, ST_C, ST_ATOM, ST_PREV = 4, 5, 6, 7, 8
-ST_WIDTH = 9
+ST_BLOCKS = 9                    # the nested fast path: 1 once the lane left its heap for blocks
+ST_WIDTH = 10
 
 
 @njit(cache=True)
@@ -809,6 +811,14 @@ def heap_pop(hk, hi, size):
         k = parent
     hk[k], hi[k] = key, idx
     return top
+
+
+@njit(cache=True)
+def block_size(A):
+    """The block length of a lane that left its heap: ceil(sqrt(A)) (as many blocks as atoms
+    in a block; a d x d grid's rows)."""
+    b = max(1, int(math.sqrt(A)))
+    return b + 1 if b * b < A else b
 
 
 @njit(cache=True)

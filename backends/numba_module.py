@@ -30,7 +30,7 @@ def module_source(gen):
     p = gen.p
     params = list(p.params)
     outs = [f"__out_{o}" for o in p.outputs]
-    lane_args = ["__mode", "__b"] + params + LANE_STATE + ["__ex", "__cand", "__unr"] + outs
+    lane_args = ["__mode", "__b", "__blocks0"] + params + LANE_STATE + ["__ex", "__cand", "__unr"] + outs
     body = [ast.Assign([_name(f"__d{i}", ast.Store())], gen.static(d, False)) for i, d in enumerate(p.atoms.dims)]
     body += [ast.Assign([_name("__A", ast.Store())], _attr(_name("__alive"), "size")),
              ast.Assign([_name("__hs", ast.Store())], _call(_np("zeros"), ast.Constant(1), _np("int64"))),
@@ -41,7 +41,15 @@ def module_source(gen):
              ast.Assign([_name("__mb", ast.Store())], _call(_np("empty"), _name("__A"), _np("bool_"))),
              ast.Assign([_name("__kb", ast.Store())], _call(_np("empty"), _name("__A"), _np("int64")))]
     if gen.fast:
-        body.append(ast.If(_mode(ast.NotEq(), MODE_SCORE),
+        # the heap, or the blocks a lane races through once it left it (numba_races._BLOCK_RACE)
+        body += ast.parse("__bsz = __block_size(__A)\n__budget = 2 * __bsz\n__stale = 0\n__bs = 0\n"
+                          "__barg = __np.empty(0, __np.int64)\n__bmin = __np.empty(0)\n"
+                          "if __blocks0:\n"
+                          "    __bs = __bsz\n"
+                          "    __barg = __np.full((__A + __bs - 1) // __bs, -2, __np.int64)\n"
+                          "    __bmin = __np.empty((__A + __bs - 1) // __bs)").body
+        body.append(ast.If(ast.BoolOp(ast.And(), [_mode(ast.NotEq(), MODE_SCORE),
+                                                  ast.Compare(_name("__bs"), [ast.Eq()], [ast.Constant(0)])]),
                            [ast.Expr(_call("__heap_init", _name("__alive"), _name("__res"), _name("__hk"),
                                            _name("__h"), _name("__hs")))], []))
     stmts = gen.block(p.body)
@@ -119,7 +127,7 @@ def _locate(node):
 
 
 _DRIVER = '''@njit({parallel}cache=True, error_model='numpy')
-def {driver}({params}__valid, __unr, __uni, __key, __logits, __res, __log_noise, __alive, __tr, __st, __log_space, __draw, __mode, __fs, __grad, __lsum, __u, __noise, __flags{outs_comma}):
+def {driver}({params}__valid, __unr, __uni, __key, __logits, __res, __log_noise, __alive, __tr, __st, __log_space, __draw, __mode, __fs, __grad, __lsum, __u, __noise, __flags, __lo, __hi, __blocks0{outs_comma}):
     # One driver for every semantics (one function for LLVM to optimise, not one per
     # semantics; the module holds it as a plain loop and as a prange).  __mode {MODE_SCORE}: replay the traces __tr under __logits (__res unread),
     # scoring them: log p, its gradient, member sets or E | T
@@ -130,11 +138,12 @@ def {driver}({params}__valid, __unr, __uni, __key, __logits, __res, __log_noise,
     # __mode {MODE_SAMPLE_SCORE_NESTED} (the nested fast path) keeps the races' snapshots as
     # it samples and scores through exit races after the body.  Flags are arguments, not
     # literals: one compiled lane serves every semantics, and a literal True meets a Numba
-    # parfor bug that merges 1 and True.
+    # parfor bug that merges 1 and True.  Lanes __lo to __hi run; __blocks0: the nested fast
+    # path's lanes start racing in blocks (the backend's probe says so, numba_races._BLOCK_RACE).
     __B, __A = __res.shape
     __R = __tr.shape[1]
     __score = __mode == {MODE_SCORE}
-    for __b in {loop}(__B):
+    for __b in {loop}(__lo, __hi):
         if not __score:
             if __draw and __uni.shape[1] == 0:       # seed=: the lane draws its own uniforms
                 __prepare_seeded(__valid, __key, __b, __logits[__b], __alive[__b], __res[__b], __log_noise[__b], __st[__b])
@@ -155,7 +164,7 @@ def {driver}({params}__valid, __unr, __uni, __key, __logits, __res, __log_noise,
         if __score:
             __st[__b, {ST_CANDIDATES}] = __cand.size
         __row = __np.int64(0) if __score else __np.int64(__b)   # the output row (one row when scoring)
-        lane(__mode, __row, {params}__alive[__b], __live0, __res[__b], __logits[__b], __tr[__b], __st[__b], __fs[__b],
+        lane(__mode, __row, __blocks0, {params}__alive[__b], __live0, __res[__b], __logits[__b], __tr[__b], __st[__b], __fs[__b],
              __grad[__b], __lsum[__b], __u[__b], __pkey, __log_space, __flags, __ex, __cand, __unr{outs_comma})
 {finish}
 '''

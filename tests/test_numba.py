@@ -217,3 +217,35 @@ def test_array_layouts_do_not_compile_the_driver_again():
             assert np.array_equal(g, w), how
     assert [len(d.signatures) for d in drivers] == before, "\n".join(map(str, drivers[0].signatures))
     assert np.allclose(want[0], ref.log_prob(trace, x))
+
+
+def _stacked(d, rng, ties=False):
+    """Uniforms of a ``d x d`` lane at logit 0 whose noise grows row by row (every cell of
+    row r before any of row r + 1; shuffled within a row, or all equal with ``ties``): the
+    matching's heap pops each row's cells after its first winner as wasted pops."""
+    order = np.stack([np.zeros(d) if ties else rng.permutation(d) for _ in range(d)]) + d * np.arange(d)[:, None]
+    return np.exp(-(order + 1) / (d * d + 1.0))          # E = -log U = (rank + 1) / (A + 1)
+
+
+def test_a_heap_race_and_a_block_race_find_the_reference_winner():
+    """The nested fast path races from a heap, leaves it for blocks once its pops are mostly
+    wasted, and a batch whose first lanes (the probe) both left it starts its other lanes in
+    blocks.  Lanes made to take each way (no wasted pop: the diagonal first; rows stacked:
+    wasted pops from the first rows on), with exact ties among them, sample and solve the
+    reference's traces."""
+    fast, ref = programs("matching")
+    d, rng = 8, np.random.default_rng(3)
+    diagonal = np.full((d, d), 0.5)
+    diagonal[np.arange(d), np.arange(d)] = 0.99           # the diagonal's cells win, in order
+    tied = np.full((d, d), 0.5)
+    lanes = {"stacked": _stacked(d, rng), "stacked ties": _stacked(d, rng, ties=True), "diagonal": diagonal,
+             "tied": tied, "random": rng.random((d, d))}
+    for first in (["stacked", "stacked"], ["diagonal", "stacked"]):  # blocks from the start, or not
+        names = first + ["tied", "stacked ties", "random", "diagonal", "stacked"]
+        u = np.stack([lanes[x] for x in names])
+        logits = np.zeros_like(u)
+        a, b = fast.sample(logits, uniforms=u), ref.sample(logits, uniforms=u)
+        np.testing.assert_array_equal(a.trace, b.trace, err_msg=str(first))
+        w = -np.log(u)                                     # the same races on given weights
+        np.testing.assert_array_equal(fast.solve(w).trace, ref.solve(w).trace, err_msg=str(first))
+        np.testing.assert_array_equal(fast.solve(np.round(4 * w) / 4).trace, ref.solve(np.round(4 * w) / 4).trace)

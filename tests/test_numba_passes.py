@@ -80,7 +80,7 @@ def test_the_parallel_driver_means_what_the_serial_one_means(name):
     serial, parallel = Runner(spec, "numba", **statics), Runner(spec, "numba", **statics)
     serial.prog = _parallel_from(10 ** 9)(spec, **statics)
     parallel.prog = _parallel_from(1)(spec, **statics)
-    assert "def run_all_parallel(" in parallel.prog.source and "prange(__B)" in parallel.prog.source
+    assert "def run_all_parallel(" in parallel.prog.source and "in prange(" in parallel.prog.source
     shape = tuple(shape_of(hi))
     want = R.program_outputs(serial, name, shape)
     got = R.program_outputs(parallel, name, shape)
