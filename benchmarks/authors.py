@@ -1,7 +1,7 @@
-"""The lock-step torch backend against the paper authors' public PyTorch code, in one run.
+"""A structdsl backend against the paper authors' public PyTorch code, in one run.
 
     python benchmarks/authors.py --authors DIR      # DIR: a checkout of the authors' code
-    python benchmarks/authors.py --authors DIR --markdown
+    python benchmarks/authors.py --authors DIR --backend numba --markdown
 
 The authors' code is the public repository RakitinDen/pytorch-recursive-gumbel-max-trick
 (pure PyTorch; its arborescence needs a C++ extension and is left out).  It is imported
@@ -9,10 +9,12 @@ from ``DIR``, never shipped here.  Each row times, on the same inputs and thread
 1024 by default:
 
 * ``sample``: their ``*_struct(uniform_to_exp(logits, u))`` against ``prog.sample(logits,
-  uniforms=u)`` of ``backend="torch"`` (their logits are log-means, ours log-rates: the
-  inputs are negated for them, so both sample the same distribution);
+  uniforms=u)`` of ``--backend`` (``torch``, the default, or ``numba`` on the same numbers as
+  NumPy arrays; their logits are log-means, ours log-rates: the inputs are negated for them,
+  so both sample the same distribution);
 * ``lp fwd+bwd``: their ``*_log_prob`` of a sampled trace, summed, then ``backward()``,
-  against ``prog.log_prob(trace, logits).sum().backward()``.
+  against ``prog.log_prob(trace, logits).sum().backward()`` (torch) or
+  ``prog.log_prob_and_grad(trace, logits)`` (numba).
 
 In float32 (their default dtype) and float64.  ``ratio`` is their time over ours: above 1,
 ours is faster.  Best of ``--repeat`` calls after one warm-up call.
@@ -53,14 +55,15 @@ def theirs(name):
     return bin_tree_struct, bin_tree_log_prob
 
 
-def rows(batch, dtypes, repeat, semantics):
+def rows(batch, dtypes, repeat, semantics, backend="torch"):
     import torch
     from estimators import uniform_to_exp                  # the authors' module
     from structdsl import compile as compile_spec, specs
     out = []
     for name, n in CASES:
         struct, log_prob = theirs(name)
-        prog = compile_spec(getattr(specs, name), backend="torch")
+        prog = compile_spec(getattr(specs, name), backend=backend)
+        ours = (lambda a: a) if backend == "torch" else (lambda a: a.detach().numpy())
         shape = (batch, n, n) if name != "binary_tree" else (batch, n)
         for dtype in dtypes:
             g = torch.Generator().manual_seed(0)
@@ -71,9 +74,9 @@ def rows(batch, dtypes, repeat, semantics):
             row = {"spec": name, "n": n, "dtype": str(dtype).replace("torch.", "")}
             if "sample" in semantics:
                 row["sample theirs"] = batch / best(lambda: struct(uniform_to_exp(-x, u)), repeat)
-                row["sample ours"] = batch / best(lambda: prog.sample(x, uniforms=u), repeat)
+                row["sample ours"] = batch / best(lambda: prog.sample(ours(x), uniforms=ours(u)), repeat)
             if "lp" in semantics and name != "binary_tree":     # theirs replays a Python tree per element
-                trace = prog.sample(x, uniforms=u).trace
+                trace = prog.sample(ours(x), uniforms=ours(u)).trace
                 their_var = struct(uniform_to_exp(-x, u))
 
                 def their_lp():
@@ -81,6 +84,8 @@ def rows(batch, dtypes, repeat, semantics):
                     log_prob(their_var, y).sum().backward()
 
                 def our_lp():
+                    if backend != "torch":
+                        return prog.log_prob_and_grad(trace, ours(x))
                     y = x.clone().requires_grad_(True)
                     prog.log_prob(trace, y).sum().backward()
                 row["lp theirs ms"] = 1e3 * best(their_lp, repeat)
@@ -120,6 +125,7 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--dtypes", default="float32,float64")
     p.add_argument("--semantics", default="sample,lp")
+    p.add_argument("--backend", choices=["torch", "numba"], default="torch")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     if not args.authors or not (Path(args.authors) / "estimators.py").is_file():
@@ -128,10 +134,10 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
-          f"torch {torch.__version__}, batch {args.batch}, best of {args.repeat}")
+          f"torch {torch.__version__}, batch {args.batch}, best of {args.repeat}, our backend {args.backend}")
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
-    out = rows(args.batch, dtypes, args.repeat, args.semantics.split(","))
-    print("\nLock-step torch backend against the authors' code (ratio = their time / ours; > 1: ours faster)")
+    out = rows(args.batch, dtypes, args.repeat, args.semantics.split(","), args.backend)
+    print(f"\nThe {args.backend} backend against the authors' code (ratio = their time / ours; > 1: ours faster)")
     print(table(out, args.markdown))
 
 
