@@ -165,7 +165,7 @@ class Program(_BaseProgram):
                       passes=self.passes)
         self.source = gen.module()
         self._codes = gen.codes
-        self._fast, self._snap = gen.fast, gen.snap
+        self._fast, self._snap, self._blocks = gen.fast, gen.snap, gen.races.blocks
         # the nested fast paths trust a nested=True promise (docs/design.md 4.4): checking
         # it would cost a pass over the atoms per race, the very work they avoid
         self.checks_nesting = not gen.fast
@@ -273,7 +273,7 @@ class Program(_BaseProgram):
                 read_none, none, flags)
         # the nested fast path's probe: when its first lanes all leave the heap for blocks, the
         # others start in blocks (numba_races._BLOCK_RACE; the same winners either way)
-        probe, blocks0 = (PROBE_LANES if self._fast and B > PROBE_LANES else 0), False
+        probe, blocks0 = (PROBE_LANES if self._blocks and B > PROBE_LANES else 0), False
         if probe:
             self._run(self._driver(B), *args, 0, probe, False, *outs)
             blocks0 = bool((st[:probe, ST_BLOCKS] == 1).all())

@@ -40,14 +40,16 @@ def module_source(gen):
                                                              else ast.Constant(0))),
              ast.Assign([_name("__mb", ast.Store())], _call(_np("empty"), _name("__A"), _np("bool_"))),
              ast.Assign([_name("__kb", ast.Store())], _call(_np("empty"), _name("__A"), _np("int64")))]
-    if gen.fast:
-        # the heap, or the blocks a lane races through once it left it (numba_races._BLOCK_RACE)
+    if gen.races.blocks:    # the blocks a lane races through once it left its heap (numba_races._BLOCK_RACE)
         body += ast.parse("__bsz = __block_size(__A)\n__budget = 2 * __bsz\n__stale = 0\n__bs = 0\n"
-                          "__barg = __np.empty(0, __np.int64)\n__bmin = __np.empty(0)\n"
+                          "__barg = __h[:0]\n__bmin = __hk[:0]\n"
                           "if __blocks0:\n"
                           "    __bs = __bsz\n"
                           "    __barg = __np.full((__A + __bs - 1) // __bs, -2, __np.int64)\n"
                           "    __bmin = __np.empty((__A + __bs - 1) // __bs)").body
+    elif gen.fast:
+        body += ast.parse("__bs = 0").body
+    if gen.fast:
         body.append(ast.If(ast.BoolOp(ast.And(), [_mode(ast.NotEq(), MODE_SCORE),
                                                   ast.Compare(_name("__bs"), [ast.Eq()], [ast.Constant(0)])]),
                            [ast.Expr(_call("__heap_init", _name("__alive"), _name("__res"), _name("__hk"),

@@ -41,6 +41,10 @@ class RaceLowering:
         # atom's exit race is then found by binary search over the races (see race())
         self.snap = "snapshot_scorer" in gen.passes and self.fast and all(isinstance(s.members, (ir.Pred, type(None)))
                                       for s in ir.walk_statements(program.body) if isinstance(s, ir.Race))
+        # ... and its blocks (_BLOCK_RACE), where a race has a member test: only a test can
+        # make a popped atom a non-member, and so waste a pop
+        self.blocks = self.fast and any(s.members is not None for s in ir.walk_statements(program.body)
+                                        if isinstance(s, ir.Race))
         self.sites = []                  # snapshot races: (members, the lane locals it reads)
         self.site_of = {}                # id(race statement) -> its site
 
@@ -276,7 +280,8 @@ class RaceLowering:
         and races through blocks (:data:`_BLOCK_RACE`): the same winner, without the pops."""
         pre, stmts, value = self.member_test(s.members, "__i")
         test = stmts + [ast.Assign([_name("__in", ast.Store())], value)]
-        scan = _splice(_BLOCK_RACE.replace("ST_BLOCKS", str(ST_BLOCKS)), W=w, TEST=test)
+        race = _BLOCK_RACE.replace("ST_BLOCKS", str(ST_BLOCKS)) if self.blocks else _HEAP_RACE
+        scan = _splice(race, W=w, TEST=test)
         take = _call("__take", _name(w), _name("__alive"), _name("__tr"), _name("__st"), allow, empty, bound)
         out = pre + [ast.Assign([_name(w, ast.Store())], ast.UnaryOp(ast.USub(), ast.Constant(1))), *scan,
                      ast.Assign([_name(w, ast.Store())], take)]
@@ -332,6 +337,17 @@ class RaceLowering:
 # block's kept atom and rescans only the blocks whose kept atom left: O(sqrt(A)) tests a race
 # plus the rescans, instead of a pop per retired atom.  Both ways find the same winner: the
 # first member in (noise, index) order; ties go to the lower index, as in the heap.
+_HEAP_RACE = """
+while True:
+    __i = __heap_pop(__hk, __h, __hs)
+    if __i < 0:
+        break
+    if __alive[__i]:
+        TEST
+        if __in:
+            W = __i
+            break
+"""
 _BLOCK_RACE = """
 if __bs == 0:
     while True:
