@@ -966,7 +966,9 @@ def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
         if tr[k] >= 0:
             fail(st, IMPOSSIBLE)
             return
-    # each exit race's log-sum of rates, shifted by its own largest logit: one exp per atom
+    # each exit race's log-sum of rates, shifted by its own largest logit: one exp per atom,
+    # kept in grad (the gradient below is that exp times a factor per exit race)
+    want_grad = (flags & WANT_GRAD) != 0
     top = np.full(R, -np.inf)
     for i in range(ex.size):
         if ex[i] >= 0 and logits[i] > top[ex[i]]:
@@ -974,7 +976,10 @@ def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
     acc_exp = np.zeros(R)
     for i in range(ex.size):
         if ex[i] >= 0:
-            acc_exp[ex[i]] += math.exp(logits[i] - top[ex[i]])
+            e = math.exp(logits[i] - top[ex[i]])
+            acc_exp[ex[i]] += e
+            if want_grad:
+                grad[i] = e
     bucket = np.full(R, -np.inf)
     for r in range(R):
         if acc_exp[r] > 0.0:
@@ -993,15 +998,18 @@ def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
         for i in range(A):
             for r in range(ex[i] + 1):
                 lsum[r * A + i] = 1.0
-    if flags & WANT_GRAD:
-        prefix = np.empty(R)
+    if want_grad:
+        # d log p / d logit_i = [i won] - exp(logit_i) * sum over its races of exp(-lse[r]),
+        # as exp(logit_i - top) * exp(top + prefix): no second exp per atom (top + prefix
+        # <= log(r + 1), since lse[r] >= top[r] and lse only grows towards earlier races)
+        scale = np.empty(R)
         acc = -np.inf
         for r in range(R):
             acc = _logaddexp(acc, -lse[r])
-            prefix[r] = acc
+            scale[r] = math.exp(top[r] + acc) if top[r] > -np.inf else 0.0
         for i in range(ex.size):
             if ex[i] >= 0:
-                grad[i] = -math.exp(logits[i] + prefix[ex[i]])
+                grad[i] = -grad[i] * scale[ex[i]]
         for r in range(R):
             grad[tr[r]] += 1.0
     if flags & WANT_NOISE:
