@@ -129,7 +129,7 @@ def _locate(node):
 
 
 _DRIVER = '''@njit({parallel}cache=True, error_model='numpy')
-def {driver}({params}__valid, __unr, __uni, __key, __logits, __res, __log_noise, __alive, __tr, __st, __log_space, __draw, __mode, __fs, __grad, __lsum, __u, __noise, __flags, __lo, __hi, __blocks0{outs_comma}):
+def {driver}({params}__valid, __unr, __uni, __key, __logits, __res, __log_noise, __alive, __tr, __st, __log_space, __draw, __mode, __fs, __grad, __lsum, __u, __noise, __flags, __first, __stop, __blocks0{outs_comma}):
     # One driver for every semantics (one function for LLVM to optimise, not one per
     # semantics; the module holds it as a plain loop and as a prange).  __mode {MODE_SCORE}: replay the traces __tr under __logits (__res unread),
     # scoring them: log p, its gradient, member sets or E | T
@@ -140,12 +140,12 @@ def {driver}({params}__valid, __unr, __uni, __key, __logits, __res, __log_noise,
     # __mode {MODE_SAMPLE_SCORE_NESTED} (the nested fast path) keeps the races' snapshots as
     # it samples and scores through exit races after the body.  Flags are arguments, not
     # literals: one compiled lane serves every semantics, and a literal True meets a Numba
-    # parfor bug that merges 1 and True.  Lanes __lo to __hi run; __blocks0: the nested fast
+    # parfor bug that merges 1 and True.  Lanes __first to __stop - 1 run; __blocks0: the nested fast
     # path's lanes start racing in blocks (the backend's probe says so, numba_races._BLOCK_RACE).
     __B, __A = __res.shape
     __R = __tr.shape[1]
     __score = __mode == {MODE_SCORE}
-    for __b in {loop}(__lo, __hi):
+    for __b in {loop}(__first, __stop):
         if not __score:
             if __draw and __uni.shape[1] == 0:       # seed=: the lane draws its own uniforms
                 __prepare_seeded(__valid, __key, __b, __logits[__b], __alive[__b], __res[__b], __log_noise[__b], __st[__b])
