@@ -83,7 +83,10 @@ def _atom(flat, shape):
 
 
 _NO_KEY = np.zeros(2, dtype=np.uint64)      # the driver's Philox key when it draws from given uniforms
-PROBE_LANES = 2          # the nested fast path's probe: lanes run first to choose how the others start
+# The nested fast path's probe: PROBE_LANES lanes run first, on the serial driver, to choose
+# how the others start (numba_races._BLOCK_RACE), in batches of PROBE_FROM lanes or more (at
+# 64 lanes the probe cost a spanning tree, which never leaves its heap, 6 % of a call)
+PROBE_LANES, PROBE_FROM = 2, 256
 
 
 def _lane_input(a, dtype=np.float64):
@@ -273,9 +276,9 @@ class Program(_BaseProgram):
                 read_none, none, flags)
         # the nested fast path's probe: when its first lanes all leave the heap for blocks, the
         # others start in blocks (numba_races._BLOCK_RACE; the same winners either way)
-        probe, blocks0 = (PROBE_LANES if self._blocks and B > PROBE_LANES else 0), False
-        if probe:
-            self._run(self._driver(B), *args, 0, probe, False, *outs)
+        probe, blocks0 = (PROBE_LANES if self._blocks and B >= PROBE_FROM else 0), False
+        if probe:       # a parallel launch would cost more than these lanes
+            self._run("run_all", *args, 0, probe, False, *outs)
             blocks0 = bool((st[:probe, ST_BLOCKS] == 1).all())
         self._run(self._driver(B), *args, probe, B, blocks0, *outs)
         self._raise(st, inst, (check_logits or (lambda: self.check_logits(logits))) if draw else None)

@@ -227,12 +227,15 @@ def _stacked(d, rng, ties=False):
     return np.exp(-(order + 1) / (d * d + 1.0))          # E = -log U = (rank + 1) / (A + 1)
 
 
-def test_a_heap_race_and_a_block_race_find_the_reference_winner():
+@pytest.mark.parametrize("probe_from", [10 ** 9, 1])
+def test_a_heap_race_and_a_block_race_find_the_reference_winner(probe_from, monkeypatch):
     """The nested fast path races from a heap, leaves it for blocks once its pops are mostly
-    wasted, and a batch whose first lanes (the probe) both left it starts its other lanes in
-    blocks.  Lanes made to take each way (no wasted pop: the diagonal first; rows stacked:
-    wasted pops from the first rows on), with exact ties among them, sample and solve the
-    reference's traces."""
+    wasted, and a batch whose first lanes (the probe, from PROBE_FROM lanes on) both left it
+    starts its other lanes in blocks.  Lanes made to take each way (no wasted pop: the
+    diagonal first; rows stacked: wasted pops from the first rows on), with exact ties among
+    them, sample and solve the reference's traces, with and without the probe."""
+    from structdsl.backends import numba_backend
+    monkeypatch.setattr(numba_backend, "PROBE_FROM", probe_from)
     fast, ref = programs("matching")
     d, rng = 8, np.random.default_rng(3)
     diagonal = np.full((d, d), 0.5)
