@@ -84,7 +84,7 @@ def _atom(flat, shape):
 
 _NO_KEY = np.zeros(2, dtype=np.uint64)      # the driver's Philox key when it draws from given uniforms
 # The nested fast path's probe: PROBE_LANES lanes run first, on the serial driver, to choose
-# how the others start (numba_races._BLOCK_RACE), in batches of PROBE_FROM lanes or more (at
+# how the others start (numba_races._nested_race), in batches of PROBE_FROM lanes or more (at
 # 64 lanes the probe cost a spanning tree, which never leaves its heap, 6 % of a call)
 PROBE_LANES, PROBE_FROM = 2, 256
 
@@ -275,7 +275,7 @@ class Program(_BaseProgram):
                 res, log_noise, np.empty((B, A), dtype=bool), tr, st, log_space, draw, mode, fs, grad, lsum,
                 read_none, none, flags)
         # the nested fast path's probe: when its first lanes all leave the heap for blocks, the
-        # others start in blocks (numba_races._BLOCK_RACE; the same winners either way)
+        # others start in blocks (numba_races._nested_race; the same winners either way)
         probe, blocks0 = (PROBE_LANES if self._blocks and B >= PROBE_FROM else 0), False
         if probe:       # a parallel launch would cost more than these lanes
             self._run("run_all", *args, 0, probe, False, *outs)

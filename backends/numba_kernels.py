@@ -41,7 +41,7 @@ I64_MIN, I64_MAX = np.int64(-2**63), np.int64(2**63 - 1)
 # names (an index and the dimension, an operation's operands, a group key...) in st[ST_A],
 # st[ST_B], st[ST_C]; a predicate's error, the atom (+1) it was evaluated for in st[ST_ATOM];
 # a nested spec's race, its line in st[ST_PREV] (the nesting message names the previous race);
-# st[ST_BLOCKS], whether the lane raced through blocks (numba_races._BLOCK_RACE).
+# st[ST_BLOCKS], whether the lane raced through blocks (numba_races._nested_race).
 # Python formats the message from them.
 ST_STATUS, ST_SLOT, ST_NESTING, ST_CANDIDATES = 0, 1, 2, 3
 ST_A, ST_B, ST_C, ST_ATOM, ST_PREV = 4, 5, 6, 7, 8

@@ -40,7 +40,7 @@ def module_source(gen):
                                                              else ast.Constant(0))),
              ast.Assign([_name("__mb", ast.Store())], _call(_np("empty"), _name("__A"), _np("bool_"))),
              ast.Assign([_name("__kb", ast.Store())], _call(_np("empty"), _name("__A"), _np("int64")))]
-    if gen.races.blocks:    # the blocks a lane races through once it left its heap (numba_races._BLOCK_RACE)
+    if gen.races.blocks:    # the blocks a lane races through once it left its heap (numba_races._nested_race)
         body += ast.parse("__bsz = __block_size(__A)\n__budget = 2 * __bsz\n__stale = 0\n__bs = 0\n"
                           "__barg = __h[:0]\n__bmin = __hk[:0]\n"
                           "if __blocks0:\n"
@@ -141,7 +141,7 @@ def {driver}({params}__valid, __unr, __uni, __key, __logits, __res, __log_noise,
     # it samples and scores through exit races after the body.  Flags are arguments, not
     # literals: one compiled lane serves every semantics, and a literal True meets a Numba
     # parfor bug that merges 1 and True.  Lanes __first to __stop - 1 run; __blocks0: the nested fast
-    # path's lanes start racing in blocks (the backend's probe says so, numba_races._BLOCK_RACE).
+    # path's lanes start racing in blocks (the backend's probe says so, numba_races._nested_race).
     __B, __A = __res.shape
     __R = __tr.shape[1]
     __score = __mode == {MODE_SCORE}

@@ -41,7 +41,7 @@ class RaceLowering:
         # atom's exit race is then found by binary search over the races (see race())
         self.snap = "snapshot_scorer" in gen.passes and self.fast and all(isinstance(s.members, (ir.Pred, type(None)))
                                       for s in ir.walk_statements(program.body) if isinstance(s, ir.Race))
-        # ... and its blocks (_BLOCK_RACE), where a race has a member test: only a test can
+        # ... and its blocks (_nested_race), where a race has a member test: only a test can
         # make a popped atom a non-member, and so waste a pop
         self.blocks = self.fast and any(s.members is not None for s in ir.walk_statements(program.body)
                                         if isinstance(s, ir.Race))
@@ -277,11 +277,10 @@ class RaceLowering:
 
         When the pops are mostly wasted (a race retires many members at once, as a matching's
         row and column do: 70 % of its cells are popped), the lane leaves the heap for good
-        and races through blocks (:data:`_BLOCK_RACE`): the same winner, without the pops."""
+        and races through blocks (:func:`_nested_race`): the same winner, without the pops."""
         pre, stmts, value = self.member_test(s.members, "__i")
         test = stmts + [ast.Assign([_name("__in", ast.Store())], value)]
-        race = _BLOCK_RACE.replace("ST_BLOCKS", str(ST_BLOCKS)) if self.blocks else _HEAP_RACE
-        scan = _splice(race, W=w, TEST=test)
+        scan = _nested_race(w, test, self.blocks)
         take = _call("__take", _name(w), _name("__alive"), _name("__tr"), _name("__st"), allow, empty, bound)
         out = pre + [ast.Assign([_name(w, ast.Store())], ast.UnaryOp(ast.USub(), ast.Constant(1))), *scan,
                      ast.Assign([_name(w, ast.Store())], take)]
@@ -347,25 +346,18 @@ while True:
         if __in:
             W = __i
             break
+        WASTED
 """
-_BLOCK_RACE = """
-if __bs == 0:
-    while True:
-        __i = __heap_pop(__hk, __h, __hs)
-        if __i < 0:
-            break
-        if __alive[__i]:
-            TEST
-            if __in:
-                W = __i
-                break
-            __stale += 1
-            if __stale > __budget:
-                __st[ST_BLOCKS] = 1
-                __bs = __bsz
-                __barg = __np.full((__A + __bs - 1) // __bs, -2, __np.int64)
-                __bmin = __np.empty((__A + __bs - 1) // __bs)
-                break
+_LEAVE_HEAP = """
+__stale += 1
+if __stale > __budget:
+    __st[ST_BLOCKS] = 1
+    __bs = __bsz
+    __barg = __np.full((__A + __bs - 1) // __bs, -2, __np.int64)
+    __bmin = __np.empty((__A + __bs - 1) // __bs)
+    break
+"""
+_BLOCKS = """
 if __bs > 0:
     __best = 0.0
     for __q in range(__barg.size):
@@ -394,16 +386,29 @@ if __bs > 0:
 """
 
 
-def _splice(src, W, TEST):
+def _nested_race(w, test, blocks):
+    """The statements of the nested fast path's race (above): the heap alone, or, with
+    ``blocks``, the heap while the lane is in it (leaving it once its pops are mostly
+    wasted), then the blocks."""
+    leave = ast.parse(_LEAVE_HEAP.replace("ST_BLOCKS", str(ST_BLOCKS))).body if blocks else []
+    heap = _splice(_HEAP_RACE, W=w, TEST=test, WASTED=leave)
+    if not blocks:
+        return heap
+    in_heap = ast.Compare(_name("__bs"), [ast.Eq()], [ast.Constant(0)])
+    return [ast.If(in_heap, heap, [])] + _splice(_BLOCKS, W=w, TEST=test)
+
+
+def _splice(src, W, TEST, WASTED=()):
     """The statements of template ``src`` with the name ``W`` renamed ``W`` (a str) and each
-    bare ``TEST`` statement replaced by the statements ``TEST`` (fresh copies each time)."""
+    bare ``TEST`` (``WASTED``) statement replaced by the statements ``TEST`` (``WASTED``),
+    fresh copies each time."""
     class Fill(ast.NodeTransformer):
         def visit_Name(self, node):
             return _name(W, node.ctx) if node.id == "W" else node
 
         def visit_Expr(self, node):
-            if isinstance(node.value, ast.Name) and node.value.id == "TEST":
-                return [copy.deepcopy(t) for t in TEST]
+            if isinstance(node.value, ast.Name) and node.value.id in ("TEST", "WASTED"):
+                return [copy.deepcopy(t) for t in (TEST if node.value.id == "TEST" else WASTED)]
             return node
 
     return Fill().visit(ast.parse(src)).body
