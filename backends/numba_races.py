@@ -1,14 +1,15 @@
 """Race lowering for the numba code generator: each race statement as calls of the race
 kernels of :mod:`numba_kernels`, with its member test lowered per atom.
 
-Three paths, chosen once per spec (:class:`RaceLowering` sets ``fast`` and ``snap``):
+Three paths, chosen once per spec (:class:`RaceLowering` sets ``fast``, ``blocks`` and ``snap``):
 
 * the generic path: each race evaluates its predicate (or mask) for every atom into a
   buffer and calls ``race`` / ``race_groups``, which solve, score or do both;
 * the nested fast path (a ``nested=True`` spec without grouped races): every race lies
   inside the previous one, so sampling pops the winners from one heap of the lane's noise and
-  tests the predicate only for popped atoms, and replaying scores through each atom's exit
-  race (the last race it took part in) instead of summing over the members of every race;
+  tests the predicate only for popped atoms (a lane whose pops are mostly wasted races
+  through blocks instead: :func:`_nested_race`), and replaying scores through each atom's
+  exit race (the last race it took part in) instead of summing over the members of every race;
 * its snapshot scorer (every race has a predicate, or no condition): each race keeps the
   lane locals its predicate reads, and after the body a binary search over those snapshots
   finds every atom's exit race, in O(atoms x log races) predicate tests.
