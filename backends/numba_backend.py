@@ -85,7 +85,7 @@ def _atom(flat, shape):
 _NO_KEY = np.zeros(2, dtype=np.uint64)      # the driver's Philox key when it draws from given uniforms
 # The nested fast path's probe: PROBE_LANES lanes run first, on the serial driver, to choose
 # how the others start (numba_races._nested_race), in batches of PROBE_FROM lanes or more (at
-# 64 lanes the probe cost a spanning tree, which never leaves its heap, 6 % of a call)
+# 64 lanes the probe cost a spec whose lanes never leave their heap 6 % of a call)
 PROBE_LANES, PROBE_FROM = 2, 256
 
 

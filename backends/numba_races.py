@@ -276,9 +276,10 @@ class RaceLowering:
         atoms, and the nesting promise itself is trusted here (the reference checks it, and
         so does this backend's score semantics).
 
-        When the pops are mostly wasted (a race retires many members at once, as a matching's
-        row and column do: 70 % of its cells are popped), the lane leaves the heap for good
-        and races through blocks (:func:`_nested_race`): the same winner, without the pops."""
+        When the pops are mostly wasted (a race retires many members at once, as a winner
+        that retires its whole row and column of a grid: 70 % of the cells are then popped),
+        the lane leaves the heap for good and races through blocks (:func:`_nested_race`):
+        the same winner, without the pops."""
         pre, stmts, value = self.member_test(s.members, "__i")
         test = stmts + [ast.Assign([_name("__in", ast.Store())], value)]
         scan = _nested_race(w, test, self.blocks)
