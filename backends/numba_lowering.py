@@ -9,7 +9,7 @@ passes share its state and lower what needs more than one statement's view: the 
 (:mod:`numba_races`: the race kernels, the nested fast path, the snapshot scorer).
 :mod:`numba_module` assembles the lane and the drivers into a module.
 
-The three rewrites that only make code faster are named in :data:`PASSES` and can be turned
+The rewrites that only make code faster are named in :data:`PASSES` and can be turned
 off one by one (``Codegen(..., passes=...)``, ``Program.passes``); what remains is the
 generic lowering, and ``tests/test_numba_passes.py`` holds each rewrite to it.
 """
@@ -47,8 +47,10 @@ _HELPER = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.FloorDiv: "floor
 #: ``loop_fusion``: a 1-d elementwise assignment or ``any``/``all`` test as one loop;
 #: ``nested_heap``: a ``nested=True`` spec without grouped races samples by popping one heap
 #: of the lane's noise; ``snapshot_scorer``: with it, the score replays through per-race
-#: snapshots and finds exit races by binary search (needs ``nested_heap``).
-PASSES = ("loop_fusion", "nested_heap", "snapshot_scorer")
+#: snapshots and finds exit races by binary search (needs ``nested_heap``); ``block_race``:
+#: with it, a lane whose heap pops are mostly wasted races through blocks instead
+#: (:func:`numba_races._nested_race`; needs ``nested_heap``).
+PASSES = ("loop_fusion", "nested_heap", "snapshot_scorer", "block_race")
 
 
 class Codegen:

@@ -44,8 +44,8 @@ class RaceLowering:
                                       for s in ir.walk_statements(program.body) if isinstance(s, ir.Race))
         # ... and its blocks (_nested_race), where a race has a member test: only a test can
         # make a popped atom a non-member, and so waste a pop
-        self.blocks = self.fast and any(s.members is not None for s in ir.walk_statements(program.body)
-                                        if isinstance(s, ir.Race))
+        self.blocks = "block_race" in gen.passes and self.fast and any(
+            s.members is not None for s in ir.walk_statements(program.body) if isinstance(s, ir.Race))
         self.sites = []                  # snapshot races: (members, the lane locals it reads)
         self.site_of = {}                # id(race statement) -> its site
 

@@ -1,5 +1,5 @@
 """The numba code generator's optional rewrites (``numba_lowering.PASSES``: loop fusion, the
-nested heap sampler, the snapshot scorer) against the generic lowering: a program compiled
+nested heap sampler, the snapshot scorer, the block race) against the generic lowering: a program compiled
 with a rewrite turned off must give the same traces, structures, log-noise, log p, gradient,
 E | T and errors from identical uniforms, on finite and on ``-inf`` logits."""
 import numpy as np
@@ -26,6 +26,7 @@ def _without(*off):
 CASES = [
     ("spanning_tree", ("nested_heap", "snapshot_scorer", "loop_fusion")),   # nested, predicates
     ("spanning_tree", ("snapshot_scorer",)),      # the heap with the generic nested scorer
+    ("matching", ("block_race",)),               # the heap alone
     ("top_k", ("nested_heap", "snapshot_scorer")),
     ("nested_sites", ("nested_heap", "snapshot_scorer")),
     ("arborescence", ("loop_fusion",)),
