@@ -2,7 +2,6 @@
 nested heap sampler, the snapshot scorer, the block race) against the generic lowering: a program compiled
 with a rewrite turned off must give the same traces, structures, log-noise, log p, gradient,
 E | T and errors from identical uniforms, on finite and on ``-inf`` logits."""
-import numpy as np
 import pytest
 
 pytest.importorskip("numba")
