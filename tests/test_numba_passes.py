@@ -1,7 +1,7 @@
 """The numba code generator's optional rewrites (``numba_lowering.PASSES``: loop fusion, the
-nested heap sampler, the snapshot scorer, the block race) against the generic lowering: a program compiled
-with a rewrite turned off must give the same traces, structures, log-noise, log p, gradient,
-E | T and errors from identical uniforms, on finite and on ``-inf`` logits."""
+nested heap sampler, the snapshot scorer, the block race) against the generic lowering: a
+program compiled with a rewrite turned off must give the same traces, structures, log-noise,
+log p, gradient, E | T and errors from identical uniforms, on finite and on ``-inf`` logits."""
 import pytest
 
 pytest.importorskip("numba")
