@@ -336,8 +336,9 @@ class RaceLowering:
 # (about sqrt(A) of them): each block keeps its first member in (noise, index) order, which
 # stays its first member while it is one (member sets only shrink), so a race tests each
 # block's kept atom and rescans only the blocks whose kept atom left: O(sqrt(A)) tests a race
-# plus the rescans, instead of a pop per retired atom.  Both ways find the same winner: the
-# first member in (noise, index) order; ties go to the lower index, as in the heap.
+# plus the rescans, instead of a pop per retired atom (one loop does both: over the kept atom
+# alone, then, if it left, over its block).  Both ways find the same winner: the first member
+# in (noise, index) order; ties go to the lower index, as in the heap.
 _HEAP_RACE = """
 while True:
     __i = __heap_pop(__hk, __h, __hs)
@@ -364,27 +365,30 @@ if __bs > 0:
     __best = 0.0
     for __q in range(__barg.size):
         __c = __barg[__q]
-        if __c >= 0:
-            __in = False
-            __i = __c
-            if __alive[__i]:
-                TEST
-            if not __in:
-                __c = -2
-        if __c == -2:
-            __c = -1
+        if __c == -1:
+            continue
+        __whole = __c < 0
+        __from = __q * __bs if __whole else __c
+        __to = __min(__A, __q * __bs + __bs) if __whole else __c + 1
+        while True:
+            __k = -1
             __cv = 0.0
-            for __i in range(__q * __bs, __min(__A, __q * __bs + __bs)):
-                if __alive[__i] and (__c < 0 or __res[__i] < __cv):
+            for __i in range(__from, __to):
+                if __alive[__i] and (__k < 0 or __res[__i] < __cv):
                     TEST
                     if __in:
-                        __c = __i
+                        __k = __i
                         __cv = __res[__i]
-            __barg[__q] = __c
-            __bmin[__q] = __cv
-        if __c >= 0 and (W < 0 or __bmin[__q] < __best):
-            W = __c
-            __best = __bmin[__q]
+            if __k >= 0 or __whole:
+                break
+            __whole = True
+            __from = __q * __bs
+            __to = __min(__A, __q * __bs + __bs)
+        __barg[__q] = __k
+        __bmin[__q] = __cv
+        if __k >= 0 and (W < 0 or __cv < __best):
+            W = __k
+            __best = __cv
 """
 
 
