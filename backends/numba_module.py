@@ -18,6 +18,7 @@ from pathlib import Path
 from .numba_ast import KERNELS, LANE_STATE, _attr, _call, _const, _mode, _name, _np, _set_row
 from .numba_kernels import (MODE_SAMPLE_SCORE, MODE_SAMPLE_SCORE_NESTED, MODE_SCORE, ST_CANDIDATES,
                             ST_STATUS)
+from .numba_races import block_state
 
 #: The kernels' constants the driver templates name (``{MODE_SCORE}``...).
 _CONSTANTS = dict(MODE_SAMPLE_SCORE=MODE_SAMPLE_SCORE, MODE_SAMPLE_SCORE_NESTED=MODE_SAMPLE_SCORE_NESTED,
@@ -40,16 +41,8 @@ def module_source(gen):
                                                              else ast.Constant(0))),
              ast.Assign([_name("__mb", ast.Store())], _call(_np("empty"), _name("__A"), _np("bool_"))),
              ast.Assign([_name("__kb", ast.Store())], _call(_np("empty"), _name("__A"), _np("int64")))]
-    if gen.races.blocks:    # the blocks a lane races through once it left its heap (numba_races._nested_race)
-        body += ast.parse("__bsz = __block_size(__A)\n__budget = 2 * __bsz\n__stale = 0\n__bs = 0\n"
-                          "__barg = __h[:0]\n__bmin = __hk[:0]\n"
-                          "if __blocks0:\n"
-                          "    __bs = __bsz\n"
-                          "    __barg = __np.full((__A + __bs - 1) // __bs, -2, __np.int64)\n"
-                          "    __bmin = __np.empty((__A + __bs - 1) // __bs)").body
-    elif gen.fast:
-        body += ast.parse("__bs = 0").body
-    if gen.fast:
+    if gen.fast:            # the heap, and the blocks a lane may race through instead
+        body += block_state(gen.races.blocks)
         body.append(ast.If(ast.BoolOp(ast.And(), [_mode(ast.NotEq(), MODE_SCORE),
                                                   ast.Compare(_name("__bs"), [ast.Eq()], [ast.Constant(0)])]),
                            [ast.Expr(_call("__heap_init", _name("__alive"), _name("__res"), _name("__hk"),

@@ -351,14 +351,27 @@ while True:
             break
         WASTED
 """
+_ENTER_BLOCKS = """
+__bs = __bsz
+__barg = __np.full((__A + __bs - 1) // __bs, -2, __np.int64)
+"""
 _LEAVE_HEAP = """
 __stale += 1
 if __stale > __budget:
     __st[ST_BLOCKS] = 1
-    __bs = __bsz
-    __barg = __np.full((__A + __bs - 1) // __bs, -2, __np.int64)
-    __bmin = __np.empty((__A + __bs - 1) // __bs)
+    ENTER
     break
+"""
+# the lane's block state: __bs the block length (0 while in the heap), __barg each block's
+# kept atom (-2: to scan, -1: no member left); __blocks0: the lane starts in blocks
+_BLOCK_STATE = """
+__bsz = __block_size(__A)
+__budget = 2 * __bsz
+__stale = 0
+__bs = 0
+__barg = __h[:0]
+if __blocks0:
+    ENTER
 """
 _BLOCKS = """
 if __bs > 0:
@@ -385,7 +398,6 @@ if __bs > 0:
             __from = __q * __bs
             __to = __min(__A, __q * __bs + __bs)
         __barg[__q] = __k
-        __bmin[__q] = __cv
         if __k >= 0 and (W < 0 or __cv < __best):
             W = __k
             __best = __cv
@@ -396,7 +408,8 @@ def _nested_race(w, test, blocks):
     """The statements of the nested fast path's race (above): the heap alone, or, with
     ``blocks``, the heap while the lane is in it (leaving it once its pops are mostly
     wasted), then the blocks."""
-    leave = ast.parse(_LEAVE_HEAP.replace("ST_BLOCKS", str(ST_BLOCKS))).body if blocks else []
+    enter = _splice(_ENTER_BLOCKS)
+    leave = _splice(_LEAVE_HEAP.replace("ST_BLOCKS", str(ST_BLOCKS)), ENTER=enter) if blocks else []
     heap = _splice(_HEAP_RACE, W=w, TEST=test, WASTED=leave)
     if not blocks:
         return heap
@@ -404,17 +417,23 @@ def _nested_race(w, test, blocks):
     return [ast.If(in_heap, heap, [])] + _splice(_BLOCKS, W=w, TEST=test)
 
 
-def _splice(src, W, TEST, WASTED=()):
+def block_state(blocks):
+    """The lane's start on the nested fast path: its block state (:data:`_BLOCK_STATE`), or
+    only ``__bs = 0`` (the heap, always) without ``blocks``."""
+    return _splice(_BLOCK_STATE, ENTER=_splice(_ENTER_BLOCKS)) if blocks else _splice("__bs = 0")
+
+
+def _splice(src, W="W", **stmts):
     """The statements of template ``src`` with the name ``W`` renamed ``W`` (a str) and each
-    bare ``TEST`` (``WASTED``) statement replaced by the statements ``TEST`` (``WASTED``),
-    fresh copies each time."""
+    bare statement named like a key of ``stmts`` (``TEST``, ``WASTED``, ``ENTER``) replaced by
+    those statements, fresh copies each time."""
     class Fill(ast.NodeTransformer):
         def visit_Name(self, node):
             return _name(W, node.ctx) if node.id == "W" else node
 
         def visit_Expr(self, node):
-            if isinstance(node.value, ast.Name) and node.value.id in ("TEST", "WASTED"):
-                return [copy.deepcopy(t) for t in (TEST if node.value.id == "TEST" else WASTED)]
+            if isinstance(node.value, ast.Name) and node.value.id in stmts:
+                return [copy.deepcopy(t) for t in stmts[node.value.id]]
             return node
 
     return Fill().visit(ast.parse(src)).body
