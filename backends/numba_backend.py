@@ -1,11 +1,12 @@
 """Numba backend: every spec compiled to native code, parallel over the batch.
 
 The IR and its types are lowered to the source of one ``lane`` function (the spec's own
-statements, per batch element) and one driver that runs ``lane`` over the batch in every
-mode, written twice: ``run_all`` (a plain loop, small batches) and ``run_all_parallel``
-(``prange``).  The source is written once to a per-user cache
-directory under a name keyed by the hash of the source itself, so Numba's on-disk cache
-(``cache=True``) serves every later process.  Nothing here knows any structure: predicates
+statements, per batch element) and its signature.  The source is written once to a per-user
+cache directory under a name keyed by the hash of the source itself; the lane is compiled as
+a C callback of its signature (``numba.cfunc``) and the drivers shared by every spec
+(``numba_kernels.run_lanes``, a plain loop for small batches, and ``run_lanes_parallel``, a
+``prange``) call it through its address in every mode.  Numba's on-disk cache
+(``cache=True``) keeps both for every later process.  Nothing here knows any structure: predicates
 become loops over the atoms, races calls to the kernels of :mod:`numba_kernels`.
 
 The code generator lives in the modules next to this one: :mod:`numba_lowering` (the
@@ -165,7 +166,7 @@ class Program(_BaseProgram):
         from .numpy_reference import Program as Reference
         self.reference = Reference(spec, **static_params)   # valid masks and enumeration
         gen = Codegen(self.ir, self.types, self._constant_arrays, check_overflow=self.check_overflow,
-                      passes=self.passes)
+                      passes=self.passes, param_types=self._param_types())
         self.source = gen.module()
         self._codes = gen.codes
         self._fast, self._snap, self._blocks = gen.fast, gen.snap, gen.races.blocks
@@ -173,6 +174,8 @@ class Program(_BaseProgram):
         # it would cost a pass over the atoms per race, the very work they avoid
         self.checks_nesting = not gen.fast
         self._module = load(self.source)
+        self._callback = None            # the lane compiled as a C callback, on first use
+        self._called = set()             # the drivers this program has called (compiled or loaded)
         self._tables = {}
         self._consts = {}
         from .numba_kernels import WANT_GRAD, WANT_MEMBERS
@@ -187,43 +190,64 @@ class Program(_BaseProgram):
             self._tables[inst.atom_shape] = table
         return table
 
-    def _args(self, inst):
-        args = []
-        for p in self.ir.params:
-            v = inst.params[p]
-            args.append(_lane_input(v, v.dtype) if isinstance(v, np.ndarray) else np.int64(v))
-        return args
-
-    def _solve_consts(self, inst):
-        """The solve driver's leading arguments for ``inst`` (static parameters, the valid
-        mask, the unravel table): made once per atom shape."""
+    def _consts_of(self, inst):
+        """What the drivers take of ``inst``, made once per atom shape: the int parameters (one
+        int64 array, in the spec's order), the data parameters (a tuple of arrays), the valid
+        mask and the unravel table."""
         c = self._consts.get(inst.atom_shape)
         if c is None:
-            c = self._consts[inst.atom_shape] = (*self._args(inst), _lane_input(inst.valid.reshape(-1), bool),
-                                                 self._unravel_table(inst))
+            values = [inst.params[p] for p in self.ir.params]
+            ints = np.array([v for v in values if not isinstance(v, np.ndarray)], dtype=np.int64)
+            data = tuple(_lane_input(v, v.dtype) for v in values if isinstance(v, np.ndarray))
+            c = self._consts[inst.atom_shape] = (_lane_input(ints, np.int64), data,
+                                                 _lane_input(inst.valid.reshape(-1), bool),
+                                                 _lane_input(self._unravel_table(inst), np.int64))
         return c
 
     def _outputs(self, inst, lead):
-        out = []
+        """The lanes' output rows: int64 ``[lead, W]``, each row the structure's fields one
+        after the other, flattened (see :meth:`_fields`)."""
+        width = sum(int(np.prod([d.value for d in inst.types.outputs[o].shape], dtype=np.int64))
+                    for o in self.ir.outputs)
+        return np.zeros((lead, width), dtype=np.int64)
+
+    def _fields(self, inst, out):
+        """The structure's fields, ``[lead, *shape]`` each (bool or int64), from the rows ``out``."""
+        fields, at = [], 0
         for name in self.ir.outputs:
             t = inst.types.outputs[name]
-            out.append(np.zeros((lead,) + tuple(d.value for d in t.shape),
-                                dtype=bool if t.dtype == "bool" else np.int64))
-        return out
+            shape = tuple(d.value for d in t.shape)
+            size = int(np.prod(shape, dtype=np.int64))
+            f = out[:, at:at + size].reshape((out.shape[0],) + shape)
+            fields.append(f.astype(bool) if t.dtype == "bool" else f)
+            at += size
+        return fields
 
     def _driver(self, lanes):
         """The driver for a batch of ``lanes``: the parallel one from ``parallel_from`` lanes."""
-        return "run_all_parallel" if lanes >= self.parallel_from else "run_all"
+        return "run_lanes_parallel" if lanes >= self.parallel_from else "run_lanes"
 
-    def _run(self, kernel, *args):
-        """Call a compiled driver; a Numba typing failure (a construct this backend lowers
-        into code Numba rejects) becomes a clear error instead of a raw Numba traceback."""
-        driver = getattr(self._module, kernel)
+    def _run(self, driver, inst, out, *args):
+        """Run ``numba_kernels.<driver>`` on this program's lane, with the constants of
+        ``inst`` (:meth:`_consts_of`), the output rows ``out`` and the driver's other
+        arguments; a Numba typing failure (a construct this backend lowers into code Numba
+        rejects) becomes a clear error instead of a raw Numba traceback."""
+        from numba import cfunc
+        from . import numba_kernels
+        run = getattr(numba_kernels, driver)
+        ip, data, valid, unr = self._consts_of(inst)
+        args = (ip, data, out, valid, unr, *args)
         try:
-            if getattr(driver, "signatures", ()):
-                return driver(*args)
-            with _compile_lock(self._module.__file__):      # the first call compiles or loads
-                return driver(*args)
+            if self._callback is not None and driver in self._called:
+                return run(self._callback, *args)
+            # the first calls compile or load the lane and the driver: one process at a time
+            with _compile_lock(self._module.__file__):
+                if self._callback is None:
+                    self._callback = cfunc(self._module.LANE_SIGNATURE, cache=True,
+                                           error_model="numpy")(self._module.lane)
+                out = run(self._callback, *args)
+            self._called.add(driver)
+            return out
         except Exception as exc:
             if type(exc).__module__.startswith("numba"):
                 first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
@@ -264,13 +288,13 @@ class Program(_BaseProgram):
         st = np.zeros((B, ST_WIDTH), dtype=np.int64)
         if self.ir.nested:
             st[:, ST_NESTING] = 1
-        outs = self._outputs(inst, B)
+        out = self._outputs(inst, B)
         # the nested fast path never writes its residuals: then they are the log noise itself
         log_noise = res if (self._fast or not draw) else np.empty((B, A))
         mode = MODE_SOLVE if score is None else MODE_SAMPLE_SCORE_NESTED if self._fast else MODE_SAMPLE_SCORE
         fs, grad, lsum, flags = score or (np.zeros((B, 1)), none, none, 0)
         # inputs read-only through _lane_input, outputs fresh: one driver signature per spec
-        args = (*self._solve_consts(inst), read_none if uniforms is None else _lane_input(uniforms),
+        args = (read_none if uniforms is None else _lane_input(uniforms),
                 _NO_KEY if key is None else key, _lane_input(logits) if draw else read_none,
                 res, log_noise, np.empty((B, A), dtype=bool), tr, st, log_space, draw, mode, fs, grad, lsum,
                 read_none, none, flags)
@@ -278,11 +302,11 @@ class Program(_BaseProgram):
         # others start in blocks (numba_races._nested_race; the same winners either way)
         probe, blocks0 = (PROBE_LANES if self._blocks and B >= PROBE_FROM else 0), False
         if probe:       # a parallel launch would cost more than these lanes
-            self._run("run_all", *args, 0, probe, False, *outs)
+            self._run("run_lanes", inst, out, *args, 0, probe, False, self._fast)
             blocks0 = bool((st[:probe, ST_BLOCKS] == 1).all())
-        self._run(self._driver(B), *args, probe, B, blocks0, *outs)
+        self._run(self._driver(B), inst, out, *args, probe, B, blocks0, self._fast)
         self._raise(st, inst, (check_logits or (lambda: self.check_logits(logits))) if draw else None)
-        return tr, outs, log_noise
+        return tr, self._fields(inst, out), log_noise
 
     # ---- the backend contract (structdsl.program) ---------------------------------------------
     def solve_flat(self, inst, weights, log_space):
@@ -357,13 +381,13 @@ class Program(_BaseProgram):
         unused = _lane_input(np.empty((B, 0)))                 # the read-only buffers a replay skips
         u = _lane_input(uniforms) if noisy else unused          # read only, for E | T
         flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0) | (WANT_MEMBERS if want_members else 0)
-        outs = [o[:1] for o in self._outputs(inst, 1)]
+        out = self._outputs(inst, 1)       # a replay writes no fields: one row for the type
         x = _lane_input(logits)
         # a replay reads the logits only: the residuals' buffer is never touched (never
         # faulted in), it only gives the driver its [B, A] type
-        self._run(self._driver(B), *self._solve_consts(inst), unused, _NO_KEY, x,
+        self._run(self._driver(B), inst, out, unused, _NO_KEY, x,
                   np.empty((B, A)), np.empty((B, 0)), np.empty((B, A), dtype=bool),   # the lanes fill alive
-                  tr, st, False, False, MODE_SCORE, fs, grad, lsum, u, noise, flags, 0, B, False, *outs)
+                  tr, st, False, False, MODE_SCORE, fs, grad, lsum, u, noise, flags, 0, B, False, self._fast)
         self._raise(st, inst)
         logp = np.where(st[:, ST_STATUS] == IMPOSSIBLE, -np.inf, fs[:, 0])
         if want_members:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core.extending import intrinsic
 
 # The lane's mode (``__mode`` in the generated code, ``mode`` in the race kernels):
@@ -358,6 +358,17 @@ def put(x, value):
         k += 1
         if k == v.size:
             k = 0
+
+
+@njit(cache=True)
+def put_flat(row, at, value):
+    """``value`` (an int or bool array of any shape), flattened in C order, into the int64
+    ``row`` from index ``at``; returns the index after it.  The lane writes its structure's
+    fields one after the other into its output row (the backend splits them)."""
+    v = np.ascontiguousarray(value).reshape(-1)
+    for k in range(v.size):
+        row[at + k] = v[k]
+    return at + v.size
 
 
 @njit(cache=True)
@@ -1031,3 +1042,74 @@ def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
                 fresh = math.log(-math.log(u[tr.size + i])) - logits[i]
             noise[i] = math.exp(_logaddexp(total_min, fresh))
 
+
+
+# ---- the drivers: every spec's lanes run through these ----------------------------------------
+# The generated module holds one function, the spec's ``lane``, which the backend compiles as a
+# C callback (``numba.cfunc``) of its exact signature; a driver receives it as a first-class
+# function and calls it through its address.  So the lane is compiled and optimised once, never
+# linked into a driver.  Every lane has the same signature but for the spec's data parameters
+# (its int parameters come in one array, its fields go out in one int64 row), so a driver
+# compiles once per machine, not once per spec (Numba's cache keeps it).
+@njit(cache=True, error_model="numpy")
+def _one_lane(lane, b, ip, data, out, valid, unr, uni, key, logits, res, log_noise, alive, tr, st, log_space,
+              draw, mode, fs, grad, lsum, u, noise, flags, blocks0, nested):
+    """Lane ``b`` in ``mode``.  Replay (``MODE_SCORE``): score the trace ``tr[b]`` under the
+    logits (``res`` unread): log p, its gradient, member sets or E | T (``flags``; E | T from
+    the uniforms ``u``) into ``fs``, ``grad``, ``lsum``, ``noise``.  Every other mode samples
+    (``draw``: the noise is drawn from ``uni``, or from the Philox stream of ``key`` when
+    ``uni`` has no columns, and the logits) or solves (``res`` holds given weights);
+    ``MODE_SAMPLE_SCORE`` also scores each race as it runs, ``MODE_SAMPLE_SCORE_NESTED``
+    (``nested``: the nested fast path) keeps the races' snapshots and scores through exit
+    races after the lane.  ``blocks0``: the nested fast path's lane starts racing in blocks.
+    The lane reads the spec's int parameters from ``ip`` and its data parameters ``data``, and
+    writes its structure's fields into ``out[b]`` (solve, sample)."""
+    A = res.shape[1]
+    score = mode == MODE_SCORE
+    if not score:
+        if draw and uni.shape[1] == 0:          # seed=: the lane draws its own uniforms
+            prepare_seeded(valid, key, b, logits[b], alive[b], res[b], log_noise[b], st[b])
+        elif draw:
+            prepare_sample(valid, uni[b], logits[b], alive[b], res[b], log_noise[b], st[b])
+        else:
+            prepare_solve(valid, res[b], alive[b])
+    else:
+        prepare_replay(valid, logits[b], alive[b])
+    live0 = alive[b].copy()
+    pkey = np.full(A, -1, np.int64)
+    exits = score or mode == MODE_SAMPLE_SCORE_NESTED
+    if exits:                                   # exit races (the nested fast path)
+        ex = np.full(A, -1, np.int64)
+        cand = np.flatnonzero(live0)            # the candidates: every live atom
+    else:
+        ex = pkey
+        cand = pkey
+    if score:
+        st[b, ST_CANDIDATES] = cand.size
+    row = np.int64(0) if score else b           # the output row (one row when scoring)
+    lane(mode, blocks0, ip, *data, alive[b], live0, res[b], logits[b], tr[b], st[b], fs[b], grad[b], lsum[b],
+         u[b], pkey, log_space, flags, ex, cand, unr, out[row])
+    if st[b, ST_STATUS] != 0:
+        return
+    if nested and exits:
+        finish_nested(tr[b], st[b], ex, logits[b], live0, u[b], fs[b], grad[b], noise[b], lsum[b], flags)
+    elif score and not nested:
+        finish_score(tr[b], st[b], lsum[b], logits[b], live0, u[b, tr.shape[1]:], noise[b], flags)
+
+
+@njit(cache=True, error_model="numpy")
+def run_lanes(lane, ip, data, out, valid, unr, uni, key, logits, res, log_noise, alive, tr, st, log_space, draw,
+              mode, fs, grad, lsum, u, noise, flags, first, stop, blocks0, nested):
+    """Lanes ``first`` to ``stop - 1`` one after the other (small batches: no threads to start)."""
+    for b in range(first, stop):
+        _one_lane(lane, np.int64(b), ip, data, out, valid, unr, uni, key, logits, res, log_noise, alive, tr, st,
+                  log_space, draw, mode, fs, grad, lsum, u, noise, flags, blocks0, nested)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def run_lanes_parallel(lane, ip, data, out, valid, unr, uni, key, logits, res, log_noise, alive, tr, st, log_space,
+                       draw, mode, fs, grad, lsum, u, noise, flags, first, stop, blocks0, nested):
+    """:func:`run_lanes` over ``numba.get_num_threads()`` threads (``prange``)."""
+    for b in prange(first, stop):
+        _one_lane(lane, np.int64(b), ip, data, out, valid, unr, uni, key, logits, res, log_noise, alive, tr, st,
+                  log_space, draw, mode, fs, grad, lsum, u, noise, flags, blocks0, nested)

@@ -54,18 +54,20 @@ PASSES = ("loop_fusion", "nested_heap", "snapshot_scorer", "block_race")
 
 
 class Codegen:
-    """IR -> the source of a Numba module (one ``lane`` function and two drivers).
+    """IR -> the source of a Numba module (one ``lane`` function and its signature).
 
     ``passes``: the rewrites of :data:`PASSES` to apply.  ``check_overflow=False`` emits
     wrapping int64 arithmetic: only for measuring what the checks cost (``benchmarks/run.py``)."""
 
-    def __init__(self, program: ir.Program, typing, constants=None, check_overflow=True, passes=PASSES):
+    def __init__(self, program: ir.Program, typing, constants=None, check_overflow=True, passes=PASSES,
+                 param_types=None):
         unknown = set(passes) - set(PASSES)
         if unknown:
             raise ValueError(f"unknown passes {sorted(unknown)}; the passes are {PASSES}")
         self.passes = frozenset(passes)
         self.p, self.types = program, typing
         self.constants = constants or {}  # tuple constants the spec reads: read-only arrays
+        self.param_types = param_types or {}   # parameter -> Type (an int where absent)
         self.codes = []                  # error code - 1 -> (error class name, line, message)
         self.rename = {}                 # predicate parameters -> their loop names
         self.count = 0

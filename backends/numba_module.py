@@ -1,13 +1,11 @@
-"""Module assembly for the numba code generator: the lowered lane and its driver as
-the source of one Python module.
+"""Module assembly for the numba code generator: the lowered lane as the source of one
+Python module.
 
 The lane (one batch element: the spec's statements, lowered by :mod:`numba_lowering` and
-its passes) becomes a function ``lane``; one driver runs it over the batch in the mode
-that each semantics needs (``numba_kernels.MODE_*``): one function for LLVM to optimise,
-not one per semantics, written twice: ``run_all`` (a plain loop, for small batches) and
-``run_all_parallel`` (``prange``).  The driver is a text template: it does not depend on
-the spec beyond its parameters, its outputs and which race path it takes.  Mode numbers and status columns are written from
-the kernels' named constants.
+its passes) becomes a function ``lane`` and its argument types ``LANE_SIGNATURE``.  The
+backend compiles it as a C callback of that signature; the drivers that run it over the
+batch in the mode each semantics needs (``numba_kernels.run_lanes``, ``MODE_*``) are shared
+by every spec and call it through its address, so LLVM optimises the lane once.
 """
 from __future__ import annotations
 
@@ -15,24 +13,52 @@ import ast
 import hashlib
 from pathlib import Path
 
-from .numba_ast import KERNELS, LANE_STATE, _attr, _call, _const, _mode, _name, _np, _set_row
-from .numba_kernels import (MODE_SAMPLE_SCORE, MODE_SAMPLE_SCORE_NESTED, MODE_SCORE, ST_CANDIDATES,
-                            ST_STATUS)
+from .numba_ast import KERNELS, LANE_STATE, _attr, _call, _const, _mode, _name, _np
+from .numba_kernels import MODE_SCORE
 from .numba_races import block_state
 
-#: The kernels' constants the driver templates name (``{MODE_SCORE}``...).
-_CONSTANTS = dict(MODE_SAMPLE_SCORE=MODE_SAMPLE_SCORE, MODE_SAMPLE_SCORE_NESTED=MODE_SAMPLE_SCORE_NESTED,
-                  MODE_SCORE=MODE_SCORE, ST_CANDIDATES=ST_CANDIDATES, ST_STATUS=ST_STATUS)
+def _array(dtype, ndim, readonly=False):
+    return f"__t.Array(__t.{dtype}, {ndim}, 'C'{', readonly=True' if readonly else ''})"
+
+
+#: The types of the lane's fixed arguments (``numba_kernels._one_lane`` passes them): rows
+#: of the drivers' [B, ...] buffers, read-only where the backend passes a read-only view.
+_STATE_TYPES = {
+    "__mode": "__t.int64", "__blocks0": "__t.boolean", "__ip": _array("int64", 1, True),
+    "__alive": _array("boolean", 1), "__live0": _array("boolean", 1), "__res": _array("float64", 1),
+    "__x": _array("float64", 1, True), "__tr": _array("int64", 1), "__st": _array("int64", 1),
+    "__fs": _array("float64", 1), "__grad": _array("float64", 1), "__lsum": _array("float64", 1),
+    "__u": _array("float64", 1, True), "__pkey": _array("int64", 1), "__log_space": "__t.boolean",
+    "__flags": "__t.int64", "__ex": _array("int64", 1), "__cand": _array("int64", 1),
+    "__unr": _array("int64", 2, True), "__out": _array("int64", 1)}
+
+
+def _lane_types(gen, lane_args):
+    """The Numba types of ``lane_args``, as source: the fixed ones and the spec's data
+    parameters (read-only int64 or bool arrays)."""
+    out = []
+    for a in lane_args:
+        t = gen.param_types.get(a)
+        out.append(_STATE_TYPES[a] if a in _STATE_TYPES else
+                   _array("boolean" if t.dtype == "bool" else "int64", t.ndim, True))
+    return out
+
+
+def data_params(gen):
+    """The spec's data parameters (arrays), in order; its other parameters are ints."""
+    return [x for x in gen.p.params if x in gen.param_types and gen.param_types[x].shape]
 
 
 def module_source(gen):
     """The source of the module that code generator ``gen`` (a :class:`numba_lowering.Codegen`)
     makes of its spec: it lowers the spec's body on the way."""
     p = gen.p
-    params = list(p.params)
-    outs = [f"__out_{o}" for o in p.outputs]
-    lane_args = ["__mode", "__b", "__blocks0"] + params + LANE_STATE + ["__ex", "__cand", "__unr"] + outs
-    body = [ast.Assign([_name(f"__d{i}", ast.Store())], gen.static(d, False)) for i, d in enumerate(p.atoms.dims)]
+    data = data_params(gen)
+    ints = [x for x in p.params if x not in data]
+    lane_args = ["__mode", "__blocks0", "__ip"] + data + LANE_STATE + ["__ex", "__cand", "__unr", "__out"]
+    body = [ast.Assign([_name(x, ast.Store())], ast.Subscript(_name("__ip"), ast.Constant(i), ast.Load()))
+            for i, x in enumerate(ints)]             # the int parameters, from one array
+    body += [ast.Assign([_name(f"__d{i}", ast.Store())], gen.static(d, False)) for i, d in enumerate(p.atoms.dims)]
     body += [ast.Assign([_name("__A", ast.Store())], _attr(_name("__alive"), "size")),
              ast.Assign([_name("__hs", ast.Store())], _call(_np("zeros"), ast.Constant(1), _np("int64"))),
              ast.Assign([_name("__h", ast.Store())], _call(_np("empty"), _name("__A") if gen.fast
@@ -51,17 +77,19 @@ def module_source(gen):
     body += gen.races.snapshot_buffers() + stmts       # the races tell which buffers there are
     body.append(gen.check())
     body += gen.races.exit_search()
-    writes = [_set_row(_name(o), _name("__b"), _name(f), bool(gen.types.locals[f].shape))
-              for o, f in zip(outs, p.outputs)]
-    body.append(ast.If(_mode(ast.NotEq(), MODE_SCORE), writes, []))   # solve, sample
-    lane = _function("lane", lane_args, body, "@njit(cache=True, error_model='numpy', no_cpython_wrapper=True)")
-    fmt = dict(params="".join(f"{x}, " for x in params), outs_comma="".join(f", {o}" for o in outs),
-               finish=(_FINISH_NESTED if gen.fast else _FINISH_GENERIC).format(**_CONSTANTS))
-    # the same driver twice: serial for small batches (it compiles in a third of the time and
-    # starts no threads) and parallel over the batch; each compiles on its first call
-    drivers = "\n\n".join(_DRIVER.format(**fmt, **_CONSTANTS, driver=name, parallel=par, loop=loop)
-                           for name, par, loop in (("run_all", "", "range"),
-                                                   ("run_all_parallel", "parallel=True, ", "prange")))
+    # solve, sample: the fields, flattened one after the other into the lane's output row
+    writes = [ast.Assign([_name("__o", ast.Store())], ast.Constant(0))]
+    for f in p.outputs:
+        if gen.types.locals[f].shape:
+            writes.append(ast.Assign([_name("__o", ast.Store())], _call("__put_flat", _name("__out"), _name("__o"),
+                                                                      _name(f))))
+        else:
+            writes += [ast.Assign([ast.Subscript(_name("__out"), _name("__o"), ast.Store())], _name(f)),
+                       ast.AugAssign(_name("__o", ast.Store()), ast.Add(), ast.Constant(1))]
+    body.append(ast.If(_mode(ast.NotEq(), MODE_SCORE), writes, []))
+    # a plain function: the backend compiles it as a C callback of LANE_SIGNATURE, which the
+    # drivers (numba_kernels.run_lanes) call through its address
+    lane = _function("lane", lane_args, body, "")
     src = [
         f"# generated by structdsl from spec {p.name!r} ({p.file}); do not edit",
         # Numba's cache does not see changes in the modules a cached function calls: the
@@ -69,14 +97,15 @@ def module_source(gen):
         f"# kernels {_kernels_hash()}",
         "# every name the generated code uses starts with '__': spec names never do",
         "import numpy as __np",
-        "from numba import njit, prange",
+        "from numba import types as __t",
         "from structdsl.backends.numba_kernels import " + ", ".join(f"{k} as __{k}" for k in KERNELS),
         "__range, __min, __max, __abs = range, min, max, abs",
         *_constant_arrays(gen.constants),
+        "",
+        "# the lane's arguments, in order (the drivers pass them; a callback's types are exact)",
+        f"LANE_SIGNATURE = __t.void({', '.join(_lane_types(gen, lane_args))})",
         "", "",
         ast.unparse(_locate(lane)),
-        "", "",
-        drivers,
     ]
     return "\n".join(src)
 
@@ -121,53 +150,3 @@ def _locate(node):
     return node
 
 
-_DRIVER = '''@njit({parallel}cache=True, error_model='numpy')
-def {driver}({params}__valid, __unr, __uni, __key, __logits, __res, __log_noise, __alive, __tr, __st, __log_space, __draw, __mode, __fs, __grad, __lsum, __u, __noise, __flags, __first, __stop, __blocks0{outs_comma}):
-    # One driver for every semantics (one function for LLVM to optimise, not one per
-    # semantics; the module holds it as a plain loop and as a prange).  __mode {MODE_SCORE}: replay the traces __tr under __logits (__res unread),
-    # scoring them: log p, its gradient, member sets or E | T
-    # (__flags; E | T from the uniforms __u) into __fs, __grad, __lsum, __noise.  Every mode
-    # first fills the lane's __alive; the others then sample (__draw: the noise is drawn from __uni, or from
-    # the Philox stream of __key when __uni has no columns, and __logits) or solve (__res holds given weights); __mode {MODE_SAMPLE_SCORE} (with __draw,
-    # off the nested fast path) also scores each race against the logits as it runs;
-    # __mode {MODE_SAMPLE_SCORE_NESTED} (the nested fast path) keeps the races' snapshots as
-    # it samples and scores through exit races after the body.  Flags are arguments, not
-    # literals: one compiled lane serves every semantics, and a literal True meets a Numba
-    # parfor bug that merges 1 and True.  Lanes __first to __stop - 1 run; __blocks0: the nested fast
-    # path's lanes start racing in blocks (the backend's probe says so, numba_races._nested_race).
-    __B, __A = __res.shape
-    __R = __tr.shape[1]
-    __score = __mode == {MODE_SCORE}
-    for __b in {loop}(__first, __stop):
-        if not __score:
-            if __draw and __uni.shape[1] == 0:       # seed=: the lane draws its own uniforms
-                __prepare_seeded(__valid, __key, __b, __logits[__b], __alive[__b], __res[__b], __log_noise[__b], __st[__b])
-            elif __draw:
-                __prepare_sample(__valid, __uni[__b], __logits[__b], __alive[__b], __res[__b], __log_noise[__b], __st[__b])
-            else:
-                __prepare_solve(__valid, __res[__b], __alive[__b])
-        else:
-            __prepare_replay(__valid, __logits[__b], __alive[__b])
-        __live0 = __alive[__b].copy()
-        __pkey = __np.full(__A, -1, __np.int64)
-        if __score or __mode == {MODE_SAMPLE_SCORE_NESTED}:     # exit races (the nested fast path)
-            __ex = __np.full(__A, -1, __np.int64)
-            __cand = __np.flatnonzero(__live0)                  # the candidates: every live atom
-        else:
-            __ex = __pkey
-            __cand = __pkey
-        if __score:
-            __st[__b, {ST_CANDIDATES}] = __cand.size
-        __row = __np.int64(0) if __score else __np.int64(__b)   # the output row (one row when scoring)
-        lane(__mode, __row, __blocks0, {params}__alive[__b], __live0, __res[__b], __logits[__b], __tr[__b], __st[__b], __fs[__b],
-             __grad[__b], __lsum[__b], __u[__b], __pkey, __log_space, __flags, __ex, __cand, __unr{outs_comma})
-{finish}
-'''
-
-
-_FINISH_GENERIC = """        if __score and __st[__b, {ST_STATUS}] == 0:
-            __finish_score(__tr[__b], __st[__b], __lsum[__b], __logits[__b], __live0, __u[__b, __R:],
-                           __noise[__b], __flags)"""
-_FINISH_NESTED = """        if (__score or __mode == {MODE_SAMPLE_SCORE_NESTED}) and __st[__b, {ST_STATUS}] == 0:
-            __finish_nested(__tr[__b], __st[__b], __ex, __logits[__b], __live0, __u[__b], __fs[__b],
-                            __grad[__b], __noise[__b], __lsum[__b], __flags)"""

@@ -99,7 +99,7 @@ def test_enumerate_delegates_to_the_reference_and_source_is_readable():
     a = fast.enumerate(rates=np.array([1, 2, 3, 4], dtype=object))
     b = ref.enumerate(rates=np.array([1, 2, 3, 4], dtype=object))
     assert np.array_equal(a.traces, b.traces) and list(a.probs) == list(b.probs)
-    assert "def lane(" in fast.source and "prange" in fast.source
+    assert "def lane(" in fast.source and "LANE_SIGNATURE = " in fast.source
 
 
 def test_check_spec_runs_on_the_numba_backend():
@@ -151,12 +151,13 @@ def test_the_generated_source_lives_in_the_cache_directory(tmp_path, monkeypatch
 
 def test_a_numba_compile_failure_becomes_a_clear_error(monkeypatch):
     from numba.core.errors import TypingError
+    from structdsl.backends import numba_kernels
     from structdsl.backends.numba_backend import LoweringError
     fast = structdsl.compile(builtin.categorical, backend="numba")
 
     def rejects(*args):
         raise TypingError("Cannot unify array(int64, 1d, C) and bool for 'x'")
-    monkeypatch.setattr(fast._module, "run_all", rejects)
+    monkeypatch.setattr(numba_kernels, "run_lanes", rejects)
     with pytest.raises(LoweringError, match=r"could not compile spec 'categorical' \(TypingError: Cannot unify") as info:
         fast.solve(np.ones(3))
     assert info.value.file.endswith("categorical.py") and "backend='numpy'" in str(info.value)
@@ -181,8 +182,10 @@ def test_a_zero_uniform_draws_as_the_smallest_normal_float():
 
 def test_array_layouts_do_not_compile_the_driver_again():
     """Numba types a Fortran-ordered, strided or read-only array as a new signature, and a
-    new signature compiles the whole driver again (seconds): transposed logits, read-only
-    data and F-ordered traces must run on the signature a C-ordered call compiled."""
+    new signature compiles a driver again (seconds): transposed logits, read-only data and
+    F-ordered traces must run on the signature a C-ordered call compiled (the lane, a C
+    callback of one signature, would refuse any other)."""
+    from structdsl.backends import numba_kernels
     dag = np.asfortranarray(DAG)
     dag.flags.writeable = False
     prog = structdsl.compile(SPECS["topological"], backend="numba", dag=dag)
@@ -198,7 +201,7 @@ def test_array_layouts_do_not_compile_the_driver_again():
                 prog.solve(x).trace, prog.sample(x, uniforms=u).trace, prog.sample(x, uniforms=u).noise]
 
     want = run(x, trace, u, v)                                     # the C-ordered signature
-    drivers = (prog._module.run_all, prog._module.run_all_parallel)
+    drivers = (numba_kernels.run_lanes, numba_kernels.run_lanes_parallel)
     before = [len(d.signatures) for d in drivers]
 
     def odd(a, how):
