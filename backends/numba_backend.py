@@ -1,11 +1,12 @@
 """Numba backend: every spec compiled to native code, parallel over the batch.
 
-The IR and its types are lowered to the source of one ``lane`` function (the spec's own
-statements, per batch element) and its signature.  The source is written once to a per-user
-cache directory under a name keyed by the hash of the source itself; the lane is compiled as
-a C callback of its signature (``numba.cfunc``) and the drivers shared by every spec
-(``numba_kernels.run_lanes``, a plain loop for small batches, and ``run_lanes_parallel``, a
-``prange``) call it through its address in every mode.  Numba's on-disk cache
+The IR and its types are lowered to the source of one function, ``chunk``: the spec's own
+statements for one batch element (the lane), inlined into a loop over a range of lanes that
+draws or replays and scores each one.  The source is written once to a per-user cache
+directory under a name keyed by the hash of the source itself; ``chunk`` is compiled as a C
+callback of its signature (``numba.cfunc``), and the drivers shared by every spec
+(``numba_kernels.run_lanes`` for small batches, ``run_lanes_parallel`` over threads) call
+it at its address, in every mode.  Numba's on-disk cache
 (``cache=True``) keeps both for every later process.  Nothing here knows any structure: predicates
 become loops over the atoms, races calls to the kernels of :mod:`numba_kernels`.
 
@@ -83,7 +84,6 @@ def _atom(flat, shape):
     return tuple(int(i) for i in np.unravel_index(flat, shape)) if 0 <= flat < int(np.prod(shape)) else flat
 
 
-_NO_KEY = np.zeros(2, dtype=np.uint64)      # the driver's Philox key when it draws from given uniforms
 # The nested fast path's probe: PROBE_LANES lanes run first, on the serial driver, to choose
 # how the others start (numba_races._nested_race), in batches of PROBE_FROM lanes or more (at
 # 64 lanes the probe cost a spec whose lanes never leave their heap 6 % of a call)
@@ -103,6 +103,9 @@ def _lane_input(a, dtype=np.float64):
     view = a.view()
     view.flags.writeable = False
     return view
+
+
+_NO_KEY = _lane_input(np.zeros(2, dtype=np.uint64), np.uint64)   # the Philox key when lanes draw from given uniforms
 
 
 def load(source):
@@ -174,8 +177,8 @@ class Program(_BaseProgram):
         # it would cost a pass over the atoms per race, the very work they avoid
         self.checks_nesting = not gen.fast
         self._module = load(self.source)
-        self._callback = None            # the lane compiled as a C callback, on first use
-        self._called = set()             # the drivers this program has called (compiled or loaded)
+        self._chunk = None               # chunk compiled as a C callback, on first use
+        self._called = set()             # (driver, mode, draw): the calls whose argument types were checked
         self._tables = {}
         self._consts = {}
         from .numba_kernels import WANT_GRAD, WANT_MEMBERS
@@ -204,49 +207,58 @@ class Program(_BaseProgram):
                                                  _lane_input(self._unravel_table(inst), np.int64))
         return c
 
+    def _layout(self, inst):
+        """``[(shape, bool?, start, stop)]`` of each field in a lane's output row, and the row's
+        width: made once per atom shape."""
+        key = ("layout", inst.atom_shape)
+        layout = self._consts.get(key)
+        if layout is None:
+            fields, at = [], 0
+            for name in self.ir.outputs:
+                t = inst.types.outputs[name]
+                shape = tuple(d.value for d in t.shape)
+                size = int(np.prod(shape, dtype=np.int64))
+                fields.append((shape, t.dtype == "bool", at, at + size))
+                at += size
+            layout = self._consts[key] = (fields, at)
+        return layout
+
     def _outputs(self, inst, lead):
         """The lanes' output rows: int64 ``[lead, W]``, each row the structure's fields one
         after the other, flattened (see :meth:`_fields`)."""
-        width = sum(int(np.prod([d.value for d in inst.types.outputs[o].shape], dtype=np.int64))
-                    for o in self.ir.outputs)
-        return np.zeros((lead, width), dtype=np.int64)
+        return np.zeros((lead, self._layout(inst)[1]), dtype=np.int64)
 
     def _fields(self, inst, out):
         """The structure's fields, ``[lead, *shape]`` each (bool or int64), from the rows ``out``."""
-        fields, at = [], 0
-        for name in self.ir.outputs:
-            t = inst.types.outputs[name]
-            shape = tuple(d.value for d in t.shape)
-            size = int(np.prod(shape, dtype=np.int64))
-            f = out[:, at:at + size].reshape((out.shape[0],) + shape)
-            fields.append(f.astype(bool) if t.dtype == "bool" else f)
-            at += size
-        return fields
+        lead = out.shape[:1]
+        return [out[:, a:b].reshape(lead + shape).astype(bool) if is_bool else
+                np.ascontiguousarray(out[:, a:b]).reshape(lead + shape) for shape, is_bool, a, b in self._layout(inst)[0]]
 
     def _driver(self, lanes):
         """The driver for a batch of ``lanes``: the parallel one from ``parallel_from`` lanes."""
         return "run_lanes_parallel" if lanes >= self.parallel_from else "run_lanes"
 
-    def _run(self, driver, inst, out, *args):
-        """Run ``numba_kernels.<driver>`` on this program's lane, with the constants of
-        ``inst`` (:meth:`_consts_of`), the output rows ``out`` and the driver's other
-        arguments; a Numba typing failure (a construct this backend lowers into code Numba
-        rejects) becomes a clear error instead of a raw Numba traceback."""
-        from numba import cfunc
+    def _run(self, driver, inst, out, first, stop, *args):
+        """Run lanes ``first`` to ``stop - 1`` with ``numba_kernels.<driver>``: this program's
+        ``chunk`` on the constants of ``inst`` (:meth:`_consts_of`), the output rows ``out``
+        and the chunk's other arguments ``args``; a Numba typing failure (a construct this
+        backend lowers into code Numba rejects) becomes a clear error instead of a raw Numba
+        traceback."""
+        import numba
         from . import numba_kernels
         run = getattr(numba_kernels, driver)
         ip, data, valid, unr = self._consts_of(inst)
-        args = (ip, data, out, valid, unr, *args)
+        kind = (driver, args[10], args[9])       # the driver, the mode and whether the lanes draw
+        args = (ip, *data, out, valid, unr, *args)
+        bounds = (first, stop, numba.get_num_threads()) if driver == "run_lanes_parallel" else (first, stop)
         try:
-            if self._callback is not None and driver in self._called:
-                return run(self._callback, *args)
-            # the first calls compile or load the lane and the driver: one process at a time
+            if self._chunk is not None and kind in self._called:
+                return run(self._chunk.address, args, *bounds)
+            # the first calls compile or load chunk and the driver: one process at a time
             with _compile_lock(self._module.__file__):
-                if self._callback is None:
-                    self._callback = cfunc(self._module.LANE_SIGNATURE, cache=True,
-                                           error_model="numpy")(self._module.lane)
-                out = run(self._callback, *args)
-            self._called.add(driver)
+                self._compile_chunk(args)
+                out = run(self._chunk.address, args, *bounds)
+            self._called.add(kind)
             return out
         except Exception as exc:
             if type(exc).__module__.startswith("numba"):
@@ -256,6 +268,22 @@ class Program(_BaseProgram):
                     f"{first}); the generated source is in {self._module.__file__} and the "
                     f"reference backend (backend='numpy') runs the spec", self.ir.file, self.ir.atoms.line) from exc
             raise
+
+    def _compile_chunk(self, args):
+        """Compile (or load) ``chunk`` as a C callback of its signature, once, and check that
+        ``args`` have its types: a driver calls it at its address, where Numba cannot check.
+        Every kind of call (driver, mode, draw) is checked on its first run: the arrays each
+        kind passes are built with fixed types (:func:`_lane_input`, fresh buffers)."""
+        import numba
+        from numba import cfunc
+        sig = self._module.CHUNK_SIGNATURE
+        if self._chunk is None:
+            self._chunk = cfunc(sig, cache=True, error_model="numpy")(self._module.chunk)
+        got = tuple(numba.typeof(a) for a in args) + (numba.int64, numba.int64)
+        if got != sig.args:       # a bug in this backend, never a user's: say where
+            wrong = next(i for i, (g, w) in enumerate(zip(got, sig.args)) if g != w) if len(got) == len(sig.args) else None
+            raise AssertionError(f"chunk of {self.ir.name!r} takes {sig.args} and would be called on {got} "
+                                 f"(argument {wrong})")
 
     def _raise(self, st, inst, check_logits=None):
         """Raise the first lane's spec error; ``check_logits``: after a draw, a callable that
@@ -295,16 +323,16 @@ class Program(_BaseProgram):
         fs, grad, lsum, flags = score or (np.zeros((B, 1)), none, none, 0)
         # inputs read-only through _lane_input, outputs fresh: one driver signature per spec
         args = (read_none if uniforms is None else _lane_input(uniforms),
-                _NO_KEY if key is None else key, _lane_input(logits) if draw else read_none,
-                res, log_noise, np.empty((B, A), dtype=bool), tr, st, log_space, draw, mode, fs, grad, lsum,
+                _NO_KEY if key is None else _lane_input(key, np.uint64), _lane_input(logits) if draw else read_none,
+                res, log_noise, np.empty((B, A), dtype=bool), tr, st, bool(log_space), draw, mode, fs, grad, lsum,
                 read_none, none, flags)
         # the nested fast path's probe: when its first lanes all leave the heap for blocks, the
         # others start in blocks (numba_races._nested_race; the same winners either way)
         probe, blocks0 = (PROBE_LANES if self._blocks and B >= PROBE_FROM else 0), False
         if probe:       # a parallel launch would cost more than these lanes
-            self._run("run_lanes", inst, out, *args, 0, probe, False, self._fast)
+            self._run("run_lanes", inst, out, 0, probe, *args, False)
             blocks0 = bool((st[:probe, ST_BLOCKS] == 1).all())
-        self._run(self._driver(B), inst, out, *args, probe, B, blocks0, self._fast)
+        self._run(self._driver(B), inst, out, probe, B, *args, blocks0)
         self._raise(st, inst, (check_logits or (lambda: self.check_logits(logits))) if draw else None)
         return tr, self._fields(inst, out), log_noise
 
@@ -385,9 +413,9 @@ class Program(_BaseProgram):
         x = _lane_input(logits)
         # a replay reads the logits only: the residuals' buffer is never touched (never
         # faulted in), it only gives the driver its [B, A] type
-        self._run(self._driver(B), inst, out, unused, _NO_KEY, x,
+        self._run(self._driver(B), inst, out, 0, B, unused, _NO_KEY, x,
                   np.empty((B, A)), np.empty((B, 0)), np.empty((B, A), dtype=bool),   # the lanes fill alive
-                  tr, st, False, False, MODE_SCORE, fs, grad, lsum, u, noise, flags, 0, B, False, self._fast)
+                  tr, st, False, False, MODE_SCORE, fs, grad, lsum, u, noise, flags, False)
         self._raise(st, inst)
         logp = np.where(st[:, ST_STATUS] == IMPOSSIBLE, -np.inf, fs[:, 0])
         if want_members:

@@ -1045,71 +1045,42 @@ def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
 
 
 # ---- the drivers: every spec's lanes run through these ----------------------------------------
-# The generated module holds one function, the spec's ``lane``, which the backend compiles as a
-# C callback (``numba.cfunc``) of its exact signature; a driver receives it as a first-class
-# function and calls it through its address.  So the lane is compiled and optimised once, never
-# linked into a driver.  Every lane has the same signature but for the spec's data parameters
-# (its int parameters come in one array, its fields go out in one int64 row), so a driver
-# compiles once per machine, not once per spec (Numba's cache keeps it).
-@njit(cache=True, error_model="numpy")
-def _one_lane(lane, b, ip, data, out, valid, unr, uni, key, logits, res, log_noise, alive, tr, st, log_space,
-              draw, mode, fs, grad, lsum, u, noise, flags, blocks0, nested):
-    """Lane ``b`` in ``mode``.  Replay (``MODE_SCORE``): score the trace ``tr[b]`` under the
-    logits (``res`` unread): log p, its gradient, member sets or E | T (``flags``; E | T from
-    the uniforms ``u``) into ``fs``, ``grad``, ``lsum``, ``noise``.  Every other mode samples
-    (``draw``: the noise is drawn from ``uni``, or from the Philox stream of ``key`` when
-    ``uni`` has no columns, and the logits) or solves (``res`` holds given weights);
-    ``MODE_SAMPLE_SCORE`` also scores each race as it runs, ``MODE_SAMPLE_SCORE_NESTED``
-    (``nested``: the nested fast path) keeps the races' snapshots and scores through exit
-    races after the lane.  ``blocks0``: the nested fast path's lane starts racing in blocks.
-    The lane reads the spec's int parameters from ``ip`` and its data parameters ``data``, and
-    writes its structure's fields into ``out[b]`` (solve, sample)."""
-    A = res.shape[1]
-    score = mode == MODE_SCORE
-    if not score:
-        if draw and uni.shape[1] == 0:          # seed=: the lane draws its own uniforms
-            prepare_seeded(valid, key, b, logits[b], alive[b], res[b], log_noise[b], st[b])
-        elif draw:
-            prepare_sample(valid, uni[b], logits[b], alive[b], res[b], log_noise[b], st[b])
-        else:
-            prepare_solve(valid, res[b], alive[b])
-    else:
-        prepare_replay(valid, logits[b], alive[b])
-    live0 = alive[b].copy()
-    pkey = np.full(A, -1, np.int64)
-    exits = score or mode == MODE_SAMPLE_SCORE_NESTED
-    if exits:                                   # exit races (the nested fast path)
-        ex = np.full(A, -1, np.int64)
-        cand = np.flatnonzero(live0)            # the candidates: every live atom
-    else:
-        ex = pkey
-        cand = pkey
-    if score:
-        st[b, ST_CANDIDATES] = cand.size
-    row = np.int64(0) if score else b           # the output row (one row when scoring)
-    lane(mode, blocks0, ip, *data, alive[b], live0, res[b], logits[b], tr[b], st[b], fs[b], grad[b], lsum[b],
-         u[b], pkey, log_space, flags, ex, cand, unr, out[row])
-    if st[b, ST_STATUS] != 0:
-        return
-    if nested and exits:
-        finish_nested(tr[b], st[b], ex, logits[b], live0, u[b], fs[b], grad[b], noise[b], lsum[b], flags)
-    elif score and not nested:
-        finish_score(tr[b], st[b], lsum[b], logits[b], live0, u[b, tr.shape[1]:], noise[b], flags)
+# The generated module holds one function, ``chunk``: the spec's lane, inlined into a loop over a
+# range of lanes, with each lane's noise and score.  The backend compiles it as a C callback
+# (``numba.cfunc``) of its exact signature, and a driver calls it at its address.  So the lane is
+# compiled and optimised once: a Numba function that calls another links the callee's LLVM
+# module into its own and optimises and emits it again.  Every chunk has the same signature
+# but for the spec's data parameters, so each driver compiles once per machine (Numba's cache),
+# not once per spec.
+@intrinsic
+def _call_at(typingctx, address, args):
+    """Call the C function at ``address`` (an int64) on the values of the tuple ``args``: the
+    C ABI of a ``numba.cfunc`` whose signature is ``args``' types (the backend checks that it
+    is, before the first call)."""
+    if not isinstance(address, types.Integer) or not isinstance(args, types.BaseTuple):
+        return None
+
+    def codegen(context, builder, signature, llargs):
+        from llvmlite import ir
+        fnty = ir.FunctionType(context.get_value_type(types.none), [context.get_value_type(t) for t in args.types])
+        fn = builder.inttoptr(llargs[0], fnty.as_pointer())
+        builder.call(fn, [builder.extract_value(llargs[1], i) for i in range(len(args.types))])
+        return context.get_dummy_value()
+    return types.none(address, args), codegen
 
 
-@njit(cache=True, error_model="numpy")
-def run_lanes(lane, ip, data, out, valid, unr, uni, key, logits, res, log_noise, alive, tr, st, log_space, draw,
-              mode, fs, grad, lsum, u, noise, flags, first, stop, blocks0, nested):
-    """Lanes ``first`` to ``stop - 1`` one after the other (small batches: no threads to start)."""
-    for b in range(first, stop):
-        _one_lane(lane, np.int64(b), ip, data, out, valid, unr, uni, key, logits, res, log_noise, alive, tr, st,
-                  log_space, draw, mode, fs, grad, lsum, u, noise, flags, blocks0, nested)
+@njit(cache=True)
+def run_lanes(chunk, args, first, stop):
+    """Lanes ``first`` to ``stop - 1`` one after the other (small batches: no threads to
+    start): the C function at ``chunk`` on ``args + (first, stop)``."""
+    _call_at(chunk, args + (first, stop))
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
-def run_lanes_parallel(lane, ip, data, out, valid, unr, uni, key, logits, res, log_noise, alive, tr, st, log_space,
-                       draw, mode, fs, grad, lsum, u, noise, flags, first, stop, blocks0, nested):
-    """:func:`run_lanes` over ``numba.get_num_threads()`` threads (``prange``)."""
-    for b in prange(first, stop):
-        _one_lane(lane, np.int64(b), ip, data, out, valid, unr, uni, key, logits, res, log_noise, alive, tr, st,
-                  log_space, draw, mode, fs, grad, lsum, u, noise, flags, blocks0, nested)
+@njit(parallel=True, cache=True)
+def run_lanes_parallel(chunk, args, first, stop, threads):
+    """:func:`run_lanes` over ``threads`` equal ranges of lanes (``numba.get_num_threads()``:
+    ``prange``'s own static schedule, one range a thread)."""
+    n = stop - first
+    parts = max(1, min(threads, n))
+    for c in prange(parts):
+        _call_at(chunk, args + (first + c * n // parts, first + (c + 1) * n // parts))

@@ -2,10 +2,12 @@
 Python module.
 
 The lane (one batch element: the spec's statements, lowered by :mod:`numba_lowering` and
-its passes) becomes a function ``lane`` and its argument types ``LANE_SIGNATURE``.  The
-backend compiles it as a C callback of that signature; the drivers that run it over the
-batch in the mode each semantics needs (``numba_kernels.run_lanes``, ``MODE_*``) are shared
-by every spec and call it through its address, so LLVM optimises the lane once.
+its passes) is inlined into a loop over a range of lanes, each drawn or replayed and scored
+in the mode each semantics needs (``numba_kernels.MODE_*``): the function ``chunk`` and its
+argument types ``CHUNK_SIGNATURE``.  The backend compiles it as a C callback of that
+signature; the drivers that run it over the batch (``numba_kernels.run_lanes``, serial and
+``prange``) are shared by every spec and call it at its address, so LLVM optimises the
+lane once and no driver is compiled per spec.
 """
 from __future__ import annotations
 
@@ -13,40 +15,99 @@ import ast
 import hashlib
 from pathlib import Path
 
-from .numba_ast import KERNELS, LANE_STATE, _attr, _call, _const, _mode, _name, _np
-from .numba_kernels import MODE_SCORE
+from .numba_ast import KERNELS, _attr, _call, _const, _mode, _name, _np
+from .numba_kernels import MODE_SAMPLE_SCORE_NESTED, MODE_SCORE, ST_CANDIDATES, ST_STATUS
 from .numba_races import block_state
 
 def _array(dtype, ndim, readonly=False):
     return f"__t.Array(__t.{dtype}, {ndim}, 'C'{', readonly=True' if readonly else ''})"
 
 
-#: The types of the lane's fixed arguments (``numba_kernels._one_lane`` passes them): rows
-#: of the drivers' [B, ...] buffers, read-only where the backend passes a read-only view.
-_STATE_TYPES = {
-    "__mode": "__t.int64", "__blocks0": "__t.boolean", "__ip": _array("int64", 1, True),
-    "__alive": _array("boolean", 1), "__live0": _array("boolean", 1), "__res": _array("float64", 1),
-    "__x": _array("float64", 1, True), "__tr": _array("int64", 1), "__st": _array("int64", 1),
-    "__fs": _array("float64", 1), "__grad": _array("float64", 1), "__lsum": _array("float64", 1),
-    "__u": _array("float64", 1, True), "__pkey": _array("int64", 1), "__log_space": "__t.boolean",
-    "__flags": "__t.int64", "__ex": _array("int64", 1), "__cand": _array("int64", 1),
-    "__unr": _array("int64", 2, True), "__out": _array("int64", 1)}
+#: The chunk's arguments (but the spec's data parameters, which come after ``__ip``) and their
+#: Numba types, as source: [B, ...] buffers, read-only where the backend passes a read-only view.
+_CHUNK_ARGS = {
+    "__ip": _array("int64", 1, True), "__c_out": _array("int64", 2), "__valid": _array("boolean", 1, True),
+    "__unr": _array("int64", 2, True), "__c_uni": _array("float64", 2, True), "__c_key": _array("uint64", 1, True),
+    "__c_logits": _array("float64", 2, True), "__c_res": _array("float64", 2), "__c_log_noise": _array("float64", 2),
+    "__c_alive": _array("boolean", 2), "__c_tr": _array("int64", 2), "__c_st": _array("int64", 2),
+    "__log_space": "__t.boolean", "__c_draw": "__t.boolean", "__mode": "__t.int64", "__c_fs": _array("float64", 2),
+    "__c_grad": _array("float64", 2), "__c_lsum": _array("float64", 2), "__c_u": _array("float64", 2, True),
+    "__c_noise": _array("float64", 2), "__flags": "__t.int64", "__blocks0": "__t.boolean",
+    "__c_first": "__t.int64", "__c_stop": "__t.int64"}
 
-
-def _lane_types(gen, lane_args):
-    """The Numba types of ``lane_args``, as source: the fixed ones and the spec's data
-    parameters (read-only int64 or bool arrays)."""
-    out = []
-    for a in lane_args:
-        t = gen.param_types.get(a)
-        out.append(_STATE_TYPES[a] if a in _STATE_TYPES else
-                   _array("boolean" if t.dtype == "bool" else "int64", t.ndim, True))
-    return out
+# One lane's preparation around the lane's own statements (``pass`` below), in every mode:
+# MODE_SCORE replays the trace __tr under the logits __x (__res unread) and scores it: log p,
+# its gradient, member sets or E | T (__flags; E | T from the uniforms __u) into __fs, __grad,
+# __lsum and the noise row.  The other modes sample (__c_draw: the noise is drawn from
+# __c_uni, or from the Philox stream of __c_key when __c_uni has no columns, and the logits)
+# or solve (__res holds given weights); MODE_SAMPLE_SCORE also scores each race as it runs,
+# MODE_SAMPLE_SCORE_NESTED (the nested fast path) keeps the races' snapshots and scores
+# through exit races after the lane.  __blocks0: the nested fast path's lanes start racing in
+# blocks (the backend's probe says so, numba_races._nested_race).
+_LANE_LOOP = """
+__c_A = __c_res.shape[1]
+__c_score = __mode == {MODE_SCORE}
+for __c_b in range(__c_first, __c_stop):
+    if not __c_score:
+        if __c_draw and __c_uni.shape[1] == 0:       # seed=: the lane draws its own uniforms
+            __prepare_seeded(__valid, __c_key, __c_b, __c_logits[__c_b], __c_alive[__c_b], __c_res[__c_b],
+                             __c_log_noise[__c_b], __c_st[__c_b])
+        elif __c_draw:
+            __prepare_sample(__valid, __c_uni[__c_b], __c_logits[__c_b], __c_alive[__c_b], __c_res[__c_b],
+                             __c_log_noise[__c_b], __c_st[__c_b])
+        else:
+            __prepare_solve(__valid, __c_res[__c_b], __c_alive[__c_b])
+    else:
+        __prepare_replay(__valid, __c_logits[__c_b], __c_alive[__c_b])
+    __alive, __res, __x, __tr, __st = __c_alive[__c_b], __c_res[__c_b], __c_logits[__c_b], __c_tr[__c_b], __c_st[__c_b]
+    __fs, __grad, __lsum, __u = __c_fs[__c_b], __c_grad[__c_b], __c_lsum[__c_b], __c_u[__c_b]
+    __live0 = __alive.copy()
+    __pkey = __np.full(__c_A, -1, __np.int64)
+    if __c_score or __mode == {MODE_SAMPLE_SCORE_NESTED}:     # exit races (the nested fast path)
+        __ex = __np.full(__c_A, -1, __np.int64)
+        __cand = __np.flatnonzero(__live0)                  # the candidates: every live atom
+    else:
+        __ex = __pkey
+        __cand = __pkey
+    if __c_score:
+        __st[{ST_CANDIDATES}] = __cand.size
+    __out = __c_out[__np.int64(0) if __c_score else __c_b]   # the output row (one row when scoring)
+    __c_ret = False
+    for __c_once in range(1):       # the lane; its returns break out to here
+        pass
+    {finish}
+"""
+_FINISH_GENERIC = """if __c_score and __st[{ST_STATUS}] == 0:
+        __finish_score(__tr, __st, __lsum, __x, __live0, __u[__c_tr.shape[1]:], __c_noise[__c_b], __flags)"""
+_FINISH_NESTED = """if (__c_score or __mode == {MODE_SAMPLE_SCORE_NESTED}) and __st[{ST_STATUS}] == 0:
+        __finish_nested(__tr, __st, __ex, __x, __live0, __u, __fs, __grad, __c_noise[__c_b], __lsum, __flags)"""
 
 
 def data_params(gen):
     """The spec's data parameters (arrays), in order; its other parameters are ints."""
     return [x for x in gen.p.params if x in gen.param_types and gen.param_types[x].shape]
+
+
+def _returns_to_breaks(stmts):
+    """The lane's statements with each ``return`` turned into ``__c_ret = True; break`` and a
+    ``if __c_ret: break`` after every loop that holds one: inside ``for __c_once in range(1)``,
+    a return leaves the lane and its loop goes on to the lane's score and the next lane."""
+    out = []
+    for st in stmts:
+        if isinstance(st, ast.Return):
+            out += [ast.Assign([_name("__c_ret", ast.Store())], ast.Constant(True)), ast.Break()]
+            continue
+        if isinstance(st, ast.If):
+            st.body, st.orelse = _returns_to_breaks(st.body), _returns_to_breaks(st.orelse)
+        elif isinstance(st, (ast.For, ast.While)):
+            holds = any(isinstance(n, ast.Return) for n in ast.walk(st))
+            st.body = _returns_to_breaks(st.body)
+            out.append(st)
+            if holds:
+                out.append(ast.If(_name("__c_ret"), [ast.Break()], []))
+            continue
+        out.append(st)
+    return out
 
 
 def module_source(gen):
@@ -55,10 +116,7 @@ def module_source(gen):
     p = gen.p
     data = data_params(gen)
     ints = [x for x in p.params if x not in data]
-    lane_args = ["__mode", "__blocks0", "__ip"] + data + LANE_STATE + ["__ex", "__cand", "__unr", "__out"]
-    body = [ast.Assign([_name(x, ast.Store())], ast.Subscript(_name("__ip"), ast.Constant(i), ast.Load()))
-            for i, x in enumerate(ints)]             # the int parameters, from one array
-    body += [ast.Assign([_name(f"__d{i}", ast.Store())], gen.static(d, False)) for i, d in enumerate(p.atoms.dims)]
+    body = [ast.Assign([_name(f"__d{i}", ast.Store())], gen.static(d, False)) for i, d in enumerate(p.atoms.dims)]
     body += [ast.Assign([_name("__A", ast.Store())], _attr(_name("__alive"), "size")),
              ast.Assign([_name("__hs", ast.Store())], _call(_np("zeros"), ast.Constant(1), _np("int64"))),
              ast.Assign([_name("__h", ast.Store())], _call(_np("empty"), _name("__A") if gen.fast
@@ -78,18 +136,30 @@ def module_source(gen):
     body.append(gen.check())
     body += gen.races.exit_search()
     # solve, sample: the fields, flattened one after the other into the lane's output row
-    writes = [ast.Assign([_name("__o", ast.Store())], ast.Constant(0))]
+    writes = [ast.Assign([_name("__c_at", ast.Store())], ast.Constant(0))]
     for f in p.outputs:
         if gen.types.locals[f].shape:
-            writes.append(ast.Assign([_name("__o", ast.Store())], _call("__put_flat", _name("__out"), _name("__o"),
+            writes.append(ast.Assign([_name("__c_at", ast.Store())], _call("__put_flat", _name("__out"), _name("__c_at"),
                                                                       _name(f))))
         else:
-            writes += [ast.Assign([ast.Subscript(_name("__out"), _name("__o"), ast.Store())], _name(f)),
-                       ast.AugAssign(_name("__o", ast.Store()), ast.Add(), ast.Constant(1))]
+            writes += [ast.Assign([ast.Subscript(_name("__out"), _name("__c_at"), ast.Store())], _name(f)),
+                       ast.AugAssign(_name("__c_at", ast.Store()), ast.Add(), ast.Constant(1))]
     body.append(ast.If(_mode(ast.NotEq(), MODE_SCORE), writes, []))
-    # a plain function: the backend compiles it as a C callback of LANE_SIGNATURE, which the
-    # drivers (numba_kernels.run_lanes) call through its address
-    lane = _function("lane", lane_args, body, "")
+    # the chunk: the int parameters from one array, then the lanes, each with the lane's
+    # statements inlined (a call would cost each lane a reference count per array it passes)
+    consts = dict(MODE_SCORE=MODE_SCORE, MODE_SAMPLE_SCORE_NESTED=MODE_SAMPLE_SCORE_NESTED,
+                  ST_CANDIDATES=ST_CANDIDATES, ST_STATUS=ST_STATUS)
+    loop = ast.parse(_LANE_LOOP.format(finish=(_FINISH_NESTED if gen.fast else _FINISH_GENERIC).format(**consts),
+                                       **consts)).body
+    lanes = next(st for st in loop if isinstance(st, ast.For))
+    once = next(st for st in lanes.body if isinstance(st, ast.For) and st.target.id == "__c_once")
+    once.body = _returns_to_breaks(body)
+    unpack = [ast.Assign([_name(x, ast.Store())], ast.Subscript(_name("__ip"), ast.Constant(i), ast.Load()))
+              for i, x in enumerate(ints)]
+    args = ["__ip"] + data + list(_CHUNK_ARGS)[1:]
+    types = [_CHUNK_ARGS["__ip"]] + [_array("boolean" if gen.param_types[x].dtype == "bool" else "int64",
+                                            gen.param_types[x].ndim, True) for x in data] + list(_CHUNK_ARGS.values())[1:]
+    chunk = _function("chunk", args, unpack + loop, "")
     src = [
         f"# generated by structdsl from spec {p.name!r} ({p.file}); do not edit",
         # Numba's cache does not see changes in the modules a cached function calls: the
@@ -102,10 +172,11 @@ def module_source(gen):
         "__range, __min, __max, __abs = range, min, max, abs",
         *_constant_arrays(gen.constants),
         "",
-        "# the lane's arguments, in order (the drivers pass them; a callback's types are exact)",
-        f"LANE_SIGNATURE = __t.void({', '.join(_lane_types(gen, lane_args))})",
+        "# chunk's arguments, in order: the backend compiles it as a C callback of this signature",
+        "# (numba.cfunc), which numba_kernels.run_lanes calls at its address",
+        f"CHUNK_SIGNATURE = __t.void({', '.join(types)})",
         "", "",
-        ast.unparse(_locate(lane)),
+        ast.unparse(_locate(chunk)),
     ]
     return "\n".join(src)
 

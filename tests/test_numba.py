@@ -99,7 +99,7 @@ def test_enumerate_delegates_to_the_reference_and_source_is_readable():
     a = fast.enumerate(rates=np.array([1, 2, 3, 4], dtype=object))
     b = ref.enumerate(rates=np.array([1, 2, 3, 4], dtype=object))
     assert np.array_equal(a.traces, b.traces) and list(a.probs) == list(b.probs)
-    assert "def lane(" in fast.source and "LANE_SIGNATURE = " in fast.source
+    assert "def chunk(" in fast.source and "CHUNK_SIGNATURE = " in fast.source
 
 
 def test_check_spec_runs_on_the_numba_backend():
@@ -183,8 +183,8 @@ def test_a_zero_uniform_draws_as_the_smallest_normal_float():
 def test_array_layouts_do_not_compile_the_driver_again():
     """Numba types a Fortran-ordered, strided or read-only array as a new signature, and a
     new signature compiles a driver again (seconds): transposed logits, read-only data and
-    F-ordered traces must run on the signature a C-ordered call compiled (the lane, a C
-    callback of one signature, would refuse any other)."""
+    F-ordered traces must run on the signature a C-ordered call compiled (the backend checks
+    every argument against the compiled chunk's signature, so a stray type would raise)."""
     from structdsl.backends import numba_kernels
     dag = np.asfortranarray(DAG)
     dag.flags.writeable = False
