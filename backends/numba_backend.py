@@ -208,31 +208,32 @@ class Program(_BaseProgram):
         return c
 
     def _layout(self, inst):
-        """``[(shape, bool?, start, stop)]`` of each field in a lane's output row, and the row's
-        width: made once per atom shape."""
+        """``[(shape, bool?, start, stop)]`` of each field in a lane's output rows (int fields in
+        one, bool fields in the other), and the two rows' widths: made once per atom shape."""
         key = ("layout", inst.atom_shape)
         layout = self._consts.get(key)
         if layout is None:
-            fields, at = [], 0
+            fields, at = [], {False: 0, True: 0}
             for name in self.ir.outputs:
                 t = inst.types.outputs[name]
-                shape = tuple(d.value for d in t.shape)
+                shape, is_bool = tuple(d.value for d in t.shape), t.dtype == "bool"
                 size = int(np.prod(shape, dtype=np.int64))
-                fields.append((shape, t.dtype == "bool", at, at + size))
-                at += size
-            layout = self._consts[key] = (fields, at)
+                fields.append((shape, is_bool, at[is_bool], at[is_bool] + size))
+                at[is_bool] += size
+            layout = self._consts[key] = (fields, at[False], at[True])
         return layout
 
     def _outputs(self, inst, lead):
-        """The lanes' output rows: int64 ``[lead, W]``, each row the structure's fields one
-        after the other, flattened (see :meth:`_fields`)."""
-        return np.zeros((lead, self._layout(inst)[1]), dtype=np.int64)
+        """The lanes' output rows: int64 ``[lead, W]`` and bool ``[lead, Wb]``, each row a lane's
+        int (bool) fields one after the other, flattened (see :meth:`_fields`)."""
+        _, width, width_bool = self._layout(inst)
+        return np.zeros((lead, width), dtype=np.int64), np.zeros((lead, width_bool), dtype=bool)
 
     def _fields(self, inst, out):
-        """The structure's fields, ``[lead, *shape]`` each (bool or int64), from the rows ``out``."""
-        lead = out.shape[:1]
-        return [out[:, a:b].reshape(lead + shape).astype(bool) if is_bool else
-                np.ascontiguousarray(out[:, a:b]).reshape(lead + shape) for shape, is_bool, a, b in self._layout(inst)[0]]
+        """The structure's fields, ``[lead, *shape]`` each, from the rows ``out``."""
+        lead = out[0].shape[:1]
+        return [np.ascontiguousarray(out[is_bool][:, a:b]).reshape(lead + shape)
+                for shape, is_bool, a, b in self._layout(inst)[0]]
 
     def _driver(self, lanes):
         """The driver for a batch of ``lanes``: the parallel one from ``parallel_from`` lanes."""
@@ -249,7 +250,7 @@ class Program(_BaseProgram):
         run = getattr(numba_kernels, driver)
         ip, data, valid, unr = self._consts_of(inst)
         kind = (driver, args[10], args[9])       # the driver, the mode and whether the lanes draw
-        args = (ip, *data, out, valid, unr, *args)
+        args = (ip, *data, *out, valid, unr, *args)
         bounds = (first, stop, numba.get_num_threads()) if driver == "run_lanes_parallel" else (first, stop)
         try:
             if self._chunk is not None and kind in self._called:

@@ -1062,9 +1062,22 @@ def _call_at(typingctx, address, args):
 
     def codegen(context, builder, signature, llargs):
         from llvmlite import ir
+        from numba.core import cgutils
         fnty = ir.FunctionType(context.get_value_type(types.none), [context.get_value_type(t) for t in args.types])
         fn = builder.inttoptr(llargs[0], fnty.as_pointer())
-        builder.call(fn, [builder.extract_value(llargs[1], i) for i in range(len(args.types))])
+        values = []
+        for i, t in enumerate(args.types):
+            v = builder.extract_value(llargs[1], i)
+            if isinstance(t, types.Array):
+                # borrowed: the caller's arrays outlive the call, and without a meminfo the
+                # views the lanes take of them count no references (atomics that threads on
+                # the same buffers would fight over)
+                a = cgutils.create_struct_proxy(t)(context, builder, value=v)
+                a.meminfo = cgutils.get_null_value(a.meminfo.type)
+                a.parent = cgutils.get_null_value(a.parent.type)
+                v = a._getvalue()
+            values.append(v)
+        builder.call(fn, values)
         return context.get_dummy_value()
     return types.none(address, args), codegen
 

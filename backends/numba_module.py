@@ -26,7 +26,8 @@ def _array(dtype, ndim, readonly=False):
 #: The chunk's arguments (but the spec's data parameters, which come after ``__ip``) and their
 #: Numba types, as source: [B, ...] buffers, read-only where the backend passes a read-only view.
 _CHUNK_ARGS = {
-    "__ip": _array("int64", 1, True), "__c_out": _array("int64", 2), "__valid": _array("boolean", 1, True),
+    "__ip": _array("int64", 1, True), "__c_out": _array("int64", 2), "__c_outb": _array("boolean", 2),
+    "__valid": _array("boolean", 1, True),
     "__unr": _array("int64", 2, True), "__c_uni": _array("float64", 2, True), "__c_key": _array("uint64", 1, True),
     "__c_logits": _array("float64", 2, True), "__c_res": _array("float64", 2), "__c_log_noise": _array("float64", 2),
     "__c_alive": _array("boolean", 2), "__c_tr": _array("int64", 2), "__c_st": _array("int64", 2),
@@ -71,7 +72,8 @@ for __c_b in range(__c_first, __c_stop):
         __cand = __pkey
     if __c_score:
         __st[{ST_CANDIDATES}] = __cand.size
-    __out = __c_out[__np.int64(0) if __c_score else __c_b]   # the output row (one row when scoring)
+    __row = __np.int64(0) if __c_score else __c_b       # the output rows (one row when scoring)
+    __out, __outb = __c_out[__row], __c_outb[__row]
     __c_ret = False
     for __c_once in range(1):       # the lane; its returns break out to here
         pass
@@ -135,15 +137,17 @@ def module_source(gen):
     body += gen.races.snapshot_buffers() + stmts       # the races tell which buffers there are
     body.append(gen.check())
     body += gen.races.exit_search()
-    # solve, sample: the fields, flattened one after the other into the lane's output row
-    writes = [ast.Assign([_name("__c_at", ast.Store())], ast.Constant(0))]
+    # solve, sample: the fields, flattened one after the other into the lane's output rows
+    # (int fields into __out, bool ones into __outb)
+    writes = [ast.Assign([_name("__c_at", ast.Store())], ast.Constant(0)),
+              ast.Assign([_name("__c_atb", ast.Store())], ast.Constant(0))]
     for f in p.outputs:
+        row, at = ("__outb", "__c_atb") if gen.types.locals[f].dtype == "bool" else ("__out", "__c_at")
         if gen.types.locals[f].shape:
-            writes.append(ast.Assign([_name("__c_at", ast.Store())], _call("__put_flat", _name("__out"), _name("__c_at"),
-                                                                      _name(f))))
+            writes.append(ast.Assign([_name(at, ast.Store())], _call("__put_flat", _name(row), _name(at), _name(f))))
         else:
-            writes += [ast.Assign([ast.Subscript(_name("__out"), _name("__c_at"), ast.Store())], _name(f)),
-                       ast.AugAssign(_name("__c_at", ast.Store()), ast.Add(), ast.Constant(1))]
+            writes += [ast.Assign([ast.Subscript(_name(row), _name(at), ast.Store())], _name(f)),
+                       ast.AugAssign(_name(at, ast.Store()), ast.Add(), ast.Constant(1))]
     body.append(ast.If(_mode(ast.NotEq(), MODE_SCORE), writes, []))
     # the chunk: the int parameters from one array, then the lanes, each with the lane's
     # statements inlined (a call would cost each lane a reference count per array it passes)
