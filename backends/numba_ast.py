@@ -24,12 +24,12 @@ def _name(x, ctx=None):
 
 
 #: The kernels of ``numba_kernels`` the generated code calls (as ``__ck`` for ``ck``...).
-KERNELS = ("arg_extreme", "extreme", "ck", "ck2", "ck3", "fail", "finish_score", "gather1", "mask_set", "put",
-           "put_flat",
-           "sel", "race", "race_groups", "total_ck", "add_s", "sub_s", "mul_s", "floordiv_s", "mod_s", "lshift_s",
-           "rshift_s", "neg_s", "abs_s", "add_a", "sub_a", "mul_a", "floordiv_a", "mod_a", "lshift_a", "rshift_a",
-           "neg_a", "abs_a", "take", "total", "heap_init", "heap_pop", "block_size", "prepare_sample", "prepare_seeded",
-           "prepare_solve", "prepare_replay", "score_nested", "score_snap", "finish_nested")
+KERNELS = ("arg_extreme", "extreme", "ck", "ck2", "ck3", "fail", "gather1", "mask_set", "put", "put_flat", "sel",
+           "race", "race_groups", "total_ck", "add_s", "sub_s", "mul_s", "floordiv_s", "mod_s", "lshift_s", "rshift_s",
+           "neg_s", "abs_s", "add_a", "sub_a", "mul_a", "floordiv_a", "mod_a", "lshift_a", "rshift_a", "neg_a", "abs_a",
+           "take", "total", "heap_init", "heap_pop", "block_size", "score_nested", "score_snap",
+           "call_prepare_seeded", "call_prepare_sample", "call_prepare_solve", "call_prepare_replay",
+           "call_finish_nested", "call_finish_score")
 _KERNEL_NAMES = frozenset("__" + k for k in KERNELS)
 
 

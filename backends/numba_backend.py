@@ -250,7 +250,7 @@ class Program(_BaseProgram):
         run = getattr(numba_kernels, driver)
         ip, data, valid, unr = self._consts_of(inst)
         kind = (driver, args[10], args[9])       # the driver, the mode and whether the lanes draw
-        args = (ip, *data, *out, valid, unr, *args)
+        args = (ip, *data, *out, valid, unr, numba_kernels.lane_kernels(), *args)
         bounds = (first, stop, numba.get_num_threads()) if driver == "run_lanes_parallel" else (first, stop)
         try:
             if self._chunk is not None and kind in self._called:

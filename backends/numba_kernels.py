@@ -1046,12 +1046,35 @@ def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
 
 # ---- the drivers: every spec's lanes run through these ----------------------------------------
 # The generated module holds one function, ``chunk``: the spec's lane, inlined into a loop over a
-# range of lanes, with each lane's noise and score.  The backend compiles it as a C callback
-# (``numba.cfunc``) of its exact signature, and a driver calls it at its address.  So the lane is
-# compiled and optimised once: a Numba function that calls another links the callee's LLVM
-# module into its own and optimises and emits it again.  Every chunk has the same signature
-# but for the spec's data parameters, so each driver compiles once per machine (Numba's cache),
-# not once per spec.
+# range of lanes.  The backend compiles it as a C callback (``numba.cfunc``) of its exact
+# signature, and a driver calls it at its address.  So the lane is compiled and optimised once: a
+# Numba function that calls another links the callee's LLVM module into its own and optimises and
+# emits it again.  Every chunk has the same signature but for the spec's data parameters, so each
+# driver compiles once per machine (Numba's cache), not once per spec.  For the same reason each
+# lane's noise and score (the LANE_KERNELS below) are C callbacks too, compiled once per machine,
+# which chunk calls at the addresses the backend passes it (``lane_kernels``).
+def _emit_call(context, builder, address, args_type, args_value):
+    """Call the C function at ``address`` on the values of the tuple ``args_value``; arrays go
+    in borrowed: the caller's arrays outlive the call, and without a meminfo the views the
+    callee takes of them count no references (atomics that threads on the same buffers would
+    fight over)."""
+    from llvmlite import ir
+    from numba.core import cgutils
+    fnty = ir.FunctionType(context.get_value_type(types.none), [context.get_value_type(t) for t in args_type.types])
+    fn = builder.inttoptr(address, fnty.as_pointer())
+    values = []
+    for i, t in enumerate(args_type.types):
+        v = builder.extract_value(args_value, i)
+        if isinstance(t, types.Array):
+            a = cgutils.create_struct_proxy(t)(context, builder, value=v)
+            a.meminfo = cgutils.get_null_value(a.meminfo.type)
+            a.parent = cgutils.get_null_value(a.parent.type)
+            v = a._getvalue()
+        values.append(v)
+    builder.call(fn, values)
+    return context.get_dummy_value()
+
+
 @intrinsic
 def _call_at(typingctx, address, args):
     """Call the C function at ``address`` (an int64) on the values of the tuple ``args``: the
@@ -1059,27 +1082,85 @@ def _call_at(typingctx, address, args):
     is, before the first call)."""
     if not isinstance(address, types.Integer) or not isinstance(args, types.BaseTuple):
         return None
+    return types.none(address, args), lambda context, builder, sig, ll: _emit_call(context, builder, ll[0], args, ll[1])
 
-    def codegen(context, builder, signature, llargs):
-        from llvmlite import ir
-        from numba.core import cgutils
-        fnty = ir.FunctionType(context.get_value_type(types.none), [context.get_value_type(t) for t in args.types])
-        fn = builder.inttoptr(llargs[0], fnty.as_pointer())
-        values = []
-        for i, t in enumerate(args.types):
-            v = builder.extract_value(llargs[1], i)
-            if isinstance(t, types.Array):
-                # borrowed: the caller's arrays outlive the call, and without a meminfo the
-                # views the lanes take of them count no references (atomics that threads on
-                # the same buffers would fight over)
-                a = cgutils.create_struct_proxy(t)(context, builder, value=v)
-                a.meminfo = cgutils.get_null_value(a.meminfo.type)
-                a.parent = cgutils.get_null_value(a.parent.type)
-                v = a._getvalue()
-            values.append(v)
-        builder.call(fn, values)
-        return context.get_dummy_value()
-    return types.none(address, args), codegen
+
+def _typed_caller(signature):
+    """An intrinsic ``call(address, args)`` like :func:`_call_at` for a C function of
+    ``signature``: arguments of any other type are a typing error (a bug in the generated
+    code), never a call with the wrong layout."""
+    @intrinsic
+    def call(typingctx, address, args):
+        if not isinstance(address, types.Integer) or not isinstance(args, types.BaseTuple):
+            return None
+        if tuple(args.types) != tuple(signature.args):
+            from numba.core.errors import TypingError
+            raise TypingError(f"a lane kernel of signature {signature} called on {args}")
+        return types.none(address, args), lambda context, builder, sig, ll: _emit_call(context, builder, ll[0],
+                                                                                       args, ll[1])
+    return call
+
+
+def _row(dtype, readonly=False):
+    return types.Array(dtype, 1, "C", readonly=readonly)
+
+
+_F, _FR, _B, _BR, _I = _row(types.float64), _row(types.float64, True), _row(types.boolean), _row(types.boolean, True), \
+    _row(types.int64)
+# Each lane's noise and score as C callbacks (own functions: a cfunc and a jitted function of
+# the same Python function would share a Numba cache entry)
+def _c_prepare_seeded(valid, key, lane, logits, alive, res, log_noise, st):
+    prepare_seeded(valid, key, lane, logits, alive, res, log_noise, st)
+
+
+def _c_prepare_sample(valid, uni, logits, alive, res, log_noise, st):
+    prepare_sample(valid, uni, logits, alive, res, log_noise, st)
+
+
+def _c_prepare_solve(valid, res, alive):
+    prepare_solve(valid, res, alive)
+
+
+def _c_prepare_replay(valid, logits, alive):
+    prepare_replay(valid, logits, alive)
+
+
+def _c_finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
+    finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags)
+
+
+def _c_finish_score(tr, st, lsum, logits, live, u_fresh, noise, flags):
+    finish_score(tr, st, lsum, logits, live, u_fresh, noise, flags)
+
+
+#: Each lane's noise and score, compiled as C callbacks once per machine (see ``lane_kernels``):
+#: name -> (function, signature); chunk calls kernel ``k`` at ``addresses[k]`` through ``call_<name>``.
+LANE_KERNELS = {
+    "prepare_seeded": (_c_prepare_seeded, types.void(_BR, _row(types.uint64, True), types.int64, _FR, _B, _F, _F, _I)),
+    "prepare_sample": (_c_prepare_sample, types.void(_BR, _FR, _FR, _B, _F, _F, _I)),
+    "prepare_solve": (_c_prepare_solve, types.void(_BR, _F, _B)),
+    "prepare_replay": (_c_prepare_replay, types.void(_BR, _FR, _B)),
+    "finish_nested": (_c_finish_nested, types.void(_I, _I, _I, _FR, _B, _FR, _F, _F, _F, _F, types.int64)),
+    "finish_score": (_c_finish_score, types.void(_I, _I, _F, _FR, _B, _FR, _F, types.int64)),
+}
+call_prepare_seeded, call_prepare_sample, call_prepare_solve, call_prepare_replay, call_finish_nested, \
+    call_finish_score = (_typed_caller(sig) for _, sig in LANE_KERNELS.values())
+LANE_KERNEL_INDEX = {name: k for k, name in enumerate(LANE_KERNELS)}
+
+
+def lane_kernels():
+    """The addresses of :data:`LANE_KERNELS` as C callbacks, int64 ``[K]`` read-only, in its
+    order; compiled (or loaded from Numba's cache) on the first call in a process."""
+    from numba import cfunc
+    if not _ADDRESSES:
+        callbacks = [cfunc(sig, cache=True, error_model="numpy")(fn) for fn, sig in LANE_KERNELS.values()]
+        addresses = np.array([c.address for c in callbacks], dtype=np.int64)
+        addresses.flags.writeable = False
+        _ADDRESSES.append((callbacks, addresses))        # the callbacks stay alive with their addresses
+    return _ADDRESSES[0][1]
+
+
+_ADDRESSES = []
 
 
 @njit(cache=True)

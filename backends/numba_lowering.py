@@ -1,13 +1,13 @@
 """The core of the numba code generator: a spec's expressions and statements as Python AST.
 
-:class:`Codegen` lowers the IR of one spec, statement by statement, into the body of the
-generated ``lane`` function (one batch element), with the reference's meaning: every index
+:class:`Codegen` lowers the IR of one spec, statement by statement, into the *lane* (the
+statements for one batch element, inlined into the generated ``chunk``), with the reference's meaning: every index
 and every int64 operation checked, in the reference's order, each check with an error code
 (see :meth:`Codegen.code`) that the lane records in its status row instead of raising.  Two
 passes share its state and lower what needs more than one statement's view: the loop fusion
 (:mod:`numba_fusion`: elementwise expressions without temporary arrays) and the races
 (:mod:`numba_races`: the race kernels, the nested fast path, the snapshot scorer).
-:mod:`numba_module` assembles the lane and the drivers into a module.
+:mod:`numba_module` assembles the lane into a module (one function over a range of lanes).
 
 The rewrites that only make code faster are named in :data:`PASSES` and can be turned
 off one by one (``Codegen(..., passes=...)``, ``Program.passes``); what remains is the

@@ -16,7 +16,7 @@ import hashlib
 from pathlib import Path
 
 from .numba_ast import KERNELS, _attr, _call, _const, _mode, _name, _np
-from .numba_kernels import MODE_SAMPLE_SCORE_NESTED, MODE_SCORE, ST_CANDIDATES, ST_STATUS
+from .numba_kernels import LANE_KERNEL_INDEX, MODE_SAMPLE_SCORE_NESTED, MODE_SCORE, ST_CANDIDATES, ST_STATUS
 from .numba_races import block_state
 
 def _array(dtype, ndim, readonly=False):
@@ -28,7 +28,7 @@ def _array(dtype, ndim, readonly=False):
 _CHUNK_ARGS = {
     "__ip": _array("int64", 1, True), "__c_out": _array("int64", 2), "__c_outb": _array("boolean", 2),
     "__valid": _array("boolean", 1, True),
-    "__unr": _array("int64", 2, True), "__c_uni": _array("float64", 2, True), "__c_key": _array("uint64", 1, True),
+    "__unr": _array("int64", 2, True), "__c_fns": _array("int64", 1, True), "__c_uni": _array("float64", 2, True), "__c_key": _array("uint64", 1, True),
     "__c_logits": _array("float64", 2, True), "__c_res": _array("float64", 2), "__c_log_noise": _array("float64", 2),
     "__c_alive": _array("boolean", 2), "__c_tr": _array("int64", 2), "__c_st": _array("int64", 2),
     "__log_space": "__t.boolean", "__c_draw": "__t.boolean", "__mode": "__t.int64", "__c_fs": _array("float64", 2),
@@ -51,15 +51,15 @@ __c_score = __mode == {MODE_SCORE}
 for __c_b in range(__c_first, __c_stop):
     if not __c_score:
         if __c_draw and __c_uni.shape[1] == 0:       # seed=: the lane draws its own uniforms
-            __prepare_seeded(__valid, __c_key, __c_b, __c_logits[__c_b], __c_alive[__c_b], __c_res[__c_b],
-                             __c_log_noise[__c_b], __c_st[__c_b])
+            __call_prepare_seeded(__c_fns[{prepare_seeded}], (__valid, __c_key, __c_b, __c_logits[__c_b], __c_alive[__c_b],
+                                  __c_res[__c_b], __c_log_noise[__c_b], __c_st[__c_b]))
         elif __c_draw:
-            __prepare_sample(__valid, __c_uni[__c_b], __c_logits[__c_b], __c_alive[__c_b], __c_res[__c_b],
-                             __c_log_noise[__c_b], __c_st[__c_b])
+            __call_prepare_sample(__c_fns[{prepare_sample}], (__valid, __c_uni[__c_b], __c_logits[__c_b], __c_alive[__c_b],
+                                  __c_res[__c_b], __c_log_noise[__c_b], __c_st[__c_b]))
         else:
-            __prepare_solve(__valid, __c_res[__c_b], __c_alive[__c_b])
+            __call_prepare_solve(__c_fns[{prepare_solve}], (__valid, __c_res[__c_b], __c_alive[__c_b]))
     else:
-        __prepare_replay(__valid, __c_logits[__c_b], __c_alive[__c_b])
+        __call_prepare_replay(__c_fns[{prepare_replay}], (__valid, __c_logits[__c_b], __c_alive[__c_b]))
     __alive, __res, __x, __tr, __st = __c_alive[__c_b], __c_res[__c_b], __c_logits[__c_b], __c_tr[__c_b], __c_st[__c_b]
     __fs, __grad, __lsum, __u = __c_fs[__c_b], __c_grad[__c_b], __c_lsum[__c_b], __c_u[__c_b]
     __live0 = __alive.copy()
@@ -80,9 +80,11 @@ for __c_b in range(__c_first, __c_stop):
     {finish}
 """
 _FINISH_GENERIC = """if __c_score and __st[{ST_STATUS}] == 0:
-        __finish_score(__tr, __st, __lsum, __x, __live0, __u[__c_tr.shape[1]:], __c_noise[__c_b], __flags)"""
+        __call_finish_score(__c_fns[{finish_score}], (__tr, __st, __lsum, __x, __live0, __u[__c_tr.shape[1]:],
+                            __c_noise[__c_b], __flags))"""
 _FINISH_NESTED = """if (__c_score or __mode == {MODE_SAMPLE_SCORE_NESTED}) and __st[{ST_STATUS}] == 0:
-        __finish_nested(__tr, __st, __ex, __x, __live0, __u, __fs, __grad, __c_noise[__c_b], __lsum, __flags)"""
+        __call_finish_nested(__c_fns[{finish_nested}], (__tr, __st, __ex, __x, __live0, __u, __fs, __grad,
+                             __c_noise[__c_b], __lsum, __flags))"""
 
 
 def data_params(gen):
@@ -152,7 +154,7 @@ def module_source(gen):
     # the chunk: the int parameters from one array, then the lanes, each with the lane's
     # statements inlined (a call would cost each lane a reference count per array it passes)
     consts = dict(MODE_SCORE=MODE_SCORE, MODE_SAMPLE_SCORE_NESTED=MODE_SAMPLE_SCORE_NESTED,
-                  ST_CANDIDATES=ST_CANDIDATES, ST_STATUS=ST_STATUS)
+                  ST_CANDIDATES=ST_CANDIDATES, ST_STATUS=ST_STATUS, **LANE_KERNEL_INDEX)
     loop = ast.parse(_LANE_LOOP.format(finish=(_FINISH_NESTED if gen.fast else _FINISH_GENERIC).format(**consts),
                                        **consts)).body
     lanes = next(st for st in loop if isinstance(st, ast.For))

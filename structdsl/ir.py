@@ -25,9 +25,10 @@ Lowering rules (one row per construct; ``lane`` is one batch element)
 =================  ===========================  ===============================  ================================
 construct          numpy (reference)            numba                            torch
 =================  ===========================  ===============================  ================================
-Program            one Python function per      one ``lane`` function for every  one function on ``[B, ...]``
-                   lane, driven by a Python     semantics (a mode argument),     tensors, all lanes in lock-step
-                   loop over the batch          ``prange`` over lanes
+Program            one Python function per      one ``chunk`` function (a loop   one function on ``[B, ...]``
+                   lane, driven by a Python     over lanes) for every semantics  tensors, all lanes in lock-step
+                   loop over the batch          (a mode argument), ``prange``
+                                                over ranges of lanes
 Assign / Store     checked ``__set``; arrays    same, per lane                   batched write masked by the lane's
                    copied on assignment                                          ``active`` mask (``torch.where``)
 Subscript          checked ``__get``            every index checked (an error    gather with clamped indices, error
