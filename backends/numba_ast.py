@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ast
 
-#: The lane's state arguments, in the order the drivers pass them (see ``numba_kernels``
-#: for what each holds); a race kernel takes them all but ``__live0``.
+#: The lane's state (locals of the generated chunk, one lane's rows; see ``numba_kernels`` for
+#: what each holds), in the order a race kernel takes them, all but ``__live0``.
 LANE_STATE = ["__alive", "__live0", "__res", "__x", "__tr", "__st", "__fs", "__grad", "__lsum", "__u", "__pkey",
               "__log_space", "__flags"]
 

@@ -254,19 +254,19 @@ class Program(_BaseProgram):
         bounds = (first, stop, numba.get_num_threads()) if driver == "run_lanes_parallel" else (first, stop)
         try:
             if self._chunk is not None and kind in self._called:
-                return run(self._chunk.address, args, *bounds)
+                run(self._chunk.address, args, *bounds)
+                return
             # the first calls compile or load chunk and the driver: one process at a time
             with _compile_lock(self._module.__file__):
                 self._compile_chunk(args)
-                out = run(self._chunk.address, args, *bounds)
+                run(self._chunk.address, args, *bounds)
             self._called.add(kind)
-            return out
         except Exception as exc:
             if type(exc).__module__.startswith("numba"):
-                first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
                 raise LoweringError(
                     f"the numba backend could not compile spec {self.ir.name!r} ({type(exc).__name__}: "
-                    f"{first}); the generated source is in {self._module.__file__} and the "
+                    f"{last}); the generated source is in {self._module.__file__} and the "
                     f"reference backend (backend='numpy') runs the spec", self.ir.file, self.ir.atoms.line) from exc
             raise
 
@@ -322,7 +322,7 @@ class Program(_BaseProgram):
         log_noise = res if (self._fast or not draw) else np.empty((B, A))
         mode = MODE_SOLVE if score is None else MODE_SAMPLE_SCORE_NESTED if self._fast else MODE_SAMPLE_SCORE
         fs, grad, lsum, flags = score or (np.zeros((B, 1)), none, none, 0)
-        # inputs read-only through _lane_input, outputs fresh: one driver signature per spec
+        # inputs read-only through _lane_input, outputs fresh: the types CHUNK_SIGNATURE states
         args = (read_none if uniforms is None else _lane_input(uniforms),
                 _NO_KEY if key is None else _lane_input(key, np.uint64), _lane_input(logits) if draw else read_none,
                 res, log_noise, np.empty((B, A), dtype=bool), tr, st, bool(log_space), draw, mode, fs, grad, lsum,

@@ -255,3 +255,34 @@ def test_a_heap_race_and_a_block_race_find_the_reference_winner(probe_from, monk
         w = -np.log(u)                                     # the same races on given weights
         np.testing.assert_array_equal(fast.solve(w).trace, ref.solve(w).trace, err_msg=str(first))
         np.testing.assert_array_equal(fast.solve(np.round(4 * w) / 4).trace, ref.solve(np.round(4 * w) / 4).trace)
+
+
+def test_a_chunk_or_lane_kernel_is_never_called_on_other_types(monkeypatch):
+    """The drivers call the generated ``chunk`` and the lane kernels at their addresses, where
+    Numba cannot check types: the backend compares the arguments with ``CHUNK_SIGNATURE``
+    before a kind of call first runs, and each lane kernel's caller refuses other types when
+    the caller compiles."""
+    from numba import njit
+    from numba.core.errors import TypingError
+    from structdsl.backends import numba_kernels
+    prog = structdsl.compile(builtin.categorical, backend="numba")
+    seen, run = [], numba_kernels.run_lanes
+    monkeypatch.setattr(numba_kernels, "run_lanes", lambda address, args, *bounds: (seen.append(args),
+                                                                                  run(address, args, *bounds)))
+    prog.sample(np.zeros((2, 3)), seed=0)
+    args = list(seen[0])
+    prog._compile_chunk(tuple(args))                          # the very arguments pass
+    args[0] = args[0].astype(np.int32)                        # int parameters as int32
+    with pytest.raises(AssertionError, match=r"chunk of 'categorical' takes .* \(argument 0\)"):
+        prog._compile_chunk(tuple(args))
+    with pytest.raises(AssertionError, match=r"would be called on .* \(argument None\)"):
+        prog._compile_chunk(tuple(args[:-1]))
+
+    @njit
+    def calls_with_a_float32_row(address, valid, res, alive):
+        numba_kernels.call_prepare_solve(address, (valid, res.astype(np.float32), alive))
+    valid = np.ones(3, dtype=bool)
+    valid.flags.writeable = False
+    with pytest.raises(TypingError, match="a lane kernel of signature"):
+        address = numba_kernels.lane_kernels()[numba_kernels.LANE_KERNEL_INDEX["prepare_solve"]]
+        calls_with_a_float32_row(address, valid, np.zeros(3), np.zeros(3, dtype=bool))
