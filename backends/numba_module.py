@@ -27,8 +27,8 @@ def _array(dtype, ndim, readonly=False):
 #: Numba types, as source: [B, ...] buffers, read-only where the backend passes a read-only view.
 _CHUNK_ARGS = {
     "__ip": _array("int64", 1, True), "__c_out": _array("int64", 2), "__c_outb": _array("boolean", 2),
-    "__valid": _array("boolean", 1, True),
-    "__unr": _array("int64", 2, True), "__c_fns": _array("int64", 1, True), "__c_uni": _array("float64", 2, True), "__c_key": _array("uint64", 1, True),
+    "__valid": _array("boolean", 1, True), "__unr": _array("int64", 2, True), "__c_fns": _array("int64", 1, True),
+    "__c_uni": _array("float64", 2, True), "__c_key": _array("uint64", 1, True),
     "__c_logits": _array("float64", 2, True), "__c_res": _array("float64", 2), "__c_log_noise": _array("float64", 2),
     "__c_alive": _array("boolean", 2), "__c_tr": _array("int64", 2), "__c_st": _array("int64", 2),
     "__log_space": "__t.boolean", "__c_draw": "__t.boolean", "__mode": "__t.int64", "__c_fs": _array("float64", 2),
@@ -72,8 +72,8 @@ for __c_b in range(__c_first, __c_stop):
         __cand = __pkey
     if __c_score:
         __st[{ST_CANDIDATES}] = __cand.size
-    __row = __np.int64(0) if __c_score else __c_b       # the output rows (one row when scoring)
-    __out, __outb = __c_out[__row], __c_outb[__row]
+    __c_row = __np.int64(0) if __c_score else __c_b     # the output rows (one row when scoring)
+    __out, __outb = __c_out[__c_row], __c_outb[__c_row]
     __c_ret = False
     for __c_once in range(1):       # the lane; its returns break out to here
         pass
