@@ -18,6 +18,7 @@ race minima of each atom, for E | T; with ``WANT_MEMBERS`` instead float64[R * A
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -1151,16 +1152,17 @@ LANE_KERNEL_INDEX = {name: k for k, name in enumerate(LANE_KERNELS)}
 def lane_kernels():
     """The addresses of :data:`LANE_KERNELS` as C callbacks, int64 ``[K]`` read-only, in its
     order; compiled (or loaded from Numba's cache) on the first call in a process."""
+    return _lane_callbacks()[1]
+
+
+@functools.cache
+def _lane_callbacks():
+    """``(callbacks, addresses)``: the callbacks stay alive as long as their addresses."""
     from numba import cfunc
-    if not _ADDRESSES:
-        callbacks = [cfunc(sig, cache=True, error_model="numpy")(fn) for fn, sig in LANE_KERNELS.values()]
-        addresses = np.array([c.address for c in callbacks], dtype=np.int64)
-        addresses.flags.writeable = False
-        _ADDRESSES.append((callbacks, addresses))        # the callbacks stay alive with their addresses
-    return _ADDRESSES[0][1]
-
-
-_ADDRESSES = []
+    callbacks = [cfunc(sig, cache=True, error_model="numpy")(fn) for fn, sig in LANE_KERNELS.values()]
+    addresses = np.array([c.address for c in callbacks], dtype=np.int64)
+    addresses.flags.writeable = False
+    return callbacks, addresses
 
 
 @njit(cache=True)
