@@ -179,24 +179,14 @@ class Program(_BaseProgram):
         self._module = load(self.source)
         self._chunk = None               # chunk compiled as a C callback, on first use
         self._called = set()             # (driver, mode, draw): the calls whose argument types were checked
-        self._tables = {}
         self._consts = {}
         from .numba_kernels import WANT_GRAD, WANT_MEMBERS
         self._want_grad, self._want_members = WANT_GRAD, WANT_MEMBERS
 
-    def _unravel_table(self, inst):
-        """``[A, ndim]`` int64: the multi-index of every flat atom index (C order)."""
-        table = self._tables.get(inst.atom_shape)
-        if table is None:
-            shape = inst.atom_shape
-            table = np.ascontiguousarray(np.indices(shape).reshape(len(shape), -1).T, dtype=np.int64)
-            self._tables[inst.atom_shape] = table
-        return table
-
     def _consts_of(self, inst):
         """What the drivers take of ``inst``, made once per atom shape: the int parameters (one
         int64 array, in the spec's order), the data parameters (a tuple of arrays), the valid
-        mask and the unravel table."""
+        mask and the unravel table (``[A, ndim]``: each flat atom's multi-index, C order)."""
         c = self._consts.get(inst.atom_shape)
         if c is None:
             values = [inst.params[p] for p in self.ir.params]
@@ -204,7 +194,8 @@ class Program(_BaseProgram):
             data = tuple(_lane_input(v, v.dtype) for v in values if isinstance(v, np.ndarray))
             c = self._consts[inst.atom_shape] = (_lane_input(ints, np.int64), data,
                                                  _lane_input(inst.valid.reshape(-1), bool),
-                                                 _lane_input(self._unravel_table(inst), np.int64))
+                                                 _lane_input(np.indices(inst.atom_shape).reshape(
+                                                     len(inst.atom_shape), -1).T, np.int64))
         return c
 
     def _layout(self, inst):

@@ -363,9 +363,10 @@ def put(x, value):
 
 @njit(cache=True)
 def put_flat(row, at, value):
-    """``value`` (an int or bool array of any shape), flattened in C order, into the int64
-    ``row`` from index ``at``; returns the index after it.  The lane writes its structure's
-    fields one after the other into its output row (the backend splits them)."""
+    """``value`` (an array of any shape), flattened in C order, into ``row`` from index
+    ``at``; returns the index after it.  The lane writes its structure's fields one after the
+    other into its output rows, int fields into one, bool fields into the other (the backend
+    splits them)."""
     v = np.ascontiguousarray(value).reshape(-1)
     for k in range(v.size):
         row[at + k] = v[k]
@@ -1076,25 +1077,17 @@ def _emit_call(context, builder, address, args_type, args_value):
     return context.get_dummy_value()
 
 
-@intrinsic
-def _call_at(typingctx, address, args):
-    """Call the C function at ``address`` (an int64) on the values of the tuple ``args``: the
-    C ABI of a ``numba.cfunc`` whose signature is ``args``' types (the backend checks that it
-    is, before the first call)."""
-    if not isinstance(address, types.Integer) or not isinstance(args, types.BaseTuple):
-        return None
-    return types.none(address, args), lambda context, builder, sig, ll: _emit_call(context, builder, ll[0], args, ll[1])
-
-
-def _typed_caller(signature):
-    """An intrinsic ``call(address, args)`` like :func:`_call_at` for a C function of
-    ``signature``: arguments of any other type are a typing error (a bug in the generated
-    code), never a call with the wrong layout."""
+def _caller(signature=None):
+    """An intrinsic ``call(address, args)``: a C call of the function at ``address`` (an int64)
+    on the values of the tuple ``args``, the ABI of a ``numba.cfunc`` of ``args``' types.  With
+    a ``signature``, arguments of any other type are a typing error (a bug in the generated
+    code), never a call with the wrong layout; without one, the caller checks (the backend
+    compares chunk's arguments with its signature before each kind of call first runs)."""
     @intrinsic
     def call(typingctx, address, args):
         if not isinstance(address, types.Integer) or not isinstance(args, types.BaseTuple):
             return None
-        if tuple(args.types) != tuple(signature.args):
+        if signature is not None and tuple(args.types) != tuple(signature.args):
             from numba.core.errors import TypingError
             raise TypingError(f"a lane kernel of signature {signature} called on {args}")
         return types.none(address, args), lambda context, builder, sig, ll: _emit_call(context, builder, ll[0],
@@ -1102,12 +1095,17 @@ def _typed_caller(signature):
     return call
 
 
+_call_at = _caller()
+
+
 def _row(dtype, readonly=False):
     return types.Array(dtype, 1, "C", readonly=readonly)
 
 
-_F, _FR, _B, _BR, _I = _row(types.float64), _row(types.float64, True), _row(types.boolean), _row(types.boolean, True), \
-    _row(types.int64)
+_F, _FR, _I = _row(types.float64), _row(types.float64, True), _row(types.int64)
+_B, _BR = _row(types.boolean), _row(types.boolean, True)
+
+
 # Each lane's noise and score as C callbacks (own functions: a cfunc and a jitted function of
 # the same Python function would share a Numba cache entry)
 def _c_prepare_seeded(valid, key, lane, logits, alive, res, log_noise, st):
@@ -1145,7 +1143,7 @@ LANE_KERNELS = {
     "finish_score": (_c_finish_score, types.void(_I, _I, _F, _FR, _B, _FR, _F, types.int64)),
 }
 call_prepare_seeded, call_prepare_sample, call_prepare_solve, call_prepare_replay, call_finish_nested, \
-    call_finish_score = (_typed_caller(sig) for _, sig in LANE_KERNELS.values())
+    call_finish_score = (_caller(sig) for _, sig in LANE_KERNELS.values())
 LANE_KERNEL_INDEX = {name: k for k, name in enumerate(LANE_KERNELS)}
 
 
