@@ -29,7 +29,12 @@ KERNELS = ("arg_extreme", "extreme", "ck", "ck2", "ck3", "fail", "gather1", "mas
            "neg_s", "abs_s", "add_a", "sub_a", "mul_a", "floordiv_a", "mod_a", "lshift_a", "rshift_a", "neg_a", "abs_a",
            "take", "total", "heap_init", "heap_pop", "block_size", "score_nested", "score_snap",
            "call_prepare_seeded", "call_prepare_sample", "call_prepare_solve", "call_prepare_replay",
-           "call_finish_nested", "call_finish_score")
+           "call_finish_nested", "call_finish_score", "smin", "smax")
+#: The NumPy functions the generated code calls, each through its cached kernel
+#: ``numba_kernels.np_<name>`` (as ``__np_<name>``): see :func:`_np`.
+NUMPY_KERNELS = ("empty", "zeros", "ones", "full", "arange", "copy", "flatnonzero", "any", "all", "where",
+                 "minimum", "maximum", "abs")
+KERNELS += tuple("np_" + k for k in NUMPY_KERNELS)
 _KERNEL_NAMES = frozenset("__" + k for k in KERNELS)
 
 
@@ -41,7 +46,7 @@ def _call(fn, *args):
     its 30 seconds of compilation).  Bool constants stay literal: a kernel's flags prune its
     branches at compile time, and they have two values."""
     func = _name(fn) if isinstance(fn, str) else fn
-    if isinstance(fn, str) and fn in _KERNEL_NAMES:
+    if isinstance(func, ast.Name) and func.id in _KERNEL_NAMES:
         args = [_int64(a) for a in args]
     return ast.Call(func, list(args), [])
 
@@ -59,7 +64,10 @@ def _attr(value, attr):
 
 
 def _np(attr):
-    return _attr(_name("__np"), attr)
+    """``__np.<attr>`` (a dtype, a cast), or for a NumPy function of :data:`NUMPY_KERNELS` its
+    cached kernel ``__np_<attr>``: NumPy's own overload would be typed and lowered again in
+    every spec's chunk."""
+    return _name("__np_" + attr) if attr in NUMPY_KERNELS else _attr(_name("__np"), attr)
 
 
 def _st(column, ctx=None):

@@ -160,12 +160,12 @@ class Codegen:
             if self.t(node.test).ndim:
                 return _call(_np("where"), self.expr(node.test), body, orelse)
             if self.t(node).ndim:            # an array chosen by a scalar test: a copy, never an alias
-                body, orelse = (_call(_attr(x, "copy")) if isinstance(n, ast.Name) else x
+                body, orelse = (_call(_np("copy"), x) if isinstance(n, ast.Name) else x
                                 for x, n in ((body, node.body), (orelse, node.orelse)))
             return ast.IfExp(self.expr(node.test), body, orelse)
         if isinstance(node, ast.Subscript):
             out = self.subscript(node, "read")
-            return _call(_attr(out, "copy")) if self.t(node).ndim else out
+            return _call(_np("copy"), out) if self.t(node).ndim else out
         if isinstance(node, ast.Call):
             return self.call(node)
         self.fail(node, type(node).__name__)
@@ -311,7 +311,7 @@ class Codegen:
     def value_for(self, name, node):
         x, t = self.expr(node), self.t(node)
         if t.ndim and isinstance(node, ast.Name):
-            x = _call(_attr(x, "copy"))
+            x = _call(_np("copy"), x)
         return self.convert(x, t, self.types.locals[name].dtype)
 
     def store(self, target, value, vtype, lowered=None, pre=(), node=None):
@@ -325,7 +325,7 @@ class Codegen:
         if vtype.ndim:     # an array into a view: the value first (Python's order), then the kernel
             v = self.temp("v")
             if node is not None and any(isinstance(n, ast.Name) and n.id == target.value.id for n in ast.walk(node)):
-                value = _call(_attr(value, "copy"))       # a view of the target: copied, as NumPy does
+                value = _call(_np("copy"), value)       # a view of the target: copied, as NumPy does
             return [*pre, ast.Assign([_name(v, ast.Store())], value),
                     ast.Expr(_call("__put", self.subscript(target, "write", lowered), _name(v)))]
         return [*pre, ast.Assign([self.subscript(target, "write", lowered)], value)]
@@ -416,7 +416,7 @@ class Codegen:
 # ---- one lowering rule per primitive (structdsl.primitives) -------------------------------
 def _live(gen, node):
     dims = [_name(f"__d{i}") for i in range(len(gen.p.atoms.dims))]
-    return _call(_attr(_call(_attr(_name("__live0"), "reshape"), ast.Tuple(dims, ast.Load())), "copy"))
+    return _call(_np("copy"), _call(_attr(_name("__live0"), "reshape"), ast.Tuple(dims, ast.Load())))
 
 
 def _filled(gen, node):

@@ -62,11 +62,11 @@ for __c_b in range(__c_first, __c_stop):
         __call_prepare_replay(__c_fns[{prepare_replay}], (__valid, __c_logits[__c_b], __c_alive[__c_b]))
     __alive, __res, __x, __tr, __st = __c_alive[__c_b], __c_res[__c_b], __c_logits[__c_b], __c_tr[__c_b], __c_st[__c_b]
     __fs, __grad, __lsum, __u = __c_fs[__c_b], __c_grad[__c_b], __c_lsum[__c_b], __c_u[__c_b]
-    __live0 = __alive.copy()
-    __pkey = __np.full(__c_A, -1, __np.int64)
+    __live0 = __np_copy(__alive)
+    __pkey = __np_full(__c_A, __np.int64(-1), __np.int64)
     if __c_score or __mode == {MODE_SAMPLE_SCORE_NESTED}:     # exit races (the nested fast path)
-        __ex = __np.full(__c_A, -1, __np.int64)
-        __cand = __np.flatnonzero(__live0)                  # the candidates: every live atom
+        __ex = __np_full(__c_A, __np.int64(-1), __np.int64)
+        __cand = __np_flatnonzero(__live0)                  # the candidates: every live atom
     else:
         __ex = __pkey
         __cand = __pkey
@@ -126,7 +126,7 @@ def module_source(gen):
              ast.Assign([_name("__h", ast.Store())], _call(_np("empty"), _name("__A") if gen.fast
                                                             else ast.Constant(0), _np("int64"))),
              ast.Assign([_name("__hk", ast.Store())], _call(_np("empty"), _name("__A") if gen.fast
-                                                             else ast.Constant(0))),
+                                                             else ast.Constant(0), _np("float64"))),
              ast.Assign([_name("__mb", ast.Store())], _call(_np("empty"), _name("__A"), _np("bool_"))),
              ast.Assign([_name("__kb", ast.Store())], _call(_np("empty"), _name("__A"), _np("int64")))]
     if gen.fast:            # the heap, and the blocks a lane may race through instead
@@ -175,7 +175,7 @@ def module_source(gen):
         "import numpy as __np",
         "from numba import types as __t",
         "from structdsl.backends.numba_kernels import " + ", ".join(f"{k} as __{k}" for k in KERNELS),
-        "__range, __min, __max, __abs = range, min, max, abs",
+        "__range, __min, __max, __abs = range, __smin, __smax, abs",
         *_constant_arrays(gen.constants),
         "",
         "# chunk's arguments, in order: the backend compiles it as a C callback of this signature",

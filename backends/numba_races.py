@@ -353,7 +353,7 @@ while True:
 """
 _ENTER_BLOCKS = """
 __bs = __bsz
-__barg = __np.full((__A + __bs - 1) // __bs, -2, __np.int64)
+__barg = __np_full((__A + __bs - 1) // __bs, __np.int64(-2), __np.int64)
 """
 _LEAVE_HEAP = """
 __stale += 1
