@@ -12,7 +12,7 @@ import ast
 
 #: The lane's state (locals of the generated chunk, one lane's rows; see ``numba_kernels`` for
 #: what each holds), in the order a race kernel takes them, all but ``__live0``.
-LANE_STATE = ["__alive", "__live0", "__res", "__x", "__tr", "__st", "__fs", "__grad", "__lsum", "__u", "__pkey",
+LANE_STATE = ["__alive", "__live0", "__res", "__pend", "__x", "__tr", "__st", "__fs", "__grad", "__lsum", "__u", "__pkey",
               "__log_space", "__flags"]
 
 #: The int64 arithmetic operators: checked for overflow (and zero divisors, shift counts).

@@ -14,7 +14,9 @@ float64[A] (solve: residual noise, in log space when ``log_space``; score: the l
 next slot, nesting state, and the values an error's message names: see ``ST_A``); ``fs`` float64[1] (log p); ``grad`` float64[A]; ``lsum`` float64[A] (log of the summed
 race minima of each atom, for E | T; with ``WANT_MEMBERS`` instead float64[R * A], set to 1 at
 ``r * A + i`` when atom ``i`` is a member of race ``r``); ``u`` float64[R] (uniforms of the race minima);
-``pkey`` int64[A] (the previous race's group of each atom, -1 outside it: the nesting check).
+``pkey`` int64[A] (the previous race's group of each atom, -1 outside it: the nesting check);
+``pend`` float64[A] (the subtraction each loser of a solving race owes its residual, NaN:
+none; see ``_subtract``).
 """
 from __future__ import annotations
 
@@ -536,7 +538,7 @@ def _remember(mask, key, single, pkey, st, line):
 
 
 @njit(cache=True)
-def race(mode, members, alive, res, x, tr, st, fs, grad, lsum, u, pkey, log_space, flags,
+def race(mode, members, alive, res, pend, x, tr, st, fs, grad, lsum, u, pkey, log_space, flags,
          allow_empty, code_empty, code_nest, code_bound, line):
     """One race over ``members & alive`` (``members`` is overwritten with that mask);
     returns the flat winner (-1: empty and allowed).  ``code_bound``: more races than the
@@ -558,7 +560,7 @@ def race(mode, members, alive, res, x, tr, st, fs, grad, lsum, u, pkey, log_spac
         _check_nested(members, pkey, True, 1, pkey, st, code_nest)
         if st[0] != 0:
             return -1
-    w = _pick(mode, members, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags, code_bound)
+    w = _pick(mode, members, alive, res, pend, x, tr, st, fs, grad, lsum, u, log_space, flags, code_bound)
     if w < 0:
         return -1
     if st[2] & 1:
@@ -568,9 +570,29 @@ def race(mode, members, alive, res, x, tr, st, fs, grad, lsum, u, pkey, log_spac
 
 
 @njit(cache=True)
-def _pick(mode, mask, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags, code_bound):
-    """MODE_SOLVE: the winner from the residuals ``res`` (updated); MODE_SCORE: the trace's
-    winner scored against the logits ``x`` (``res`` unread); MODE_SAMPLE_SCORE: both."""
+def _subtract(r, lo, log_space):
+    """A loser's residual ``r`` less the race's minimum ``lo`` (the reference's arithmetic:
+    ``log(exp(r) - exp(lo))`` in log space, exactly -inf for a tie), or ``r`` when ``lo`` is
+    NaN (nothing owed).
+
+    The races' losers do not subtract at once: each records the minimum it owes in ``pend``,
+    and subtracts it when it is next a member of a race.  A residual is read only by the
+    races it is a member of, and an atom owes at most one subtraction (it races again before
+    it can lose again), so this is the same arithmetic on the same values as subtracting at
+    once, but an atom that never races again (in a Chu-Liu/Edmonds round, the edges into a
+    supernode that closed) never pays the log and the expm1."""
+    if lo != lo:
+        return r
+    if log_space:
+        return -np.inf if r == lo else r + math.log(-math.expm1(lo - r))
+    return r - lo
+
+
+@njit(cache=True)
+def _pick(mode, mask, alive, res, pend, x, tr, st, fs, grad, lsum, u, log_space, flags, code_bound):
+    """MODE_SOLVE: the winner from the residuals ``res`` (its losers owe the minimum, in
+    ``pend``: :func:`_subtract`); MODE_SCORE: the trace's winner scored against the logits ``x``
+    (``res`` unread); MODE_SAMPLE_SCORE: both."""
     A = alive.size
     slot = st[1]
     if slot >= tr.size:              # past the static bound (the reference raises too)
@@ -580,17 +602,17 @@ def _pick(mode, mask, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags
         w = -1
         best = np.inf
         for i in range(A):
-            if mask[i] and (w < 0 or res[i] < best):
-                w = i
-                best = res[i]
+            if mask[i]:
+                r = _subtract(res[i], pend[i], log_space)
+                res[i] = r
+                pend[i] = np.nan
+                if w < 0 or r < best:
+                    w = i
+                    best = r
         lo = res[w]
         for i in range(A):
             if mask[i]:
-                if log_space:
-                    r = res[i]
-                    res[i] = -np.inf if r == lo else r + math.log(-math.expm1(lo - r))
-                else:
-                    res[i] = res[i] - lo
+                pend[i] = lo
         tr[slot] = w
         if mode == MODE_SAMPLE_SCORE:
             _score_race(mask, x, w, slot, fs, grad, lsum, u, flags)
@@ -639,7 +661,7 @@ def _score_race(mask, res, w, slot, fs, grad, lsum, u, flags):
 
 
 @njit(cache=True)
-def race_groups(mode, keys, groups, alive, res, x, tr, st, fs, grad, lsum, u, pkey, log_space, flags,
+def race_groups(mode, keys, groups, alive, res, pend, x, tr, st, fs, grad, lsum, u, pkey, log_space, flags,
                 allow_empty, code_empty, code_nest, code_bound, line, code_key):
     """One race per group (keys in [-1, groups)); returns winners per group (-1: empty).
     ``keys`` is the lane's scratch buffer: its retired atoms' keys become -1 here.  A key
@@ -668,8 +690,8 @@ def race_groups(mode, keys, groups, alive, res, x, tr, st, fs, grad, lsum, u, pk
         _check_nested(key >= 0, key, False, groups, pkey, st, code_nest)
         if st[0] != 0:
             return out
-    if not _pick_groups(mode, key, groups, present, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags,
-                        out, code_bound):
+    if not _pick_groups(mode, key, groups, present, alive, res, pend, x, tr, st, fs, grad, lsum, u, log_space,
+                        flags, out, code_bound):
         return out
     if st[2] & 1:
         _remember(key >= 0, key, False, pkey, st, line)
@@ -678,8 +700,8 @@ def race_groups(mode, keys, groups, alive, res, x, tr, st, fs, grad, lsum, u, pk
 
 
 @njit(cache=True)
-def _pick_groups(mode, key, groups, present, alive, res, x, tr, st, fs, grad, lsum, u, log_space, flags, out,
-                 code_bound):
+def _pick_groups(mode, key, groups, present, alive, res, pend, x, tr, st, fs, grad, lsum, u, log_space, flags,
+                 out, code_bound):
     """Every present group's race in one pass over the atoms (``key``: group, -1 outside),
     with the reference's arithmetic per group; winners recorded in group order.  Returns
     False when the lane stops (past the static bound, or an impossible replayed winner)."""
@@ -699,21 +721,16 @@ def _pick_groups(mode, key, groups, present, alive, res, x, tr, st, fs, grad, ls
         best = np.full(G, -1, np.int64)
         for i in range(A):
             g = key[i]
-            if g >= 0 and (best[g] < 0 or res[i] < res[best[g]]):
-                best[g] = i
-        low = np.empty(G)
-        for g in range(G):
-            if best[g] >= 0:
-                low[g] = res[best[g]]
-        for i in range(A):
+            if g >= 0:
+                r = _subtract(res[i], pend[i], log_space)
+                res[i] = r
+                pend[i] = np.nan
+                if best[g] < 0 or r < res[best[g]]:
+                    best[g] = i
+        for i in range(A):             # the losers owe their group's minimum (_subtract)
             g = key[i]
             if g >= 0:
-                lo = low[g]
-                if log_space:
-                    r = res[i]
-                    res[i] = -np.inf if r == lo else r + math.log(-math.expm1(lo - r))
-                else:
-                    res[i] = res[i] - lo
+                pend[i] = res[best[g]]
         for g in range(G):
             if best[g] >= 0:
                 tr[slot_of[g]] = best[g]

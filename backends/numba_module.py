@@ -48,6 +48,7 @@ _CHUNK_ARGS = {
 _LANE_LOOP = """
 __c_A = __c_res.shape[1]
 __c_score = __mode == {MODE_SCORE}
+__c_pend = __np_empty(__c_A, __np.float64)
 for __c_b in range(__c_first, __c_stop):
     if not __c_score:
         if __c_draw and __c_uni.shape[1] == 0:       # seed=: the lane draws its own uniforms
@@ -128,7 +129,13 @@ def module_source(gen):
              ast.Assign([_name("__hk", ast.Store())], _call(_np("empty"), _name("__A") if gen.fast
                                                              else ast.Constant(0), _np("float64"))),
              ast.Assign([_name("__mb", ast.Store())], _call(_np("empty"), _name("__A"), _np("bool_"))),
-             ast.Assign([_name("__kb", ast.Store())], _call(_np("empty"), _name("__A"), _np("int64")))]
+             ast.Assign([_name("__kb", ast.Store())], _call(_np("empty"), _name("__A"), _np("int64"))),
+             # the subtractions the races' losers owe (numba_kernels._subtract; NaN: none): the
+             # chunk's buffer, cleared for each lane; on the nested fast path races run generic
+             # only to score, which leaves it alone
+             ast.Assign([_name("__pend", ast.Store())], _name("__hk" if gen.fast else "__c_pend"))]
+    if not gen.fast:
+        body += ast.parse("for __c_i in range(__A):\n    __pend[__c_i] = __np.nan").body
     if gen.fast:            # the heap, and the blocks a lane may race through instead
         body += block_state(gen.races.blocks)
         body.append(ast.If(ast.BoolOp(ast.And(), [_mode(ast.NotEq(), MODE_SCORE),
