@@ -948,19 +948,71 @@ def prepare_replay(valid, logits, alive):
         alive[k] = valid[k] and logits[k] != -np.inf
 
 
+# log as a loop LLVM vectorises (libm's log is a call per element, about 4 ns; this, 1.4 ns):
+# fdlibm's reduction x = 2**k * m with m in [sqrt(2)/2, sqrt(2)), f = m - 1, s = f / (2 + f),
+# and its degree-14 polynomial in s (the published coefficients Lg1..Lg7), evaluated the
+# same way for every input, no branch.  Within 1 ulp of libm's (which rounds correctly far
+# more often): the noise a backend draws from given uniforms may differ in its last bit,
+# as NumPy's own vectorised log already does from libm's.
+_LG1, _LG2, _LG3, _LG4 = 6.666666666666735130e-01, 3.999999999940941908e-01, 2.857142874366239149e-01, \
+    2.222219843214978396e-01
+_LG5, _LG6, _LG7 = 1.818357216161805012e-01, 1.531383769920937332e-01, 1.479819860511658591e-01
+_LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10
+_MANTISSA, _ONE_BITS = np.uint64(0x000FFFFFFFFFFFFF), np.uint64(0x3FF0000000000000)
+_SQRT2_BITS, _UNIT_EXP = np.uint64(0x3FF6A09E667F3BCD), np.uint64(1 << 52)
+_NORMAL_BITS, _INF_BITS, _S52 = np.uint64(0x0010000000000000), np.uint64(0x7FF0000000000000), np.uint64(52)
+
+
+@njit(cache=True, error_model="numpy")
+def log_into(x, out, scratch):
+    """``out[i] = log(x[i])`` (``out``, ``scratch``: float64 of ``x``'s size, neither of them
+    ``x``).  Zero, subnormal, negative, infinite and NaN inputs go to libm's log (a third,
+    scalar pass over the flagged elements only)."""
+    xb = x.view(np.uint64)
+    ob = out.view(np.uint64)
+    n = x.size
+    for i in range(n):              # m's bits into out, k (NaN: not a positive normal) into scratch
+        b = xb[i]
+        m = (b & _MANTISSA) | _ONE_BITS
+        big = m >= _SQRT2_BITS
+        ob[i] = m - _UNIT_EXP if big else m
+        k = np.int64(b >> _S52) - 1023 + np.int64(big)
+        scratch[i] = np.float64(k) if b >= _NORMAL_BITS and b < _INF_BITS else np.nan
+    for i in range(n):
+        f = out[i] - 1.0
+        s = f / (2.0 + f)
+        z = s * s
+        w = z * z
+        r = w * (_LG2 + w * (_LG4 + w * _LG6)) + z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7)))
+        hfsq = 0.5 * f * f
+        dk = scratch[i]
+        out[i] = dk * _LN2_HI - ((hfsq - (s * (hfsq + r) + dk * _LN2_LO)) - f)
+    for i in range(n):
+        if scratch[i] != scratch[i]:
+            out[i] = math.log(x[i])
+
+
 @njit(cache=True)
 def prepare_sample(valid, uni, logits, alive, res, log_noise, st):
     """One lane's noise: ``log E = log(-log U) - logits`` at the atoms that can race (+inf
-    elsewhere), as the reference computes it, into ``res`` (the races' residuals) and
-    ``log_noise`` (kept for the caller; the same array when the races leave ``res`` alone).
-    A uniform of 0 counts as the smallest normal float, as torch's draws are clamped; a NaN
-    or +inf logit sets ``st[0] = BAD_LOGIT`` (the caller names the entry)."""
-    for k in range(uni.size):
+    elsewhere), as the reference computes it (with :func:`log_into`), into ``res`` (the races'
+    residuals) and ``log_noise`` (kept for the caller; the same array when the races leave
+    ``res`` alone).  A uniform of 0 counts as the smallest normal float, as torch's draws are
+    clamped; a NaN or +inf logit sets ``st[0] = BAD_LOGIT`` (the caller names the entry)."""
+    A = uni.size
+    t, scratch = np.empty(A), np.empty(A)
+    for k in range(A):
+        t[k] = max(uni[k], _TINY)
+    log_into(t, res, scratch)                      # log U
+    for k in range(A):
+        t[k] = -res[k]
+    log_into(t, res, scratch)                      # log(-log U)
+    for k in range(A):
         if valid[k] and not logits[k] < np.inf:   # invalid atoms: ignored, NaN included
             st[0] = BAD_LOGIT
         ok = valid[k] and logits[k] > -np.inf
         alive[k] = ok
-        x = math.log(-math.log(max(uni[k], _TINY))) - logits[k] if ok else np.inf
+        x = res[k] - logits[k] if ok else np.inf
         res[k] = x
         log_noise[k] = x
 

@@ -290,6 +290,31 @@ def test_the_block_race_finds_the_heap_race_winner_on_large_lanes(name, d, absen
         assert True in started_in_blocks
 
 
+def test_the_vectorised_log_is_within_one_ulp_of_libm():
+    """``numba_kernels.log_into`` (the lanes' noise: a loop LLVM vectorises) against Python's
+    ``math.log`` over uniforms, exponentials and the whole positive normal range, the
+    reduction's edges (1, sqrt(2) and their neighbours), and the inputs it hands to libm
+    (zero, subnormals, negatives, infinities, NaN), which must come out exactly libm's."""
+    import math
+    from structdsl.backends.numba_kernels import log_into
+    rng = np.random.default_rng(5)
+    edges = [np.finfo(float).tiny, 1.0, np.nextafter(1.0, 0), np.nextafter(1.0, 2), 2.0, math.sqrt(2),
+             np.nextafter(math.sqrt(2), 0), np.nextafter(math.sqrt(2), 2), np.finfo(float).max, 1.1e-16]
+    x = np.concatenate([rng.random(100_000), -np.log(rng.random(100_000)), np.exp(rng.uniform(-708, 709, 100_000)),
+                        edges])
+    out, scratch = np.empty_like(x), np.empty_like(x)
+    log_into(x, out, scratch)
+    want = np.array([math.log(v) for v in x])
+    ulps = np.abs(out - want) / np.spacing(np.abs(want))
+    assert ulps.max() <= 1.0, x[np.argmax(ulps)]
+    assert out[np.flatnonzero(x == 1.0)[0]] == 0.0
+    special = np.array([0.0, -0.0, -1.0, np.inf, -np.inf, np.nan, 5e-324, 1e-310, -1e-310])
+    out, scratch = np.empty_like(special), np.empty_like(special)
+    log_into(special, out, scratch)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.testing.assert_array_equal(out, np.log(special))
+
+
 def test_a_chunk_or_lane_kernel_is_never_called_on_other_types(monkeypatch):
     """The drivers call the generated ``chunk`` and the lane kernels at their addresses, where
     Numba cannot check types: the backend compares the arguments with ``CHUNK_SIGNATURE``
