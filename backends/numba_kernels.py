@@ -963,51 +963,64 @@ _SQRT2_BITS, _UNIT_EXP = np.uint64(0x3FF6A09E667F3BCD), np.uint64(1 << 52)
 _NORMAL_BITS, _INF_BITS, _S52 = np.uint64(0x0010000000000000), np.uint64(0x7FF0000000000000), np.uint64(52)
 
 
+@intrinsic
+def _bits(typingctx, x):
+    """The bits of a float64, as a uint64 (a register move, no memory)."""
+    if x != types.float64:
+        return None
+    from llvmlite import ir
+    return types.uint64(types.float64), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(64))
+
+
+@intrinsic
+def _from_bits(typingctx, b):
+    """The float64 whose bits are the uint64 ``b``."""
+    if b != types.uint64:
+        return None
+    from llvmlite import ir
+    return types.float64(types.uint64), lambda context, builder, sig, args: builder.bitcast(args[0], ir.DoubleType())
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _log_normal(x):
+    """log of a positive normal float64 (anything else: a meaningless number), no branch."""
+    b = _bits(x)
+    m = (b & _MANTISSA) | _ONE_BITS
+    big = m >= _SQRT2_BITS
+    f = _from_bits(m - _UNIT_EXP if big else m) - 1.0
+    dk = np.float64(np.int64(b >> _S52) - 1023 + np.int64(big))
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    r = w * (_LG2 + w * (_LG4 + w * _LG6)) + z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7)))
+    hfsq = 0.5 * f * f
+    return dk * _LN2_HI - ((hfsq - (s * (hfsq + r) + dk * _LN2_LO)) - f)
+
+
 @njit(cache=True, error_model="numpy")
-def log_into(x, out, scratch):
-    """``out[i] = log(x[i])`` (``out``, ``scratch``: float64 of ``x``'s size, neither of them
-    ``x``).  Zero, subnormal, negative, infinite and NaN inputs go to libm's log (a third,
-    scalar pass over the flagged elements only)."""
-    xb = x.view(np.uint64)
-    ob = out.view(np.uint64)
-    n = x.size
-    for i in range(n):              # m's bits into out, k (NaN: not a positive normal) into scratch
-        b = xb[i]
-        m = (b & _MANTISSA) | _ONE_BITS
-        big = m >= _SQRT2_BITS
-        ob[i] = m - _UNIT_EXP if big else m
-        k = np.int64(b >> _S52) - 1023 + np.int64(big)
-        scratch[i] = np.float64(k) if b >= _NORMAL_BITS and b < _INF_BITS else np.nan
-    for i in range(n):
-        f = out[i] - 1.0
-        s = f / (2.0 + f)
-        z = s * s
-        w = z * z
-        r = w * (_LG2 + w * (_LG4 + w * _LG6)) + z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7)))
-        hfsq = 0.5 * f * f
-        dk = scratch[i]
-        out[i] = dk * _LN2_HI - ((hfsq - (s * (hfsq + r) + dk * _LN2_LO)) - f)
-    for i in range(n):
-        if scratch[i] != scratch[i]:
+def log_into(x, out):
+    """``out[i] = log(x[i])``: :func:`_log_normal` in a vectorised loop, then libm's log for the
+    inputs that are not positive normal floats (zero, subnormal, negative, infinite, NaN)."""
+    for i in range(x.size):
+        out[i] = _log_normal(x[i])
+    for i in range(x.size):
+        b = _bits(x[i])
+        if b < _NORMAL_BITS or b >= _INF_BITS:
             out[i] = math.log(x[i])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def prepare_sample(valid, uni, logits, alive, res, log_noise, st):
     """One lane's noise: ``log E = log(-log U) - logits`` at the atoms that can race (+inf
-    elsewhere), as the reference computes it (with :func:`log_into`), into ``res`` (the races'
+    elsewhere), as the reference computes it (both logs :func:`_log_normal`: U lies in
+    [tiny, 1), -log U in (0, 709), a zero (U = 1) gives -inf), into ``res`` (the races'
     residuals) and ``log_noise`` (kept for the caller; the same array when the races leave
     ``res`` alone).  A uniform of 0 counts as the smallest normal float, as torch's draws are
     clamped; a NaN or +inf logit sets ``st[0] = BAD_LOGIT`` (the caller names the entry)."""
-    A = uni.size
-    t, scratch = np.empty(A), np.empty(A)
-    for k in range(A):
-        t[k] = max(uni[k], _TINY)
-    log_into(t, res, scratch)                      # log U
-    for k in range(A):
-        t[k] = -res[k]
-    log_into(t, res, scratch)                      # log(-log U)
-    for k in range(A):
+    for k in range(uni.size):                       # vectorised: no call, no branch
+        t = -_log_normal(max(uni[k], _TINY))
+        res[k] = _log_normal(t) if t > 0.0 else -np.inf
+    for k in range(uni.size):
         if valid[k] and not logits[k] < np.inf:   # invalid atoms: ignored, NaN included
             st[0] = BAD_LOGIT
         ok = valid[k] and logits[k] > -np.inf
