@@ -1012,8 +1012,8 @@ def log_into(x, out):
 @njit(cache=True, error_model="numpy")
 def prepare_sample(valid, uni, logits, alive, res, log_noise, st):
     """One lane's noise: ``log E = log(-log U) - logits`` at the atoms that can race (+inf
-    elsewhere), as the reference computes it (both logs :func:`_log_normal`: U lies in
-    [tiny, 1), -log U in (0, 709), a zero (U = 1) gives -inf), into ``res`` (the races'
+    elsewhere), the reference's formula with both logs :func:`_log_normal` (U lies in
+    [tiny, 1], -log U in [0, 709), and a zero, from U = 1, gives -inf), into ``res`` (the races'
     residuals) and ``log_noise`` (kept for the caller; the same array when the races leave
     ``res`` alone).  A uniform of 0 counts as the smallest normal float, as torch's draws are
     clamped; a NaN or +inf logit sets ``st[0] = BAD_LOGIT`` (the caller names the entry)."""
