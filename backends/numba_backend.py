@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from structdsl import errors, races
+from structdsl import errors, philox, races
 from structdsl.program import Draw, Program as _BaseProgram, Replay, Scores
 
 from .numba_lowering import PASSES, Codegen, LoweringError
@@ -332,6 +332,15 @@ class Program(_BaseProgram):
     def solve_flat(self, inst, weights, log_space):
         tr, outs, _ = self._solve_all(inst, np.array(weights, dtype=np.float64, order="C"), None, None, log_space)
         return tr, outs
+
+    def seeded_uniforms(self, seed, lanes, width):
+        """As the contract, compiled (``numba_kernels.philox_rows``: the same bits; E | T's
+        ``seed=`` spent most of its time in NumPy's Philox)."""
+        from . import numba_kernels
+        seed = philox.check_seed(seed)
+        out = np.empty((lanes, width))
+        numba_kernels.philox_rows(np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32), out)
+        return out
 
     def draw_seeded_flat(self, inst, seed, logits, check_logits=None):
         """As the contract: each lane draws its own uniforms of the Philox stream inside the

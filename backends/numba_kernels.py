@@ -1077,6 +1077,15 @@ def philox_uniforms(k0, k1, lane, out):
 
 
 @njit(cache=True)
+def philox_rows(k0, k1, out):
+    """Row ``b`` of ``out`` (float64 ``[lanes, width]``, C order): lane ``b``'s uniforms under
+    key ``(k0, k1)``, as :func:`philox_uniforms` draws them (``Program.seeded_uniforms``:
+    about 1 ns a value, where NumPy's uint64 arithmetic takes 55)."""
+    for b in range(out.shape[0]):
+        philox_uniforms(k0, k1, np.uint64(b), out[b])
+
+
+@njit(cache=True)
 def prepare_seeded(valid, key, lane, logits, alive, res, log_noise, st):
     """:func:`prepare_sample` on the lane's uniforms of the Philox stream of ``key`` (uint64
     ``[2]``), drawn here into a scratch array (drawn into ``log_noise`` itself, the noise

@@ -459,14 +459,13 @@ class Program:
         logits = np.broadcast_to(logits, batch + inst.atom_shape).reshape(-1, inst.num_atoms)
         return t, logits, batch, inst
 
-    @staticmethod
-    def _uniforms(uniforms, seed, shape, what, lane_ndim=1):
+    def _uniforms(self, uniforms, seed, shape, what, lane_ndim=1):
         """``uniforms`` checked (shape ``shape``, strictly inside (0, 1)), or the Philox
-        stream of ``seed`` (:mod:`structdsl.philox`), each lane's values being the last
+        stream of ``seed`` (:meth:`seeded_uniforms`), each lane's values being the last
         ``lane_ndim`` dims of ``shape`` (flattened)."""
         if uniforms is None:
             cut = len(shape) - lane_ndim
-            return philox.uniforms(seed, math.prod(shape[:cut]), math.prod(shape[cut:])).reshape(shape)
+            return self.seeded_uniforms(seed, math.prod(shape[:cut]), math.prod(shape[cut:])).reshape(shape)
         if seed is not None:
             raise TypeError("give either uniforms= or seed=, not both")
         u = np.asarray(uniforms, dtype=np.float64)
@@ -478,12 +477,18 @@ class Program:
         return u
 
     # ---- the backend contract (see the module docstring) ------------------------------------
+    def seeded_uniforms(self, seed, lanes, width):
+        """The Philox stream of ``seed`` (:func:`structdsl.philox.uniforms`): float64 ``[lanes,
+        width]``, lane ``b``'s values in row ``b``; ``seed`` None draws one from the OS.  A
+        backend may compute the same bits faster (the numba backend does, compiled)."""
+        return philox.uniforms(seed, lanes, width)
+
     def draw_seeded_flat(self, inst, seed, logits, check_logits=None):
         """:meth:`draw_flat` on the uniforms of the Philox stream of ``seed`` (an int in
         ``[0, 2**64)``) for lanes ``0 .. B - 1`` and atoms ``0 .. A - 1``; a backend may draw
         them where its lanes run (the numba backend does, inside its compiled driver)."""
         B, A = logits.shape
-        return self.draw_flat(inst, philox.uniforms(seed, B, A), logits, check_logits)
+        return self.draw_flat(inst, self.seeded_uniforms(seed, B, A), logits, check_logits)
 
     def draw_flat(self, inst, uniforms, logits, check_logits=None):
         """Race ``log E = log(-log U) - logits`` (exact for any spread of the logits, where E

@@ -84,7 +84,7 @@ class Runner:
         return np.asarray(x) if isinstance(x, np.ndarray) else x
 
     def _uniforms(self, seed, shape):
-        return structdsl.program.Program._uniforms(None, seed, shape, "uniforms")
+        return self.prog._uniforms(None, seed, shape, "uniforms")
 
     # ---- the Program API -----------------------------------------------------------------
     def _takes_seed(self, method):

@@ -53,6 +53,25 @@ def test_the_numba_lanes_draw_the_stream_bit_for_bit():
         assert np.array_equal(out, philox.uniforms(seed, 1, atoms, first_lane=lane)[0])
 
 
+def test_every_backend_draws_the_seeded_uniforms_bit_for_bit():
+    """``Program.seeded_uniforms`` (E | T's ``seed=``; the numba backend's is compiled) gives
+    the stream's bits on every backend, odd and even widths, a seed past 32 bits; and
+    ``conditional_noise(seed=)`` is ``conditional_noise(uniforms=)`` of those uniforms."""
+    backends = ["numpy"] + [b for b in ("numba", "torch") if __import__("importlib").util.find_spec(b)]
+    for backend in backends:
+        prog = structdsl.compile(specs.spanning_tree, backend=backend)
+        for seed, lanes, width in ((0, 3, 7), (2 ** 63 + 5, 5, 8), (2 ** 64 - 1, 1, 1), (12345678901234, 0, 4)):
+            assert np.array_equal(prog.seeded_uniforms(seed, lanes, width), philox.uniforms(seed, lanes, width)), \
+                (backend, seed)
+    prog = structdsl.compile(specs.spanning_tree, backend=backends[-1] if "numba" not in backends else "numba")
+    x = np.random.default_rng(1).normal(size=(4, 5, 5))
+    trace = np.asarray(prog.sample(x, seed=3).trace)
+    R = trace.shape[-1]
+    u = philox.uniforms(11, 4, R + 25)
+    np.testing.assert_array_equal(np.asarray(prog.conditional_noise(trace, x, seed=11)),
+                                  np.asarray(prog.conditional_noise(trace, x, uniforms=u)))
+
+
 @pytest.mark.parametrize("name, shape, statics", [("spanning_tree", (5, 5), {}), ("arborescence", (4, 4), {}),
                                                   ("top_k", (6,), {"k": 3}), ("binary_tree", (6,), {})])
 def test_one_seed_gives_one_sample_on_every_backend(name, shape, statics):
