@@ -14,7 +14,8 @@ flattened batch, without argument checks (``B`` lanes, ``A = prod(atom_shape)`` 
 * ``draw_flat(inst, uniforms[B, A], logits[B, A], check_logits=None)`` -> :class:`Draw`
   (the default races ``log E = log(-log U) - logits`` with ``solve_flat``; its sibling
   ``draw_seeded_flat(inst, seed, logits)`` draws the uniforms of :mod:`structdsl.philox`
-  first, or, in a backend that overrides it, inside its lanes);
+  first (``seeded_uniforms``, which a backend may compute faster), or, in a backend that
+  overrides it, inside its lanes);
 * ``replay_flat(inst, traces[B, R], logits[B, A])`` -> :class:`Replay`: which traces are
   possible and each race's member set, in the compact form the backend produces best
   (:class:`structdsl.races.Members` or :class:`structdsl.races.ExitRaces`);
