@@ -824,13 +824,14 @@ def finish_score(tr, st, lsum, logits, live, u_fresh, noise, flags):
         won = np.zeros(live.size, np.bool_)
         for k in range(st[1]):
             won[tr[k]] = True
+        gumbel_into(u_fresh, noise)
         for i in range(live.size):
             if not live[i]:
                 noise[i] = np.inf
                 continue
             fresh = -np.inf
             if not won[i]:
-                fresh = math.log(-math.log(u_fresh[i])) - logits[i]
+                fresh = noise[i] - logits[i]
             noise[i] = math.exp(_logaddexp(lsum[i], fresh))
 
 
@@ -1007,6 +1008,19 @@ def log_into(x, out):
         b = _bits(x[i])
         if b < _NORMAL_BITS or b >= _INF_BITS:
             out[i] = math.log(x[i])
+
+
+@njit(cache=True, error_model="numpy")
+def gumbel_into(u, out):
+    """``out[i] = log(-log(u[i]))`` (E | T's fresh noise, before its logit), both logs
+    :func:`_log_normal` in a vectorised loop; a ``u`` that is not a positive normal float (a
+    subnormal, a given uniform can be one) goes to libm."""
+    for i in range(u.size):
+        out[i] = _log_normal(-_log_normal(u[i]))
+    for i in range(u.size):
+        b = _bits(u[i])
+        if b < _NORMAL_BITS or b >= _ONE_BITS:
+            out[i] = math.log(-math.log(u[i]))
 
 
 @njit(cache=True, error_model="numpy")
@@ -1207,6 +1221,7 @@ def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
         won = np.zeros(live.size, np.bool_)
         for r in range(R):
             won[tr[r]] = True
+        gumbel_into(u[tr.size:], noise)
         for i in range(live.size):
             if not live[i]:
                 noise[i] = np.inf
@@ -1214,7 +1229,7 @@ def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
             total_min = prefix[ex[i]] if ex[i] >= 0 else -np.inf
             fresh = -np.inf
             if not won[i]:
-                fresh = math.log(-math.log(u[tr.size + i])) - logits[i]
+                fresh = noise[i] - logits[i]
             noise[i] = math.exp(_logaddexp(total_min, fresh))
 
 

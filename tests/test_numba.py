@@ -313,6 +313,16 @@ def test_the_vectorised_log_is_within_one_ulp_of_libm():
     log_into(special, out)
     with np.errstate(divide="ignore", invalid="ignore"):
         np.testing.assert_array_equal(out, np.log(special))
+    # E | T's fresh noise log(-log u): uniforms, the stream's extremes, subnormal uniforms (libm's)
+    from structdsl.backends.numba_kernels import gumbel_into
+    u = np.concatenate([rng.random(100_000), [0.5 / 2 ** 52, 1 - 0.5 / 2 ** 52, 5e-324, 1e-310, np.finfo(float).tiny]])
+    out = np.empty_like(u)
+    gumbel_into(u, out)
+    want = np.array([math.log(-math.log(v)) for v in u])
+    # a 1-ulp difference in -log u moves log(-log u) by ~eps absolutely (where it is near 0,
+    # many of its own ulps): bounded absolutely, as the two libm calls are
+    assert (np.abs(out - want) <= 2 * np.finfo(float).eps * np.maximum(1.0, np.abs(want))).all()
+    np.testing.assert_array_equal(out[-3:-1], want[-3:-1])
 
 
 def test_a_chunk_or_lane_kernel_is_never_called_on_other_types(monkeypatch):
