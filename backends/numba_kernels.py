@@ -1013,8 +1013,8 @@ def log_into(x, out):
 @njit(cache=True, error_model="numpy")
 def gumbel_into(u, out):
     """``out[i] = log(-log(u[i]))`` (E | T's fresh noise, before its logit), both logs
-    :func:`_log_normal` in a vectorised loop; a ``u`` that is not a positive normal float (a
-    subnormal, a given uniform can be one) goes to libm."""
+    :func:`_log_normal` in a vectorised loop; a ``u`` outside [tiny, 1) (a subnormal: a given
+    uniform can be one) goes to libm."""
     for i in range(u.size):
         out[i] = _log_normal(-_log_normal(u[i]))
     for i in range(u.size):
