@@ -405,8 +405,12 @@ class Program(_BaseProgram):
         fs = np.zeros((B, 1))
         grad = np.zeros((B, A) if want_grad else (B, 0))
         noisy = uniforms is not None
-        lsum = np.zeros((B, R * A)) if want_members else np.full((B, A) if noisy else (B, 0), -np.inf)
-        noise = np.zeros((B, A) if noisy else (B, 0))
+        # E | T's per-atom log-sums of race minima: the generic score accumulates them; the
+        # nested fast path's come from exit races and need no buffer.  Every lane that scores
+        # writes its whole noise row (a lane that fails raises before the noise is returned)
+        sums = noisy and not self._fast
+        lsum = np.zeros((B, R * A)) if want_members else np.full((B, A) if sums else (B, 0), -np.inf)
+        noise = np.empty((B, A) if noisy else (B, 0))
         unused = _lane_input(np.empty((B, 0)))                 # the read-only buffers a replay skips
         u = _lane_input(uniforms) if noisy else unused          # read only, for E | T
         flags = (WANT_GRAD if want_grad else 0) | (WANT_NOISE if noisy else 0) | (WANT_MEMBERS if want_members else 0)
