@@ -377,7 +377,8 @@ def put_flat(row, at, value):
 
 # ---- NumPy's functions, as the generated code calls them ----------------------------------
 # A NumPy function called in generated code is an overload that Numba types and lowers again
-# inside every spec's chunk (0.02-0.2 s per signature, about 1 s of an arborescence's 5 s).
+# inside every spec's chunk (0.02-0.2 s per signature, over 1 s for a spec with many array
+# statements).
 # The generated code calls these cached kernels instead (``numba_ast._np``): each signature
 # compiles once per machine, then loads, and LLVM still inlines it into the chunk.
 @njit(cache=True)
@@ -579,8 +580,8 @@ def _subtract(r, lo, log_space):
     and subtracts it when it is next a member of a race.  A residual is read only by the
     races it is a member of, and an atom owes at most one subtraction (it races again before
     it can lose again), so this is the same arithmetic on the same values as subtracting at
-    once, but an atom that never races again (in a Chu-Liu/Edmonds round, the edges into a
-    supernode that closed) never pays the log and the expm1."""
+    once, but an atom that never races again (a spec's later races often take only a few of
+    the earlier races' losers) never pays the log and the expm1."""
     if lo != lo:
         return r
     if log_space:
@@ -1001,7 +1002,8 @@ def _log_normal(x):
 @njit(cache=True, error_model="numpy")
 def log_into(x, out):
     """``out[i] = log(x[i])``: :func:`_log_normal` in a vectorised loop, then libm's log for the
-    inputs that are not positive normal floats (zero, subnormal, negative, infinite, NaN)."""
+    inputs that are not positive normal floats (zero, subnormal, negative, infinite, NaN).
+    The entry point of ``_log_normal``'s accuracy test (the lanes inline it)."""
     for i in range(x.size):
         out[i] = _log_normal(x[i])
     for i in range(x.size):

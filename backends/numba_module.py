@@ -48,7 +48,7 @@ _CHUNK_ARGS = {
 _LANE_LOOP = """
 __c_A = __c_res.shape[1]
 __c_score = __mode == {MODE_SCORE}
-__c_pend = __np_empty(__c_A, __np.float64)
+{pend}
 for __c_b in range(__c_first, __c_stop):
     if not __c_score:
         if __c_draw and __c_uni.shape[1] == 0:       # seed=: the lane draws its own uniforms
@@ -162,8 +162,10 @@ def module_source(gen):
     # statements inlined (a call would cost each lane a reference count per array it passes)
     consts = dict(MODE_SCORE=MODE_SCORE, MODE_SAMPLE_SCORE_NESTED=MODE_SAMPLE_SCORE_NESTED,
                   ST_CANDIDATES=ST_CANDIDATES, ST_STATUS=ST_STATUS, **LANE_KERNEL_INDEX)
+    # the subtractions the races' losers owe: one buffer per chunk, off the nested fast path
+    pend = "" if gen.fast else "__c_pend = __np_empty(__c_A, __np.float64)"
     loop = ast.parse(_LANE_LOOP.format(finish=(_FINISH_NESTED if gen.fast else _FINISH_GENERIC).format(**consts),
-                                       **consts)).body
+                                       pend=pend, **consts)).body
     lanes = next(st for st in loop if isinstance(st, ast.For))
     once = next(st for st in lanes.body if isinstance(st, ast.For) and st.target.id == "__c_once")
     once.body = _returns_to_breaks(body)
