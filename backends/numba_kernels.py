@@ -999,6 +999,44 @@ def _log_normal(x):
     return dk * _LN2_HI - ((hfsq - (s * (hfsq + r) + dk * _LN2_LO)) - f)
 
 
+# exp of x <= 0 as a loop LLVM vectorises, the same way (libm's exp is a call, about 5 ns):
+# fdlibm's reduction x = k ln2 + r, |r| <= ln2 / 2, its rational approximation of exp(r)
+# (the published coefficients P1..P5) and the scaling by 2**k in two halves, so that a
+# subnormal result is rounded once.  Within 1 ulp of libm's.
+_INVLN2 = 1.44269504088896338700e+00
+_MAGNITUDE = np.int64(0x7FFFFFFFFFFFFFFF)
+_SPREAD = 600.0       # finish_nested's one shift: exp(-600) is normal, and R * exp(600) finite
+_P1, _P2, _P3 = 1.66666666666666019037e-01, -2.77777777770155933842e-03, 6.61375632143793436117e-05
+_P4, _P5 = -1.65339022054652515390e-06, 4.13813679705723846039e-08
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _exp_nonpositive(x):
+    """exp(x) for x <= 0 or -inf (anything below -746 gives 0, computed without the
+    subnormal product, which costs a microcode assist; positive x or NaN: a meaningless
+    number), no branch."""
+    zero = x < -746.0                          # -inf included, without an underflowing product
+    x = 0.0 if zero else x
+    k = np.int64(x * _INVLN2 - 0.5)            # round to nearest (x <= 0)
+    hi = x - np.float64(k) * _LN2_HI
+    lo = np.float64(k) * _LN2_LO
+    r = hi - lo
+    t = r * r
+    c = r - t * (_P1 + t * (_P2 + t * (_P3 + t * (_P4 + t * _P5))))
+    y = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi)
+    k1 = k >> 1                                # 2**k = 2**k1 * 2**(k - k1), each normal
+    y = y * _from_bits(np.uint64(k1 + 1023) << _S52) * _from_bits(np.uint64(k - k1 + 1023) << _S52)
+    return 0.0 if zero else y
+
+
+@njit(cache=True, error_model="numpy")
+def exp_nonpositive_into(x, out):
+    """``out[i] = exp(x[i])`` for ``x[i] <= 0`` (:func:`_exp_nonpositive`, vectorised); the
+    entry point of its accuracy test (the lanes inline it)."""
+    for i in range(x.size):
+        out[i] = _exp_nonpositive(x[i])
+
+
 @njit(cache=True, error_model="numpy")
 def log_into(x, out):
     """``out[i] = log(x[i])``: :func:`_log_normal` in a vectorised loop, then libm's log for the
@@ -1158,7 +1196,28 @@ def score_snap(w, member, any_member, alive, tr, st, ex, allow_empty, code_empty
     return w
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
+def _order_key(b):
+    """The bits ``b`` of a float64 as an int64 ordered as the floats are (NaN aside), and
+    back: negative floats get their magnitude bits flipped."""
+    return b ^ ((b >> 63) & _MAGNITUDE)
+
+
+@njit(cache=True, error_model="numpy")
+def _live_range(x, live):
+    """``(max, min)`` of ``x`` over ``live`` (``(-inf, inf)`` if none), as integer
+    reductions on ordered bit keys, which LLVM vectorises (a float max needs fast-math)."""
+    hi, lo = I64_MIN, I64_MAX
+    for i in range(x.size):
+        k = _order_key(np.int64(_bits(x[i])))
+        hi = max(hi, k if live[i] else I64_MIN)
+        lo = min(lo, k if live[i] else I64_MAX)
+    if hi == I64_MIN:
+        return -np.inf, np.inf
+    return _from_bits(np.uint64(_order_key(hi))), _from_bits(np.uint64(_order_key(lo)))
+
+
+@njit(cache=True, error_model="numpy")
 def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
     """log p, its gradient and E | T of a nested spec from the exit races: atom ``i`` took
     part in races ``0 .. ex[i]``, so race ``r``'s log-sum of rates is a suffix log-sum over
@@ -1168,52 +1227,81 @@ def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
         if tr[k] >= 0:
             fail(st, IMPOSSIBLE)
             return
-    # each exit race's log-sum of rates, shifted by its own largest logit: one exp per atom,
-    # kept in grad (the gradient below is that exp times a factor per exit race)
+    # each exit race's sum of rates, relative to a shift top[r]: one exp per atom, kept in grad
+    # (the gradient below is that exp times a factor per exit race).  Atom i's exit race
+    # ex[i] has slot ex[i] + 1, slot 0 gathers the atoms of no race (ex = -1).  The shift is
+    # the lane's largest live logit when every live logit lies within _SPREAD of it (then
+    # every exp(l - top) is a normal float and the per-atom loops need no gather: the exp
+    # loop vectorises), else each exit race's own largest logit (logits of any spread)
     want_grad = (flags & WANT_GRAD) != 0
-    top = np.full(R, -np.inf)
-    for i in range(ex.size):
-        if ex[i] >= 0 and logits[i] > top[ex[i]]:
-            top[ex[i]] = logits[i]
-    acc_exp = np.zeros(R)
-    for i in range(ex.size):
+    A = ex.size
+    hi, lo = _live_range(logits, live)
+    e = grad if want_grad else np.empty(A)
+    one_shift = hi - lo <= _SPREAD
+    top = np.full(R + 1, -np.inf)
+    if one_shift:
+        for i in range(A):
+            e[i] = _exp_nonpositive(logits[i] - hi if ex[i] >= 0 else -np.inf)
+    else:
+        for i in range(A):
+            if ex[i] >= 0 and logits[i] > top[ex[i] + 1]:
+                top[ex[i] + 1] = logits[i]
+        for i in range(A):
+            e[i] = logits[i] - top[ex[i] + 1] if ex[i] >= 0 else -np.inf
+        for i in range(A):
+            e[i] = _exp_nonpositive(e[i])
+    acc_exp = np.zeros(R + 1)
+    for i in range(A):
         if ex[i] >= 0:
-            e = math.exp(logits[i] - top[ex[i]])
-            acc_exp[ex[i]] += e
-            if want_grad:
-                grad[i] = e
-    bucket = np.full(R, -np.inf)
-    for r in range(R):
-        if acc_exp[r] > 0.0:
-            bucket[r] = top[r] + math.log(acc_exp[r])
+            acc_exp[ex[i] + 1] += e[i]
+    # lse[r] = log of the sum of rates over exit races >= r = M + log(S): with one shift, M =
+    # hi and S a suffix sum; else S in linear space relative to the running largest top M.
+    # log p: with one shift, race r adds -log(S / e[winner]), exactly 0 for a race of one
     lse = np.empty(R)
-    acc = -np.inf
+    acc_exp[0] = 1.0
+    m, sm, total = (hi, 0.0, 0.0) if one_shift else (-np.inf, 0.0, 0.0)
     for r in range(R - 1, -1, -1):
-        acc = _logaddexp(acc, bucket[r])
-        lse[r] = acc
-    total = 0.0
-    for r in range(R):
-        total += logits[tr[r]] - lse[r]
+        t, a = top[r + 1], acc_exp[r + 1]
+        if one_shift:
+            sm += a
+        elif a > 0.0:
+            if t > m:
+                sm = sm * math.exp(m - t) + a
+                m = t
+            else:
+                sm += a * math.exp(t - m)
+        acc_exp[r + 1] = sm                  # S, kept for the gradient (slot 0: 1, unused)
+        lse[r] = m + math.log(sm) if sm > 0.0 else -np.inf
+        total += -math.log(sm / e[tr[r]]) if one_shift else logits[tr[r]] - lse[r]
     fs[0] = total
     if flags & WANT_MEMBERS:                 # member of races 0 .. ex[i]
-        A = ex.size
         for i in range(A):
             for r in range(ex[i] + 1):
                 lsum[r * A + i] = 1.0
     if want_grad:
         # d log p / d logit_i = [i won] - exp(logit_i) * sum over its races of exp(-lse[r]),
-        # as exp(logit_i - top) * exp(top + prefix): no second exp per atom (top + prefix
-        # <= log(r + 1), since lse[r] >= top[r] and lse only grows towards earlier races)
-        scale = np.empty(R)
-        acc = -np.inf
+        # as e[i] = exp(logit_i - shift) times scale[exit race].  With one shift, scale[r] =
+        # sum over s <= r of exp(hi - lse[s]) = sum of 1 / S[s] = q[r] / S[r]; else scale[r] =
+        # sum over s <= r of exp(top[r] - lse[s]) = exp(top[r] - lse[r]) * q[r].  Either way
+        # q[r] = sum over s <= r of exp(lse[r] - lse[s]) (each term <= 1: lse only grows
+        # towards earlier races)
+        scale = np.zeros(R + 1)              # slot 0: no race, no gradient
+        won = np.empty(R)                    # the winners' gradients
+        q = 0.0
         for r in range(R):
-            acc = _logaddexp(acc, -lse[r])
-            scale[r] = math.exp(top[r] + acc) if top[r] > -np.inf else 0.0
-        for i in range(ex.size):
-            if ex[i] >= 0:
-                grad[i] = -grad[i] * scale[ex[i]]
+            if one_shift:                    # q[r] = S[r] * (sum over s <= r of 1 / S[s])
+                q = q * (acc_exp[r + 1] / acc_exp[r] if r > 0 else 0.0) + 1.0
+                scale[r + 1] = q / acc_exp[r + 1]
+                won[r] = 1.0 - e[tr[r]] * q / acc_exp[r + 1]     # exactly 0 for a race of one
+            else:
+                q = q * (math.exp(lse[r] - lse[r - 1]) if r > 0 else 0.0) + 1.0
+                if top[r + 1] > -np.inf:
+                    scale[r + 1] = math.exp(top[r + 1] - lse[r]) * q
+                won[r] = 1.0 - e[tr[r]] * scale[r + 1]
+        for i in range(A):                   # 0.0 - x: +0.0 at atoms of no race
+            grad[i] = 0.0 - grad[i] * scale[ex[i] + 1]
         for r in range(R):
-            grad[tr[r]] += 1.0
+            grad[tr[r]] = won[r]
     if flags & WANT_NOISE:
         prefix = np.empty(R)
         acc = -np.inf

@@ -325,6 +325,77 @@ def test_the_vectorised_log_is_within_one_ulp_of_libm():
     np.testing.assert_array_equal(out[-3:-1], want[-3:-1])
 
 
+def test_the_vectorised_exp_is_within_one_ulp_of_libm():
+    """``numba_kernels.exp_nonpositive_into`` (the nested score's exp, in a loop LLVM vectorises)
+    against Python's ``math.exp`` on ``x <= 0``: the reduction's edges (multiples of ln 2 / 2),
+    the subnormal range (rounded once), and exactly 1 at 0 and 0 at -inf and below -746."""
+    import math
+    from structdsl.backends.numba_kernels import exp_nonpositive_into
+    rng = np.random.default_rng(6)
+    half = math.log(2) / 2 * np.arange(0, 2150)
+    x = -np.concatenate([rng.exponential(3.0, 100_000), rng.uniform(0, 746, 100_000), rng.uniform(0, 1e-8, 1000),
+                         half, np.nextafter(half, 0), np.nextafter(half, np.inf), [708.39, 709.0, 744.44, 745.13]])
+    x = x[x >= -746.0]
+    out = np.empty_like(x)
+    exp_nonpositive_into(x, out)
+    want = np.array([math.exp(v) for v in x])
+    tiny = want < np.finfo(float).tiny                       # subnormal: an ulp is 5e-324
+    ulps = np.abs(out - want) / np.where(tiny, 5e-324, np.spacing(want))
+    assert ulps.max() <= 1.0, x[np.argmax(ulps)]
+    special = np.array([0.0, -0.0, -746.5, -1e4, -np.inf])
+    exp_nonpositive_into(special, out[:5])
+    assert out[:5].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("scale", [0.5, 60.0, 3000.0])
+@pytest.mark.parametrize("name", ["permutation", "spanning_tree", "matching", "clustering", "nested_sites"])
+def test_the_nested_score_is_the_references_at_any_logit_spread(name, scale):
+    """The nested score shifts its exps by the lane's largest live logit when every live logit
+    lies within 600 nats of it, else by each exit race's own largest logit (scale 3000: the
+    spreads are thousands of nats); either way log p, its gradient and E | T are the
+    reference's (with absent atoms, -inf, in some lanes of the specs that allow them), up to
+    the rounding of logits of that size (both compute l_w - lse by cancellation)."""
+    tol = 1e-13 * max(1.0, scale)
+    fast, ref = programs(name)
+    rng = np.random.default_rng(int(scale))
+    shape = atom_shape(name, SIZES[name][1])
+    logits = rng.normal(size=(24,) + shape) * scale
+    if name in ("spanning_tree", "clustering"):                  # their races may run empty
+        logits[::3].reshape(8, -1)[:, ::5] = -np.inf
+    flat = logits.reshape(24, -1)[:, ref.instance(shape).valid.ravel()]
+    spread = np.where(np.isfinite(flat), flat, np.nan)
+    spread = np.nanmax(spread, 1) - np.nanmin(spread, 1)
+    assert (spread <= 600).all() if scale < 100 else (spread > 600).all()   # one shift, or a shift per race
+    trace = ref.sample(logits, seed=2).trace
+    u = rng.random((24, ref.instance(shape).max_races + int(np.prod(shape))))
+    with np.errstate(over="ignore", under="ignore"):
+        for got, want in ((fast.log_prob_and_grad(trace, logits), ref.log_prob_and_grad(trace, logits)),
+                          ([fast.conditional_noise(trace, logits, uniforms=u)],
+                           [ref.conditional_noise(trace, logits, uniforms=u)])):
+            for g, w in zip(got, want):
+                assert g.shape == w.shape
+                np.testing.assert_array_equal(g[~np.isfinite(w)], w[~np.isfinite(w)])
+                np.testing.assert_allclose(g[np.isfinite(w)], w[np.isfinite(w)], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("logit", [0.0, 37.5, -640.0])
+def test_a_race_of_one_member_scores_exactly_zero(logit):
+    """A lane whose every race has one member has probability 1: log p and its gradient are
+    exactly 0 on every backend, whatever the logit (one live atom, or a spanning tree of two
+    nodes)."""
+    cat = [compiled("categorical", b) for b in ("numba", "numpy")]
+    tree = [compiled("spanning_tree", b) for b in ("numba", "numpy")]
+    x = np.full(5, -np.inf)
+    x[3] = logit
+    y = np.full((2, 2), logit)
+    for prog in cat:
+        logp, grad = prog.log_prob_and_grad(np.array([3]), x)
+        assert logp == 0.0 and (grad == 0.0).all()
+    for prog in tree:
+        logp, grad = prog.log_prob_and_grad(np.array([1]), y)
+        assert logp == 0.0 and (grad == 0.0).all()
+
+
 def test_a_chunk_or_lane_kernel_is_never_called_on_other_types(monkeypatch):
     """The drivers call the generated ``chunk`` and the lane kernels at their addresses, where
     Numba cannot check types: the backend compares the arguments with ``CHUNK_SIGNATURE``
