@@ -861,6 +861,29 @@ def _before(ka, ia, kb, ib):
     return ka < kb or (ka == kb and ia < ib)
 
 
+
+@intrinsic
+def _unpredictable(typingctx, c, a, b):
+    """``a if c else b`` as an LLVM select marked ``!unpredictable`` (clang's
+    ``__builtin_unpredictable``), which LLVM keeps a conditional move.  Unmarked, a select
+    whose condition compares loaded values becomes a branch, which mispredicts half the time
+    when the outcome is a coin flip, as in a binary search."""
+    if not isinstance(c, types.Boolean) or a != b:
+        return None
+
+    def codegen(context, builder, signature, args):
+        chosen = builder.select(*args)
+        chosen.set_metadata("unpredictable", builder.module.add_metadata([]))
+        return chosen
+    return a(c, a, b), codegen
+
+
+@njit(cache=True, inline="always")
+def step_if(c, x, step):
+    """``x + step`` if ``c`` else ``x``, without a branch on ``c`` (:func:`_unpredictable`)."""
+    return _unpredictable(c, x + step, x)
+
+
 @njit(cache=True)
 def _sift_down(hk, hi, n, k):
     key, idx = hk[k], hi[k]

@@ -181,7 +181,7 @@ class RaceLowering:
         """After a snapshot replay: every live atom that never won left after the last race
         whose predicate (on that race's snapshot) holds for it.  Nesting makes membership
         monotone in the race, so a binary search finds it: O(atoms x log races) predicate
-        tests instead of one per member per race."""
+        tests instead of one per member per race (:data:`_EXIT_SEARCH`)."""
         if not self.sites:
             return []
         branches = []
@@ -193,8 +193,10 @@ class RaceLowering:
             bind = [ast.Assign([_name(rename[v], ast.Store())],
                                ast.Subscript(_name(f"__sn{site}_{v}"), _name("__mid"), ast.Load())) for v in free]
             branches.append((site, bind + stmts + [ast.Assign([_name("__in", ast.Store())], value)]))
-        dispatch = []
-        for site, body in reversed(branches):
+        # one site: its test alone, so that __in is the predicate's value (a phi of it and
+        # False would give LLVM a branch on it back)
+        dispatch = branches[0][1] if len(branches) == 1 else _splice("__in = False")
+        for site, body in reversed(branches if len(branches) > 1 else []):
             test = ast.Compare(ast.Subscript(_name("__site"), _name("__mid"), ast.Load()), [ast.Eq()],
                                [ast.Constant(site)])
             dispatch = [ast.If(test, body, dispatch)]
@@ -203,30 +205,9 @@ class RaceLowering:
             self.gen.fail(self.gen.p.body[0], "races with predicates of different arities")
         # the atom's coordinates, once per atom (a race without a predicate needs none)
         unravel = self.unravel(_name("__a"), [f"__x{i}" for i in range(arity.pop())]) if arity else []
-        search = ast.While(ast.Compare(_name("__lo"), [ast.LtE()], [_name("__hi")]), [
-            ast.Assign([_name("__mid", ast.Store())],
-                       ast.BinOp(ast.BinOp(_name("__lo"), ast.Add(), _name("__hi")), ast.FloorDiv(), ast.Constant(2))),
-            ast.Assign([_name("__in", ast.Store())], ast.Constant(False)),
-            *dispatch,
-            ast.If(_name("__in"), [ast.Assign([_name("__last", ast.Store())], _name("__mid")),
-                                   ast.Assign([_name("__lo", ast.Store())],
-                                              ast.BinOp(_name("__mid"), ast.Add(), ast.Constant(1)))],
-                   [ast.Assign([_name("__hi", ast.Store())],
-                               ast.BinOp(_name("__mid"), ast.Sub(), ast.Constant(1)))])], [])
-        per_atom = [ast.Assign([_name("__a", ast.Store())], ast.Subscript(_name("__cand"), _name("__k"), ast.Load())),
-                    ast.If(ast.Compare(ast.Subscript(_name("__ex"), _name("__a"), ast.Load()), [ast.Lt()],
-                                       [ast.Constant(0)]),
-                           unravel + [ast.Assign([_name("__lo", ast.Store())], ast.Constant(0)),
-                                      ast.Assign([_name("__hi", ast.Store())],
-                                                 ast.BinOp(_st(ST_SLOT), ast.Sub(), ast.Constant(1))),
-                                      ast.Assign([_name("__last", ast.Store())], ast.Constant(-1)),
-                                      search,
-                                      ast.Assign([ast.Subscript(_name("__ex"), _name("__a"), ast.Store())],
-                                                 _name("__last"))], [])]
-        loop = ast.For(_name("__k", ast.Store()), _call("__range", _attr(_name("__cand"), "size")), per_atom, [])
-        scored = ast.BoolOp(ast.And(), [_mode(ast.NotEq(), MODE_SOLVE),      # a replay, or a draw to score
-                                         ast.Compare(_st(ST_STATUS), [ast.Eq()], [ast.Constant(0)])])
-        return [ast.If(scored, [loop], [])]
+        src = _EXIT_SEARCH.replace("ST_SLOT", str(ST_SLOT)).replace("ST_STATUS", str(ST_STATUS)) \
+            .replace("MODE_SOLVE", str(MODE_SOLVE))
+        return _splice(src, UNRAVEL=unravel, TEST=dispatch)
 
     def snapshot_buffers(self):
         """The snapshot buffers of the lane (empty when sampling): one slot per trace slot."""
@@ -401,6 +382,34 @@ if __bs > 0:
         if __k >= 0 and (W < 0 or __cv < __best):
             W = __k
             __best = __cv
+"""
+
+
+# The exit search (RaceLowering.exit_search), for each live atom that never won: __last, the
+# last race found to hold it (-1 at first), tries __last + __step for __step = the largest
+# power of two <= the races run, down to 1.  TEST sets __in: whether the atom is a member of
+# race __mid on that race's snapshot.  The step is taken without a branch on __in
+# (numba_kernels.step_if): its outcome is a coin flip, which a branch mispredicts half the
+# time, so the search does the same work for every atom and nothing else.
+_EXIT_SEARCH = """
+if __mode != MODE_SOLVE and __st[ST_STATUS] == 0 and __st[ST_SLOT] > 0:
+    __races = __st[ST_SLOT]
+    __top = 1
+    while __top * 2 <= __races:
+        __top *= 2
+    for __k in range(__cand.size):
+        __a = __cand[__k]
+        if __ex[__a] < 0:
+            UNRAVEL
+            __last = -1
+            __step = __top
+            while __step > 0:
+                __p = __last + __step
+                __mid = __min(__p, __races - 1)
+                TEST
+                __last = __step_if(__in & (__p < __races), __last, __step)
+                __step //= 2
+            __ex[__a] = __last
 """
 
 
