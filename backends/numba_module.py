@@ -48,7 +48,13 @@ _CHUNK_ARGS = {
 _LANE_LOOP = """
 __c_A = __c_res.shape[1]
 __c_score = __mode == {MODE_SCORE}
-{pend}
+__c_exits = __c_score or __mode == {MODE_SAMPLE_SCORE_NESTED}      # exit races (the nested fast path)
+{scratch}
+# the lane's bookkeeping: buffers of the chunk, reset by each lane (no allocation per lane)
+__c_live0 = __np_empty(__c_A, __np.bool_)
+__pkey = __np_empty(__c_A, __np.int64)
+__c_ex = __np_empty(__c_A if __c_exits else 0, __np.int64)
+__c_cand = __np_empty(__c_A if __c_exits else 0, __np.int64)
 for __c_b in range(__c_first, __c_stop):
     if not __c_score:
         if __c_draw and __c_uni.shape[1] == 0:       # seed=: the lane draws its own uniforms
@@ -63,11 +69,19 @@ for __c_b in range(__c_first, __c_stop):
         __call_prepare_replay(__c_fns[{prepare_replay}], (__valid, __c_logits[__c_b], __c_alive[__c_b]))
     __alive, __res, __x, __tr, __st = __c_alive[__c_b], __c_res[__c_b], __c_logits[__c_b], __c_tr[__c_b], __c_st[__c_b]
     __fs, __grad, __lsum, __u = __c_fs[__c_b], __c_grad[__c_b], __c_lsum[__c_b], __c_u[__c_b]
-    __live0 = __np_copy(__alive)
-    __pkey = __np_full(__c_A, __np.int64(-1), __np.int64)
-    if __c_score or __mode == {MODE_SAMPLE_SCORE_NESTED}:     # exit races (the nested fast path)
-        __ex = __np_full(__c_A, __np.int64(-1), __np.int64)
-        __cand = __np_flatnonzero(__live0)                  # the candidates: every live atom
+    __live0 = __c_live0
+    for __c_i in range(__c_A):
+        __live0[__c_i] = __alive[__c_i]
+        __pkey[__c_i] = -1
+    if __c_exits:
+        __ex = __c_ex
+        __c_n = 0
+        for __c_i in range(__c_A):
+            __ex[__c_i] = -1
+            if __live0[__c_i]:
+                __c_cand[__c_n] = __c_i
+                __c_n += 1
+        __cand = __c_cand[:__c_n]                        # the candidates: every live atom
     else:
         __ex = __pkey
         __cand = __pkey
@@ -122,17 +136,11 @@ def module_source(gen):
     data = data_params(gen)
     ints = [x for x in p.params if x not in data]
     body = [ast.Assign([_name(f"__d{i}", ast.Store())], gen.static(d, False)) for i, d in enumerate(p.atoms.dims)]
+    # the heap (__hs its size, reset by heap_init), the races' member and key buffers (filled
+    # before each race) and the subtractions the races' losers owe (numba_kernels._subtract;
+    # NaN: none): buffers of the chunk (see _LANE_LOOP); on the nested fast path races run
+    # generic only to score, which leaves the subtractions alone
     body += [ast.Assign([_name("__A", ast.Store())], _attr(_name("__alive"), "size")),
-             ast.Assign([_name("__hs", ast.Store())], _call(_np("zeros"), ast.Constant(1), _np("int64"))),
-             ast.Assign([_name("__h", ast.Store())], _call(_np("empty"), _name("__A") if gen.fast
-                                                            else ast.Constant(0), _np("int64"))),
-             ast.Assign([_name("__hk", ast.Store())], _call(_np("empty"), _name("__A") if gen.fast
-                                                             else ast.Constant(0), _np("float64"))),
-             ast.Assign([_name("__mb", ast.Store())], _call(_np("empty"), _name("__A"), _np("bool_"))),
-             ast.Assign([_name("__kb", ast.Store())], _call(_np("empty"), _name("__A"), _np("int64"))),
-             # the subtractions the races' losers owe (numba_kernels._subtract; NaN: none): the
-             # chunk's buffer, cleared for each lane; on the nested fast path races run generic
-             # only to score, which leaves it alone
              ast.Assign([_name("__pend", ast.Store())], _name("__hk" if gen.fast else "__c_pend"))]
     if not gen.fast:
         body += ast.parse("for __c_i in range(__A):\n    __pend[__c_i] = __np.nan").body
@@ -162,10 +170,13 @@ def module_source(gen):
     # statements inlined (a call would cost each lane a reference count per array it passes)
     consts = dict(MODE_SCORE=MODE_SCORE, MODE_SAMPLE_SCORE_NESTED=MODE_SAMPLE_SCORE_NESTED,
                   ST_CANDIDATES=ST_CANDIDATES, ST_STATUS=ST_STATUS, **LANE_KERNEL_INDEX)
-    # the subtractions the races' losers owe: one buffer per chunk, off the nested fast path
-    pend = "" if gen.fast else "__c_pend = __np_empty(__c_A, __np.float64)"
+    heap = "__c_A" if gen.fast else "0"
+    scratch = "\n".join([f"__hs = __np_zeros(1, __np.int64)", f"__h = __np_empty({heap}, __np.int64)",
+                         f"__hk = __np_empty({heap}, __np.float64)", "__mb = __np_empty(__c_A, __np.bool_)",
+                         "__kb = __np_empty(__c_A, __np.int64)"]
+                        + ([] if gen.fast else ["__c_pend = __np_empty(__c_A, __np.float64)"]))
     loop = ast.parse(_LANE_LOOP.format(finish=(_FINISH_NESTED if gen.fast else _FINISH_GENERIC).format(**consts),
-                                       pend=pend, **consts)).body
+                                       scratch=scratch, **consts)).body
     lanes = next(st for st in loop if isinstance(st, ast.For))
     once = next(st for st in lanes.body if isinstance(st, ast.For) and st.target.id == "__c_once")
     once.body = _returns_to_breaks(body)
