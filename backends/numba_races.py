@@ -405,7 +405,7 @@ if __mode != MODE_SOLVE and __st[ST_STATUS] == 0 and __st[ST_SLOT] > 0:
             __step = __top
             while __step > 0:
                 __p = __last + __step
-                __mid = __min(__p, __races - 1)
+                __mid = __np.uint64(__min(__p, __races - 1))     # unsigned: no wraparound to index with
                 TEST
                 __last = __step_if(__in & (__p < __races), __last, __step)
                 __step //= 2
