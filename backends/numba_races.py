@@ -205,8 +205,12 @@ class RaceLowering:
             self.gen.fail(self.gen.p.body[0], "races with predicates of different arities")
         # the atom's coordinates, once per atom (a race without a predicate needs none)
         unravel = self.unravel(_name("__a"), [f"__x{i}" for i in range(arity.pop())]) if arity else []
-        src = _EXIT_SEARCH.replace("ST_SLOT", str(ST_SLOT)).replace("ST_STATUS", str(ST_STATUS)) \
-            .replace("MODE_SOLVE", str(MODE_SOLVE))
+        # a test that branches itself (a short-circuit and/or, a conditional, several sites)
+        # mispredicts anyway: it keeps the search that stops early, branching on the outcome
+        branches = any(isinstance(n, (ast.BoolOp, ast.IfExp, ast.If, ast.While, ast.For))
+                       for t in dispatch for n in ast.walk(t))
+        src = (_EXIT_SEARCH_BRANCHING if branches else _EXIT_SEARCH).replace("ST_SLOT", str(ST_SLOT)) \
+            .replace("ST_STATUS", str(ST_STATUS)).replace("MODE_SOLVE", str(MODE_SOLVE))
         return _splice(src, UNRAVEL=unravel, TEST=dispatch)
 
     def snapshot_buffers(self):
@@ -390,7 +394,9 @@ if __bs > 0:
 # power of two <= the races run, down to 1.  TEST sets __in: whether the atom is a member of
 # race __mid on that race's snapshot.  The step is taken without a branch on __in
 # (numba_kernels.step_if): its outcome is a coin flip, which a branch mispredicts half the
-# time, so the search does the same work for every atom and nothing else.
+# time, so the search does the same work for every atom and nothing else.  A test that
+# branches itself (_EXIT_SEARCH_BRANCHING) gains nothing from that: it bisects [__lo, __hi]
+# and stops when the interval is empty.
 _EXIT_SEARCH = """
 if __mode != MODE_SOLVE and __st[ST_STATUS] == 0 and __st[ST_SLOT] > 0:
     __races = __st[ST_SLOT]
@@ -409,6 +415,25 @@ if __mode != MODE_SOLVE and __st[ST_STATUS] == 0 and __st[ST_SLOT] > 0:
                 TEST
                 __last = __step_if(__in & (__p < __races), __last, __step)
                 __step //= 2
+            __ex[__a] = __last
+"""
+_EXIT_SEARCH_BRANCHING = """
+if __mode != MODE_SOLVE and __st[ST_STATUS] == 0 and __st[ST_SLOT] > 0:
+    for __k in range(__cand.size):
+        __a = __cand[__k]
+        if __ex[__a] < 0:
+            UNRAVEL
+            __lo = 0
+            __hi = __st[ST_SLOT] - 1
+            __last = -1
+            while __lo <= __hi:
+                __mid = __np.uint64((__lo + __hi) // 2)
+                TEST
+                if __in:
+                    __last = __np.int64(__mid)
+                    __lo = __last + 1
+                else:
+                    __hi = __np.int64(__mid) - 1
             __ex[__a] = __last
 """
 
