@@ -403,7 +403,9 @@ class Program(_BaseProgram):
         st = np.zeros((B, ST_WIDTH), dtype=np.int64)
         st[:, ST_NESTING] = 1 if self.ir.nested else 0
         fs = np.zeros((B, 1))
-        grad = np.zeros((B, A) if want_grad else (B, 0))
+        # the nested fast path's lanes write every gradient entry (finish_nested; a lane that
+        # finds its trace impossible is zeroed after): no [B, A] memset before the lanes
+        grad = (np.empty if self._fast else np.zeros)((B, A) if want_grad else (B, 0))
         noisy = uniforms is not None
         # E | T's per-atom log-sums of race minima: the generic score accumulates them; the
         # nested fast path's come from exit races and need no buffer.  Every lane that scores

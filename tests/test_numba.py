@@ -378,6 +378,37 @@ def test_the_nested_score_is_the_references_at_any_logit_spread(name, scale):
                 np.testing.assert_allclose(g[np.isfinite(w)], w[np.isfinite(w)], rtol=tol, atol=tol)
 
 
+def test_the_nested_score_writes_every_gradient_entry(monkeypatch):
+    """The nested fast path gives its lanes an uninitialised gradient buffer (no [B, A]
+    memset): every entry must be written, at invalid and absent atoms and in lanes whose
+    trace is impossible too.  With the backend's np.empty filling floats with NaN, any entry
+    left unwritten would show."""
+    from structdsl.backends import numba_backend
+
+    class NaNEmpty:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def empty(shape, dtype=float):
+            return np.full(shape, np.nan if np.dtype(dtype).kind == "f" else 0, dtype)
+
+    monkeypatch.setattr(numba_backend, "np", NaNEmpty())
+    rng = np.random.default_rng(8)
+    for name in ("spanning_tree", "matching", "permutation", "clustering"):
+        fast, ref = programs(name)
+        shape = atom_shape(name, SIZES[name][1])
+        logits = rng.normal(size=(6,) + shape)
+        if name in ("spanning_tree", "clustering"):
+            logits[1].reshape(-1)[::4] = -np.inf
+        trace = ref.sample(logits, seed=3).trace
+        trace[2, 1] = trace[2, 0]                 # a winner that already won: impossible
+        got, want = fast.log_prob_and_grad(trace, logits), ref.log_prob_and_grad(trace, logits)
+        assert np.isneginf(want[0][2])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("logit", [0.0, 37.5, -640.0])
 def test_a_race_of_one_member_scores_exactly_zero(logit):
     """A lane whose every race has one member has probability 1: log p and its gradient are
