@@ -29,7 +29,8 @@ KERNELS = ("arg_extreme", "extreme", "ck", "ck2", "ck3", "fail", "gather1", "mas
            "neg_s", "abs_s", "add_a", "sub_a", "mul_a", "floordiv_a", "mod_a", "lshift_a", "rshift_a", "neg_a", "abs_a",
            "take", "total", "heap_init", "heap_pop", "block_size", "score_nested", "score_snap",
            "call_prepare_seeded", "call_prepare_sample", "call_prepare_solve", "call_prepare_replay",
-           "call_finish_nested", "call_finish_score", "smin", "smax", "step_if")
+           "call_finish_nested", "call_finish_score", "smin", "smax", "step_if",
+           "copy_into", "fill")
 #: The NumPy functions the generated code calls, each through its cached kernel
 #: ``numba_kernels.np_<name>`` (as ``__np_<name>``): see :func:`_np`.
 NUMPY_KERNELS = ("empty", "zeros", "ones", "full", "arange", "copy", "flatnonzero", "any", "all", "where",

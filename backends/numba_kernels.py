@@ -382,6 +382,22 @@ def put_flat(row, at, value):
 # The generated code calls these cached kernels instead (``numba_ast._np``): each signature
 # compiles once per machine, then loads, and LLVM still inlines it into the chunk.
 @njit(cache=True)
+def copy_into(dst, src):
+    """``dst[:] = src`` for 1-d arrays of one size, as a loop LLVM vectorises: a slice
+    assignment would compile its shape-mismatch message (Numba's string formatting, about
+    1.6 s) into every chunk."""
+    for i in range(dst.size):
+        dst[i] = src[i]
+
+
+@njit(cache=True)
+def fill(dst, value):
+    """``dst[:] = value`` for a 1-d array (see :func:`copy_into`)."""
+    for i in range(dst.size):
+        dst[i] = value
+
+
+@njit(cache=True)
 def np_empty(shape, dtype):
     return np.empty(shape, dtype)
 

@@ -70,8 +70,8 @@ for __c_b in range(__c_first, __c_stop):
     __alive, __res, __x, __tr, __st = __c_alive[__c_b], __c_res[__c_b], __c_logits[__c_b], __c_tr[__c_b], __c_st[__c_b]
     __fs, __grad, __lsum, __u = __c_fs[__c_b], __c_grad[__c_b], __c_lsum[__c_b], __c_u[__c_b]
     __live0 = __c_live0
-    __live0[:] = __alive
-    __pkey[:] = -1
+    __copy_into(__live0, __alive)
+    __fill(__pkey, __np.int64(-1))
     if __c_exits:
         __ex = __c_ex
         __c_n = 0

@@ -149,6 +149,31 @@ def test_the_generated_source_lives_in_the_cache_directory(tmp_path, monkeypatch
     assert f"# kernels {numba_backend._kernels_hash()}" in fast.source
 
 
+def test_a_chunk_compiles_no_string_formatting(tmp_path, monkeypatch):
+    """Numba compiles the error messages of some constructs (a slice assignment's shape
+    mismatch, str() of an int) with its string machinery: about 1.6 s more for every spec's
+    chunk.  The generated code avoids them (numba_kernels.put, copy_into, fill); compiling a
+    spec afresh, nothing of that machinery compiles."""
+    import re
+    import numba.core.compiler as compiler
+    monkeypatch.setenv("STRUCTDSL_CACHE_DIR", str(tmp_path))
+    compiled_names, extra = [], compiler.compile_extra
+
+    def recording(typingctx, targetctx, func, *args, **kwargs):
+        compiled_names.append(getattr(func, "__qualname__", str(func)))
+        return extra(typingctx, targetctx, func, *args, **kwargs)
+
+    monkeypatch.setattr(compiler, "compile_extra", recording)
+    prog = structdsl.compile(builtin.spanning_tree, backend="numba")
+    x = np.random.default_rng(0).normal(size=(4, 5, 5))
+    s = prog.sample(x, seed=1)
+    prog.log_prob_and_grad(s.trace, x)
+    prog.conditional_noise(s.trace, x, seed=2)
+    assert "chunk" in compiled_names                       # it did compile afresh
+    strings = [n for n in compiled_names if re.search(r"str|unicode|repr|shape_context", n)]
+    assert not strings, strings
+
+
 def test_a_numba_compile_failure_becomes_a_clear_error(monkeypatch):
     from numba.core.errors import TypingError
     from structdsl.backends import numba_kernels
