@@ -170,7 +170,7 @@ def module_source(gen):
     consts = dict(MODE_SCORE=MODE_SCORE, MODE_SAMPLE_SCORE_NESTED=MODE_SAMPLE_SCORE_NESTED,
                   ST_CANDIDATES=ST_CANDIDATES, ST_STATUS=ST_STATUS, **LANE_KERNEL_INDEX)
     heap = "__c_A" if gen.fast else "0"
-    scratch = "\n".join([f"__hs = __np_zeros(1, __np.int64)", f"__h = __np_empty({heap}, __np.int64)",
+    scratch = "\n".join(["__hs = __np_zeros(1, __np.int64)", f"__h = __np_empty({heap}, __np.int64)",
                          f"__hk = __np_empty({heap}, __np.float64)", "__mb = __np_empty(__c_A, __np.bool_)",
                          "__kb = __np_empty(__c_A, __np.int64)"]
                         + ([] if gen.fast else ["__c_pend = __np_empty(__c_A, __np.float64)"]))
