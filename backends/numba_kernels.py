@@ -1044,8 +1044,6 @@ def _log_normal(x):
 # (the published coefficients P1..P5) and the scaling by 2**k in two halves, so that a
 # subnormal result is rounded once.  Within 1 ulp of libm's.
 _INVLN2 = 1.44269504088896338700e+00
-_MAGNITUDE = np.int64(0x7FFFFFFFFFFFFFFF)
-_SPREAD = 600.0       # finish_nested's one shift: exp(-600) is normal, and R * exp(600) finite
 _P1, _P2, _P3 = 1.66666666666666019037e-01, -2.77777777770155933842e-03, 6.61375632143793436117e-05
 _P4, _P5 = -1.65339022054652515390e-06, 4.13813679705723846039e-08
 
@@ -1234,6 +1232,12 @@ def score_snap(w, member, any_member, alive, tr, st, ex, allow_empty, code_empty
     alive[w] = False
     st[1] = r + 1
     return w
+
+
+_MAGNITUDE = np.int64(0x7FFFFFFFFFFFFFFF)
+# finish_nested's one shift serves a lane whose live logits lie within this of the largest:
+# exp(-600) is a normal float, and (R + 1) * exp(600) is finite for any number of races
+_SPREAD = 600.0
 
 
 @njit(cache=True, inline="always")
