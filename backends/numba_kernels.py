@@ -1038,41 +1038,42 @@ def _log_normal(x):
     return dk * _LN2_HI - ((hfsq - (s * (hfsq + r) + dk * _LN2_LO)) - f)
 
 
-# exp of x <= 0 as a loop LLVM vectorises, the same way (libm's exp is a call, about 5 ns;
-# this, inlined by LLVM with its fused multiply-adds, about 0.9 ns on AVX-512):
-# fdlibm's reduction x = k ln2 + r, |r| <= ln2 / 2, its rational approximation of exp(r)
-# (the published coefficients P1..P5) and the scaling by 2**k in two halves, so that a
-# subnormal result is rounded once.  Within 1 ulp of libm's.
+# exp as a loop LLVM vectorises, the same way (libm's exp is a call, about 5 ns; this,
+# inlined by LLVM with its fused multiply-adds, about 0.9 ns on AVX-512): fdlibm's reduction
+# x = k ln2 + r, |r| <= ln2 / 2, its rational approximation of exp(r) (the published
+# coefficients P1..P5) and the scaling by 2**k in two halves, so that a subnormal result is
+# rounded once and a result near the largest float is not lost to an infinite 2**1024.
+# Within 1 ulp of libm's.
 _INVLN2 = 1.44269504088896338700e+00
 _P1, _P2, _P3 = 1.66666666666666019037e-01, -2.77777777770155933842e-03, 6.61375632143793436117e-05
 _P4, _P5 = -1.65339022054652515390e-06, 4.13813679705723846039e-08
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})     # FMAs: 20 % fewer instructions
-def _exp_nonpositive(x):
-    """exp(x) for x <= 0 or -inf (anything below -746 gives 0, computed without the
-    subnormal product, which costs a microcode assist; positive x or NaN: a meaningless
-    number), no branch."""
-    zero = x < -746.0                          # -inf included, without an underflowing product
-    x = 0.0 if zero else x
-    k = np.int64(x * _INVLN2 - 0.5)            # round to nearest (x <= 0)
+def _exp(x):
+    """exp(x), no branch: below -746 (-inf included) 0, computed without the subnormal
+    product, which costs a microcode assist; above 710 (+inf included) inf; NaN: a
+    meaningless number."""
+    zero = x < -746.0
+    x = 0.0 if zero else min(x, 710.0)
+    k = np.int64(math.floor(x * _INVLN2 + 0.5))          # round to nearest
     hi = x - np.float64(k) * _LN2_HI
     lo = np.float64(k) * _LN2_LO
     r = hi - lo
     t = r * r
     c = r - t * (_P1 + t * (_P2 + t * (_P3 + t * (_P4 + t * _P5))))
     y = 1.0 - ((lo - (r * c) / (2.0 - c)) - hi)
-    k1 = k >> 1                                # 2**k = 2**k1 * 2**(k - k1), each normal
+    k1 = k >> 1                                # 2**k = 2**k1 * 2**(k - k1), each finite
     y = y * _from_bits(np.uint64(k1 + 1023) << _S52) * _from_bits(np.uint64(k - k1 + 1023) << _S52)
     return 0.0 if zero else y
 
 
 @njit(cache=True, error_model="numpy")
-def exp_nonpositive_into(x, out):
-    """``out[i] = exp(x[i])`` for ``x[i] <= 0`` (:func:`_exp_nonpositive`, vectorised); the
-    entry point of its accuracy test (the lanes inline it)."""
+def exp_into(x, out):
+    """``out[i] = exp(x[i])`` (:func:`_exp`, vectorised); the entry point of its accuracy
+    test (the lanes inline it)."""
     for i in range(x.size):
-        out[i] = _exp_nonpositive(x[i])
+        out[i] = _exp(x[i])
 
 
 @njit(cache=True, error_model="numpy")
@@ -1285,7 +1286,7 @@ def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
     top = np.full(R + 1, -np.inf)
     if one_shift:
         for i in range(A):
-            e[i] = _exp_nonpositive(logits[i] - hi if ex[i] >= 0 else -np.inf)
+            e[i] = _exp(logits[i] - hi if ex[i] >= 0 else -np.inf)
     else:
         for i in range(A):
             if ex[i] >= 0 and logits[i] > top[ex[i] + 1]:
@@ -1293,7 +1294,7 @@ def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
         for i in range(A):
             e[i] = logits[i] - top[ex[i] + 1] if ex[i] >= 0 else -np.inf
         for i in range(A):
-            e[i] = _exp_nonpositive(e[i])
+            e[i] = _exp(e[i])
     acc_exp = np.zeros(R + 1)
     for i in range(A):
         if ex[i] >= 0:
@@ -1330,42 +1331,41 @@ def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
         # q[r] = sum over s <= r of exp(lse[r] - lse[s]) (each term <= 1: lse only grows
         # towards earlier races)
         scale = np.zeros(R + 1)              # slot 0: no race, no gradient
-        won = np.empty(R)                    # the winners' gradients
+        won_grad = np.empty(R)               # the winners' gradients
         q = 0.0
         for r in range(R):
             if one_shift:                    # q[r] = S[r] * (sum over s <= r of 1 / S[s])
                 q = q * (acc_exp[r + 1] / acc_exp[r] if r > 0 else 0.0) + 1.0
                 scale[r + 1] = q / acc_exp[r + 1]
-                won[r] = 1.0 - e[tr[r]] * q / acc_exp[r + 1]     # exactly 0 for a race of one
+                won_grad[r] = 1.0 - e[tr[r]] * q / acc_exp[r + 1]     # exactly 0 for a race of one
             else:
                 q = q * (math.exp(lse[r] - lse[r - 1]) if r > 0 else 0.0) + 1.0
                 if top[r + 1] > -np.inf:
                     scale[r + 1] = math.exp(top[r + 1] - lse[r]) * q
-                won[r] = 1.0 - e[tr[r]] * scale[r + 1]
+                won_grad[r] = 1.0 - e[tr[r]] * scale[r + 1]
         for i in range(A):                   # 0.0 - x: +0.0 at atoms of no race
             grad[i] = 0.0 - grad[i] * scale[ex[i] + 1]
         for r in range(R):
-            grad[tr[r]] = won[r]
+            grad[tr[r]] = won_grad[r]
     if flags & WANT_NOISE:
-        prefix = np.empty(R)
-        acc = -np.inf
+        # race r's minimum m_r = exp(log(-log U_r) - lse_r), summed over races 0 .. r in
+        # linear space (slot r + 1; slot 0: no race); atom i's noise is that sum at its exit
+        # race plus, if it never won, a fresh exp(log(-log V_i) - l_i), the exps in one
+        # vectorised loop (an overflow gives inf, as the reference's exp of its log-sum does)
+        prefix = np.zeros(R + 1)
+        acc = 0.0
         for r in range(R):
-            acc = _logaddexp(acc, math.log(-math.log(u[r])) - lse[r])
-            prefix[r] = acc
-        won = np.zeros(live.size, np.bool_)
-        for r in range(R):
-            won[tr[r]] = True
+            acc += math.exp(math.log(-math.log(u[r])) - lse[r])
+            prefix[r + 1] = acc
         gumbel_into(u[tr.size:], noise)
-        for i in range(live.size):
-            if not live[i]:
-                noise[i] = np.inf
-                continue
-            total_min = prefix[ex[i]] if ex[i] >= 0 else -np.inf
-            fresh = -np.inf
-            if not won[i]:
-                fresh = noise[i] - logits[i]
-            noise[i] = math.exp(_logaddexp(total_min, fresh))
-
+        for i in range(A):
+            noise[i] -= logits[i]
+        for r in range(R):
+            noise[tr[r]] = -np.inf           # a winner's noise is its races' minima alone
+        for i in range(A):
+            noise[i] = _exp(noise[i])
+        for i in range(A):
+            noise[i] = noise[i] + prefix[ex[i] + 1] if live[i] else np.inf
 
 
 # ---- the drivers: every spec's lanes run through these ----------------------------------------

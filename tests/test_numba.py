@@ -358,25 +358,27 @@ def test_the_vectorised_log_is_within_one_ulp_of_libm():
 
 
 def test_the_vectorised_exp_is_within_one_ulp_of_libm():
-    """``numba_kernels.exp_nonpositive_into`` (the nested score's exp, in a loop LLVM vectorises)
-    against Python's ``math.exp`` on ``x <= 0``: the reduction's edges (multiples of ln 2 / 2),
-    the subnormal range (rounded once), and exactly 1 at 0 and 0 at -inf and below -746."""
+    """``numba_kernels.exp_into`` (the nested score's and E | T's exp, in a loop LLVM
+    vectorises) against Python's ``math.exp``: the reduction's edges (multiples of ln 2 / 2),
+    the subnormal range (rounded once), results near the largest float, exactly 1 at 0, 0 at
+    -inf and below -746, inf at +inf and past the largest float."""
     import math
-    from structdsl.backends.numba_kernels import exp_nonpositive_into
+    from structdsl.backends.numba_kernels import exp_into
     rng = np.random.default_rng(6)
-    half = math.log(2) / 2 * np.arange(0, 2150)
-    x = -np.concatenate([rng.exponential(3.0, 100_000), rng.uniform(0, 746, 100_000), rng.uniform(0, 1e-8, 1000),
-                         half, np.nextafter(half, 0), np.nextafter(half, np.inf), [708.39, 709.0, 744.44, 745.13]])
-    x = x[x >= -746.0]
+    half = math.log(2) / 2 * np.arange(-2150, 2048)
+    x = np.concatenate([-rng.exponential(3.0, 100_000), rng.uniform(-746, 709.78, 100_000),
+                        rng.uniform(-1e-8, 1e-8, 1000), half, np.nextafter(half, -np.inf), np.nextafter(half, np.inf),
+                        [-708.39, -709.0, -744.44, -745.13, 709.0, 709.78, 709.782712893384]])
+    x = x[(x >= -746.0) & (x <= 709.782712893384)]
     out = np.empty_like(x)
-    exp_nonpositive_into(x, out)
+    exp_into(x, out)
     want = np.array([math.exp(v) for v in x])
     tiny = want < np.finfo(float).tiny                       # subnormal: an ulp is 5e-324
     ulps = np.abs(out - want) / np.where(tiny, 5e-324, np.spacing(want))
     assert ulps.max() <= 1.0, x[np.argmax(ulps)]
-    special = np.array([0.0, -0.0, -746.5, -1e4, -np.inf])
-    exp_nonpositive_into(special, out[:5])
-    assert out[:5].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
+    special = np.array([0.0, -0.0, -746.5, -1e4, -np.inf, 709.8, 1e4, np.inf])
+    exp_into(special, out[:8])
+    assert out[:8].tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, np.inf, np.inf, np.inf]
 
 
 @pytest.mark.parametrize("scale", [0.5, 60.0, 3000.0])
