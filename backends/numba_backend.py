@@ -407,11 +407,11 @@ class Program(_BaseProgram):
         # finds its trace impossible is zeroed after): no [B, A] memset before the lanes
         grad = (np.empty if self._fast else np.zeros)((B, A) if want_grad else (B, 0))
         noisy = uniforms is not None
-        # E | T's per-atom log-sums of race minima: the generic score accumulates them; the
+        # E | T's per-atom sums of race minima: the generic score accumulates them; the
         # nested fast path's come from exit races and need no buffer.  Every lane that scores
         # writes its whole noise row (a lane that fails raises before the noise is returned)
         sums = noisy and not self._fast
-        lsum = np.zeros((B, R * A)) if want_members else np.full((B, A) if sums else (B, 0), -np.inf)
+        lsum = np.zeros((B, R * A) if want_members else (B, A) if sums else (B, 0))
         noise = np.empty((B, A) if noisy else (B, 0))
         unused = _lane_input(np.empty((B, 0)))                 # the read-only buffers a replay skips
         u = _lane_input(uniforms) if noisy else unused          # read only, for E | T

@@ -11,8 +11,8 @@ the program cannot produce (probability zero), which is not an error.
 Lane state (one row per lane): ``alive`` bool[A] (valid, rate > 0, not yet won); ``res``
 float64[A] (solve: residual noise, in log space when ``log_space``; score: the logits);
 ``tr`` int64[R] (the trace: written by solve, read by score); ``st`` int64[ST_WIDTH] (status,
-next slot, nesting state, and the values an error's message names: see ``ST_A``); ``fs`` float64[1] (log p); ``grad`` float64[A]; ``lsum`` float64[A] (log of the summed
-race minima of each atom, for E | T; with ``WANT_MEMBERS`` instead float64[R * A], set to 1 at
+next slot, nesting state, and the values an error's message names: see ``ST_A``); ``fs`` float64[1] (log p); ``grad`` float64[A]; ``lsum`` float64[A] (the summed
+race minima of each atom, for E | T, in linear space: starting at 0; with ``WANT_MEMBERS`` instead float64[R * A], set to 1 at
 ``r * A + i`` when atom ``i`` is a member of race ``r``); ``u`` float64[R] (uniforms of the race minima);
 ``pkey`` int64[A] (the previous race's group of each atom, -1 outside it: the nesting check);
 ``pend`` float64[A] (the subtraction each loser of a solving race owes its residual, NaN:
@@ -666,11 +666,11 @@ def _score_race(mask, res, w, slot, fs, grad, lsum, u, flags):
         for i in range(A):
             if mask[i]:
                 grad[i] -= e[i] * inv
-    if flags & WANT_NOISE:
-        lm = math.log(-math.log(u[slot])) - lse
+    if flags & WANT_NOISE:                   # the race's minimum, added to each member's sum
+        m = math.exp(math.log(-math.log(u[slot])) - lse)
         for i in range(A):
             if mask[i]:
-                lsum[i] = _logaddexp(lsum[i], lm)
+                lsum[i] += m
     if flags & WANT_MEMBERS:
         for i in range(A):
             if mask[i]:
@@ -812,15 +812,15 @@ def _score_groups(key, G, present, res, tr, slot_of, st, fs, grad, lsum, u, flag
         for g in range(G):
             if present[g]:
                 grad[out[g]] += 1.0
-    if flags & WANT_NOISE:
-        lm = np.empty(G)
+    if flags & WANT_NOISE:                   # each group's minimum, added to its members' sums
+        m = np.empty(G)
         for g in range(G):
             if present[g]:
-                lm[g] = math.log(-math.log(u[slot_of[g]])) - lse[g]
+                m[g] = math.exp(math.log(-math.log(u[slot_of[g]])) - lse[g])
         for i in range(A):
             g = key[i]
             if g >= 0:
-                lsum[i] = _logaddexp(lsum[i], lm[g])
+                lsum[i] += m[g]
     if flags & WANT_MEMBERS:
         for i in range(A):
             g = key[i]
@@ -832,24 +832,23 @@ def _score_groups(key, G, present, res, tr, slot_of, st, fs, grad, lsum, u, flag
 @njit(cache=True)
 def finish_score(tr, st, lsum, logits, live, u_fresh, noise, flags):
     """After a replayed run: leftover winners make the trace impossible; E | T adds a fresh
-    Exp(rate) to every live atom that never won (``live`` here is the initial mask)."""
+    Exp(rate), ``exp(log(-log V) - logit)``, to the sum of race minima ``lsum`` of every live
+    atom that never won (``live`` here is the initial mask), the exps in one vectorised
+    loop (an overflow gives inf, as the reference's exp of its log-sum does)."""
     for k in range(st[1], tr.size):
         if tr[k] >= 0:
             fail(st, IMPOSSIBLE)
             return
     if flags & WANT_NOISE:
-        won = np.zeros(live.size, np.bool_)
-        for k in range(st[1]):
-            won[tr[k]] = True
         gumbel_into(u_fresh, noise)
         for i in range(live.size):
-            if not live[i]:
-                noise[i] = np.inf
-                continue
-            fresh = -np.inf
-            if not won[i]:
-                fresh = noise[i] - logits[i]
-            noise[i] = math.exp(_logaddexp(lsum[i], fresh))
+            noise[i] -= logits[i]
+        for k in range(st[1]):
+            noise[tr[k]] = -np.inf           # a winner's noise is its races' minima alone
+        for i in range(live.size):
+            noise[i] = _exp(noise[i])
+        for i in range(live.size):
+            noise[i] = noise[i] + lsum[i] if live[i] else np.inf
 
 
 @njit(cache=True)
