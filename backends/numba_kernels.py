@@ -840,13 +840,7 @@ def finish_score(tr, st, lsum, logits, live, u_fresh, noise, flags):
             fail(st, IMPOSSIBLE)
             return
     if flags & WANT_NOISE:
-        gumbel_into(u_fresh, noise)
-        for i in range(live.size):
-            noise[i] -= logits[i]
-        for k in range(st[1]):
-            noise[tr[k]] = -np.inf           # a winner's noise is its races' minima alone
-        for i in range(live.size):
-            noise[i] = _exp(noise[i])
+        fresh_exponentials(u_fresh, logits, tr[:st[1]], noise)
         for i in range(live.size):
             noise[i] = noise[i] + lsum[i] if live[i] else np.inf
 
@@ -874,29 +868,6 @@ def take(w, alive, tr, st, allow_empty, code_empty, code_bound):
 def _before(ka, ia, kb, ib):
     """(key, index) pairs compared lexicographically: ties go to the lower index, as argmin."""
     return ka < kb or (ka == kb and ia < ib)
-
-
-
-@intrinsic
-def _unpredictable(typingctx, c, a, b):
-    """``a if c else b`` as an LLVM select marked ``!unpredictable`` (clang's
-    ``__builtin_unpredictable``), which LLVM keeps a conditional move.  Unmarked, a select
-    whose condition compares loaded values becomes a branch, which mispredicts half the time
-    when the outcome is a coin flip, as in a binary search."""
-    if not isinstance(c, types.Boolean) or a != b:
-        return None
-
-    def codegen(context, builder, signature, args):
-        chosen = builder.select(*args)
-        chosen.set_metadata("unpredictable", builder.module.add_metadata([]))
-        return chosen
-    return a(c, a, b), codegen
-
-
-@njit(cache=True, inline="always")
-def step_if(c, x, step):
-    """``x + step`` if ``c`` else ``x``, without a branch on ``c`` (:func:`_unpredictable`)."""
-    return _unpredictable(c, x + step, x)
 
 
 @njit(cache=True)
@@ -1102,6 +1073,20 @@ def gumbel_into(u, out):
 
 
 @njit(cache=True, error_model="numpy")
+def fresh_exponentials(u, logits, winners, out):
+    """E | T's fresh draws: ``out[i] = exp(log(-log u[i]) - logits[i])``, an Exp(exp(logit))
+    variable, and 0 at the ``winners`` (a winner's noise is its races' minima alone); the
+    logs and exps in vectorised loops (an overflow gives inf)."""
+    gumbel_into(u, out)
+    for i in range(out.size):
+        out[i] -= logits[i]
+    for w in winners:
+        out[w] = -np.inf
+    for i in range(out.size):
+        out[i] = _exp(out[i])
+
+
+@njit(cache=True, error_model="numpy")
 def prepare_sample(valid, uni, logits, alive, res, log_noise, st):
     """One lane's noise: ``log E = log(-log U) - logits`` at the atoms that can race (+inf
     elsewhere), the reference's formula with both logs :func:`_log_normal` (U lies in
@@ -1234,6 +1219,28 @@ def score_snap(w, member, any_member, alive, tr, st, ex, allow_empty, code_empty
     return w
 
 
+@intrinsic
+def _unpredictable(typingctx, c, a, b):
+    """``a if c else b`` as an LLVM select marked ``!unpredictable`` (clang's
+    ``__builtin_unpredictable``), which LLVM keeps a conditional move.  Unmarked, a select
+    whose condition compares loaded values becomes a branch, which mispredicts half the time
+    when the outcome is a coin flip, as in a binary search."""
+    if not isinstance(c, types.Boolean) or a != b:
+        return None
+
+    def codegen(context, builder, signature, args):
+        chosen = builder.select(*args)
+        chosen.set_metadata("unpredictable", builder.module.add_metadata([]))
+        return chosen
+    return a(c, a, b), codegen
+
+
+@njit(cache=True, inline="always")
+def step_if(c, x, step):
+    """``x + step`` if ``c`` else ``x``, without a branch on ``c`` (:func:`_unpredictable`)."""
+    return _unpredictable(c, x + step, x)
+
+
 _MAGNITUDE = np.int64(0x7FFFFFFFFFFFFFFF)
 # finish_nested's one shift serves a lane whose live logits lie within this of the largest:
 # exp(-600) is a normal float, and (R + 1) * exp(600) is finite for any number of races
@@ -1356,13 +1363,7 @@ def finish_nested(tr, st, ex, logits, live, u, fs, grad, noise, lsum, flags):
         for r in range(R):
             acc += math.exp(math.log(-math.log(u[r])) - lse[r])
             prefix[r + 1] = acc
-        gumbel_into(u[tr.size:], noise)
-        for i in range(A):
-            noise[i] -= logits[i]
-        for r in range(R):
-            noise[tr[r]] = -np.inf           # a winner's noise is its races' minima alone
-        for i in range(A):
-            noise[i] = _exp(noise[i])
+        fresh_exponentials(u[tr.size:], logits, tr[:R], noise)
         for i in range(A):
             noise[i] = noise[i] + prefix[ex[i] + 1] if live[i] else np.inf
 
